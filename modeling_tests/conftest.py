@@ -1,0 +1,62 @@
+import os
+
+# Nothing downloads at test time: every model, tokenizer and image is built here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+
+from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration  # noqa: E402
+from transformers_hyperllava.tiny import tiny_config  # noqa: E402
+
+IMAGE_TOKEN = 4
+TOKENS_PER_IMAGE = 4  # tiny_config: 28 px images, 14 px patches
+
+
+def llava_config_of(config: HyperLlavaConfig) -> LlavaConfig:
+    """The stock LLaVA config that shares every non-expert field with `config`."""
+    fields = config.to_dict()
+    for key in ("model_type", *HyperLlavaConfig.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys()):
+        fields.pop(key, None)
+    return LlavaConfig(**fields)
+
+
+def randomize_experts(model, std=0.2, seed=0):
+    """Non-zero expert weights, so that the experts really change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "expert" in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64) * std)
+    return model
+
+
+def make_model(dtype=torch.float32, seed=0, experts=True, **overrides):
+    torch.manual_seed(seed)
+    model = HyperLlavaForConditionalGeneration(tiny_config(**overrides)).to(dtype).eval()
+    return randomize_experts(model, seed=seed) if experts else model
+
+
+def prompt_ids(*pieces):
+    """Token ids from a compact spec: ints are tokens, "img" is one image's placeholder tokens."""
+    ids = [1]
+    for piece in pieces:
+        ids += [IMAGE_TOKEN] * TOKENS_PER_IMAGE if piece == "img" else [piece]
+    return ids
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def tiny_llava():
+    """A stock LLaVA with random weights (float64) and the HyperLLaVA config that matches it."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(llava_config_of(config)).double().eval(), config
+
+
+__all__ = ["llava_config_of", "randomize_experts", "make_model", "prompt_ids", "images", "IMAGE_TOKEN"]

@@ -1,0 +1,448 @@
+"""The model against independent references: stock LLaVA, and a plain-PyTorch evaluation of DESIGN.md's equations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import images, llava_config_of, make_model, prompt_ids, randomize_experts
+from transformers import LlavaForConditionalGeneration
+
+from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava.tiny import tiny_config
+
+
+# --- 1. zero-init equivalence --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids, num_images",
+    [
+        (prompt_ids("img", 10, 11, 12), 1),  # one image
+        (prompt_ids(10, 11, 12, 13, 14), 0),  # text only
+        (prompt_ids("img", 10, "img", 11, 12), 2),  # several images in one prompt
+    ],
+    ids=["image", "text-only", "two-images"],
+)
+def test_from_llava_matches_llava_at_step_zero(tiny_llava, ids, num_images):
+    llava, _ = tiny_llava
+    llava = llava.float()
+    model = HyperLlavaForConditionalGeneration.from_llava(llava, visual_expert="both", language_expert_layers="all")
+    kwargs = {"input_ids": torch.tensor([ids])}
+    if num_images:
+        kwargs["pixel_values"] = images(num_images)
+    torch.testing.assert_close(model(**kwargs).logits, llava(**kwargs).logits, atol=1e-5, rtol=0)
+
+
+def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
+    llava, _ = tiny_llava
+    llava.save_pretrained(tmp_path)
+    model = HyperLlavaForConditionalGeneration.from_llava(tmp_path, expert_mode="latent")
+    assert model.config.expert_mode == "latent"
+    kwargs = {"input_ids": torch.tensor([prompt_ids("img", 9)]), "pixel_values": images(1).double()}
+    torch.testing.assert_close(model(**kwargs).logits, llava(**kwargs).logits, atol=1e-8, rtol=0)
+
+
+def test_fresh_model_starts_as_identity_but_has_gradients_for_w_up():
+    model = make_model(experts=False)  # the model's own initialisation
+    expert = model.model.language_model.language_expert
+    w_down, w_up = expert.split(expert(torch.randn(2, 32)))
+    assert torch.count_nonzero(w_up) == 0 and torch.count_nonzero(w_down) > 0
+    model.train()
+    ids = torch.tensor([prompt_ids("img", 10, 11, 12)])
+    labels = torch.where(torch.arange(ids.shape[1]) >= ids.shape[1] - 2, ids, -100)
+    model(input_ids=ids, pixel_values=images(1), labels=labels).loss.backward()
+    assert expert.hyper_out.weight.grad[expert.num_down :].abs().sum() > 0
+    assert expert.layer_bias.grad[:, expert.num_down :].abs().sum() > 0
+
+
+# --- 2. reference math ----------------------------------------------------------------------------------------------
+
+
+def reference_weights(params, guidance, layer, mode):
+    """Eqs. 2-3 for one layer and one sample, written out: K(n) = W2 (W1 e(n) + B1) + B2 + b(n)."""
+    if mode == "static":
+        return params["layer_bias"][layer]
+    if mode == "dynamic":
+        embedding = params["encoder_weight"][layer] @ guidance + params["encoder_bias"][layer]
+    else:
+        embedding = params["latent"][layer]
+    hidden = params["hyper_in.weight"] @ embedding + params["hyper_in.bias"]
+    return params["hyper_out.weight"] @ hidden + params["hyper_out.bias"] + params["layer_bias"][layer]
+
+
+def reference_adapter(x, weights, d_in, d_out, r):
+    """Eq. 4 for one sample: E(x) = SwiGLU(x W_d) W_u, W_d (d_in x 2r) then W_u (r x d_out) read from K."""
+    w_down = weights[: 2 * r * d_in].reshape(d_in, 2 * r)
+    w_up = weights[2 * r * d_in :].reshape(r, d_out)
+    projected = x @ w_down
+    return (F.silu(projected[:, :r]) * projected[:, r:]) @ w_up
+
+
+def expert_params(model, prefix):
+    return {name[len(prefix) + 1 :]: p for name, p in model.named_parameters() if name.startswith(prefix + ".")}
+
+
+def reference_logits(llava, model, input_ids, pixel_values, guidance_mask):
+    """Stock LLaVA's modules, with the experts added by hooks that evaluate the equations sample by sample."""
+    config = model.config
+    mode, r = config.expert_mode, config.expert_bottleneck_dim
+    hooks = []
+
+    def visual_shift(name):
+        params = expert_params(model, f"model.multi_modal_projector.visual_expert_{name}")
+
+        def shift(expert_input, output):
+            shifts = [
+                reference_adapter(x, reference_weights(params, x.mean(0), 0, mode), x.shape[-1], output.shape[-1], r)
+                for x in expert_input
+            ]
+            return output + torch.stack(shifts)
+
+        return shift
+
+    projector = llava.model.multi_modal_projector
+    if config.visual_expert in ("first", "both"):
+        shift_first = visual_shift("first")
+        hooks.append(projector.linear_1.register_forward_hook(lambda m, args, out: shift_first(args[0], out)))
+    if config.visual_expert in ("second", "both"):
+        shift_second = visual_shift("second")
+        # E_V2 reads the (possibly shifted) hidden a = GELU(...) that linear_2 reads.
+        hooks.append(projector.linear_2.register_forward_hook(lambda m, args, out: shift_second(args[0], out)))
+
+    expert_layers = config.language_expert_layer_indices
+    if expert_layers:
+        params = expert_params(model, "model.language_model.language_expert")
+        generated = {}
+        text = llava.model.language_model
+        k = config.language_guidance_layer
+
+        def make_weights(hidden):
+            mask = guidance_mask.double()
+            guidance = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            for slot, layer in enumerate(expert_layers):
+                generated[layer] = [reference_weights(params, g, slot, mode) for g in guidance]
+
+        # What enters layer k: the hidden state after layer k-1, or the embeddings (images scattered in) for k = 0.
+        hooks.append(text.layers[k].register_forward_pre_hook(lambda m, args: make_weights(args[0])))
+        for layer in expert_layers:
+            d = config.text_config.hidden_size
+
+            def branch(module, args, out, layer=layer):
+                normed = args[0]  # the FFN's input norm2(h): the expert reads the same
+                return out + torch.stack([reference_adapter(x, w, d, d, r) for x, w in zip(normed, generated[layer])])
+
+            hooks.append(text.layers[layer].mlp.register_forward_hook(branch))
+    try:
+        return llava(input_ids=input_ids, pixel_values=pixel_values).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"visual_expert": "first", "expert_mode": "dynamic"},
+        {"visual_expert": "second", "expert_mode": "dynamic", "language_expert_layers": [2, 3], "language_guidance_layer": 1},
+        {"visual_expert": "both", "expert_mode": "dynamic", "language_expert_layers": "all"},
+        {"visual_expert": "both", "expert_mode": "latent"},
+        {"visual_expert": "first", "expert_mode": "static", "language_expert_layers": "anterior"},
+        {"visual_expert": None, "expert_mode": "dynamic", "language_expert_layers": [3], "language_guidance_layer": 3},
+    ],
+    ids=["first-dynamic", "second-k1", "both-all-k0", "both-latent", "static-anterior", "language-only"],
+)
+def test_model_matches_reference_equations(overrides):
+    model = make_model(torch.float64, **overrides)
+    llava = LlavaForConditionalGeneration(llava_config_of(model.config)).double().eval()
+    llava.load_state_dict(model.state_dict(), strict=False)
+    input_ids = torch.tensor([prompt_ids("img", 10, 11, 12, 13), prompt_ids(14, "img", 15, 16, 17)])
+    pixel_values = images(2).double()
+    # The second sample's last two tokens are not prompt: they must not reach the guidance.
+    guidance_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    guidance_mask[1, -2:] = False
+    expected = reference_logits(llava, model, input_ids, pixel_values, guidance_mask)
+    actual = model(input_ids=input_ids, pixel_values=pixel_values, language_guidance_mask=guidance_mask).logits
+    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+    # The experts matter here: without them the logits differ, so the comparison above is a real one.
+    assert (llava(input_ids=input_ids, pixel_values=pixel_values).logits - expected).abs().max() > 1e-3
+
+
+def test_parameter_counts_follow_the_formula():
+    model = make_model(experts=False, visual_expert="both")
+    c = model.config
+    m, h, r = c.expert_embedding_dim, c.hypernetwork_hidden_dim, c.expert_bottleneck_dim
+
+    def expert_size(d_g, d_in, d_out, layers):
+        p = 2 * r * d_in + r * d_out
+        return layers * (m * d_g + m) + (m * h + h) + (h * p + p) + layers * p
+
+    d, dv = c.text_config.hidden_size, c.vision_config.hidden_size
+    counts = model.parameter_counts()
+    assert counts["visual_expert"] == expert_size(dv, dv, d, 1) + expert_size(d, d, d, 1)
+    assert counts["language_expert"] == expert_size(d, d, d, len(c.language_expert_layer_indices))
+    llava = LlavaForConditionalGeneration(llava_config_of(c))
+    assert counts["total"] == sum(p.numel() for p in llava.parameters()) + counts["expert"]
+    model.requires_grad_(False)
+    assert model.parameter_counts()["trainable"] == 0
+
+
+# --- 3. no leakage --------------------------------------------------------------------------------------------------
+
+
+def test_answer_tokens_do_not_reach_the_expert_weights():
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11, 12, 20, 21, 22, 2)])
+    labels = torch.full_like(ids, -100)
+    first = ids.shape[1] - 4
+    labels[0, first:] = ids[0, first:]
+    changed = ids.clone()
+    changed[0, first:] = torch.tensor([30, 31, 32, 33])
+
+    def run(input_ids):
+        out = model(input_ids=input_ids, pixel_values=images(1), labels=labels)
+        return out.language_expert_weights, out.logits
+
+    weights, logits = run(ids)
+    weights_changed, logits_changed = run(changed)
+    torch.testing.assert_close(weights_changed, weights, atol=0, rtol=0)
+    torch.testing.assert_close(logits_changed[:, :first], logits[:, :first], atol=1e-6, rtol=0)
+    # A change inside the prompt does reach them: the assertions above could fail.
+    prompt_changed = ids.clone()
+    prompt_changed[0, first - 1] = 40
+    assert not torch.equal(run(prompt_changed)[0], weights)
+
+
+# --- 4. batch invariance --------------------------------------------------------------------------------------------
+
+
+def left_pad(sequences, pad=3):
+    length = max(map(len, sequences))
+    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+def test_batch_invariance_left_padded():
+    model = make_model()
+    prompts = [prompt_ids("img", 10, 11), prompt_ids(12, "img", 13, 14, 15, 16, 17), prompt_ids(18, 19, 20)]
+    pixel_values = images(2)
+    per_sample_images = [pixel_values[:1], pixel_values[1:], None]
+    ids, mask = left_pad(prompts)
+    batch = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
+    batch_gen = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=6, do_sample=False
+    )
+    for i, (prompt, image) in enumerate(zip(prompts, per_sample_images)):
+        alone = model(input_ids=torch.tensor([prompt]), pixel_values=image)
+        n = len(prompt)
+        torch.testing.assert_close(batch.logits[i, -n:], alone.logits[0], atol=1e-5, rtol=1e-5)
+        alone_gen = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=6, do_sample=False)
+        assert batch_gen[i, -6:].tolist() == alone_gen[0, -6:].tolist()
+
+
+# --- 5. generation --------------------------------------------------------------------------------------------------
+
+
+class CountCalls:
+    def __init__(self, module):
+        self.calls, self.module, self.original = 0, module, module.forward
+
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+
+        self.module.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.module.forward
+
+
+def full_recompute_logits(model, sequences, prompt_length, pixel_values, attention_mask=None):
+    """Logits of a whole sequence in one forward, the guidance pooled over the prompt only."""
+    guidance_mask = torch.zeros_like(sequences, dtype=torch.bool)
+    guidance_mask[:, :prompt_length] = True
+    if attention_mask is not None:
+        guidance_mask[:, :prompt_length] &= attention_mask.bool()
+        attention_mask = torch.cat([attention_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1)
+    return model(
+        input_ids=sequences, pixel_values=pixel_values, attention_mask=attention_mask, language_guidance_mask=guidance_mask
+    ).logits
+
+
+def test_generation_reuses_prefill_weights_and_matches_full_recompute():
+    model = make_model()
+    ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13)])
+    pixel_values = images(2)
+    with CountCalls(model.model.language_model.language_expert) as counter:
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=8, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    assert counter.calls == 1  # the prefill only, not once per decoded token
+    n = ids.shape[1]
+    logits = full_recompute_logits(model, out.sequences, n, pixel_values, mask)
+    step_logits = torch.stack(out.logits, dim=1)
+    torch.testing.assert_close(step_logits, logits[:, n - 1 : -1], atol=1e-5, rtol=1e-5)
+    no_cache = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=8, do_sample=False, use_cache=False
+    )
+    assert torch.equal(no_cache, out.sequences)
+
+
+def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11)])
+    greedy = model.generate(input_ids=ids, pixel_values=images(1), max_new_tokens=6, do_sample=False)
+    # Sampling from the top-1 token is greedy: each of the expanded sequences must find the right weights.
+    sampled = model.generate(
+        input_ids=ids, pixel_values=images(1), max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3
+    )
+    assert sampled.tolist() == greedy.repeat(3, 1).tolist()
+    torch.manual_seed(0)
+    free = model.generate(
+        input_ids=ids, pixel_values=images(1), max_new_tokens=6, do_sample=True, num_return_sequences=4,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    n = ids.shape[1]
+    logits = full_recompute_logits(model, free.sequences, n, images(1).repeat(4, 1, 1, 1))
+    torch.testing.assert_close(torch.stack(free.logits, dim=1), logits[:, n - 1 : -1], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_scores_match_full_recompute():
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11), prompt_ids("img", 12, 13)])
+    pixel_values = images(2)
+    out = model.generate(
+        input_ids=ids, pixel_values=pixel_values, max_new_tokens=5, min_new_tokens=5, num_beams=3,
+        num_return_sequences=2, do_sample=False, length_penalty=0.0, return_dict_in_generate=True, output_scores=True,
+    )
+    n = ids.shape[1]
+    logits = full_recompute_logits(model, out.sequences, n, pixel_values.repeat_interleave(2, dim=0))
+    logprobs = torch.log_softmax(logits[:, n - 1 : -1], dim=-1)
+    sequence_logprob = logprobs.gather(-1, out.sequences[:, n:, None]).sum(dim=(1, 2))
+    # Beam scores are the log-softmax before processors (min_new_tokens masks EOS afterwards), summed; no length penalty.
+    torch.testing.assert_close(out.sequences_scores, sequence_logprob, atol=1e-4, rtol=1e-5)
+
+
+# --- 6. training paths ----------------------------------------------------------------------------------------------
+
+
+def training_batch():
+    ids, mask = left_pad([prompt_ids("img", 10, 11, 20, 21, 2), prompt_ids(12, "img", 13, 14, 15, 22, 2)])
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": images(2), "labels": labels}
+
+
+def test_loss_and_gradients_reach_every_expert_parameter():
+    model = make_model(visual_expert="both").train()
+    batch = training_batch()
+    out = model(**batch)
+    shifted_logits, shifted_labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    expected = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    expert_grads = {n: p.grad for n, p in model.named_parameters() if "expert" in n}
+    assert len(expert_grads) == 21
+    for name, grad in expert_grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def gradients(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = make_model().train()
+    batch = training_batch()
+    reference = gradients(model, batch)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert model.model.language_model.layers[-1].gradient_checkpointing
+    checkpointed = gradients(model, batch)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sdpa_and_eager_attention_agree():
+    batch = training_batch()
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        model = make_model()
+        model.set_attn_implementation(implementation)
+        assert model.model.language_model.config._attn_implementation == implementation
+        outputs[implementation] = model(**batch)
+    valid = batch["attention_mask"].bool()  # padding rows attend to nothing; backends may fill them differently
+    torch.testing.assert_close(outputs["sdpa"].logits[valid], outputs["eager"].logits[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs["sdpa"].loss, outputs["eager"].loss)
+
+
+# --- 8. torch.compile -------------------------------------------------------------------------------------------------
+
+
+def test_compiled_forward_has_no_graph_breaks():
+    model = make_model()
+    batch = training_batch()
+    expected = model(**batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    actual = compiled(**batch)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.language_expert_weights, expected.language_expert_weights)
+
+
+# --- 9. bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_image_count_mismatch_is_a_clear_error(num_images):
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, "img")])
+    with pytest.raises(ValueError, match=rf"got {num_images} image\(s\) but 8 image tokens"):
+        model(input_ids=ids, pixel_values=images(num_images))
+
+
+def test_wrong_pixel_shape_is_a_clear_error():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 28, 28\), got \(1, 3, 32, 32\)"):
+        model(input_ids=torch.tensor([prompt_ids("img")]), pixel_values=torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"language_expert_layers": [0, 3], "language_guidance_layer": 2}, r"language_expert_layers \[0\] come before language_guidance_layer=2"),
+        ({"language_expert_layers": [1, 7]}, r"language_expert_layers \[7\] are out of range.*0\.\.3"),
+        ({"language_expert_layers": "middle"}, r"language_expert_layers must be one of \['posterior', 'anterior', 'all'\]"),
+        ({"expert_bottleneck_dim": 64}, r"expert_bottleneck_dim=64 is larger than .* allowed values: 1\.\.24"),
+        ({"expert_mode": "hyper"}, r"expert_mode='hyper' is not valid; allowed values: \['dynamic', 'latent', 'static'\]"),
+        ({"visual_expert": "third"}, r"visual_expert='third' is not valid; allowed values: \['first', 'second', 'both', None\]"),
+        ({"language_guidance_layer": 9}, r"language_guidance_layer must be an integer in 0\.\.3, got 9"),
+        ({"expert_embedding_dim": 0}, r"expert_embedding_dim must be a positive integer, got 0"),
+    ],
+)
+def test_invalid_config_fields_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_unsupported_text_backbone_is_refused():
+    from transformers_hyperllava import HyperLlavaConfig
+
+    with pytest.raises(ValueError, match=r"text_config.model_type='mistral' is not supported.*\['llama'\]"):
+        HyperLlavaConfig(text_config={"model_type": "mistral"})
+
+
+def test_config_defaults_reproduce_the_paper():
+    config = tiny_config(expert_embedding_dim=64, expert_bottleneck_dim=16, hypernetwork_hidden_dim=64)
+    from transformers_hyperllava import HyperLlavaConfig
+
+    default = HyperLlavaConfig()  # LLaVA-1.5-7B shapes
+    assert (default.visual_expert, default.expert_mode, default.language_expert_layers) == ("first", "dynamic", "posterior")
+    assert default.language_guidance_layer == 16 and default.language_expert_layer_indices == list(range(16, 32))
+    assert (default.expert_embedding_dim, default.expert_bottleneck_dim, default.hypernetwork_hidden_dim) == (64, 16, 64)
+    assert config.language_guidance_layer == 2

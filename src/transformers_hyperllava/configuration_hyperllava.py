@@ -1,0 +1,121 @@
+"""HyperLLaVA configuration: a LLaVA-1.5 config plus the two hypernetwork experts (arXiv 2403.13447)."""
+
+from transformers import LlavaConfig
+
+VISUAL_EXPERTS = ("first", "second", "both")
+LANGUAGE_EXPERT_PRESETS = ("posterior", "anterior", "all")
+EXPERT_MODES = ("dynamic", "latent", "static")
+EXPERT_KERNELS = ("auto", "eager", "triton")
+# Only the backbones we test; others are refused rather than half-working.
+SUPPORTED_TEXT_BACKBONES = ("llama",)
+
+
+class HyperLlavaConfig(LlavaConfig):
+    r"""
+    Configuration of a [`HyperLlavaForConditionalGeneration`]: every field of [`LlavaConfig`] plus the experts.
+
+    Args:
+        visual_expert (`str` or `None`, defaults to `"first"`):
+            Where the visual expert shifts the projector (paper Eq. 5): `"first"` inside the GELU after `linear_1`,
+            `"second"` after `linear_2`, `"both"`, or `None` for no visual expert.
+        language_expert_layers (`str`, `list[int]` or `None`, defaults to `"posterior"`):
+            Decoder layers that get a language expert beside their FFN: `"posterior"` (the second half, the
+            paper's best), `"anterior"` (the first half), `"all"`, an explicit list of indices, or `None`.
+        language_guidance_layer (`int`, *optional*):
+            k: the guidance is the hidden state after layer k-1 (0 = the input embeddings), pooled over the prompt.
+            Every expert layer must be >= k. Defaults to `num_hidden_layers // 2`, lowered to the first expert
+            layer when the experts start earlier (`"anterior"`, `"all"`).
+        expert_embedding_dim (`int`, defaults to 64): m, the size of the layer-specific embedding e(n).
+        expert_bottleneck_dim (`int`, defaults to 16): r, the adapter's bottleneck.
+        hypernetwork_hidden_dim (`int`, defaults to 64): the hidden size of the shared two-layer hypernetwork.
+        expert_mode (`str`, defaults to `"dynamic"`):
+            `"dynamic"` (the paper's method), `"latent"` (a learned latent replaces the guidance: the vanilla
+            HyperNetwork of Table 5) or `"static"` (a plain adapter of the same shape with learned weights).
+        expert_kernel (`str`, defaults to `"auto"`):
+            How adapters are applied: `"eager"` (plain PyTorch), `"triton"` (fused kernel, CUDA only) or
+            `"auto"` (Triton on CUDA when it is installed, else eager).
+    """
+
+    model_type = "hyperllava"
+
+    visual_expert: str | None = "first"
+    language_expert_layers: str | list[int] | None = "posterior"
+    language_guidance_layer: int | None = None
+    expert_embedding_dim: int = 64
+    expert_bottleneck_dim: int = 16
+    hypernetwork_hidden_dim: int = 64
+    expert_mode: str = "dynamic"
+    expert_kernel: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        if text.model_type not in SUPPORTED_TEXT_BACKBONES:
+            raise ValueError(
+                f"text_config.model_type={text.model_type!r} is not supported by HyperLLaVA yet; "
+                f"supported text backbones: {list(SUPPORTED_TEXT_BACKBONES)}"
+            )
+        _check_choice("visual_expert", self.visual_expert, (*VISUAL_EXPERTS, None))
+        _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)
+        _check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
+        for name in ("expert_embedding_dim", "expert_bottleneck_dim", "hypernetwork_hidden_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        smallest_width = min(text.hidden_size, self.vision_config.hidden_size)
+        if self.expert_bottleneck_dim > smallest_width:
+            raise ValueError(
+                f"expert_bottleneck_dim={self.expert_bottleneck_dim} is larger than the smallest hidden size an "
+                f"expert adapts ({smallest_width}); allowed values: 1..{smallest_width}"
+            )
+
+        num_layers = text.num_hidden_layers
+        layers = self.language_expert_layer_indices  # validates language_expert_layers
+        if self.language_guidance_layer is None and layers:
+            self.language_guidance_layer = min(num_layers // 2, layers[0])
+        k = self.language_guidance_layer
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_layers:
+                raise ValueError(f"language_guidance_layer must be an integer in 0..{num_layers - 1}, got {k!r}")
+            early = [i for i in layers if i < k]
+            if early:
+                raise ValueError(
+                    f"language_expert_layers {early} come before language_guidance_layer={k}: a layer cannot "
+                    f"use weights generated from a later hidden state. Use layers >= {k} or a smaller "
+                    f"language_guidance_layer."
+                )
+
+    @property
+    def language_expert_layer_indices(self) -> list[int]:
+        """The sorted decoder-layer indices that carry a language expert (empty for none)."""
+        num_layers = self.text_config.num_hidden_layers
+        spec = self.language_expert_layers
+        if spec is None:
+            return []
+        if spec == "posterior":
+            return list(range(num_layers // 2, num_layers))
+        if spec == "anterior":
+            return list(range(num_layers // 2))
+        if spec == "all":
+            return list(range(num_layers))
+        if isinstance(spec, (list, tuple)) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            bad = [i for i in spec if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(
+                    f"language_expert_layers {bad} are out of range: the text model has layers 0..{num_layers - 1}"
+                )
+            if len(set(spec)) != len(spec):
+                raise ValueError(f"language_expert_layers has repeated indices: {list(spec)}")
+            return sorted(spec)
+        raise ValueError(
+            f"language_expert_layers must be one of {list(LANGUAGE_EXPERT_PRESETS)}, None, or a non-empty list of "
+            f"layer indices; got {spec!r}"
+        )
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; allowed values: {list(allowed)}")
+
+
+__all__ = ["HyperLlavaConfig"]

@@ -1,0 +1,527 @@
+"""HyperLLaVA (arXiv 2403.13447): LLaVA-1.5 with a visual and a language hypernetwork expert.
+
+Where the paper's equations live:
+- Eqs. 2-3 (layer embedding e(n) = Enc_n(g), hypernetwork K(n) = W2 (W1 e(n) + B1) + B2 + b(n)): `HyperExpert.forward`
+- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `HyperExpert.split`, `expert_adapter`
+- Eq. 5 (visual expert, a shift of the projector): `HyperLlavaMultiModalProjector.forward`
+- Language expert (guidance after layer k-1, adapters beside the FFN of later layers): `HyperLlamaModel.forward`,
+  `HyperLlamaDecoderLayer.forward`, `prompt_mask`
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaModelOutputWithPast,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from . import fused_expert_hyperllava
+from .configuration_hyperllava import HyperLlavaConfig
+
+# Transformers 5.2x renamed the forward argument `past_key_values` to `cache`; we pass on whichever the installed
+# version speaks, so one file serves every supported release.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def expert_adapter(x, w_down, w_up, residual, kernel="eager"):
+    """Eq. 4 plus the residual: `residual + SwiGLU(x W_d) W_u`, with per-sample (or shared, batch 1) weights.
+
+    x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out).
+    """
+    if kernel == "triton" or (kernel == "auto" and fused_expert_hyperllava.is_available(x.device)):
+        return fused_expert_hyperllava.fused_expert_adapter(x, w_down, w_up, residual)
+    gate, value = torch.matmul(x, w_down).chunk(2, dim=-1)
+    return residual + torch.matmul(F.silu(gate) * value, w_up)
+
+
+def prompt_mask(labels, attention_mask=None):
+    """The prompt of each training sample: the non-padding tokens before its first supervised token.
+
+    The language guidance is pooled over this mask only, so that no answer token reaches the weights that predict it.
+    """
+    mask = (labels != -100).cumsum(dim=-1) == 0
+    return mask if attention_mask is None else mask & attention_mask.bool()
+
+
+def mean_pool(hidden_states, mask=None):
+    """Mean of `hidden_states` (B, T, d) over the positions where `mask` (B, T) is set; all positions without one."""
+    if mask is None:
+        return hidden_states.mean(dim=1)
+    mask = mask.to(hidden_states.dtype)
+    # The count is clamped so that an empty prompt gives a zero guidance instead of NaN, without a host sync.
+    return torch.einsum("bt,btd->bd", mask, hidden_states) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class HyperExpert(nn.Module):
+    """A hypernetwork expert: generates the adapter weights K(n) of `num_layers` layers from a guidance vector.
+
+    Modes (config.expert_mode): "dynamic" e(n) = Enc_n(g) (the paper); "latent" e(n) = z(n), a learned latent
+    (Table 5's vanilla HyperNetwork); "static" K(n) = b(n), a plain adapter with learned weights.
+    """
+
+    def __init__(self, config: HyperLlavaConfig, guidance_dim: int, in_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        self.mode = config.expert_mode
+        self.in_dim, self.out_dim, self.rank = in_dim, out_dim, config.expert_bottleneck_dim
+        self.num_down = 2 * self.rank * in_dim  # W_d holds both SwiGLU halves
+        num_params = self.num_down + self.rank * out_dim
+        m, h = config.expert_embedding_dim, config.hypernetwork_hidden_dim
+        if self.mode == "dynamic":
+            self.encoder_weight = nn.Parameter(torch.empty(num_layers, m, guidance_dim))
+            self.encoder_bias = nn.Parameter(torch.empty(num_layers, m))
+        elif self.mode == "latent":
+            self.latent = nn.Parameter(torch.empty(num_layers, m))
+        if self.mode != "static":
+            self.hyper_in = nn.Linear(m, h)  # W1, B1: shared by all layers
+            self.hyper_out = nn.Linear(h, num_params)  # W2, B2: shared by all layers
+        self.layer_bias = nn.Parameter(torch.empty(num_layers, num_params))  # b(n)
+
+    def forward(self, guidance=None):
+        """Eqs. 2-3: K(n) for every layer, (B, num_layers, P). B is 1 when K does not depend on the input."""
+        if self.mode == "static":
+            return self.layer_bias.unsqueeze(0)
+        if self.mode == "dynamic":
+            embedding = torch.einsum("bg,lmg->blm", guidance, self.encoder_weight) + self.encoder_bias
+        else:
+            embedding = self.latent.unsqueeze(0)
+        # No activation between the two linears, as the paper writes it.
+        return self.hyper_out(self.hyper_in(embedding)) + self.layer_bias
+
+    def split(self, weights):
+        """K (..., P) -> W_d (..., d_in, 2r), W_u (..., r, d_out): views, no copies."""
+        w_down = weights[..., : self.num_down].unflatten(-1, (self.in_dim, 2 * self.rank))
+        w_up = weights[..., self.num_down :].unflatten(-1, (self.rank, self.out_dim))
+        return w_down, w_up
+
+    def init_weights(self, std):
+        """Everything that produces W_u starts at zero (a new HyperLLaVA computes exactly its LLaVA base); W_d
+        starts small and random, like LoRA's A, so that the first step already has a gradient for W_u."""
+        for name in ("encoder_weight", "hyper_in.weight"):
+            if hasattr(self, name.split(".")[0]):
+                init.normal_(self.get_parameter(name), std=std)
+        if hasattr(self, "encoder_bias"):
+            init.zeros_(self.encoder_bias)
+        if hasattr(self, "latent"):
+            init.normal_(self.latent, std=1.0)
+        if hasattr(self, "hyper_in"):
+            init.zeros_(self.hyper_in.bias)
+            init.zeros_(self.hyper_out.bias)
+            self._init_down_random_up_zero(self.hyper_out.weight, dim=0, std=std)
+        # LoRA-like scale for the per-layer W_d: x W_d keeps the size of x.
+        self._init_down_random_up_zero(self.layer_bias, dim=-1, std=self.in_dim**-0.5)
+
+    def _init_down_random_up_zero(self, param, dim, std):
+        # Slicing drops Transformers' "already loaded" flag, so check it here: never overwrite loaded weights.
+        if getattr(param, "_is_hf_initialized", False):
+            return
+        with torch.no_grad():
+            param.normal_(std=std)
+            param.narrow(dim, self.num_down, param.shape[dim] - self.num_down).zero_()
+
+
+class HyperLlavaMultiModalProjector(LlavaMultiModalProjector):
+    """LLaVA-1.5's two-layer projector plus the visual expert of Eq. 5, with weights generated per image."""
+
+    def __init__(self, config: HyperLlavaConfig):
+        super().__init__(config)
+        vision_dim, text_dim = self.linear_1.in_features, self.linear_1.out_features
+        variant = config.visual_expert
+        self.visual_expert_first = (
+            HyperExpert(config, vision_dim, vision_dim, text_dim, 1) if variant in ("first", "both") else None
+        )
+        self.visual_expert_second = (
+            HyperExpert(config, text_dim, text_dim, text_dim, 1) if variant in ("second", "both") else None
+        )
+        self.expert_kernel = config.expert_kernel
+
+    def forward(self, image_features):
+        hidden_states = self.linear_1(image_features)
+        if self.visual_expert_first is not None:  # "first": V = L2(GELU(L1 f + E_V1(f)))
+            hidden_states = self._shift(self.visual_expert_first, image_features, hidden_states)
+        hidden_states = self.act(hidden_states)
+        output = self.linear_2(hidden_states)
+        if self.visual_expert_second is not None:  # "second": V = L2(a) + E_V2(a)
+            output = self._shift(self.visual_expert_second, hidden_states, output)
+        return output
+
+    def _shift(self, expert, expert_input, residual):
+        # One set of weights per image, generated from the mean of the expert's input over the image's patches.
+        w_down, w_up = expert.split(expert(mean_pool(expert_input))[:, 0])
+        return expert_adapter(expert_input, w_down, w_up, residual, self.expert_kernel)
+
+
+class HyperLlamaDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer that, given adapter weights, adds the language expert beside its FFN:
+    `out = h + FFN(norm2(h)) + E_L(norm2(h))` with `h = x + Attn(norm1(x))`."""
+
+    def __init__(self, config, layer_idx: int, expert_kernel: str = "eager"):
+        super().__init__(config, layer_idx)
+        self.expert_kernel = expert_kernel
+
+    # The weights come positionally so that activation checkpointing sees them as inputs, reentrant or not.
+    def forward(self, hidden_states, expert_down=None, expert_up=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + hidden_states
+        normed = self.post_attention_layernorm(hidden_states)
+        hidden_states = hidden_states + self.mlp(normed)
+        if expert_down is not None:
+            hidden_states = expert_adapter(normed, expert_down, expert_up, hidden_states, self.expert_kernel)
+        return hidden_states
+
+
+@dataclass
+class HyperLlamaModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
+        The language expert's generated weights K(n), to be passed back during generation.
+    """
+
+    language_expert_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class HyperLlavaModelOutputWithPast(LlavaModelOutputWithPast):
+    r"""
+    language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
+        The language expert's generated weights K(n), to be passed back during generation.
+    """
+
+    language_expert_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class HyperLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    r"""
+    language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
+        The language expert's generated weights K(n), to be passed back during generation.
+    """
+
+    language_expert_weights: torch.FloatTensor | None = None
+
+
+class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
+    config: HyperLlavaConfig
+    _no_split_modules = ["HyperLlamaDecoderLayer", "CLIPEncoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, HyperExpert):
+            module.init_weights(self.config.text_config.initializer_range)
+
+
+class HyperLlamaModel(LlamaModel):
+    """The Llama text model with the language expert: guidance after layer k-1, adapters in the later layers."""
+
+    _can_record_outputs = {"hidden_states": HyperLlamaDecoderLayer, "attentions": LlamaAttention}
+    _no_split_modules = ["HyperLlamaDecoderLayer"]
+
+    def __init__(self, config: HyperLlavaConfig):
+        text_config = config.text_config
+        super(LlamaModel, self).__init__(text_config)
+        self.padding_idx = text_config.pad_token_id
+        self.vocab_size = text_config.vocab_size
+        self.embed_tokens = nn.Embedding(text_config.vocab_size, text_config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            HyperLlamaDecoderLayer(text_config, i, config.expert_kernel) for i in range(text_config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=text_config)
+        self.gradient_checkpointing = False
+
+        expert_layers = config.language_expert_layer_indices
+        # Position of each expert layer's weights in the generated K.
+        self.expert_slot = {layer: slot for slot, layer in enumerate(expert_layers)}
+        self.guidance_layer = config.language_guidance_layer
+        d = text_config.hidden_size
+        self.language_expert = HyperExpert(config, d, d, d, len(expert_layers)) if expert_layers else None
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, HyperExpert):
+            module.init_weights(self.config.initializer_range)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        language_guidance_mask=None,
+        language_expert_weights=None,
+        **kwargs,
+    ) -> HyperLlamaModelOutputWithPast:
+        r"""
+        language_guidance_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The prompt positions to pool the guidance over. Defaults to `attention_mask` (the whole prefill).
+        language_expert_weights (`torch.FloatTensor`, *optional*):
+            Weights generated by an earlier call (generation's prefill); when given, no guidance is computed.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        cache = kwargs.pop(CACHE_ARG, None)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{CACHE_ARG: cache},
+        )
+        layer_kwargs = {
+            "attention_mask": causal_mask,
+            "position_ids": position_ids,
+            "position_embeddings": self.rotary_emb(inputs_embeds, position_ids=position_ids),
+            "use_cache": use_cache,
+            CACHE_ARG: cache,
+            **kwargs,
+        }
+        if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
+            language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+
+        hidden_states = inputs_embeds
+        expert_down = expert_up = None
+        for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if idx == self.guidance_layer and self.language_expert is not None:
+                if language_expert_weights is None:  # the prefill: generate once, reused at every decode step
+                    guidance = mean_pool(hidden_states, language_guidance_mask)
+                    language_expert_weights = self.language_expert(guidance)
+                expert_down, expert_up = self.language_expert.split(language_expert_weights)
+            slot = self.expert_slot.get(idx)
+            layer_weights = (None, None) if slot is None else (expert_down[:, slot], expert_up[:, slot])
+            hidden_states = decoder_layer(hidden_states, *layer_weights, **layer_kwargs)
+
+        return HyperLlamaModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            language_expert_weights=language_expert_weights,
+            **{CACHE_ARG: cache},
+        )
+
+
+class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
+    """LLaVA's vision tower, the projector with the visual expert, and the text model with the language expert."""
+
+    def __init__(self, config: HyperLlavaConfig):
+        HyperLlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = HyperLlavaMultiModalProjector(config)
+        self.language_model = HyperLlamaModel(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        language_guidance_mask=None,
+        language_expert_weights=None,
+        **kwargs,
+    ) -> HyperLlavaModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            self._check_images(input_ids, pixel_values)
+            image_features = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+            ).pooler_output
+            image_features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            language_guidance_mask=language_guidance_mask,
+            language_expert_weights=language_expert_weights,
+            **kwargs,
+        )
+        return HyperLlavaModelOutputWithPast(**outputs)
+
+    def _check_images(self, input_ids, pixel_values):
+        """Clear errors for the mistakes users make most, before they turn into a shape error deep inside."""
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        if input_ids is None or torch.compiler.is_compiling():
+            return  # counting needs the token ids and a host sync; the placeholder check still runs
+        tokens_per_image = self.config.image_seq_length
+        num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+        if num_image_tokens != pixel_values.shape[0] * tokens_per_image:
+            raise ValueError(
+                f"got {pixel_values.shape[0]} image(s) but {num_image_tokens} image tokens (id "
+                f"{self.config.image_token_id}) in input_ids; each image needs exactly {tokens_per_image} image "
+                f"tokens, i.e. {num_image_tokens / tokens_per_image:g} image(s) for these input_ids"
+            )
+
+
+class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForConditionalGeneration):
+    def __init__(self, config: HyperLlavaConfig):
+        HyperLlavaPreTrainedModel.__init__(self, config)
+        self.model = HyperLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_llava(cls, path_or_model, **config_overrides):
+        """Upgrade a Transformers LLaVA checkpoint (a path, a Hub id or a `LlavaForConditionalGeneration`) to HyperLLaVA.
+
+        The shared weights keep their names; the experts are new and start as the identity, so the new model's
+        logits equal the LLaVA model's until it is trained. `config_overrides` set HyperLLaVA's fields.
+        """
+        if isinstance(path_or_model, (str, bytes)) or hasattr(path_or_model, "__fspath__"):
+            llava = LlavaForConditionalGeneration.from_pretrained(path_or_model)
+        else:
+            llava = path_or_model
+        llava_config = llava.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            llava_config.pop(key, None)
+        config = HyperLlavaConfig(**{**llava_config, **config_overrides})
+        config._attn_implementation = llava.config._attn_implementation
+        device = next(llava.parameters()).device
+        with torch.device(device):
+            model = cls(config).to(llava.dtype)
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        not_experts = [key for key in missing if "expert" not in key]
+        if not_experts or unexpected:
+            raise ValueError(
+                f"the LLaVA weights do not match HyperLLaVA's: missing {not_experts}, unexpected {list(unexpected)}"
+            )
+        if llava.generation_config is not None:
+            model.generation_config = llava.generation_config
+        return model
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts the paper never gave: total, trainable, and the experts' share."""
+        projector = self.model.multi_modal_projector
+        visual = [e for e in (projector.visual_expert_first, projector.visual_expert_second) if e is not None]
+        language = [self.model.language_model.language_expert] if self.model.language_model.language_expert else []
+
+        def count(modules):
+            return sum(p.numel() for m in modules for p in m.parameters())
+
+        counts = {
+            "total": sum(p.numel() for p in self.parameters()),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "visual_expert": count(visual),
+            "language_expert": count(language),
+        }
+        counts["expert"] = counts["visual_expert"] + counts["language_expert"]
+        return counts
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        labels=None,
+        logits_to_keep=0,
+        language_guidance_mask=None,
+        language_expert_weights=None,
+        **kwargs,
+    ) -> HyperLlavaCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            As in LLaVA; they also mark the prompt: the language guidance is pooled over the non-padding tokens
+            before the first supervised one, unless `language_guidance_mask` is given.
+        language_guidance_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            The prompt positions the language guidance is pooled over.
+        language_expert_weights (`torch.FloatTensor`, *optional*):
+            Weights generated by an earlier call; generation passes the prefill's to every decode step.
+        """
+        if language_guidance_mask is None and labels is not None:
+            language_guidance_mask = prompt_mask(labels, attention_mask)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            language_guidance_mask=language_guidance_mask,
+            language_expert_weights=language_expert_weights,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return HyperLlavaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            language_expert_weights=outputs.language_expert_weights,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
+        )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        # The experts see only the prompt (DESIGN.md §4): the prefill's weights serve every later step.
+        model_kwargs["language_expert_weights"] = outputs.language_expert_weights
+        return model_kwargs
+
+
+__all__ = [
+    "HyperLlavaPreTrainedModel",
+    "HyperLlavaModel",
+    "HyperLlavaForConditionalGeneration",
+    "HyperLlamaModel",
+    "HyperExpert",
+]
