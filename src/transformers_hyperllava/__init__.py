@@ -13,6 +13,11 @@ from .modeling_hyperllava import (
 AutoConfig.register("hyperllava", HyperLlavaConfig)
 AutoModel.register(HyperLlavaConfig, HyperLlavaModel)
 AutoModelForImageTextToText.register(HyperLlavaConfig, HyperLlavaForConditionalGeneration)
+# `save_pretrained` then writes `auto_map` and copies the remote-code files, so that a saved folder also loads with
+# `trust_remote_code=True` where this package is not installed.
+HyperLlavaConfig.register_for_auto_class()
+HyperLlavaModel.register_for_auto_class("AutoModel")
+HyperLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "HyperLlavaConfig",

@@ -49,6 +49,9 @@ class HyperLlavaConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # `save_pretrained` adds the entry of the class that saves; the base model is named here so that a saved
+        # folder also loads with `AutoModel` and `trust_remote_code=True` where the package is not installed.
+        self.auto_map = {"AutoModel": "modeling_hyperllava.HyperLlavaModel", **(getattr(self, "auto_map", None) or {})}
         text = self.text_config
         if text.model_type not in SUPPORTED_TEXT_BACKBONES:
             raise ValueError(

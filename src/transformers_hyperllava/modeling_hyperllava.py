@@ -37,7 +37,8 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from . import fused_expert_hyperllava
+from .fused_expert_hyperllava import fused_expert_adapter
+from .fused_expert_hyperllava import is_available as fused_kernel_available
 from .configuration_hyperllava import HyperLlavaConfig
 
 # Transformers 5.2x renamed the forward argument `past_key_values` to `cache`; we pass on whichever the installed
@@ -50,8 +51,8 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager"):
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out).
     """
-    if kernel == "triton" or (kernel == "auto" and fused_expert_hyperllava.is_available(x.device)):
-        return fused_expert_hyperllava.fused_expert_adapter(x, w_down, w_up, residual)
+    if kernel == "triton" or (kernel == "auto" and fused_kernel_available(x.device)):
+        return fused_expert_adapter(x, w_down, w_up, residual)
     gate, value = torch.matmul(x, w_down).chunk(2, dim=-1)
     return residual + torch.matmul(F.silu(gate) * value, w_up)
 

@@ -1,0 +1,141 @@
+"""Saving and loading: round trips, sharding, remote code without the package, a Hub cache on disk, device maps."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import images, make_model, prompt_ids
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from transformers_hyperllava import HyperLlavaForConditionalGeneration, HyperLlavaModel
+
+REMOTE_CODE_FILES = {"configuration_hyperllava.py", "modeling_hyperllava.py", "fused_expert_hyperllava.py"}
+
+
+def inputs():
+    return {"input_ids": torch.tensor([prompt_ids("img", 10, 11, 12)]), "pixel_values": images(1)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny HyperLLaVA with non-zero experts, saved in shards, and its logits."""
+    path = tmp_path_factory.mktemp("hyperllava")
+    model = make_model(visual_expert="both")
+    model.save_pretrained(path, max_shard_size="40KB")
+    with torch.no_grad():
+        torch.save(model(**inputs()).logits, path.parent / "expected_logits.pt")
+    return path, model
+
+
+def test_save_writes_safetensors_shards_auto_map_and_remote_code(saved):
+    path, model = saved
+    files = set(os.listdir(path))
+    assert REMOTE_CODE_FILES <= files
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model.state_dict())
+    assert len(set(index["weight_map"].values())) > 1 and not any(f.endswith(".bin") for f in files)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "hyperllava"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_hyperllava.HyperLlavaConfig",
+        "AutoModel": "modeling_hyperllava.HyperLlavaModel",
+        "AutoModelForImageTextToText": "modeling_hyperllava.HyperLlavaForConditionalGeneration",
+    }
+
+
+def test_round_trip_with_auto_classes(saved):
+    path, model = saved
+    expected = torch.load(path.parent / "expected_logits.pt", weights_only=True)
+    loaded = AutoModelForImageTextToText.from_pretrained(path)
+    assert type(loaded) is HyperLlavaForConditionalGeneration
+    for field in ("visual_expert", "language_expert_layers", "language_guidance_layer", "expert_mode", "expert_bottleneck_dim"):
+        assert getattr(loaded.config, field) == getattr(model.config, field)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    torch.testing.assert_close(loaded(**inputs()).logits, expected, atol=0, rtol=0)
+    base = AutoModel.from_pretrained(path)
+    assert type(base) is HyperLlavaModel
+    torch.testing.assert_close(loaded.lm_head(base(**inputs()).last_hidden_state), expected, atol=1e-6, rtol=0)
+    assert type(AutoConfig.from_pretrained(path)).__name__ == "HyperLlavaConfig"
+
+
+def run_without_package(script, cwd):
+    """Runs `script` in a fresh interpreter where `import transformers_hyperllava` fails."""
+    blocker = "import sys; sys.modules['transformers_hyperllava'] = None\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", blocker + textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_remote_code_loads_in_a_fresh_process_without_the_package(saved, tmp_path):
+    path, _ = saved
+    script = f"""
+        import torch
+        from transformers import AutoModel, AutoModelForImageTextToText
+        try:
+            import transformers_hyperllava
+            raise SystemExit("the package should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModelForImageTextToText.from_pretrained({str(path)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.tensor([{prompt_ids("img", 10, 11, 12)}])
+        pixel_values = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+        expected = torch.load({str(path.parent / "expected_logits.pt")!r}, weights_only=True)
+        torch.testing.assert_close(model(input_ids=ids, pixel_values=pixel_values).logits, expected, atol=0, rtol=0)
+        base = AutoModel.from_pretrained({str(path)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "HyperLlavaModel"
+        print(model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, do_sample=False).shape[1])
+        """
+    assert run_without_package(script, tmp_path).split()[-1] == str(len(prompt_ids("img", 10, 11, 12)) + 3)
+
+
+def hub_cache(tmp_path, source, repo_id="org/hyperllava-7b", revision="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<sha>/...}."""
+    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return tmp_path / "hub"
+
+
+def test_loads_by_repo_id_from_a_hub_cache_offline(saved, tmp_path):
+    path, _ = saved
+    cache = hub_cache(tmp_path, path)
+    expected = torch.load(path.parent / "expected_logits.pt", weights_only=True)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    model = AutoModelForImageTextToText.from_pretrained("org/hyperllava-7b", cache_dir=cache)
+    torch.testing.assert_close(model(**inputs()).logits, expected, atol=0, rtol=0)
+    script = f"""
+        from transformers import AutoModelForImageTextToText
+        model = AutoModelForImageTextToText.from_pretrained("org/hyperllava-7b", trust_remote_code=True)
+        print(type(model).__name__)
+        """
+    env_cache = {"HF_HUB_CACHE": str(cache)}
+    os.environ.update(env_cache)
+    try:
+        assert run_without_package(script, tmp_path).split()[-1] == "HyperLlavaForConditionalGeneration"
+    finally:
+        del os.environ["HF_HUB_CACHE"]
+
+
+def test_device_map_auto_with_offload_keeps_layers_whole_and_outputs_equal(saved, tmp_path):
+    path, model = saved
+    expected = torch.load(path.parent / "expected_logits.pt", weights_only=True)
+    # A CPU budget too small for the model: accelerate offloads whole modules to disk and streams them back.
+    offloaded = AutoModelForImageTextToText.from_pretrained(
+        path, device_map="auto", max_memory={"cpu": "250KB"}, offload_folder=str(tmp_path / "offload")
+    )
+    placement = offloaded.hf_device_map
+    assert "disk" in placement.values() and "cpu" in placement.values()
+    for name in placement:  # no decoder layer is split across devices
+        assert not name.startswith("model.language_model.layers.") or name.count(".") == 3, name
+    torch.testing.assert_close(offloaded(**inputs()).logits, expected, atol=1e-6, rtol=0)

@@ -1,0 +1,328 @@
+"""Fused Triton kernels for HyperLLaVA's expert adapter.
+
+`fused_expert_adapter(x, w_down, w_up, residual)` computes, with one weight set per sample,
+
+    out = residual + (SiLU(x @ w_down[..., :r]) * (x @ w_down[..., r:])) @ w_up
+
+in a single kernel launch (the (rows, 2r) bottleneck never leaves the chip), and its backward in three launches.
+It is a `torch.library` custom op, so `torch.compile(fullgraph=True)` and CUDA graphs treat it as one opaque call.
+This file ships as Hub remote code: it imports only torch, triton and the standard library, and imports fine
+without Triton (then `is_available()` is False and the model uses its eager path).
+"""
+
+# The kernels' `tl.constexpr` annotations stay unevaluated strings (Triton reads them as text), so this module
+# imports without Triton installed.
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_available(device) -> bool:
+    """Whether `fused_expert_adapter` can run on `device` (a CUDA device with Triton installed)."""
+    return triton is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def fused_expert_adapter(x, w_down, w_up, residual):
+    """`residual + (SiLU(x W_d[:, :r]) * (x W_d[:, r:])) W_u` with per-sample weights, fused (forward and backward).
+
+    Args:
+        x: (batch, length, d_in) adapter input, float32/bfloat16/float16; the compute dtype.
+        w_down: (batch or 1, d_in, 2r) down projection: the first r columns feed the SiLU gate.
+        w_up: (batch or 1, r, d_out) up projection. A weight batch of 1 is shared by every sample.
+        residual: (batch, length, d_out) what the adapter output is added to.
+
+    Returns:
+        (batch, length, d_out) in the dtype PyTorch's `residual + adapter` would give. The matmuls accumulate in
+        float32; the weights are cast to `x.dtype` (autograd sees the cast).
+    """
+    _check_inputs(x, w_down, w_up, residual)
+    return torch.ops.hyperllava.expert_adapter(x, w_down.to(x.dtype), w_up.to(x.dtype), residual)
+
+
+def _check_inputs(x, w_down, w_up, residual):
+    if x.dim() != 3 or w_down.dim() != 3 or w_up.dim() != 3 or residual.dim() != 3:
+        raise ValueError(
+            "fused_expert_adapter expects 3-D x (batch, length, d_in), w_down (batch|1, d_in, 2r), "
+            f"w_up (batch|1, r, d_out) and residual (batch, length, d_out); got x {tuple(x.shape)}, "
+            f"w_down {tuple(w_down.shape)}, w_up {tuple(w_up.shape)}, residual {tuple(residual.shape)}"
+        )
+    batch, length, d_in = x.shape
+    weight_batch, r, d_out = w_up.shape
+    if tuple(w_down.shape) != (weight_batch, d_in, 2 * r):
+        raise ValueError(
+            f"w_down has shape {tuple(w_down.shape)}; with x {tuple(x.shape)} and w_up {tuple(w_up.shape)} it must "
+            f"be {(weight_batch, d_in, 2 * r)}"
+        )
+    if weight_batch not in (1, batch):
+        raise ValueError(f"the weights' batch size {weight_batch} must be 1 or x's batch size {batch}")
+    if tuple(residual.shape) != (batch, length, d_out):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(batch, length, d_out)}")
+    for name, tensor in (("x", x), ("w_down", w_down), ("w_up", w_up), ("residual", residual)):
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {list(_DTYPES)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if triton is None:
+        raise RuntimeError("fused_expert_adapter needs Triton (`pip install triton`); use the eager path instead")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels. Tensors are contiguous and viewed as `groups` independent problems (one per weight set) of `rows` rows.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kernel(fn):
+    # Without Triton the kernels are never launched (is_available() is False); they only need to import.
+    return triton.jit(fn) if triton is not None else fn
+
+
+
+@_kernel
+def _forward_kernel(
+    x_ptr, w_down_ptr, w_up_ptr, residual_ptr, out_ptr,
+    rows, d_in, d_out, r, cols_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One block of rows, columns [pid_n * cols_per_program, ...) of the output."""
+    group = tl.program_id(2).to(tl.int64)
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = first_row + offs_m < rows
+    mask_r = offs_r < r
+    x_ptr += (group * rows + first_row) * d_in
+    w_down_ptr += group * d_in * 2 * r
+    w_up_ptr += group * r * d_out
+    residual_ptr += (group * rows + first_row) * d_out
+    out_ptr += (group * rows + first_row) * d_out
+
+    gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, d_in, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < d_in
+        x = tl.load(x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
+        w_mask = mask_k[:, None] & mask_r[None, :]
+        gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
+        up = tl.dot(x, tl.load(w + r, mask=w_mask, other=0.0), up, input_precision=PRECISION)
+    # Padded bottleneck columns are 0 * 0 = 0, so they add nothing below.
+    hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty)
+
+    col_start = tl.program_id(1) * cols_per_program
+    for n in range(col_start, tl.minimum(col_start + cols_per_program, d_out), BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d_out
+        w = tl.load(w_up_ptr + offs_r[:, None] * d_out + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        tile = offs_m[:, None] * d_out + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        out = tl.load(residual_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        out += tl.dot(hidden, w, input_precision=PRECISION)
+        tl.store(out_ptr + tile, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_kernel
+def _backward_rows_kernel(
+    x_ptr, w_down_ptr, w_up_ptr, grad_out_ptr, grad_x_ptr, grad_pre_ptr, hidden_ptr,
+    rows, d_in, d_out, r,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """For one block of rows: grad_x, and what the weight gradients reduce over the rows: the gradient of the
+    pre-activation x W_d (grad_pre, rows x 2r) and the hidden SiLU(gate) * up (rows x r)."""
+    group = tl.program_id(1).to(tl.int64)
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = first_row + offs_m < rows
+    mask_r = offs_r < r
+    x_ptr += (group * rows + first_row) * d_in
+    grad_x_ptr += (group * rows + first_row) * d_in
+    grad_out_ptr += (group * rows + first_row) * d_out
+    grad_pre_ptr += (group * rows + first_row) * 2 * r
+    hidden_ptr += (group * rows + first_row) * r
+    w_down_ptr += group * d_in * 2 * r
+    w_up_ptr += group * r * d_out
+    dtype = x_ptr.dtype.element_ty
+
+    # Recompute the pre-activation rather than saving it: it costs one more read of x, no extra memory.
+    gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, d_in, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < d_in
+        x = tl.load(x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
+        w_mask = mask_k[:, None] & mask_r[None, :]
+        gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
+        up = tl.dot(x, tl.load(w + r, mask=w_mask, other=0.0), up, input_precision=PRECISION)
+
+    grad_hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n in range(0, d_out, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d_out
+        g = tl.load(grad_out_ptr + offs_m[:, None] * d_out + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w_t = tl.load(w_up_ptr + offs_n[:, None] + offs_r[None, :] * d_out, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        grad_hidden = tl.dot(g.to(dtype), w_t, grad_hidden, input_precision=PRECISION)
+
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    grad_up = (grad_hidden * silu).to(dtype)
+    grad_gate = (grad_hidden * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype)
+    small = mask_m[:, None] & mask_r[None, :]
+    tl.store(hidden_ptr + offs_m[:, None] * r + offs_r[None, :], (silu * up).to(dtype), mask=small)
+    grad_pre = grad_pre_ptr + offs_m[:, None] * (2 * r) + offs_r[None, :]
+    tl.store(grad_pre, grad_gate, mask=small)
+    tl.store(grad_pre + r, grad_up, mask=small)
+
+    for k in range(0, d_in, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < d_in
+        w_t = w_down_ptr + offs_r[:, None] + offs_k[None, :] * (2 * r)
+        w_mask = mask_r[:, None] & mask_k[None, :]
+        grad_x = tl.dot(grad_gate, tl.load(w_t, mask=w_mask, other=0.0), input_precision=PRECISION)
+        grad_x = tl.dot(grad_up, tl.load(w_t + r, mask=w_mask, other=0.0), grad_x, input_precision=PRECISION)
+        tile = offs_m[:, None] * d_in + offs_k[None, :]
+        tl.store(grad_x_ptr + tile, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@_kernel
+def _rows_reduction_kernel(
+    a_ptr, b_ptr, out_ptr, rows, p, q,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out[g] = a[g]^T @ b[g], summed over the rows: a (groups, rows, p), b (groups, rows, q), out (groups, p, q).
+    This is both weight gradients: x^T @ grad_pre for w_down and hidden^T @ grad_out for w_up."""
+    group = tl.program_id(2).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < p
+    mask_q = offs_q < q
+    a_ptr += group * rows * p
+    b_ptr += group * rows * q
+    dtype = a_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m in range(0, rows, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < rows
+        a_t = tl.load(a_ptr + offs_p[:, None] + offs_m[None, :] * p, mask=mask_p[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_m[:, None] * q + offs_q[None, :], mask=mask_m[:, None] & mask_q[None, :], other=0.0)
+        acc = tl.dot(a_t, b.to(dtype), acc, input_precision=PRECISION)
+    out = out_ptr + group * p * q + offs_p[:, None] * q + offs_q[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers, registered as custom ops so that torch.compile keeps them whole (with shapes from the fake kernels).
+# ----------------------------------------------------------------------------------------------------------------
+
+_BLOCK_K = 128  # d_in per step: long steps keep many loads in flight for the decode case (one row block)
+_BLOCK_N = 64  # d_out per step
+_BLOCK_REDUCE = 64  # rows per step of the weight-gradient reduction
+
+
+def _problem(x, w_up):
+    """View a (batch, length, ...) call as `groups` independent problems, one per weight set."""
+    batch, length, d_in = x.shape
+    groups, r, d_out = w_up.shape
+    return groups, batch * length // groups, d_in, r, d_out
+
+
+@functools.cache
+def _multiprocessor_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's interpreter: any value is correct; a few splits exercise the column split in the tests.
+
+
+@torch.library.custom_op("hyperllava::expert_adapter", mutates_args=())
+def _expert_adapter(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    groups, rows, d_in, r, d_out = _problem(x, w_up)
+    out = torch.empty(residual.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    if out.numel() == 0 or rows == 0:
+        return out.copy_(residual)
+    block_r, precision = max(16, triton.next_power_of_2(r)), ("ieee" if x.dtype == torch.float32 else "tf32")
+    sms = _multiprocessor_count(x.device)
+    block_m = 32 if groups * triton.cdiv(rows, 32) >= sms else 16
+    row_blocks = triton.cdiv(rows, block_m)
+    # Few rows (decode): also split the output columns so that every SM has work; each split recomputes x W_d,
+    # which is cheap next to launching a second kernel.
+    splits = max(1, min(triton.cdiv(d_out, _BLOCK_N), sms // (groups * row_blocks)))
+    cols_per_program = triton.cdiv(triton.cdiv(d_out, splits), _BLOCK_N) * _BLOCK_N
+    grid = (row_blocks, triton.cdiv(d_out, cols_per_program), groups)
+    _forward_kernel[grid](
+        x.contiguous(), w_down.contiguous(), w_up.contiguous(), residual.contiguous(), out,
+        rows, d_in, d_out, r, cols_per_program,
+        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
+    )  # fmt: skip
+    return out
+
+
+@_expert_adapter.register_fake
+def _(x, w_down, w_up, residual):
+    return residual.new_empty(residual.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+
+
+@torch.library.custom_op("hyperllava::expert_adapter_backward", mutates_args=())
+def _expert_adapter_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, rows, d_in, r, d_out = _problem(x, w_up)
+    grad_x, grad_w_down, grad_w_up = torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(w_up)
+    if rows == 0 or x.numel() == 0:
+        return grad_x.zero_(), grad_w_down.zero_(), grad_w_up.zero_()
+    block_r, precision = max(16, triton.next_power_of_2(r)), ("ieee" if x.dtype == torch.float32 else "tf32")
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    grad_pre = x.new_empty(groups, rows, 2 * r)
+    hidden = x.new_empty(groups, rows, r)
+    _backward_rows_kernel[(triton.cdiv(rows, 16), groups)](
+        x, w_down.contiguous(), w_up.contiguous(), grad_out, grad_x, grad_pre, hidden,
+        rows, d_in, d_out, r,
+        BLOCK_M=16, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
+    )  # fmt: skip
+    reduce = _rows_reduction_kernel
+    block_2r = max(16, triton.next_power_of_2(2 * r))
+    reduce[(triton.cdiv(d_in, 64), triton.cdiv(2 * r, block_2r), groups)](
+        x, grad_pre, grad_w_down, rows, d_in, 2 * r,
+        BLOCK_M=_BLOCK_REDUCE, BLOCK_P=64, BLOCK_Q=block_2r, PRECISION=precision,
+    )  # fmt: skip
+    reduce[(triton.cdiv(r, block_r), triton.cdiv(d_out, _BLOCK_N), groups)](
+        hidden, grad_out, grad_w_up, rows, r, d_out,
+        BLOCK_M=_BLOCK_REDUCE, BLOCK_P=block_r, BLOCK_Q=_BLOCK_N, PRECISION=precision,
+    )  # fmt: skip
+    return grad_x, grad_w_down, grad_w_up
+
+
+@_expert_adapter_backward.register_fake
+def _(grad_out, x, w_down, w_up):
+    return torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(w_up)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, w_up, residual = inputs
+    ctx.save_for_backward(x, w_down, w_up)
+    ctx.residual_dtype = residual.dtype
+
+
+def _backward(ctx, grad_out):
+    x, w_down, w_up = ctx.saved_tensors
+    grad_x, grad_w_down, grad_w_up = torch.ops.hyperllava.expert_adapter_backward(grad_out, x, w_down, w_up)
+    return grad_x, grad_w_down, grad_w_up, grad_out.to(ctx.residual_dtype)
+
+
+_expert_adapter.register_autograd(_backward, setup_context=_setup_context)
+
+
+__all__ = ["fused_expert_adapter", "is_available"]
