@@ -1,7 +1,7 @@
 """HyperLLaVA (arXiv 2403.13447) for Hugging Face Transformers. Importing the package registers it with the Auto
 classes, so `AutoModelForImageTextToText.from_pretrained(...)` works without `trust_remote_code`."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_hyperllava import HyperLlavaConfig
 from .modeling_hyperllava import (
@@ -9,19 +9,23 @@ from .modeling_hyperllava import (
     HyperLlavaModel,
     HyperLlavaPreTrainedModel,
 )
+from .processing_hyperllava import HyperLlavaProcessor
 
 AutoConfig.register("hyperllava", HyperLlavaConfig)
 AutoModel.register(HyperLlavaConfig, HyperLlavaModel)
 AutoModelForImageTextToText.register(HyperLlavaConfig, HyperLlavaForConditionalGeneration)
+AutoProcessor.register(HyperLlavaConfig, HyperLlavaProcessor)
 # `save_pretrained` then writes `auto_map` and copies the remote-code files, so that a saved folder also loads with
 # `trust_remote_code=True` where this package is not installed.
 HyperLlavaConfig.register_for_auto_class()
 HyperLlavaModel.register_for_auto_class("AutoModel")
 HyperLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+HyperLlavaProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "HyperLlavaConfig",
     "HyperLlavaForConditionalGeneration",
     "HyperLlavaModel",
     "HyperLlavaPreTrainedModel",
+    "HyperLlavaProcessor",
 ]

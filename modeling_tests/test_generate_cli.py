@@ -1,0 +1,253 @@
+"""`hyperllava-generate` and `pipeline("image-text-to-text")` on a saved tiny HyperLLaVA folder, checked against
+`model.generate` called directly."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline, set_seed
+
+from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava.generate import main
+from transformers_hyperllava.tiny import tiny_config
+from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, tiny_processor, train_tokenizer
+
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved model + processor folder, the in-memory pair, and a folder of test images."""
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(DEFAULT_TEXTS)
+    config = tiny_config(vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    model = HyperLlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-zero experts, so that the answers depend on them
+        for name, param in model.named_parameters():
+            if "expert" in name:
+                param.normal_(0, 0.2)
+    processor = tiny_processor(tokenizer, config)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+    images = tmp_path_factory.mktemp("images")
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (30, 50, 3), dtype=np.uint8)).save(images / "wide.png")
+    Image.fromarray(rng.randint(0, 256, (40, 24, 3), dtype=np.uint8)).save(images / "tall.jpg")
+    Image.fromarray(rng.randint(0, 256, (32, 32), dtype=np.uint8)).save(images / "gray.png")
+    Image.fromarray(rng.randint(0, 256, (20, 36, 4), dtype=np.uint8), mode="RGBA").save(images / "alpha.png")
+    (images / "broken.png").write_bytes(b"this is not an image")
+    return folder, model, processor, images
+
+
+def reference_answer(model, processor, question, image_files, system=None, seed=0, **generate_kwargs):
+    """Greedy answer from model.generate, the prompt written out in vicuna_v1 by hand."""
+    # LLaVA-1.5 opens every image with Pillow and converts it to RGB.
+    images = [Image.open(f).convert("RGB") for f in image_files]
+    system = system or (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
+    placeholders = "<image>\n" * len(images)
+    prompt = f"{system} USER: {placeholders}{question} ASSISTANT:"
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    generate_kwargs = {"do_sample": False, **generate_kwargs}
+    set_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=processor.tokenizer.pad_token_id, **generate_kwargs
+        )
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run(argv, capsys):
+    code = main([*argv, "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("files", [["wide.png"], ["wide.png", "tall.jpg"], []])
+def test_single_question_streams_the_answer(saved, capsys, files):
+    folder, model, processor, images = saved
+    paths = [images / f for f in files]
+    question = "What is in the image?"
+    code, out, err = run(
+        ["--model", str(folder), "--prompt", question, *[a for p in paths for a in ("--image", str(p))]], capsys
+    )
+    assert code == 0, err
+    expected = reference_answer(model, processor, question, paths)
+    assert expected  # a non-empty answer, so the comparison means something
+    assert out.strip() == expected
+
+
+def test_system_line_and_placeholders_in_the_prompt(saved, capsys):
+    folder, model, processor, images = saved
+    paths = [images / "wide.png", images / "tall.jpg"]
+    # The prompt places its own placeholders: nothing is added in front.
+    code, out, err = run(
+        ["--model", str(folder), "--system", "Answer briefly.", "--prompt", "<image>\n<image>\nWhat is in the image?"]
+        + ["--image", str(paths[0]), "--image", str(paths[1])],
+        capsys,
+    )
+    assert code == 0, err
+    assert out.strip() == reference_answer(model, processor, "What is in the image?", paths, system="Answer briefly.")
+
+
+@pytest.mark.parametrize(
+    "options, seed, generate_kwargs",
+    [
+        (["--num-beams", "3"], 0, {"num_beams": 3}),
+        (
+            ["--temperature", "1.5", "--top-p", "0.9", "--seed", "3"],
+            3,
+            {"do_sample": True, "temperature": 1.5, "top_p": 0.9},
+        ),
+    ],
+)
+def test_beam_search_and_sampling_options(saved, capsys, options, seed, generate_kwargs):
+    folder, model, processor, images = saved
+    question, paths = "What is in the image?", [images / "wide.png"]
+    code, out, err = run(["--model", str(folder), "--prompt", question, "--image", str(paths[0]), *options], capsys)
+    assert code == 0, err
+    assert out.strip() == reference_answer(model, processor, question, paths, seed=seed, **generate_kwargs)
+
+
+@pytest.mark.parametrize("name", ["gray.png", "alpha.png"])
+def test_non_rgb_images_are_converted_like_llava(saved, capsys, name):
+    folder, model, processor, images = saved
+    code, out, err = run(
+        ["--model", str(folder), "--prompt", "Describe the picture.", "--image", str(images / name)], capsys
+    )
+    assert code == 0, err
+    assert out.strip() == reference_answer(model, processor, "Describe the picture.", [images / name])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--image", "{images}/broken.png", "--prompt", "What?"], "Cannot read image file .*broken.png"),
+        (["--image", "{images}/missing.png", "--prompt", "What?"], "Image file not found: .*missing.png"),
+        (["--image", "{images}/wide.png", "--prompt", "  "], "The prompt is empty"),
+        (
+            ["--image", "{images}/wide.png", "--prompt", "<image> <image> What?"],
+            "The prompt has 2 <image> placeholder.* but 1 image",
+        ),
+    ],
+)
+def test_single_question_errors(saved, capsys, argv, message):
+    folder, _, _, images = saved
+    code, out, err = run(["--model", str(folder), *[a.format(images=images) for a in argv]], capsys)
+    assert code == 1 and out == ""
+    assert re.search("hyperllava-generate: error: " + message, err), err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],  # neither mode
+        ["--prompt", "Hi", "--question-file", "q.jsonl", "--answers-file", "a.jsonl"],
+        ["--question-file", "q.jsonl"],  # no answers file
+        ["--question-file", "does-not-exist.jsonl", "--answers-file", "a.jsonl"],
+        ["--prompt", "Hi", "--max-new-tokens", "0"],
+        ["--prompt", "Hi", "--dtype", "float8"],
+        ["--prompt", "Hi", "--top-p", "1.5"],
+    ],
+)
+def test_bad_arguments_are_refused(saved, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(saved[0]), *argv])
+    assert exit_info.value.code == 2
+
+
+def write_questions(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, batch_size):
+    folder, model, processor, images = saved
+    questions = [
+        {"question_id": "q1", "image": "wide.png", "text": "What is in the image?"},
+        {"question_id": 7, "image": "tall.jpg", "text": "Describe the picture in detail."},
+        {"question_id": "q3", "image": "gray.png", "text": "How many objects are there?"},
+        {"question_id": "q4", "image": "wide.png", "text": "Describe the picture in detail."},
+    ]
+    write_questions(tmp_path / "questions.jsonl", questions)
+    answers_file = tmp_path / "out" / "answers.jsonl"
+    code, _, err = run(
+        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
+        + ["--answers-file", str(answers_file), "--batch-size", str(batch_size)],
+        capsys,
+    )
+    assert code == 0, err
+    assert "questions" in err and "4/4" in err  # the tqdm progress bar
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == ["q1", 7, "q3", "q4"]
+    for question, answer in zip(questions, answers):
+        assert set(answer) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert answer["prompt"] == question["text"] and answer["model_id"] == folder.name
+        assert answer["text"] == reference_answer(model, processor, question["text"], [images / question["image"]])
+    assert len({a["answer_id"] for a in answers}) == 4
+    assert [p.name for p in answers_file.parent.iterdir()] == ["answers.jsonl"]  # no partial file left behind
+
+
+def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
+    folder, model, processor, images = saved
+    write_questions(
+        tmp_path / "questions.jsonl",
+        [
+            {"question_id": "ok1", "image": "wide.png", "text": "What is in the image?"},
+            {"question_id": "broken", "image": "broken.png", "text": "What is in the image?"},
+            {"question_id": "missing", "image": "nowhere.png", "text": "What is in the image?"},
+            {"question_id": "empty", "image": "wide.png", "text": " "},
+            {"question_id": "no-image-key", "text": "What?"},
+            "{not json",
+            {"image": "wide.png", "text": "no id"},
+            "",
+            {"question_id": "ok2", "image": "tall.jpg", "text": "Describe the picture in detail."},
+        ],
+    )
+    answers_file = tmp_path / "answers.jsonl"
+    code, _, err = run(
+        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
+        + ["--answers-file", str(answers_file), "--batch-size", "2"],
+        capsys,
+    )
+    assert code == 1
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == ["ok1", "ok2"]
+    assert answers[1]["text"] == reference_answer(
+        model, processor, "Describe the picture in detail.", [images / "tall.jpg"]
+    )
+    for label, reason in [
+        ("'broken'", "Cannot read image file"),
+        ("'missing'", "Image file not found"),
+        ("'empty'", "The prompt is empty"),
+        ("'no-image-key'", "missing key\\(s\\) \\['image'\\]"),
+        ("'line 6'", "invalid JSON"),
+        ("'line 7'", "missing key 'question_id'"),
+    ]:
+        assert re.search(f"question {label} failed: {reason}", err), (label, err)
+    assert "6 of 8 questions failed" in err
+
+
+def test_pipeline_on_a_saved_folder(saved):
+    folder, model, processor, images = saved
+    pipe = pipeline("image-text-to-text", model=str(folder), device="cpu")
+    image = Image.open(images / "wide.png").convert("RGB")
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is in the image?"}],
+        }
+    ]
+    result = pipe(text=messages, max_new_tokens=MAX_NEW_TOKENS, generate_kwargs={"do_sample": False})
+    answer = result[0]["generated_text"][-1]
+    assert answer["role"] == "assistant"
+    assert answer["content"].strip() == reference_answer(
+        model, processor, "What is in the image?", [images / "wide.png"]
+    )

@@ -1,0 +1,310 @@
+"""HyperLlavaProcessor: LLaVA-1.5's preprocessing and vicuna_v1 prompt format, against independent references."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from jinja2 import TemplateError
+from PIL import Image
+from transformers import AutoProcessor, LlavaImageProcessorPil, LlavaProcessor
+
+from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
+from transformers_hyperllava.tiny import tiny_config
+from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, tiny_processor, train_tokenizer
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+def vicuna_v1_prompt(turns, system=SYSTEM):
+    """LLaVA-1.5's `Conversation.get_prompt()` for `conv_vicuna_v1` (SeparatorStyle.TWO, sep=" ", sep2="</s>");
+    `turns` alternate USER and ASSISTANT messages, None for the open assistant turn of a generation prompt."""
+    seps = [" ", "</s>"]
+    prompt = system + seps[0]
+    for i, message in enumerate(turns):
+        role = ("USER", "ASSISTANT")[i % 2]
+        prompt += f"{role}: {message}{seps[i % 2]}" if message is not None else f"{role}:"
+    return prompt
+
+
+def llava_expand2square_preprocess(image, size):
+    """LLaVA-1.5's `expand2square` with the CLIP mean colour, then CLIPImageProcessor (bicubic resize of the
+    shortest edge, centre crop, rescale, normalise), written with Pillow and NumPy."""
+    width, height = image.size
+    if width != height:
+        side = max(width, height)
+        square = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in CLIP_MEAN))
+        square.paste(image, ((side - width) // 2, (side - height) // 2))
+        image = square
+    image = image.resize((size, size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float64) / 255.0
+    return ((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+def random_image(height, width, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def user(text, num_images=0):
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(DEFAULT_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return tiny_processor(tokenizer)
+
+
+def test_tokenizer_special_tokens_match_tiny_config(tokenizer):
+    config = tiny_config()
+    assert tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<pad>", "<image>"]) == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        config.text_config.bos_token_id,
+        config.text_config.eos_token_id,
+        config.pad_token_id,
+    )
+    assert tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id
+    ids = tokenizer("What is in the image?").input_ids
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    # Every word of the chat format is in the vocabulary.
+    assert (
+        tokenizer.unk_token_id not in tokenizer(vicuna_v1_prompt(["<image>\nWhat is in the image?", "Two."])).input_ids
+    )
+
+
+@pytest.mark.parametrize("size", [(30, 50), (50, 30), (40, 40), (7, 90)])
+def test_pad_to_square_matches_llava_expand2square(processor, size):
+    image = random_image(*size)
+    pixel_values = processor(images=[image], text="<image>\nWhat is in the image?", return_tensors="np").pixel_values
+    np.testing.assert_allclose(pixel_values[0], llava_expand2square_preprocess(image, 28), atol=1e-5)
+
+
+def test_padding_uses_the_mean_colour_not_black(processor):
+    # A wide black image: the added top and bottom rows are the normalised mean colour, i.e. zero.
+    image = Image.new("RGB", (56, 28), (0, 0, 0))
+    pixel_values = processor(images=[image], text="<image>\nWhat is in the image?", return_tensors="np").pixel_values
+    np.testing.assert_allclose(pixel_values[0, :, 0, :], 0.0, atol=0.02)
+    np.testing.assert_allclose(
+        pixel_values[0, :, 14, :], np.broadcast_to((-CLIP_MEAN / CLIP_STD)[:, None], (3, 28)), atol=1e-5
+    )
+
+
+def test_input_ids_and_pixels_equal_stock_llava_processor(processor, tokenizer):
+    stock = LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, do_pad=True
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    texts = [
+        vicuna_v1_prompt(["<image>\nWhat is in the image?", None]),
+        vicuna_v1_prompt(["<image>\n<image>\nHow many objects are there?", "Two.", "Describe the picture.", None]),
+    ]
+    images = [random_image(30, 50, 1), random_image(40, 40, 2), random_image(50, 20, 3)]
+    ours = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    theirs = stock(images=images, text=texts, padding=True, return_tensors="pt")
+    assert set(ours.keys()) == set(theirs.keys()) == {"input_ids", "attention_mask", "pixel_values"}
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    # (28 / 14)^2 visual tokens per image, CLS dropped; left padding for generation.
+    assert (ours.input_ids == 4).sum(dim=1).tolist() == [4, 8]
+    assert ours.attention_mask[0, 0] == 0 and ours.attention_mask[:, -1].all()
+
+
+def test_chat_template_single_turn_is_vicuna_v1(processor):
+    messages = [user("What is in the image?", num_images=1)]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == vicuna_v1_prompt(
+        ["<image>\nWhat is in the image?", None]
+    )
+    # Plain-string content, and the image placed after the text in the message still goes first (as LLaVA trained).
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in the image?"}, {"type": "image"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == vicuna_v1_prompt(
+        ["<image>\nWhat is in the image?", None]
+    )
+    messages = [{"role": "user", "content": "Hello"}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == vicuna_v1_prompt(["Hello", None])
+
+
+def test_chat_template_multi_turn_and_system(processor):
+    messages = [
+        user("What is in the image?", num_images=1),
+        assistant("A red square."),
+        user("How many objects are there?"),
+        assistant("Two."),
+    ]
+    expected = vicuna_v1_prompt(
+        ["<image>\nWhat is in the image?", "A red square.", "How many objects are there?", "Two."]
+    )
+    assert processor.apply_chat_template(messages) == expected
+    assert processor.apply_chat_template(messages + [user("Why?")], add_generation_prompt=True) == vicuna_v1_prompt(
+        ["<image>\nWhat is in the image?", "A red square.", "How many objects are there?", "Two.", "Why?", None]
+    )
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]}
+    assert processor.apply_chat_template([system, *messages]) == vicuna_v1_prompt(
+        ["<image>\nWhat is in the image?", "A red square.", "How many objects are there?", "Two."],
+        system="Answer briefly.",
+    )
+
+
+def test_chat_template_refuses_unknown_roles(processor):
+    with pytest.raises(TemplateError, match="got tool"):
+        processor.apply_chat_template([user("Hi"), {"role": "tool", "content": "x"}])
+
+
+@pytest.mark.parametrize("batched, padding_side", [(False, "left"), (True, "left"), (True, "right")])
+def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched, padding_side):
+    image = random_image(30, 50)
+    long = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is in the image?"}],
+        },
+        assistant("A red square."),
+        user("How many objects are there?"),
+        assistant("Two."),
+    ]
+    short = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe the picture."}],
+        },
+        assistant("There is a cat next to a green box."),
+    ]
+    conversations = [long, short] if batched else [long]
+    answers = [["A red square.", "Two."], ["There is a cat next to a green box."]]
+    out = processor.apply_chat_template(
+        conversations if batched else long,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"padding": True, "padding_side": padding_side},
+        return_tensors="pt",
+    )
+    assert out["assistant_masks"].shape == out["input_ids"].shape
+    for row, conversation_answers in enumerate(answers[: len(conversations)]):
+        ids, mask = out["input_ids"][row], out["assistant_masks"][row].bool()
+        # Independent reference: tokenise each answer + "</s>" on its own.
+        expected = [t for a in conversation_answers for t in tokenizer(a, add_special_tokens=False).input_ids + [2]]
+        assert ids[mask].tolist() == expected
+        # The masked tokens sit at the ends of the assistant turns of the expanded prompt (4 image tokens).
+        assert (ids == 4).sum() == 4
+        last = out["attention_mask"][row].nonzero().max()
+        assert mask[last] and ids[last] == tokenizer.eos_token_id
+        assert not mask[out["attention_mask"][row] == 0].any()
+
+
+def test_bad_inputs_give_clear_errors(processor):
+    image = random_image(28, 28)
+    prompt = vicuna_v1_prompt(["<image>\n<image>\nWhat is in the image?", None])
+    with pytest.raises(ValueError, match="2 <image> placeholder\\(s\\) but 1 image\\(s\\)"):
+        processor(images=[image], text=prompt)
+    with pytest.raises(ValueError, match="2 <image> placeholder\\(s\\) but 0 image\\(s\\)"):
+        processor(text=prompt)
+    with pytest.raises(ValueError, match="0 <image> placeholder\\(s\\) but 2 image\\(s\\)"):
+        processor(images=[image, image], text="What is in the image?")
+    with pytest.raises(ValueError, match="Empty prompt at batch index \\[1\\]"):
+        processor(text=["What is in the image?", "  "])
+    with pytest.raises(ValueError, match="vocab_size"):
+        tiny_processor(train_tokenizer([" ".join(f"word{i}" for i in range(80))]))
+
+
+def test_processor_save_load_with_model(tmp_path, tokenizer):
+    """Saved beside the model, the processor comes back through AutoProcessor (the package registers it) and
+    through remote code in a fresh process where the package cannot be imported."""
+    config = tiny_config(vocab_size=len(tokenizer))
+    processor = tiny_processor(tokenizer, config)
+    torch.manual_seed(0)
+    HyperLlavaForConditionalGeneration(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    image = random_image(50, 30)
+    prompt = processor.apply_chat_template([user("What is in the image?", 1)], add_generation_prompt=True)
+    expected = processor(images=[image], text=prompt, return_tensors="np")
+
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is HyperLlavaProcessor
+    assert loaded.chat_template == processor.chat_template
+    assert loaded.tokenizer.padding_side == "left"
+    got = loaded(images=[image], text=prompt, return_tensors="np")
+    np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(got["pixel_values"], expected["pixel_values"])
+
+    image.save(tmp_path / "image.png")
+    script = f"""
+import json, sys
+sys.modules["transformers_hyperllava"] = None  # the package must not be importable here
+from PIL import Image
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+prompt = processor.apply_chat_template(
+    [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}],
+    add_generation_prompt=True,
+)
+out = processor(images=[Image.open({str(tmp_path / "image.png")!r})], text=prompt, return_tensors="np")
+print(json.dumps({{"class": type(processor).__module__ + "." + type(processor).__name__,
+                  "input_ids": out["input_ids"].tolist(), "pixel_values": out["pixel_values"].tolist()}}))
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith(".HyperLlavaProcessor")
+    assert remote["input_ids"] == expected["input_ids"].tolist()
+    np.testing.assert_allclose(np.array(remote["pixel_values"]), expected["pixel_values"], rtol=0, atol=1e-7)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tokenizer):
+    config = tiny_config(vocab_size=len(tokenizer))
+    processor = tiny_processor(tokenizer, config)
+    torch.manual_seed(0)
+    model = HyperLlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-zero experts, so that per-sequence expert weights matter
+        for name, param in model.named_parameters():
+            if "expert" in name:
+                param.normal_(0, 0.2)
+    questions = ["What is in the image?", "Describe the picture in detail.", "How many objects are there?"]
+    prompts = [
+        processor.apply_chat_template([user(q, num_images=1)], add_generation_prompt=True) for q in questions[:2]
+    ] + [
+        processor.apply_chat_template(
+            [user(questions[2], 1), assistant("Two."), user("Why?")], add_generation_prompt=True
+        )
+    ]
+    images = [random_image(30, 50, 1), random_image(40, 40, 2), random_image(20, 35, 3)]
+
+    def generate(batch_prompts, batch_images):
+        inputs = processor(images=batch_images, text=batch_prompts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return out[:, inputs["input_ids"].shape[1] :].tolist(), inputs["attention_mask"]
+
+    batched, attention_mask = generate(prompts, images)
+    assert (attention_mask == 0).any(), "the prompts should differ in length, so that left padding is exercised"
+    assert (attention_mask[:, -1] == 1).all()
+    for i in range(len(prompts)):
+        single, _ = generate([prompts[i]], [images[i]])
+        n = len(single[0])
+        assert batched[i][:n] == single[0]
+        assert all(token == tokenizer.pad_token_id for token in batched[i][n:])  # it stopped at eos

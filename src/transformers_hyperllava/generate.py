@@ -1,0 +1,214 @@
+"""`hyperllava-generate`: answer a question about images with a saved HyperLLaVA model.
+
+One question (the answer streams to stdout):
+
+    hyperllava-generate --model PATH --image cat.jpg --prompt "What is in the image?"
+
+Many questions, in LLaVA's `model_vqa` format (a JSONL of `{"question_id", "image", "text"}`; answers as JSONL of
+`{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`):
+
+    hyperllava-generate --model PATH --question-file q.jsonl --image-folder images/ --answers-file a.jsonl
+"""
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_image(path) -> Image.Image:
+    """An image file as RGB, like LLaVA-1.5 (grayscale, palette and RGBA images are converted)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"Cannot read image file {path}: {error}") from error
+
+
+def build_prompt(processor, question: str, num_images: int, system: str | None = None) -> str:
+    """The vicuna_v1 prompt for one question; images go first unless the question places its own `<image>`s."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("The prompt is empty")
+    placeholders = question.count(processor.image_token)
+    if placeholders and placeholders != num_images:
+        raise ValueError(
+            f"The prompt has {placeholders} {processor.image_token} placeholder(s) "
+            f"but {num_images} image(s) were given"
+        )
+    content = [{"type": "image"}] * (0 if placeholders else num_images) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generation_kwargs(args, processor) -> dict:
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "do_sample": args.temperature > 0,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    return kwargs
+
+
+def generate_answers(model, processor, prompts, images, streamer=None, **kwargs) -> list[str]:
+    """Answers for a batch of prompts (left-padded together) and their images, in prompt order."""
+    inputs = processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    with torch.inference_mode():
+        output = model.generate(**inputs, streamer=streamer, **kwargs)
+    answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def read_questions(path):
+    """(question_id or line label, question dict or the error) for every non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                question = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield f"line {number}", ValueError(f"invalid JSON: {error}")
+                continue
+            if not isinstance(question, dict) or "question_id" not in question:
+                yield f"line {number}", ValueError("missing key 'question_id'")
+                continue
+            missing = [key for key in ("image", "text") if key not in question]
+            yield question["question_id"], ValueError(f"missing key(s) {missing}") if missing else question
+
+
+def answer_file(args, model, processor) -> int:
+    """Answers every question of `args.question_file`; returns the number of questions that failed."""
+    model_id = Path(args.model).name
+    kwargs = generation_kwargs(args, processor)
+    questions = list(read_questions(args.question_file))
+    failures = []
+
+    def fail(question_id, error):
+        failures.append(question_id)
+        tqdm.write(f"question {question_id!r} failed: {error}", file=sys.stderr)
+
+    answers_path = Path(args.answers_file)
+    answers_path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed at the end, so a crash never leaves a half-written answers file.
+    partial_path = answers_path.with_name(f".{answers_path.name}.partial")
+    with open(partial_path, "w", encoding="utf-8") as out, tqdm(total=len(questions), desc="questions") as progress:
+        for start in range(0, len(questions), args.batch_size):
+            batch = []
+            for question_id, question in questions[start : start + args.batch_size]:
+                try:
+                    if isinstance(question, Exception):
+                        raise question
+                    image = load_image(Path(args.image_folder) / question["image"])
+                    prompt = build_prompt(processor, question["text"], 1, args.system)
+                    batch.append((question_id, question["text"], prompt, image))
+                except (OSError, ValueError, TypeError) as error:
+                    fail(question_id, error)
+            if batch:
+                ids, texts, prompts, images = zip(*batch)
+                try:
+                    answers = generate_answers(model, processor, list(prompts), list(images), **kwargs)
+                except (RuntimeError, ValueError) as error:
+                    for question_id in ids:
+                        fail(question_id, error)
+                    answers = []
+                for question_id, text, answer in zip(ids, texts, answers):
+                    record = {
+                        "question_id": question_id,
+                        "prompt": text,
+                        "text": answer,
+                        "answer_id": uuid.uuid4().hex,
+                        "model_id": model_id,
+                        "metadata": {},
+                    }
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            progress.update(min(args.batch_size, len(questions) - start))
+    os.replace(partial_path, answers_path)
+    if failures:
+        print(f"{len(failures)} of {len(questions)} questions failed: {failures}", file=sys.stderr)
+    return len(failures)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="hyperllava-generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="folder (or Hub id) of a saved HyperLLaVA model and processor")
+    single = parser.add_argument_group("one question")
+    single.add_argument("--prompt", help="the question")
+    single.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
+    batch = parser.add_argument_group("many questions (LLaVA's model_vqa format)")
+    batch.add_argument("--question-file", help="JSONL, one {question_id, image, text} per line")
+    batch.add_argument("--image-folder", default=".", help="folder the questions' `image` paths are relative to")
+    batch.add_argument("--answers-file", help="JSONL to write the answers to")
+    batch.add_argument("--batch-size", type=int, default=1, help="questions generated together (left-padded)")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--system", help="system line (default: LLaVA-1.5's vicuna_v1 system prompt)")
+    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (LLaVA's default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help='e.g. cpu, cuda, cuda:1, or "auto"'
+    )
+    gen.add_argument("--dtype", choices=list(DTYPES), default="auto", help="default: the checkpoint's dtype")
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.question_file is None):
+        parser.error("give either --prompt (with --image) or --question-file (with --answers-file)")
+    if args.question_file is not None and (args.answers_file is None or args.image):
+        parser.error("--question-file needs --answers-file, and takes its images from the file, not --image")
+    if args.question_file is not None and not Path(args.question_file).is_file():
+        parser.error(f"question file not found: {args.question_file}")
+    for name in ("max_new_tokens", "num_beams", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    return args
+
+
+def load_model(args):
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=DTYPES[args.dtype], device_map=args.device)
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    set_seed(args.seed)
+    processor = AutoProcessor.from_pretrained(args.model)
+    if args.question_file is not None:
+        return 1 if answer_file(args, load_model(args), processor) else 0
+    # Bad input is reported before the (slow) model load.
+    try:
+        images = [load_image(path) for path in args.image]
+        prompt = build_prompt(processor, args.prompt, len(images), args.system)
+    except (OSError, ValueError) as error:
+        print(f"hyperllava-generate: error: {error}", file=sys.stderr)
+        return 1
+    kwargs = generation_kwargs(args, processor)
+    if args.num_beams > 1:  # beam search cannot stream: its best sequence is known only at the end
+        print(generate_answers(load_model(args), processor, [prompt], images, **kwargs)[0])
+    else:
+        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        generate_answers(load_model(args), processor, [prompt], images, streamer=streamer, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Processor class for HyperLLaVA: LLaVA-1.5's image processing and prompt format (`vicuna_v1`)."""
+
+from transformers import LlavaProcessor
+from transformers.image_utils import make_flat_list_of_images
+
+# LLaVA-1.5's `conv_vicuna_v1` (llava/conversation.py): the system line, then turns
+# "USER: {question} ASSISTANT: {answer}</s>", the first question starting with "<image>\n".
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+# Images go first in a user turn, as LLaVA-1.5 trained (it moved every "<image>" to the front of the question).
+# The `{% generation %}` block marks the answer and its "</s>" as the supervised tokens
+# (`return_assistant_tokens_mask=True`); LLaVA-1.5 supervises the "</s>" too.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- endif -%}"
+    "{{- system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' -}}"
+    "{%- if message['content'] is not string -%}"
+    "{%- for item in message['content'] | selectattr('type', 'equalto', 'image') -%}{{- '<image>\n' -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- text + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- 'ASSISTANT: ' -}}{%- generation -%}{{- text + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- raise_exception('vicuna_v1 has roles system, user and assistant; got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+class HyperLlavaProcessor(LlavaProcessor):
+    r"""
+    Constructs a HyperLLaVA processor: [`LlavaProcessor`] (image processor + tokenizer, each `<image>` expanded to
+    the number of visual tokens) with LLaVA-1.5's `vicuna_v1` chat template as the default.
+
+    For LLaVA-1.5's preprocessing use a [`LlavaImageProcessor`] (or `LlavaImageProcessorPil`) with `do_pad=True`
+    (pad to a square with the mean colour, then resize and crop to 336) and a tokenizer whose `padding_side` is
+    `"left"`, so that batched prompts can be generated from.
+
+    Args:
+        image_processor ([`LlavaImageProcessor`], *optional*): The image processor.
+        tokenizer ([`PreTrainedTokenizerBase`], *optional*): The tokenizer; it must know `image_token`.
+        patch_size (`int`, *optional*): Patch size of the vision tower.
+        vision_feature_select_strategy (`str`, *optional*): As in the model's config (`"default"` drops CLS).
+        chat_template (`str`, *optional*): Defaults to LLaVA-1.5's `vicuna_v1` format.
+        image_token (`str`, *optional*, defaults to `"<image>"`): The image placeholder.
+        num_additional_image_tokens (`int`, *optional*, defaults to 0): Extra vision tokens such as CLS (+1).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=CHAT_TEMPLATE if chat_template is None else chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
+
+    def __call__(self, images=None, text=None, **kwargs):
+        # Checked here rather than left to Transformers, whose releases differ (5.17 fails with StopIteration).
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+            if empty:
+                raise ValueError(f"Empty prompt at batch index {empty}: every prompt needs some text")
+            if images is not None:
+                images = self.image_processor.fetch_images(images)  # URLs and paths become images
+            num_images = 0 if images is None else len(make_flat_list_of_images(images))
+            num_placeholders = sum(t.count(self.image_token) for t in texts if isinstance(t, str))
+            if num_placeholders != num_images:
+                raise ValueError(
+                    f"The prompts have {num_placeholders} {self.image_token} placeholder(s) but {num_images} image(s) "
+                    f"were given: each image needs one {self.image_token} in the text"
+                )
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        if not (kwargs.get("return_assistant_tokens_mask") and kwargs.get("tokenize") and kwargs.get("return_dict")):
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
+        # Transformers 5.17 maps the answer spans onto the prompt *after* each "<image>" was expanded to many
+        # tokens, which misplaces the mask. An "<image>" is one token before expansion, so the tokenizer's mask of
+        # the unexpanded prompt, with each image position repeated as the processor expanded it, is exact.
+        return_tensors = kwargs.pop("return_tensors", None)
+        out = super().apply_chat_template(
+            conversation, chat_template, **{**kwargs, "return_assistant_tokens_mask": False}, return_tensors=None
+        )
+        template_kwargs = {k: v for k, v in kwargs.items() if k not in ("tokenize", "return_dict", "processor_kwargs")}
+        unexpanded = self.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template or self.chat_template,
+            tokenize=True,
+            return_dict=True,
+            **template_kwargs,
+        )
+        is_batched = isinstance(conversation[0], (list, tuple))
+        if not is_batched:
+            unexpanded = {key: [value] for key, value in unexpanded.items()}
+        out["assistant_masks"] = [
+            self._expand_assistant_mask(ids, mask, expanded)
+            for ids, mask, expanded in zip(
+                unexpanded["input_ids"], unexpanded["assistant_masks"], out["input_ids"], strict=True
+            )
+        ]
+        out.convert_to_tensors(tensor_type=return_tensors)
+        return out
+
+    def _expand_assistant_mask(self, unexpanded_ids, mask, expanded_ids):
+        """The mask of `unexpanded_ids` placed onto `expanded_ids` (images expanded, maybe BOS and padding added)."""
+        expanded_ids = list(expanded_ids)
+        # Every image of a HyperLLaVA prompt has the same size after processing, hence the same number of tokens.
+        num_images = unexpanded_ids.count(self.image_token_id)
+        num_image_tokens = expanded_ids.count(self.image_token_id) // num_images if num_images else 0
+        core_ids, core_mask = [], []
+        for token_id, flag in zip(unexpanded_ids, mask, strict=True):
+            repeat = num_image_tokens if token_id == self.image_token_id else 1
+            core_ids += [token_id] * repeat
+            core_mask += [flag] * repeat
+        for start in range(len(expanded_ids) - len(core_ids) + 1):
+            if expanded_ids[start : start + len(core_ids)] == core_ids:
+                return [0] * start + core_mask + [0] * (len(expanded_ids) - start - len(core_ids))
+        raise ValueError(
+            "Could not place the assistant mask on the processed prompt (was it truncated?); "
+            "call apply_chat_template without truncation to get `assistant_masks`"
+        )
+
+
+__all__ = ["HyperLlavaProcessor"]
