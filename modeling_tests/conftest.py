@@ -6,21 +6,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+from transformers import LlavaForConditionalGeneration  # noqa: E402
 
-from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration  # noqa: E402
+from transformers_hyperllava import HyperLlavaForConditionalGeneration  # noqa: E402
 from transformers_hyperllava.tiny import tiny_config  # noqa: E402
 
 IMAGE_TOKEN = 4
 TOKENS_PER_IMAGE = 4  # tiny_config: 28 px images, 14 px patches
-
-
-def llava_config_of(config: HyperLlavaConfig) -> LlavaConfig:
-    """The stock LLaVA config that shares every non-expert field with `config`."""
-    fields = config.to_dict()
-    for key in ("model_type", *HyperLlavaConfig.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys()):
-        fields.pop(key, None)
-    return LlavaConfig(**fields)
 
 
 def randomize_experts(model, std=0.2, seed=0):
@@ -56,7 +48,7 @@ def tiny_llava():
     """A stock LLaVA with random weights (float64) and the HyperLLaVA config that matches it."""
     config = tiny_config()
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(llava_config_of(config)).double().eval(), config
+    return LlavaForConditionalGeneration(config.to_llava_config()).double().eval(), config
 
 
-__all__ = ["llava_config_of", "randomize_experts", "make_model", "prompt_ids", "images", "IMAGE_TOKEN"]
+__all__ = ["randomize_experts", "make_model", "prompt_ids", "images", "IMAGE_TOKEN"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images, llava_config_of, make_model, prompt_ids, randomize_experts
+from conftest import images, make_model, prompt_ids
 from transformers import LlavaForConditionalGeneration
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
@@ -152,7 +152,7 @@ def reference_logits(llava, model, input_ids, pixel_values, guidance_mask):
 )
 def test_model_matches_reference_equations(overrides):
     model = make_model(torch.float64, **overrides)
-    llava = LlavaForConditionalGeneration(llava_config_of(model.config)).double().eval()
+    llava = LlavaForConditionalGeneration(model.config.to_llava_config()).double().eval()
     llava.load_state_dict(model.state_dict(), strict=False)
     input_ids = torch.tensor([prompt_ids("img", 10, 11, 12, 13), prompt_ids(14, "img", 15, 16, 17)])
     pixel_values = images(2).double()
@@ -179,7 +179,7 @@ def test_parameter_counts_follow_the_formula():
     counts = model.parameter_counts()
     assert counts["visual_expert"] == expert_size(dv, dv, d, 1) + expert_size(d, d, d, 1)
     assert counts["language_expert"] == expert_size(d, d, d, len(c.language_expert_layer_indices))
-    llava = LlavaForConditionalGeneration(llava_config_of(c))
+    llava = LlavaForConditionalGeneration(c.to_llava_config())
     assert counts["total"] == sum(p.numel() for p in llava.parameters()) + counts["expert"]
     model.requires_grad_(False)
     assert model.parameter_counts()["trainable"] == 0

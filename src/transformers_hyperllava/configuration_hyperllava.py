@@ -31,9 +31,10 @@ class HyperLlavaConfig(LlavaConfig):
         expert_mode (`str`, defaults to `"dynamic"`):
             `"dynamic"` (the paper's method), `"latent"` (a learned latent replaces the guidance: the vanilla
             HyperNetwork of Table 5) or `"static"` (a plain adapter of the same shape with learned weights).
-        expert_kernel (`str`, defaults to `"auto"`):
-            How adapters are applied: `"eager"` (plain PyTorch), `"triton"` (fused kernel, CUDA only) or
-            `"auto"` (Triton on CUDA when it is installed, else eager).
+        expert_kernel (`str`, defaults to `"eager"`):
+            How adapters are applied: `"eager"` (plain PyTorch, which `torch.compile` fuses itself), `"triton"`
+            (the fused kernel, CUDA only) or `"auto"` (Triton on CUDA when it is installed, else eager). Eager is the
+            default because the fused kernel does not yet beat it on an H200 (docs/performance.md).
     """
 
     model_type = "hyperllava"
@@ -45,7 +46,7 @@ class HyperLlavaConfig(LlavaConfig):
     expert_bottleneck_dim: int = 16
     hypernetwork_hidden_dim: int = 64
     expert_mode: str = "dynamic"
-    expert_kernel: str = "auto"
+    expert_kernel: str = "eager"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -87,6 +88,13 @@ class HyperLlavaConfig(LlavaConfig):
                     f"use weights generated from a later hidden state. Use layers >= {k} or a smaller "
                     f"language_guidance_layer."
                 )
+
+    def to_llava_config(self) -> LlavaConfig:
+        """The stock `LlavaConfig` with every field this config shares with it (the experts dropped)."""
+        fields = self.to_dict()
+        for key in ("model_type", "auto_map", *self.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys()):
+            fields.pop(key, None)
+        return LlavaConfig(**fields)
 
     @property
     def language_expert_layer_indices(self) -> list[int]:

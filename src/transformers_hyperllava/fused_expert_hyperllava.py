@@ -86,7 +86,6 @@ def _kernel(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
-
 @_kernel
 def _forward_kernel(
     x_ptr, w_down_ptr, w_up_ptr, residual_ptr, out_ptr,
@@ -94,7 +93,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One block of rows, columns [pid_n * cols_per_program, ...) of the output."""
+    """Program (i, j, g): rows [i * BLOCK_M, ...) and output columns [j * cols_per_program, ...) of problem g."""
     group = tl.program_id(2).to(tl.int64)
     first_row = tl.program_id(0).to(tl.int64) * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
@@ -112,7 +111,9 @@ def _forward_kernel(
     for k in range(0, d_in, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < d_in
-        x = tl.load(x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
         w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
         w_mask = mask_k[:, None] & mask_r[None, :]
         gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
@@ -124,7 +125,9 @@ def _forward_kernel(
     for n in range(col_start, tl.minimum(col_start + cols_per_program, d_out), BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < d_out
-        w = tl.load(w_up_ptr + offs_r[:, None] * d_out + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(
+            w_up_ptr + offs_r[:, None] * d_out + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0
+        )
         tile = offs_m[:, None] * d_out + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         out = tl.load(residual_ptr + tile, mask=mask, other=0.0).to(tl.float32)
@@ -162,7 +165,9 @@ def _backward_rows_kernel(
     for k in range(0, d_in, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mask_k = offs_k < d_in
-        x = tl.load(x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
         w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
         w_mask = mask_k[:, None] & mask_r[None, :]
         gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
@@ -172,8 +177,12 @@ def _backward_rows_kernel(
     for n in range(0, d_out, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < d_out
-        g = tl.load(grad_out_ptr + offs_m[:, None] * d_out + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w_t = tl.load(w_up_ptr + offs_n[:, None] + offs_r[None, :] * d_out, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        g = tl.load(
+            grad_out_ptr + offs_m[:, None] * d_out + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
+        )
+        w_t = tl.load(
+            w_up_ptr + offs_n[:, None] + offs_r[None, :] * d_out, mask=mask_n[:, None] & mask_r[None, :], other=0.0
+        )
         grad_hidden = tl.dot(g.to(dtype), w_t, grad_hidden, input_precision=PRECISION)
 
     sig = tl.sigmoid(gate)
@@ -280,7 +289,7 @@ def _expert_adapter_backward(
     grad_out: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     groups, rows, d_in, r, d_out = _problem(x, w_up)
-    grad_x, grad_w_down, grad_w_up = torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(w_up)
+    grad_x, grad_w_down, grad_w_up = _new_contiguous(x, w_down, w_up)
     if rows == 0 or x.numel() == 0:
         return grad_x.zero_(), grad_w_down.zero_(), grad_w_up.zero_()
     block_r, precision = max(16, triton.next_power_of_2(r)), ("ieee" if x.dtype == torch.float32 else "tf32")
@@ -292,13 +301,12 @@ def _expert_adapter_backward(
         rows, d_in, d_out, r,
         BLOCK_M=16, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
     )  # fmt: skip
-    reduce = _rows_reduction_kernel
     block_2r = max(16, triton.next_power_of_2(2 * r))
-    reduce[(triton.cdiv(d_in, 64), triton.cdiv(2 * r, block_2r), groups)](
+    _rows_reduction_kernel[(triton.cdiv(d_in, 64), triton.cdiv(2 * r, block_2r), groups)](
         x, grad_pre, grad_w_down, rows, d_in, 2 * r,
         BLOCK_M=_BLOCK_REDUCE, BLOCK_P=64, BLOCK_Q=block_2r, PRECISION=precision,
     )  # fmt: skip
-    reduce[(triton.cdiv(r, block_r), triton.cdiv(d_out, _BLOCK_N), groups)](
+    _rows_reduction_kernel[(triton.cdiv(r, block_r), triton.cdiv(d_out, _BLOCK_N), groups)](
         hidden, grad_out, grad_w_up, rows, r, d_out,
         BLOCK_M=_BLOCK_REDUCE, BLOCK_P=block_r, BLOCK_Q=_BLOCK_N, PRECISION=precision,
     )  # fmt: skip
@@ -307,7 +315,12 @@ def _expert_adapter_backward(
 
 @_expert_adapter_backward.register_fake
 def _(grad_out, x, w_down, w_up):
-    return torch.empty_like(x), torch.empty_like(w_down), torch.empty_like(w_up)
+    return _new_contiguous(x, w_down, w_up)
+
+
+def _new_contiguous(*tensors):
+    # Not empty_like: that keeps an input's strides, and the kernels write contiguous rows (compile checks strides).
+    return tuple(t.new_empty(t.shape) for t in tensors)
 
 
 def _setup_context(ctx, inputs, output):

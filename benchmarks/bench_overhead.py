@@ -1,0 +1,466 @@
+"""What HyperLLaVA's experts cost over LLaVA-1.5: time ratios for prefill, decoding and a training step, the
+training peak-memory ratio, and a microbenchmark of the expert adapter (fused Triton kernel vs eager PyTorch vs
+the memory-bandwidth floor).
+
+    python benchmarks/bench_overhead.py --size tiny              # fp32 on CPU, toy sizes, about a minute
+    python benchmarks/bench_overhead.py --size 7b --out 7b.md    # bf16 on CUDA: Vicuna-7B + CLIP ViT-L/14-336
+
+Both models get random weights at the same shapes (the HyperLLaVA experts too, so that they really run). The
+models are measured in turn within each repeat, so that clock and thermal drift hit both alike, and every number is
+the median over the repeats after a warm-up.
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration  # noqa: E402
+from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
+from transformers_hyperllava.tiny import tiny_config  # noqa: E402
+
+_COMMON = {"prefill_batch": 8, "text_tokens": 64, "new_tokens": 64, "train_batch": 4}
+SIZES = {  # the number of image tokens follows from the config: 576 for CLIP-336, 4 for the tiny one
+    "tiny": {**_COMMON, "device": "cpu", "dtype": torch.float32, "train_length": 256, "repeats": 15},
+    "7b": {**_COMMON, "device": "cuda", "dtype": torch.bfloat16, "train_length": 1024, "repeats": 5},
+}
+
+
+def vicuna7b_clip336_config() -> HyperLlavaConfig:
+    """LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf) with HyperLLaVA's default experts."""
+    return HyperLlavaConfig(
+        text_config={
+            "model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 32001,
+        },
+        vision_config={
+            "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+            "projection_dim": 768,
+        },
+        image_token_index=32000,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=32001,
+    )  # fmt: skip
+
+
+def build_models(size, settings):
+    config = vicuna7b_clip336_config() if size == "7b" else tiny_config()
+    device, dtype = torch.device(settings["device"]), settings["dtype"]
+    with device:  # random init straight on the GPU: initialising 7B parameters on the CPU takes minutes
+        torch.manual_seed(0)
+        llava = LlavaForConditionalGeneration._from_config(
+            config.to_llava_config(), dtype=dtype, attn_implementation="sdpa"
+        )
+        torch.manual_seed(0)
+        hyper = HyperLlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    with torch.no_grad():  # fresh experts compute nothing (zero W_u); random ones make the expert path real work
+        for name, param in hyper.named_parameters():
+            if "expert" in name:
+                param.normal_(0.0, 0.02)
+    return config, llava.eval(), hyper.eval()
+
+
+def set_expert_kernel(model, kernel):
+    """Switch a built HyperLLaVA between the eager and the fused adapter (the expert modules keep the setting)."""
+    model.config.expert_kernel = kernel
+    for module in model.modules():
+        if hasattr(module, "expert_kernel"):
+            module.expert_kernel = kernel
+
+
+def make_batch(config, settings, batch, text_tokens, seed=0):
+    """`batch` prompts: <bos>, one image's placeholder tokens, then random text, `image_tokens + text_tokens` long."""
+    generator = torch.Generator().manual_seed(seed)
+    # Ordinary words: ids above the tiny vocabulary's special tokens and, at 7B, below the added <image>/<pad>.
+    first_special = config.image_token_index if config.image_token_index > 5 else config.text_config.vocab_size
+    words = torch.randint(5, first_special, (batch, text_tokens - 1), generator=generator)
+    image = torch.full((batch, config.image_seq_length), config.image_token_index)
+    input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, words], dim=1)  # 1 = <s>
+    image_size = config.vision_config.image_size
+    pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    device = settings["device"]
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values.to(device, settings["dtype"]),
+    }
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_time(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(candidates, measure, repeats, warmup=1):
+    """Median of `measure(candidate)` over `repeats` rounds, the candidates taking turns within each round."""
+    samples = {name: [] for name in candidates}
+    for round_ in range(warmup + repeats):
+        for name, candidate in candidates.items():
+            value = measure(candidate)
+            if round_ >= warmup:
+                samples[name].append(value)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+class DecodeClock(LogitsProcessor):
+    """Notes when the first token's logits exist, so that decoding time excludes the prefill."""
+
+    def __init__(self, device):
+        self.device, self.first = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            synchronize(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+
+def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs):
+    clock = DecodeClock(device)
+    with torch.no_grad():
+        model.generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]), **generate_kwargs,
+        )  # fmt: skip
+    synchronize(device)
+    return (time.perf_counter() - clock.first) / (new_tokens - 1)
+
+
+def train_step(model, batch, device):
+    """Forward + backward with activation checkpointing; returns (seconds, peak bytes as if alone on the device)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        model(**batch).loss.backward()
+
+    seconds = wall_time(step, device)
+    peak = None
+    if cuda:
+        # The other model is resident too: count only this step's memory plus this model's own weights.
+        own = sum(p.numel() * p.element_size() for p in model.parameters())
+        peak = torch.cuda.max_memory_allocated(device) - before + own
+    model.zero_grad(set_to_none=True)
+    return seconds, peak
+
+
+def set_checkpointing(model, enabled):
+    # Transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*; 5.17 has only the old names.
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    if not enabled:
+        (model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable)()
+    elif new_names:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+
+
+def prepare_training(model):
+    model.train()
+    set_checkpointing(model, True)
+    model.model.vision_tower.requires_grad_(False)  # frozen in both stages of the LLaVA-1.5 recipe
+
+
+def training_batch(config, settings):
+    batch = make_batch(config, settings, settings["train_batch"], settings["train_length"] - config.image_seq_length)
+    labels = batch["input_ids"].clone()
+    labels[:, : config.image_seq_length + 1 + 32] = -100  # the image and a short question are the prompt
+    batch["labels"] = labels
+    return batch
+
+
+def eager_adapter(x, w_down, w_up, residual):
+    gate, up = torch.matmul(x, w_down).chunk(2, dim=-1)
+    return residual + torch.matmul(F.silu(gate) * up, w_up)
+
+
+def adapter_call(adapter, inputs, grad=None):
+    """A call without arguments: the adapter's forward, or forward + backward when `grad` is given."""
+    if grad is None:
+        return lambda: adapter(*inputs)
+    return lambda: torch.autograd.grad(adapter(*inputs), inputs, grad)
+
+
+def peak_bandwidth(device):
+    """Peak HBM bandwidth in bytes/s, from the memory clock and bus width (double data rate)."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8, "memory clock x bus width"
+    # Older torch lacks those fields: a large device-to-device copy gets close to the peak.
+    data = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    copy_time = min(wall_time(lambda: data.clone(), device) for _ in range(5))
+    return 2 * data.numel() / copy_time, "measured 1 GiB copy"
+
+
+def cuda_event_ms(fn, repeats=50):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_microbenchmark(settings, report):
+    device, dtype = settings["device"], settings["dtype"]
+    bandwidth, source = peak_bandwidth(device)
+    report.line(
+        f"\nExpert adapter, d=4096, r=16, {dtype}; floor = bytes moved / {bandwidth / 1e12:.2f} TB/s ({source})"
+    )
+    report.table(["case", "fused ms", "eager ms", "floor ms", "fused / floor", "eager / fused"])
+    cases = [
+        ("decode B=1", 1, 1, 4096, 4096, 1, False),
+        ("decode B=16, per-sample weights", 16, 1, 4096, 4096, 16, False),
+        ("decode B=16, shared weights", 16, 1, 4096, 4096, 1, False),
+        ("visual expert 'first' (8 images)", 8, 576, 1024, 4096, 8, False),
+        ("prefill B=8 T=640", 8, 640, 4096, 4096, 8, False),
+        ("train fwd+bwd B=4 T=1024", 4, 1024, 4096, 4096, 4, True),
+    ]
+    r = 16
+    for name, batch, length, d_in, d_out, weight_batch, backward in cases:
+        x = torch.randn(batch, length, d_in, device=device, dtype=dtype)
+        w_down = torch.randn(weight_batch, d_in, 2 * r, device=device, dtype=dtype) * d_in**-0.5
+        w_up = torch.randn(weight_batch, r, d_out, device=device, dtype=dtype) * r**-0.5
+        residual = torch.randn(batch, length, d_out, device=device, dtype=dtype)
+        element = x.element_size()
+        moved = (x.numel() + 2 * residual.numel() + w_down.numel() + w_up.numel()) * element
+        grad = None
+        if backward:
+            for tensor in (x, w_down, w_up, residual):
+                tensor.requires_grad_()
+            grad = torch.randn_like(residual)
+            # Backward reads x, grad_out, the weights and writes grad_x and the weight gradients (grad_residual
+            # is grad_out itself): a lower bound that ignores any recomputation.
+            moved += (2 * x.numel() + residual.numel() + 2 * (w_down.numel() + w_up.numel())) * element
+        inputs = (x, w_down, w_up, residual)
+        with contextlib.nullcontext() if backward else torch.no_grad():
+            fused_ms = cuda_event_ms(adapter_call(fused.fused_expert_adapter, inputs, grad))
+            eager_ms = cuda_event_ms(adapter_call(eager_adapter, inputs, grad))
+        floor_ms = moved / bandwidth * 1e3
+        report.row([name, f"{fused_ms:.4f}", f"{eager_ms:.4f}", f"{floor_ms:.4f}", f"{fused_ms / floor_ms:.1f}x",
+                    f"{eager_ms / fused_ms:.2f}x"])  # fmt: skip
+
+
+class Report:
+    """Prints as it goes (a run cut short keeps what it measured) and mirrors everything into --out."""
+
+    def __init__(self, path):
+        self.path, self.lines = path, []
+
+    def line(self, text):
+        print(text, flush=True)
+        self.lines.append(text)
+        if self.path:
+            temporary = f"{self.path}.tmp"
+            with open(temporary, "w", encoding="utf-8") as file:
+                file.write("\n".join(self.lines) + "\n")
+            os.replace(temporary, self.path)
+
+    def table(self, header):
+        self.line("| " + " | ".join(header) + " |")
+        self.line("|" + "---|" * len(header))
+
+    def row(self, cells):
+        self.line("| " + " | ".join(cells) + " |")
+
+
+@contextlib.contextmanager
+def section(report, name, table_row=True):
+    """One workload: if it fails, the report says so and the run goes on (a lent GPU run should give all it can)."""
+    try:
+        yield
+    except Exception as error:  # any failure: logged in full, summarised in the report
+        traceback.print_exc()
+        message = f"failed: {type(error).__name__}: {str(error)[:300]}"
+        if table_row:
+            report.row([name, message])
+        else:
+            report.line(f"\n{name}: {message}")
+
+
+def fused_kernel_works(device, dtype):
+    """Whether the fused adapter runs here and agrees with the eager one (a small check before timing it)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(shape, generator=generator).to(device, dtype)
+        for shape in ((2, 3, 64), (2, 64, 32), (2, 16, 48), (2, 3, 48))
+    ]
+    want = eager_adapter(*(t.float() for t in inputs))
+    got = fused.fused_expert_adapter(*inputs).float()
+    return bool((got - want).abs().max() <= 3e-2 * want.abs().max())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--out", help="also write the report (markdown) to this file")
+    parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default: 15 tiny, 5 7b)")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the static-cache + torch.compile decode")
+    args = parser.parse_args(argv)
+    settings = dict(SIZES[args.size])
+    settings["repeats"] = args.repeats or settings["repeats"]
+    device, dtype, repeats = settings["device"], settings["dtype"], settings["repeats"]
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--size 7b needs a CUDA GPU (use --size tiny on a CPU)")
+    report = Report(args.out)
+    device_name = torch.cuda.get_device_name(device) if device == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
+    report.line(
+        f"# HyperLLaVA overhead, size {args.size}: {device_name}, {dtype}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+
+    started = time.perf_counter()
+    config, llava, hyper = build_models(args.size, settings)
+    counts = hyper.parameter_counts()
+    report.line(
+        f"\nBuilt both models in {time.perf_counter() - started:.0f} s. HyperLLaVA parameters: {counts['total']:,} "
+        f"(experts {counts['expert']:,}, {100 * counts['expert'] / counts['total']:.2f}%)."
+    )
+    kernels = ["eager"]
+    if not fused.is_available(device):
+        report.line("The fused expert kernel needs CUDA and Triton: HyperLLaVA runs its eager adapter only.")
+    else:
+        with section(report, "Fused expert kernel check", table_row=False):
+            if not fused_kernel_works(device, dtype):
+                raise RuntimeError("its output differs from the eager adapter's")
+            kernels.append("triton")
+
+    def candidates():
+        """LLaVA, then HyperLLaVA once per adapter implementation (switched in place: one copy of the weights)."""
+        named = {"llava": lambda: llava}
+        for kernel in kernels:
+            named[f"hyper-{kernel}"] = lambda kernel=kernel: (set_expert_kernel(hyper, kernel), hyper)[1]
+        return named
+
+    def record(workload, medians):
+        base = medians["llava"]
+        cells = [workload, f"{base * 1e3:.3f} ms"]
+        cells += [f"{medians[f'hyper-{k}'] * 1e3:.3f} ms ({medians[f'hyper-{k}'] / base:.3f}x)" for k in kernels]
+        report.row(cells)
+
+    report.line(f"\nMedian of {repeats} interleaved repeats after a warm-up; ratio = HyperLLaVA / LLaVA.\n")
+    report.table(["workload", "LLaVA", *[f"HyperLLaVA ({k} adapter)" for k in kernels]])
+
+    prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])
+    name = f"prefill, batch {settings['prefill_batch']} x {prefill['input_ids'].shape[1]} tokens"
+    with section(report, name):
+
+        def prefill_time(get_model):
+            model = get_model()
+            with torch.no_grad():
+                return wall_time(lambda: model(**prefill, logits_to_keep=1), device)
+
+        record(name, interleaved(candidates(), prefill_time, repeats))
+
+    for batch_size in (1, 16):
+        decode = make_batch(config, settings, batch_size, settings["text_tokens"])
+        name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
+        with section(report, name):
+            medians = interleaved(
+                candidates(),
+                lambda get_model, decode=decode: decode_seconds_per_token(
+                    get_model(), decode, settings["new_tokens"], device
+                ),
+                max(2, repeats // 2),
+            )
+            record(name, medians)
+
+    name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
+    peaks = {}
+    with section(report, name):
+        train = training_batch(config, settings)
+        for model in (llava, hyper):
+            prepare_training(model)
+
+        def train_time(get_model):
+            model = get_model()
+            seconds, peaks[getattr(model.config, "expert_kernel", "llava")] = train_step(model, train, device)
+            return seconds
+
+        record(name, interleaved(candidates(), train_time, max(2, repeats // 2)))
+    for model in (llava, hyper):
+        model.zero_grad(set_to_none=True)
+        set_checkpointing(model, False)
+        model.eval()
+    if device != "cuda":
+        report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
+    elif len(peaks) == len(kernels) + 1:
+        base = peaks["llava"]
+        hyper_peaks = ", ".join(
+            f"HyperLLaVA ({k}) {peaks[k] / 2**30:.2f} GiB ({peaks[k] / base:.3f}x)" for k in kernels
+        )
+        report.line(
+            f"\nTraining peak memory, each model counted as if alone on the device: LLaVA {base / 2**30:.2f} GiB, "
+            f"{hyper_peaks}."
+        )
+
+    # Before the compiled decode: that one takes minutes, and a run cut short should keep these numbers.
+    if "triton" not in kernels:
+        report.line("\nExpert adapter microbenchmark: skipped (the fused kernel needs CUDA and Triton).")
+    else:
+        with section(report, "Expert adapter microbenchmark", table_row=False):
+            kernel_microbenchmark(settings, report)
+
+    if device != "cuda" or args.skip_compile:
+        why = "--skip-compile" if args.skip_compile else "on CPU Inductor compiles C++ for minutes"
+        report.line(f"\nDecode with a static cache + torch.compile: skipped ({why}).")
+    else:
+        report.line("\nDecode, batch 1, static cache + torch.compile (generate compiles the decoding step):\n")
+        report.table(["workload", "LLaVA", *[f"HyperLLaVA ({k} adapter)" for k in kernels]])
+        decode = make_batch(config, settings, 1, settings["text_tokens"])
+        first_call = {}
+
+        def compiled_decode(get_model):
+            model = get_model()
+            call_started = time.perf_counter()
+            per_token = decode_seconds_per_token(
+                model, decode, settings["new_tokens"], device, cache_implementation="static"
+            )
+            first_call.setdefault(model is hyper, time.perf_counter() - call_started)  # includes the compilation
+            return per_token
+
+        name = "decode, batch 1, static + compile, per token"
+        with section(report, name):
+            # Both adapters: under compile, Inductor fuses the eager path's matmuls and pointwise ops itself.
+            record(name, interleaved(candidates(), compiled_decode, 3))
+            report.line(
+                f"\nFirst call (compilation + CUDA graph capture): LLaVA {first_call[False]:.0f} s, "
+                f"HyperLLaVA {first_call[True]:.0f} s."
+            )
+
+    report.line(f"\nTotal {time.perf_counter() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

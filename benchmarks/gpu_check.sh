@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one check for a lent GPU (H100/H200): the fused expert kernel's tests on CUDA, then the 7B overhead
+# benchmark. Needs no network and installs nothing (the package is used from this working tree). At most 8 minutes.
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh
+#
+# Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log.
+set -u
+: "${OUT:?set OUT to the folder for the logs}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+failed=0
+
+{
+    nvidia-smi
+    "$PYTHON" -c 'import sys, torch, transformers; print(sys.version); print("torch", torch.__version__, "cuda",
+torch.version.cuda, "| transformers", transformers.__version__)'
+    "$PYTHON" -c 'import triton; print("triton", triton.__version__)'
+    "$PYTHON" -c 'import pytest; print("pytest", pytest.__version__)'
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+# Compiling the kernels for every tested shape and dtype dominates this step.
+echo "== fused kernel tests (CUDA)"
+timeout 170 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py -q -rs -p no:cacheprovider \
+    >"$OUT/test_fused_expert.log" 2>&1 || failed=1
+tail -n 15 "$OUT/test_fused_expert.log"
+
+# Two 7B models in bf16 (~28 GB) plus a training step's gradients; the static-cache decode compiles both models
+# last, so a run cut short by the timeout still leaves every other number in bench_7b.md.
+echo "== 7B overhead benchmark"
+timeout 290 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
+    >"$OUT/bench_7b.log" 2>&1 || failed=1
+cat "$OUT/bench_7b.md" 2>/dev/null || tail -n 40 "$OUT/bench_7b.log"
+[ "$failed" = 0 ] || { echo "== something failed or timed out: see the logs in $OUT"; tail -n 20 "$OUT/bench_7b.log"; }
+exit "$failed"

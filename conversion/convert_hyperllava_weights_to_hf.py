@@ -1,0 +1,806 @@
+"""Convert a LLaVA-1.5 / HyperLLaVA training checkpoint to a Hub-ready HyperLLaVA folder, and optionally push it.
+
+The output folder loads with `AutoModelForImageTextToText.from_pretrained(folder_or_repo, trust_remote_code=True)`
+(or without `trust_remote_code` where `transformers_hyperllava` is installed) and `AutoProcessor.from_pretrained`.
+
+Inputs (`--input`), detected from `config.json`:
+
+1. A LLaVA-codebase training run (`LlavaLlamaForCausalLM`, `mm_*` fields), weights as `pytorch_model*.bin` or
+   `model*.safetensors` shards with their index. Key names: `KEY_MAPPINGS["llava_codebase"]`. HyperLLaVA trained in
+   the LLaVA codebase stores its experts as `model.mm_visual_expert_first.<param>`,
+   `model.mm_visual_expert_second.<param>` and `model.language_expert.<param>`, `<param>` being a
+   `HyperExpert` parameter name (`encoder_weight`, `encoder_bias`, `latent`, `hyper_in.weight`, ...), and its expert
+   hyperparameters in `config.json` under `HyperLlavaConfig`'s field names (`visual_expert`, ...).
+2. A stage-1 output (`mm_projector.bin`, with or without the stage's `config.json`) plus `--base-model`, the LLM
+   folder (`LlamaForCausalLM`) that stage 1 trained on.
+3. When the checkpoint lacks the vision tower: `--vision-tower`, a CLIP folder (`CLIPModel` or `CLIPVisionModel`),
+   by default the checkpoint's `mm_vision_tower` (a local folder or a Hub id, resolved through the Hub cache).
+4. A Transformers LLaVA checkpoint (`llava-hf` layout, old or new key names) or a HyperLLaVA one.
+
+Experts absent from the input are created the way the model initialises them (the parts producing W_u are zero, so
+the converted model computes what its LLaVA base computes). The tokenizer gets `<image>` and a pad token when it
+lacks them; the new embedding rows start at the mean of the old ones.
+
+The work streams: one input shard is open at a time and one output shard is buffered, so a 7B/13B checkpoint
+converts on an ordinary machine. Everything that can be checked before writing (configuration, key names, shapes,
+readable shards) is checked first; the output is written to a temporary folder next to `--output` and renamed into
+place at the end, so an error or Ctrl-C leaves no half-written output.
+
+    hyperllava-convert --input llava-v1.5-7b-hyperllava --vision-tower clip-vit-large-patch14-336 \
+        --output hyperllava-7b --dtype bf16 --push-to-hub org/hyperllava-7b
+"""
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download, split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import AddedToken
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaImageProcessorPil,
+)
+from transformers.dynamic_module_utils import custom_object_save
+
+from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration
+from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
+
+# Input key -> output key, per input layout: the first rule whose pattern matches the whole key wins; a `None` target
+# drops the key on purpose. Adapting the converter to another naming is a change in these tables only.
+KEY_MAPPINGS = {
+    "llava_codebase": [  # LLaVA's LlavaLlamaForCausalLM; also a plain LlamaForCausalLM (`--base-model`)
+        (r"model\.embed_tokens\.(.+)", r"model.language_model.embed_tokens.\1"),
+        (r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),  # recomputed from the config
+        (r"model\.layers\.(\d+)\.(.+)", r"model.language_model.layers.\1.\2"),
+        (r"model\.norm\.(.+)", r"model.language_model.norm.\1"),
+        (r"lm_head\.(.+)", r"lm_head.\1"),
+        (r"model\.mm_projector\.0\.(.+)", r"model.multi_modal_projector.linear_1.\1"),
+        (r"model\.mm_projector\.2\.(.+)", r"model.multi_modal_projector.linear_2.\1"),
+        (r"model\.mm_visual_expert_(first|second)\.(.+)", r"model.multi_modal_projector.visual_expert_\1.\2"),
+        (r"model\.language_expert\.(.+)", r"model.language_model.language_expert.\1"),
+        (r"model\.vision_tower\.vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
+    ],
+    "clip": [  # a CLIPModel or CLIPVisionModel folder: only the vision tower is kept
+        (r"vision_model\.(.+)", r"model.vision_tower.\1"),
+        (r"text_model\..+|text_projection\..+|visual_projection\..+|logit_scale", None),
+    ],
+    "llava_hf": [  # Transformers LLaVA / HyperLLaVA: v4 names (first rules) and v5 names (last rule)
+        (r"language_model\.lm_head\.(.+)", r"lm_head.\1"),
+        (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+        (r"(?:model\.)?vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
+        (r"(vision_tower|multi_modal_projector)\.(.+)", r"model.\1.\2"),
+        (r"(model\.(?:vision_tower|multi_modal_projector|language_model)\..+|lm_head\..+)", r"\1"),
+    ],
+}
+
+# The modules a fresh expert is created for when the input has none of their weights.
+EXPERT_MODULES = (
+    "model.multi_modal_projector.visual_expert_first",
+    "model.multi_modal_projector.visual_expert_second",
+    "model.language_model.language_expert",
+)
+VOCAB_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+EXPERT_FIELDS = (
+    "visual_expert",
+    "language_expert_layers",
+    "language_guidance_layer",
+    "expert_embedding_dim",
+    "expert_bottleneck_dim",
+    "hypernetwork_hidden_dim",
+    "expert_mode",
+)
+# Fields of an input Transformers config that describe the file rather than the model, or are set anew.
+NOT_CARRIED_OVER = (
+    "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "torch_dtype",
+    "image_token_id", "image_token_index",
+)  # fmt: skip
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# `mm_vision_select_feature` -> LlavaConfig.vision_feature_select_strategy
+SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# LLaVA-codebase settings this converter reproduces; anything else is refused rather than converted wrongly.
+SUPPORTED_LLAVA_SETTINGS = {
+    "mm_projector_type": ("mlp2x_gelu",),
+    "image_aspect_ratio": ("pad", "square", None),
+    "mm_patch_merge_type": ("flat", None),
+    "mm_use_im_start_end": (False, None),
+    "mm_vision_select_feature": (*SELECT_FEATURE, None),
+}
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SHARDS = ("model-*.safetensors", "pytorch_model-*.bin")
+PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class ConversionError(Exception):
+    """A problem with the inputs or settings, reported to the user without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading weights
+
+
+def find_weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (or the file itself), in the order their keys are streamed."""
+    if path.is_file():
+        return [path]
+    for name in WEIGHT_INDEXES:
+        if (path / name).is_file():
+            weight_map = json.loads((path / name).read_text())["weight_map"]
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise ConversionError(f"{path / name} lists shards that do not exist: {absent}")
+            return files
+    for pattern in (*WEIGHT_FILES, *WEIGHT_SHARDS, *PROJECTOR_FILES):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+@contextmanager
+def open_weights(path: Path):
+    """A read-only `{key: tensor}` view of one weight file; tensors are read from disk only when accessed."""
+    try:
+        if path.suffix == ".safetensors":
+            weights = _SafetensorsView(safe_open(path, framework="pt"))
+        else:
+            # weights_only: never unpickle arbitrary objects; mmap: tensors are paged in on access, not at load.
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:  # what weights_only=True raises for anything but tensors and containers
+        raise ConversionError(f"{path} holds objects other than tensors, which are never unpickled: {error}") from error
+    except Exception as error:  # safetensors and zip errors mean "this file is damaged"
+        raise ConversionError(f"cannot read {path}: the file is truncated or corrupted ({error})") from error
+    if not isinstance(weights, (dict, _SafetensorsView)) or (
+        isinstance(weights, dict) and not all(isinstance(t, torch.Tensor) for t in weights.values())
+    ):
+        raise ConversionError(f"{path} does not hold a state dict of tensors")
+    yield weights  # the file is unmapped once the caller drops the view and its tensors
+
+
+class _SafetensorsView:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def shapes(self):
+        return {key: tuple(self.handle.get_slice(key).get_shape()) for key in self.handle.keys()}  # noqa: SIM118
+
+    def __getitem__(self, key):
+        return self.handle.get_tensor(key)
+
+
+def read_shapes(path: Path) -> dict[str, tuple]:
+    with open_weights(path) as weights:
+        if isinstance(weights, _SafetensorsView):
+            return weights.shapes()
+        return {key: tuple(tensor.shape) for key, tensor in weights.items()}
+
+
+def map_key(key: str, table: str):
+    """(matched, target): the output name of an input key under `KEY_MAPPINGS[table]` (target None: dropped)."""
+    for pattern, target in KEY_MAPPINGS[table]:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return True, None if target is None else match.expand(target)
+    return False, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"cannot read {path}: {error}") from error
+
+
+def input_layout(config: dict) -> str:
+    architectures = config.get("architectures") or []
+    if config.get("model_type") in ("llava", "hyperllava"):
+        return "llava_hf"
+    if config.get("model_type") == "llava_llama" or "LlavaLlamaForCausalLM" in architectures:
+        return "llava_codebase"
+    if config.get("model_type") == "llama":  # a stage-1 projector file without its own config
+        return "llava_codebase"
+    raise ConversionError(
+        f"cannot map a checkpoint with model_type={config.get('model_type')!r} and architectures={architectures}; "
+        "supported: LLaVA-codebase LlavaLlamaForCausalLM, Transformers LlavaForConditionalGeneration, HyperLLaVA"
+    )
+
+
+def resolve_folder(name_or_path: str, what: str, weights: bool) -> Path:
+    """A local folder, or a Hub id resolved through the Hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    patterns = ["*.json", "*.txt", "*.model"] + (["*.safetensors", "pytorch_model*.bin"] if weights else [])
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+    except Exception as error:
+        raise ConversionError(
+            f"{what} {name_or_path!r} is neither a local folder nor a Hub model available here ({error}); "
+            "pass a local folder"
+        ) from error
+
+
+def text_config_from(config: dict) -> dict:
+    """The Llama fields of a LLaVA-codebase config (itself a LlamaConfig plus `mm_*` fields)."""
+    llama_fields = set(LlamaConfig().to_dict()) - {"architectures", "_name_or_path", "transformers_version", "dtype"}
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+    return {k: v for k, v in LlamaConfig(**kwargs).to_dict().items() if k in llama_fields}
+
+
+def vision_config_from(folder: Path) -> dict:
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read the vision tower's config in {folder}: {error}") from error
+    if config.model_type == "clip":
+        config = config.vision_config
+    if config.model_type != "clip_vision_model":
+        raise ConversionError(f"the vision tower in {folder} is a {config.model_type!r}; the converter maps CLIP only")
+    return config.to_dict()
+
+
+def check_llava_settings(config: dict, source: Path):
+    for field, allowed in SUPPORTED_LLAVA_SETTINGS.items():
+        if config.get(field) not in allowed:
+            raise ConversionError(
+                f"{source}: {field}={config.get(field)!r} cannot be converted to HyperLLaVA (LLaVA-1.5 architecture); "
+                f"supported values: {[a for a in allowed if a is not None]}"
+            )
+
+
+def expert_settings(source: dict, args) -> dict:
+    """The expert hyperparameters: the command line over the input config over HyperLlavaConfig's defaults."""
+    settings = {field: source[field] for field in EXPERT_FIELDS if field in source}
+    for field in EXPERT_FIELDS:
+        value = getattr(args, field)
+        if value is not None:
+            settings[field] = value
+    for field in ("visual_expert", "language_expert_layers"):
+        if settings.get(field) == "none":
+            settings[field] = None
+    layers = settings.get("language_expert_layers")
+    if isinstance(layers, str) and re.fullmatch(r"\d+(,\d+)*", layers):
+        settings["language_expert_layers"] = [int(i) for i in layers.split(",")]
+    return settings
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conversion plan: everything decided and checked before the first byte is written
+
+
+@dataclass
+class Source:
+    """One input: its weight files and the key table that maps them."""
+
+    files: list[Path]
+    table: str
+
+
+@dataclass
+class Plan:
+    """What `prepare` decided: the output config and model skeleton, and where each output tensor comes from."""
+
+    model: HyperLlavaForConditionalGeneration  # on the meta device: names and shapes only
+    config: HyperLlavaConfig
+    tokenizer: object
+    entries: list  # (output key, input file, input key), in input-file order
+    fresh_experts: list[str]  # expert modules the input has no weights for
+    expected: dict  # output key -> shape
+    source_config: dict
+    input_folder: Path
+    vision_folder: Path | None
+
+
+def prepare(args):
+    """Reads configs, tokenizer and weight headers; returns the plan, or raises ConversionError naming the problem."""
+    input_path = Path(args.input)
+    if not input_path.exists():
+        raise ConversionError(f"--input {input_path} does not exist")
+    input_folder = input_path if input_path.is_dir() else input_path.parent
+    base_folder = Path(args.base_model) if args.base_model else None
+    if base_folder is not None and not (base_folder / "config.json").is_file():
+        raise ConversionError(f"--base-model {base_folder} has no config.json")
+
+    if (input_folder / "config.json").is_file():
+        source_config = read_json(input_folder / "config.json")
+    elif base_folder is not None:
+        source_config = read_json(base_folder / "config.json")
+    else:
+        raise ConversionError(f"no config.json in {input_folder}; a projector-only input needs --base-model")
+    layout = input_layout(source_config)
+
+    # The vision tower: its config always, its weights when the checkpoint lacks them.
+    vision_folder = None
+    if layout == "llava_codebase":
+        check_llava_settings(source_config, input_folder)
+        vision_name = args.vision_tower or source_config.get("mm_vision_tower")
+        if not vision_name:
+            raise ConversionError("the input config names no mm_vision_tower; pass --vision-tower (a CLIP folder)")
+        vision_folder = resolve_folder(vision_name, "vision tower", weights=True)
+    elif args.vision_tower:
+        vision_folder = resolve_folder(args.vision_tower, "vision tower", weights=True)
+
+    sources = [Source(find_weight_files(input_path), layout)]
+    if not sources[0].files:
+        raise ConversionError(f"no weight files in {input_path}")
+    if base_folder is not None:
+        sources.append(Source(find_weight_files(base_folder), "llava_codebase"))
+    if vision_folder is not None:
+        sources.append(Source(find_weight_files(vision_folder), "clip"))
+
+    tokenizer = load_tokenizer([input_folder, base_folder], args)
+    source_vocab = (source_config.get("text_config") or source_config).get("vocab_size")
+    config = build_config(source_config, layout, vision_folder, tokenizer, source_vocab, args)
+
+    with torch.device("meta"):
+        model = HyperLlavaForConditionalGeneration(config)
+    tied = set(model.all_tied_weights_keys)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+
+    # Map every input key; the first source that provides an output key wins (the input over --base-model over
+    # --vision-tower), so a full checkpoint's own vision tower is kept. Tied copies (lm_head) are not saved.
+    entries, unexpected, shapes = [], [], {}
+    for source in sources:
+        for path in source.files:
+            for key, shape in read_shapes(path).items():
+                matched, target = map_key(key, source.table)
+                if target in tied:
+                    continue
+                if not matched or (target is not None and target not in expected):
+                    unexpected.append(f"{key} ({path.name})")
+                elif target is not None and target not in shapes:
+                    shapes[target] = shape
+                    entries.append((target, path, key))
+    if unexpected and not args.allow_unused:
+        raise ConversionError(
+            f"{len(unexpected)} input keys have no place in HyperLLaVA (pass --allow-unused to drop them): "
+            + _listing(unexpected)
+        )
+
+    fresh_experts = [
+        name
+        for name in EXPERT_MODULES
+        if any(k.startswith(name + ".") for k in expected) and not any(k.startswith(name + ".") for k in shapes)
+    ]
+    missing = [k for k in expected if k not in shapes and not k.startswith(tuple(f"{n}." for n in fresh_experts))]
+    if missing:
+        raise ConversionError(f"{len(missing)} weights are missing from the inputs: " + _listing(missing))
+
+    mismatched = []
+    for target, shape in shapes.items():
+        want = expected[target]
+        resizable = target in VOCAB_KEYS and len(shape) == 2 and shape[1] == want[1] and shape[0] <= want[0]
+        if shape != want and not resizable:
+            key = next(key for t, _, key in entries if t == target)
+            mismatched.append(f"{key} -> {target}: expected {list(want)}, found {list(shape)}")
+    if mismatched:
+        raise ConversionError(
+            f"{len(mismatched)} weights have the wrong shape for this config: " + _listing(mismatched)
+        )
+    return Plan(model, config, tokenizer, entries, fresh_experts, expected, source_config, input_folder, vision_folder)
+
+
+def _listing(items, limit=20):
+    shown = "\n  ".join(items[:limit])
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {shown}{more}"
+
+
+def load_tokenizer(folders, args):
+    """The checkpoint's tokenizer (or the base LLM's), with `<image>` and a pad token added when missing."""
+    candidates = [Path(args.tokenizer)] if args.tokenizer else [f for f in folders if f is not None]
+    folder = next((f for f in candidates if any((f / name).is_file() for name in TOKENIZER_FILES)), None)
+    if folder is None:
+        raise ConversionError(f"no tokenizer in {[str(f) for f in candidates]}; pass --tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # e.g. a sentencepiece-only tokenizer without the package that reads it
+        raise ConversionError(f"cannot load the tokenizer in {folder}: {error}") from error
+    # How this machine loaded it (e.g. offline), which `save_pretrained` would otherwise write into the Hub folder.
+    for key in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(key, None)
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    # Batched generation pads on the left, so that every prompt ends where its answer starts.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_config(source: dict, layout: str, vision_folder, tokenizer, source_vocab, args) -> HyperLlavaConfig:
+    experts = expert_settings(source, args)
+    if layout == "llava_codebase":
+        text = text_config_from(source)
+        vision = vision_config_from(vision_folder)
+        if source.get("mm_hidden_size", vision["hidden_size"]) != vision["hidden_size"]:
+            raise ConversionError(
+                f"mm_hidden_size={source['mm_hidden_size']} does not match the vision tower's hidden_size "
+                f"{vision['hidden_size']} ({vision_folder})"
+            )
+        llava = {
+            "vision_feature_layer": source.get("mm_vision_select_layer", -2),
+            "vision_feature_select_strategy": SELECT_FEATURE[source.get("mm_vision_select_feature", "patch")],
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True,
+            "tie_word_embeddings": text.get("tie_word_embeddings", False),
+        }
+    else:
+        llava = {k: v for k, v in source.items() if k not in (*NOT_CARRIED_OVER, *EXPERT_FIELDS)}
+        text, vision = llava.pop("text_config"), llava.pop("vision_config")
+        if vision_folder is not None:
+            vision = vision_config_from(vision_folder)
+    vocab = max(source_vocab or 0, round_up(len(tokenizer), args.pad_vocab_to_multiple_of))
+    text = {**text, "vocab_size": vocab, "pad_token_id": tokenizer.pad_token_id}
+    image_size, patch_size = vision["image_size"], vision["patch_size"]
+    llava.update(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    try:
+        return HyperLlavaConfig(**llava, **experts)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"cannot build a HyperLLaVA config from {args.input}: {error}") from error
+
+
+def output_dtype(args, source_config: dict) -> torch.dtype:
+    if args.dtype != "auto":
+        return DTYPES[args.dtype]
+    name = source_config.get("torch_dtype") or source_config.get("dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConversionError(f"the input config's dtype {name!r} is not a torch dtype; pass --dtype")
+    return dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def fresh_expert_weights(model, names, seed) -> dict[str, torch.Tensor]:
+    """New experts, initialised by the model's own `_init_weights` (W_u parts zero), built one module at a time."""
+    weights = {}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name in names:
+            expert = model.get_submodule(name).to_empty(device="cpu")
+            expert.apply(model._init_weights)
+            weights.update({f"{name}.{k}": v for k, v in expert.state_dict().items()})
+    return weights
+
+
+def convert_tensor(tensor, target, expected_shape, dtype):
+    if target in VOCAB_KEYS and tensor.shape[0] < expected_shape[0]:
+        # New tokens (<image>, <pad>, rounding) start as an average token; <image>'s row is never read.
+        mean = tensor.mean(dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
+        return torch.cat([tensor, mean.expand(expected_shape[0] - tensor.shape[0], -1)]).to(dtype)
+    return tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True).contiguous()
+
+
+def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size):
+    """Streams the input files into safetensors shards: one input file open, one output shard buffered."""
+    with torch.device("meta"):  # huggingface_hub plans the shards from names, shapes and dtypes only
+        layout = {t: torch.empty(expected[t], dtype=dtype) for t in [t for t, _, _ in entries] + list(fresh)}
+    split = split_torch_state_dict_into_shards(
+        layout, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    pending = {name: set(keys) for name, keys in split.filename_to_tensors.items()}
+    buffers = {name: {} for name in pending}
+
+    def add(target, tensor):
+        name = split.tensor_to_filename[target]
+        buffers[name][target] = tensor
+        pending[name].discard(target)
+        if not pending[name]:
+            save_file(buffers.pop(name), folder / name, metadata={"format": "pt"})
+        progress.update(tensor.numel() * tensor.element_size())
+
+    total = sum(t.numel() * t.element_size() for t in layout.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Converting weights") as progress:
+        by_file = {}
+        for target, path, key in entries:
+            by_file.setdefault(path, []).append((target, key))
+        for path, file_entries in by_file.items():
+            with open_weights(path) as weights:
+                for target, key in file_entries:
+                    try:
+                        tensor = weights[key]
+                    except Exception as error:
+                        raise ConversionError(f"cannot read {key} from {path}: corrupted file ({error})") from error
+                    add(target, convert_tensor(tensor, target, expected[target], dtype))
+                    del tensor
+        for target, tensor in fresh.items():
+            add(target, tensor.to(dtype))
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_processor(config, tokenizer, vision_folder, input_folder, image_aspect_ratio):
+    """LLaVA-1.5's preprocessing: CLIP's resize/crop/normalisation, padded to a square with the mean colour."""
+    image_processor = None
+    for folder in (input_folder, vision_folder):
+        if folder is not None and (folder / "preprocessor_config.json").is_file():
+            # CLIP's (or LLaVA's) settings read into LLaVA's image processor, whatever class the file names.
+            image_processor = LlavaImageProcessorPil.from_pretrained(folder)
+            break
+    if image_processor is None:  # CLIP's defaults at the tower's resolution
+        size = config.vision_config.image_size
+        image_processor = LlavaImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    image_processor.do_pad = image_aspect_ratio == "pad"
+    return HyperLlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
+    )
+
+
+def write_model_card(folder: Path, config, counts, args):
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=args.license,
+        base_model=args.base_model_id,
+        tags=["hyperllava", "llava", "multimodal", "hypernetwork"],
+    )
+    text = config.text_config
+    layers = config.language_expert_layer_indices
+    repo = args.push_to_hub or Path(args.output).name  # without a Hub id, the folder (loads from its parent)
+    card = f"""---
+{data.to_yaml()}
+---
+
+# HyperLLaVA
+
+HyperLLaVA ([arXiv 2403.13447](https://arxiv.org/abs/2403.13447)) is LLaVA-1.5 with two hypernetwork experts
+whose weights are generated per input: a **visual expert** that shifts the vision-language projector per image, and
+a **language expert** beside the FFN of later decoder layers, generated from the prompt's hidden state.
+
+## Architecture
+
+| part | setting |
+|---|---|
+| vision tower | CLIP ViT, {config.vision_config.image_size}px, patch {config.vision_config.patch_size}, layer {config.vision_feature_layer} |
+| projector | Linear - GELU - Linear ({config.vision_config.hidden_size} -> {text.hidden_size}) |
+| language model | Llama, {text.num_hidden_layers} layers, hidden size {text.hidden_size}, vocabulary {text.vocab_size} |
+| visual expert | {config.visual_expert} |
+| language expert | layers {layers[0] if layers else "-"}..{layers[-1] if layers else "-"} ({len(layers)} layers), guidance after layer {config.language_guidance_layer} |
+| expert shapes | embedding m={config.expert_embedding_dim}, hypernetwork hidden {config.hypernetwork_hidden_dim}, bottleneck r={config.expert_bottleneck_dim}, mode {config.expert_mode} |
+
+| parameters | count |
+|---|---|
+| total | {counts["total"]:,} |
+| visual expert | {counts["visual_expert"]:,} |
+| language expert | {counts["language_expert"]:,} |
+| experts, share of total | {counts["expert"]:,} ({100 * counts["expert"] / counts["total"]:.2f}%) |
+
+## Usage
+
+With the `transformers-hyperllava` package installed:
+
+```python
+import transformers_hyperllava  # registers HyperLLaVA with the Auto classes
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{repo}", dtype="auto", device_map="auto")
+processor = AutoProcessor.from_pretrained("{repo}")
+```
+
+Without the package, the model code shipped in this repository is used:
+
+```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True, dtype="auto")
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown here?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+image = Image.open("example.jpg")
+inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))
+```
+
+The prompt format is LLaVA-1.5's `vicuna_v1` ("USER: <image>\\n... ASSISTANT:"); images are padded to a square
+with the mean colour before resizing, as LLaVA-1.5 trained.
+
+## Training recipe
+
+As in the paper (§4.1), following LLaVA-1.5:
+
+| | stage 1: align | stage 2: instruct |
+|---|---|---|
+| trained | projector + visual expert | projector + visual expert + LLM + language expert |
+| frozen | vision tower, LLM | vision tower |
+| data | LAION-CC-SBU 558K captions | llava_v1_5_mix665k |
+| learning rate | 1e-3 | 2e-5 |
+| optimiser | AdamW, cosine schedule, 3% warm-up, no weight decay | same |
+
+This folder was produced by `hyperllava-convert` from `{Path(args.input).name}`.
+
+## Citation
+
+```bibtex
+@article{{zhang2024hyperllava,
+  title   = {{HyperLLaVA: Dynamic Visual and Language Expert Tuning for Multimodal Large Language Models}},
+  author  = {{Zhang, Wenqiao and Lin, Tianwei and Liu, Jiang and Shu, Fangxun and Li, Haoyuan and Zhang, Lei and
+             Wanggui, He and Zhou, Hao and Lv, Zheqi and Jiang, Hao and Li, Juncheng and Tang, Siliang and
+             Zhuang, Yueting}},
+  journal = {{arXiv preprint arXiv:2403.13447}},
+  year    = {{2024}}
+}}
+```
+"""
+    ModelCard(card).save(folder / "README.md")
+
+
+def write_output(folder: Path, args, plan: Plan, dtype):
+    model, config, tokenizer = plan.model, plan.config, plan.tokenizer
+    fresh = fresh_expert_weights(model, plan.fresh_experts, args.seed)
+    write_weights(folder, plan.entries, fresh, plan.expected, dtype, args.max_shard_size)
+
+    config.dtype = dtype
+    config.architectures = [HyperLlavaForConditionalGeneration.__name__]
+    # Ship the model code with the weights (`trust_remote_code`), as Transformers' own `save_pretrained` does for a
+    # custom model: the model's module and its relative imports are copied, and the config gets the `auto_map`.
+    model._auto_class = "AutoModelForImageTextToText"
+    custom_object_save(model, folder, config=config)
+    config.auto_map["AutoModel"] = "modeling_hyperllava.HyperLlavaModel"
+    config._auto_class = "AutoConfig"
+    config.save_pretrained(folder)
+
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    generation.save_pretrained(folder)
+
+    aspect_ratio = plan.source_config.get("image_aspect_ratio", "pad")
+    processor = build_processor(config, tokenizer, plan.vision_folder, plan.input_folder, aspect_ratio)
+    processor._auto_class = "AutoProcessor"
+    processor.save_pretrained(folder)
+
+    write_model_card(folder, config, model.parameter_counts(), args)
+
+
+@contextmanager
+def staging_folder(output: Path):
+    """A temporary folder beside `output`, renamed onto it when the block succeeds and removed when it fails."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+        # mkdtemp's folder (and safetensors' files) are private to the user; the output gets the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
+        for path in staging.iterdir():
+            path.chmod(0o666 & ~umask)
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, old / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output)
+    except BaseException:  # also Ctrl-C: never leave a half-written folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool, revision, commit_message: str):
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)
+
+
+def shard_size(value: str):
+    """Bytes, or a size such as "5GB" (what huggingface_hub's sharding accepts)."""
+    if value.isdigit():
+        return int(value)
+    if not re.fullmatch(r"\d+(\.\d+)?(KB|MB|GB|TB)", value.upper()):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size such as 5GB, 500MB or a number of bytes")
+    return value.upper()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Convert a LLaVA-1.5 / HyperLLaVA checkpoint to a Hub-ready HyperLLaVA folder (docs/conversion.md)."
+    )
+    parser.add_argument("--input", required=True, help="checkpoint folder, or a stage-1 mm_projector file")
+    parser.add_argument("--output", required=True, help="the folder to write")
+    parser.add_argument("--base-model", help="LLM folder whose weights a projector-only (stage-1) input lacks")
+    parser.add_argument("--vision-tower", help="CLIP folder or Hub id (default: the config's mm_vision_tower)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the input's, else the base model's)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto (default): the input config's dtype"
+    )
+    parser.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument("--pad-vocab-to-multiple-of", type=int, default=64, help="round the vocabulary up (default 64)")
+    parser.add_argument("--allow-unused", action="store_true", help="drop input keys HyperLLaVA has no place for")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
+    parser.add_argument("--seed", type=int, default=0, help="seed for new experts (default 0)")
+    experts = parser.add_argument_group("experts (default: the input config's, else HyperLlavaConfig's defaults)")
+    experts.add_argument("--visual-expert", dest="visual_expert", choices=["first", "second", "both", "none"])
+    experts.add_argument(
+        "--language-expert-layers", help='"posterior", "anterior", "all", "none" or indices such as "16,17,18"'
+    )
+    experts.add_argument("--language-guidance-layer", type=int)
+    experts.add_argument("--expert-embedding-dim", type=int)
+    experts.add_argument("--expert-bottleneck-dim", type=int)
+    experts.add_argument("--hypernetwork-hidden-dim", type=int)
+    experts.add_argument("--expert-mode", choices=["dynamic", "latent", "static"])
+    hub = parser.add_argument_group("publishing")
+    hub.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the output folder to this Hub repository")
+    hub.add_argument("--private", action="store_true", help="create the repository as private")
+    hub.add_argument("--revision", help="branch to push to (created if missing)")
+    hub.add_argument("--commit-message", default="Upload HyperLLaVA converted with hyperllava-convert")
+    hub.add_argument("--license", default=None, help="license for the model card metadata, e.g. llama2")
+    hub.add_argument("--base-model-id", help="Hub id of the base model, for the model card metadata")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    output = Path(args.output)
+    try:
+        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+            raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+        plan = prepare(args)
+        dtype = output_dtype(args, plan.source_config)
+        with staging_folder(output) as staging:
+            write_output(staging, args, plan, dtype)
+        print(f"Wrote {output}")
+        if args.push_to_hub:
+            try:
+                commit = push_to_hub(output, args.push_to_hub, args.private, args.revision, args.commit_message)
+            except Exception as error:  # network, authentication, permissions: the conversion itself is kept
+                raise ConversionError(
+                    f"the upload to {args.push_to_hub} failed ({error}); the converted folder is kept at {output}: "
+                    f"retry with `hf upload {args.push_to_hub} {output}`"
+                ) from error
+            print(f"Pushed to {commit}")
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

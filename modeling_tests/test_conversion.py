@@ -1,0 +1,728 @@
+"""`hyperllava-convert`: tiny checkpoints in every input layout, built here from random weights, against stock LLaVA and
+a plain-PyTorch evaluation of the expert equations; loading the output the way users do; errors; publishing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from huggingface_hub import HfApi, constants
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava.conversion import convert_hyperllava_weights_to_hf as convert
+from transformers_hyperllava.tiny import tiny_config
+from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, TEMPLATE_TEXT, tiny_processor, train_tokenizer
+
+IMAGE_SIZE, PATCH = 28, 14
+CLIP_MEAN, CLIP_STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]
+VOCAB_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # grow with the tokens the converter adds
+CODEBASE_ONLY_TOKENS = ("<unk>", "<s>", "</s>")  # LLaVA's Llama tokenizer knows neither <image> nor a pad token
+
+
+# --- building inputs ------------------------------------------------------------------------------------------------
+
+
+def codebase_tokenizer():
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(
+        [TEMPLATE_TEXT, *DEFAULT_TEXTS], trainers.WordLevelTrainer(special_tokens=list(CODEBASE_ONLY_TOKENS))
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def reference_llava(vocab_size, image_token_id, pad_token_id, seed=0):
+    """A stock LLaVA with every weight random (norms too, so that swapped names cannot go unnoticed)."""
+    config = tiny_config(
+        vocab_size=vocab_size, image_token_id=image_token_id, pad_token_id=pad_token_id
+    ).to_llava_config()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_norm_scale = "norm" in name and name.endswith("weight") and param.dim() == 1
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if is_norm_scale else 0.0))
+    return model
+
+
+def new_vocab_size(old, multiple=64):
+    return -(-(old + 2) // multiple) * multiple  # + <image> + <pad>, rounded up
+
+
+def codebase_key(key):
+    """Transformers LLaVA name -> LLaVA-codebase name, written out independently of the converter's table."""
+    replacements = [
+        ("model.language_model.", "model."),
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ]
+    for old, new in replacements:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def codebase_config(llava, **overrides):
+    text = llava.config.text_config.to_dict()
+    config = {
+        **{k: v for k, v in text.items() if k not in ("model_type", "architectures", "dtype")},
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_hidden_size": llava.config.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "flat",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "torch_dtype": "float32",
+        **overrides,
+    }
+    return config
+
+
+def write_shards(folder, tensors, num_shards, fmt):
+    """Writes `tensors` in `num_shards` files with the index the LLaVA codebase (HF Trainer) writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(tensors)
+    weight_map = {}
+    for i in range(num_shards):
+        chunk = {k: tensors[k].contiguous() for k in keys[i::num_shards]}
+        name = (
+            f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+            if fmt == "bin"
+            else f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        )
+        if fmt == "bin":
+            torch.save(chunk, folder / name)
+        else:
+            save_file(chunk, folder / name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, name))
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def write_clip(folder, llava, layout="CLIPModel", with_weights=True):
+    """A CLIP folder (`CLIPModel` or `CLIPVisionModel` layout) holding LLaVA's vision tower."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = llava.config.vision_config
+    if layout == "CLIPModel":
+        text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+        CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=8).save_pretrained(folder)
+    else:
+        vision.save_pretrained(folder)
+    # CLIP's preprocessing, with a mean and std of its own so that the test can see them carried over.
+    preprocessing = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": vision.image_size},
+        "crop_size": {"height": vision.image_size, "width": vision.image_size},
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessing))
+    if with_weights:
+        tower = {f"vision_model.{k}": v for k, v in llava.model.vision_tower.state_dict().items()}
+        if layout == "CLIPModel":  # the text tower and heads, which the converter must leave out
+            tower.update(
+                {
+                    "text_model.embeddings.token_embedding.weight": torch.randn(10, 16),
+                    "text_projection.weight": torch.randn(8, 16),
+                    "visual_projection.weight": torch.randn(8, vision.hidden_size),
+                    "logit_scale": torch.tensor(2.0),
+                }
+            )
+        save_file({k: v.contiguous() for k, v in tower.items()}, folder / "model.safetensors", {"format": "pt"})
+    return folder
+
+
+def codebase_checkpoint(tmp_path, experts=None, fmt="bin", config_overrides=None):
+    """A LLaVA-codebase stage-2 checkpoint (sharded, vision tower included) whose weights are those of a stock LLaVA
+    `reference`, and a CLIP folder with the tower's config and preprocessing."""
+    tokenizer = codebase_tokenizer()
+    old_vocab = len(tokenizer)
+    vocab = new_vocab_size(old_vocab)
+    reference = reference_llava(vocab, image_token_id=old_vocab, pad_token_id=old_vocab + 1)
+    state = reference.state_dict()
+    tensors = {}
+    for key, value in state.items():
+        if key in VOCAB_KEYS:
+            value = value[:old_vocab].clone()
+            with torch.no_grad():
+                state[key][old_vocab:] = value.mean(0)  # what the reference expects for the new tokens
+        tensors[codebase_key(key)] = value
+    # Old LLaVA checkpoints also hold the rotary buffers; they are recomputed from the config.
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    tensors.update(experts or {})
+    checkpoint = tmp_path / "llava-run"
+    write_shards(checkpoint, tensors, 3, fmt)
+    overrides = dict(config_overrides or {})
+    (checkpoint / "config.json").write_text(json.dumps(codebase_config(reference, **overrides)))
+    tokenizer.save_pretrained(checkpoint)
+    clip = write_clip(tmp_path / "clip", reference, with_weights=False)
+    return checkpoint, clip, reference
+
+
+def run(*argv):
+    return convert.main([str(a) for a in argv])
+
+
+def inputs(vocab_low, image_token_id, seed=0, batch=2):
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(5, vocab_low, (batch, 6), generator=generator)
+    image = torch.full((batch, (IMAGE_SIZE // PATCH) ** 2), image_token_id)
+    input_ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return {"input_ids": input_ids, "pixel_values": pixel_values}
+
+
+def converted_logits(folder, batch):
+    model = HyperLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**batch).logits, model
+
+
+def reference_logits(reference, batch):
+    with torch.no_grad():
+        return reference(**batch).logits
+
+
+# --- 1. numerics, per input layout ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt):
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt=fmt)
+    out = tmp_path / "out"
+    args = ["--visual-expert", "both", "--language-expert-layers", "all", "--language-guidance-layer", "0"]
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--dtype", "fp32", *args) == 0
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "hyperllava"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_hyperllava.HyperLlavaForConditionalGeneration"
+    old_vocab = len(codebase_tokenizer())
+    batch = inputs(old_vocab, image_token_id=old_vocab)
+    logits, model = converted_logits(out, batch)
+    torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
+    # The experts are new, and as the model initialises them: W_d random, W_u zero.
+    expert = model.model.language_model.language_expert
+    w_down, w_up = expert.split(expert(torch.randn(1, 32)))
+    assert torch.count_nonzero(w_up) == 0 and torch.count_nonzero(w_down) > 0
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<image>") == old_vocab == config["image_token_index"]
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == config["text_config"]["pad_token_id"]
+    # LLaVA-1.5's preprocessing: the CLIP folder's, padded to a square with the mean colour (image_aspect_ratio "pad").
+    images = json.loads((out / "processor_config.json").read_text())["image_processor"]
+    assert images["do_pad"] is True and images["crop_size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    assert images["image_mean"] == CLIP_MEAN and images["image_std"] == CLIP_STD
+
+
+@pytest.mark.parametrize("clip_layout", ["CLIPModel", "CLIPVisionModel"])
+def test_stage1_projector_with_base_llm_and_clip_tower_equals_stock_llava(tmp_path, clip_layout):
+    tokenizer = codebase_tokenizer()
+    old_vocab = len(tokenizer)
+    reference = reference_llava(new_vocab_size(old_vocab), image_token_id=old_vocab, pad_token_id=old_vocab + 1)
+    state = reference.state_dict()
+    # Stage 1 saves only the projector, under the codebase's names.
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    projector = {codebase_key(k): v for k, v in state.items() if k.startswith("model.multi_modal_projector.")}
+    torch.save(projector, stage1 / "mm_projector.bin")
+    (stage1 / "config.json").write_text(json.dumps(codebase_config(reference)))
+    # The base LLM: a plain LlamaForCausalLM folder with its tokenizer.
+    base = tmp_path / "vicuna"
+    llm = {codebase_key(k): v for k, v in state.items() if "language_model" in k or k == "lm_head.weight"}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        llm[key] = llm[key][:old_vocab].clone()
+    for key in VOCAB_KEYS:
+        with torch.no_grad():
+            state[key][old_vocab:] = state[key][:old_vocab].mean(0)
+    write_shards(base, llm, 1, "safetensors")
+    llama_config = {
+        **reference.config.text_config.to_dict(),
+        "vocab_size": old_vocab,
+        "architectures": ["LlamaForCausalLM"],
+    }
+    (base / "config.json").write_text(json.dumps(llama_config))
+    tokenizer.save_pretrained(base)
+    clip = write_clip(tmp_path / "clip", reference, layout=clip_layout)
+
+    out = tmp_path / "out"
+    argv = ["--input", stage1 / "mm_projector.bin", "--base-model", base, "--vision-tower", clip, "--output", out]
+    assert run(*argv) == 0
+    batch = inputs(old_vocab, image_token_id=old_vocab)
+    logits, _ = converted_logits(out, batch)
+    torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
+
+
+def v4_llava_hf_key(key):
+    """The names llava-hf checkpoints on the Hub still use (Transformers 4.x)."""
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model.") :]
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if key.startswith("model.vision_tower."):
+        return "vision_tower.vision_model." + key[len("model.vision_tower.") :]
+    return key[len("model.") :]
+
+
+@pytest.mark.parametrize("names", ["v5", "v4"])
+def test_llava_hf_checkpoint_upgrades_with_new_experts(tmp_path, names):
+    tokenizer = train_tokenizer(DEFAULT_TEXTS)
+    reference = reference_llava(64, image_token_id=4, pad_token_id=3)
+    source = tmp_path / "llava-1.5-7b-hf"
+    reference.save_pretrained(source)
+    tiny_processor(tokenizer, tiny_config(vocab_size=64)).save_pretrained(source)
+    if names == "v4":
+        for path in source.glob("*.safetensors"):
+            path.unlink()
+        state = {v4_llava_hf_key(k): v for k, v in reference.state_dict().items()}
+        save_file(state, source / "model.safetensors", {"format": "pt"})
+
+    out = tmp_path / "out"
+    assert run("--input", source, "--output", out, "--expert-mode", "latent") == 0
+    batch = inputs(len(tokenizer), image_token_id=4)
+    logits, model = converted_logits(out, batch)
+    assert model.config.expert_mode == "latent"
+    torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
+
+
+# Expert parameters by the shapes DESIGN.md gives (L layers, m = embedding, g = guidance, h = hypernetwork hidden,
+# P = 2 r d_in + r d_out), under the LLaVA-codebase names the converter documents.
+M, H, R = 8, 8, 4
+
+
+def random_expert(prefix, layers, d_in, d_out, generator):
+    params = 2 * R * d_in + R * d_out
+    shapes = {
+        "encoder_weight": (layers, M, d_in),
+        "encoder_bias": (layers, M),
+        "hyper_in.weight": (H, M),
+        "hyper_in.bias": (H,),
+        "hyper_out.weight": (params, H),
+        "hyper_out.bias": (params,),
+        "layer_bias": (layers, params),
+    }
+    return {f"{prefix}.{name}": torch.randn(shape, generator=generator) * 0.2 for name, shape in shapes.items()}
+
+
+def expert_weights(p, guidance, layer):
+    """Eqs. 2-3: K(n) = W2 (W1 Enc_n(g) + B1) + B2 + b(n)."""
+    embedding = p["encoder_weight"][layer] @ guidance + p["encoder_bias"][layer]
+    return (
+        p["hyper_out.weight"] @ (p["hyper_in.weight"] @ embedding + p["hyper_in.bias"])
+        + p["hyper_out.bias"]
+        + p["layer_bias"][layer]
+    )
+
+
+def adapter(x, k, d_in, d_out):
+    """Eq. 4: SwiGLU(x W_d) W_u, W_d (d_in x 2r) then W_u (r x d_out) read in order from K."""
+    w_down = k[: 2 * R * d_in].reshape(d_in, 2 * R)
+    w_up = k[2 * R * d_in :].reshape(R, d_out)
+    gate, value = (x @ w_down).split(R, dim=-1)
+    return (F.silu(gate) * value) @ w_up
+
+
+def llava_plus_expert_equations(reference, experts, expert_layers, guidance_layer, batch):
+    """Stock LLaVA's modules with the experts' equations added by hooks, one sample at a time."""
+    visual_1 = {k.split(".", 2)[2]: v for k, v in experts.items() if k.startswith("model.mm_visual_expert_first.")}
+    visual_2 = {k.split(".", 2)[2]: v for k, v in experts.items() if k.startswith("model.mm_visual_expert_second.")}
+    language = {k.split(".", 2)[2]: v for k, v in experts.items() if k.startswith("model.language_expert.")}
+    projector = reference.model.multi_modal_projector
+    text = reference.model.language_model
+    d = text.config.hidden_size
+    generated = {}
+
+    def shift(params):  # per image, guidance = the mean of the expert's input over the patches
+        def hook(module, args, out):
+            return out + torch.stack(
+                [adapter(f, expert_weights(params, f.mean(0), 0), f.shape[-1], out.shape[-1]) for f in args[0]]
+            )
+
+        return hook
+
+    def make_language_weights(module, args):
+        hidden = args[0]  # the hidden state after layer k-1: the guidance, pooled over the (unpadded) prompt
+        for slot, layer in enumerate(expert_layers):
+            generated[layer] = [expert_weights(language, h.mean(0), slot) for h in hidden]
+
+    def language_branch(layer):
+        def hook(module, args, out):  # beside the FFN, reading the FFN's normalised input
+            return out + torch.stack([adapter(x, k, d, d) for x, k in zip(args[0], generated[layer])])
+
+        return hook
+
+    hooks = [
+        projector.linear_1.register_forward_hook(shift(visual_1)),  # "first": inside the GELU
+        projector.linear_2.register_forward_hook(shift(visual_2)),  # "second": after linear_2, reading GELU(...)
+        text.layers[guidance_layer].register_forward_pre_hook(make_language_weights),
+    ]
+    hooks += [text.layers[i].mlp.register_forward_hook(language_branch(i)) for i in expert_layers]
+    try:
+        return reference_logits(reference, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_trained_expert_weights_equal_the_expert_equations(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    d_v, d = 24, 32
+    expert_layers, k = [2, 3], 2
+    experts = {
+        **random_expert("model.mm_visual_expert_first", 1, d_v, d, generator),
+        **random_expert("model.mm_visual_expert_second", 1, d, d, generator),
+        **random_expert("model.language_expert", len(expert_layers), d, d, generator),
+    }
+    settings = {
+        "visual_expert": "both",
+        "language_expert_layers": expert_layers,
+        "language_guidance_layer": k,
+        "expert_embedding_dim": M,
+        "expert_bottleneck_dim": R,
+        "hypernetwork_hidden_dim": H,
+    }
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path, experts=experts, config_overrides=settings)
+    out = tmp_path / "out"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) == 0
+    old_vocab = len(codebase_tokenizer())
+    batch = inputs(old_vocab, image_token_id=old_vocab)
+    logits, _ = converted_logits(out, batch)
+    expected = llava_plus_expert_equations(reference, experts, expert_layers, k, batch)
+    assert (expected - reference_logits(reference, batch)).abs().max() > 1e-2  # the experts matter here
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vision_tower_named_by_mm_vision_tower_comes_from_the_hub_cache(tmp_path, monkeypatch):
+    # The usual stage-2 run: the config names "openai/clip-vit-large-patch14-336", the checkpoint holds the weights.
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path)
+    add_to_hub_cache(tmp_path / "hub", "openai/clip-vit-large-patch14-336", clip)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    assert run("--input", checkpoint, "--output", out) == 0
+    old_vocab = len(codebase_tokenizer())
+    batch = inputs(old_vocab, image_token_id=old_vocab)
+    logits, _ = converted_logits(out, batch)
+    torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
+
+
+# --- 2. shards, dtype, streaming ------------------------------------------------------------------------------------
+
+
+def test_output_shards_dtype_and_one_input_file_open_at_a_time(tmp_path, monkeypatch):
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt="safetensors")
+    open_now, most_open = [0], [0]
+    original = convert.open_weights
+
+    def counting_open(path):
+        manager = original(path)
+
+        class Counting:
+            def __enter__(self):
+                open_now[0] += 1
+                most_open[0] = max(most_open[0], open_now[0])
+                return manager.__enter__()
+
+            def __exit__(self, *exc):
+                open_now[0] -= 1
+                return manager.__exit__(*exc)
+
+        return Counting()
+
+    monkeypatch.setattr(convert, "open_weights", counting_open)
+    out = tmp_path / "out"
+    assert (
+        run(
+            "--input",
+            checkpoint,
+            "--vision-tower",
+            clip,
+            "--output",
+            out,
+            "--dtype",
+            "bf16",
+            "--max-shard-size",
+            "40KB",
+        )
+        == 0
+    )
+    assert most_open[0] == 1
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards == sorted(p.name for p in out.glob("model-*.safetensors"))
+    expected_state = reference.state_dict()
+    seen = set()
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            keys = f.keys()
+            sizes = [f.get_tensor(k).numel() * 2 for k in keys]
+            assert sum(sizes) <= 40_000 or len(sizes) == 1
+            for key in keys:
+                tensor = f.get_tensor(key)
+                assert tensor.dtype == torch.bfloat16, key
+                if key in expected_state:
+                    torch.testing.assert_close(tensor, expected_state[key].to(torch.bfloat16), atol=0, rtol=0)
+                seen.add(key)
+    assert seen == set(index["weight_map"])
+
+
+# --- 3. loading the output as users do ------------------------------------------------------------------------------
+
+LOAD_AND_GENERATE = textwrap.dedent(
+    """
+    import sys, json
+    sys.modules["transformers_hyperllava"] = None  # the package is absent: the shipped code must do
+    import numpy as np, torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name = sys.argv[1]
+    model = AutoModelForImageTextToText.from_pretrained(name, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 36, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    batch = processor(images=image, text=prompt, return_tensors="pt")
+    generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    print(json.dumps({"module": type(model).__module__, "processor": type(processor).__name__,
+                      "input_ids": batch["input_ids"].tolist(), "pixel_values": batch["pixel_values"].tolist(),
+                      "generated": generated.tolist()}))
+    """
+)
+
+
+def add_to_hub_cache(cache, repo_id, folder):
+    """`folder` as huggingface_hub lays out a downloaded `repo_id`: models--org--name/snapshots/<sha>, refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+
+
+def test_output_loads_with_remote_code_from_folder_and_offline_hub_cache(tmp_path):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--dtype", "fp32") == 0
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "org/hyperllava-7b", out)
+
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+    }
+    env.pop("PYTHONPATH", None)
+    results = []
+    for name in (str(out), "org/hyperllava-7b"):
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_AND_GENERATE, name],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for result in results:
+        assert result["module"].startswith("transformers_modules.")
+        assert result["processor"] == "HyperLlavaProcessor"
+    assert results[0]["generated"] == results[1]["generated"]
+
+    # The same prompt through the installed package's model gives the same tokens.
+    model = HyperLlavaForConditionalGeneration.from_pretrained(out).eval()
+    batch = {
+        "input_ids": torch.tensor(results[0]["input_ids"]),
+        "pixel_values": torch.tensor(results[0]["pixel_values"]),
+    }
+    generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert generated.tolist() == results[0]["generated"]
+    assert len(generated[0]) == len(results[0]["input_ids"][0]) + 5
+
+
+# --- 4. errors: clear message, non-zero exit, nothing written ------------------------------------------------------
+
+
+def convert_failing(tmp_path, capsys, *argv):
+    out = tmp_path / "out"
+    code = run(*argv, "--output", out)
+    assert code != 0
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    return capsys.readouterr().err
+
+
+def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
+    shard = checkpoint / "model-00002-of-00003.safetensors"
+    with safe_open(shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    dropped = next(k for k in tensors if k.startswith("model.layers.1.mlp"))
+    del tensors[dropped]
+    tensors["model.mm_projector.4.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, {"format": "pt"})
+    base = ["--input", checkpoint, "--vision-tower", clip]
+
+    err = convert_failing(tmp_path, capsys, *base)
+    assert "model.mm_projector.4.weight" in err and "--allow-unused" in err
+
+    err = convert_failing(tmp_path, capsys, *base, "--allow-unused")
+    assert dropped.replace("model.", "model.language_model.", 1) in err and "missing" in err
+
+    # A config whose sizes do not match the weights: every key, with the expected and found shapes.
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    tensors[dropped] = torch.zeros(64, 32) if "down" not in dropped else torch.zeros(32, 64)
+    save_file(tensors, shard, {"format": "pt"})
+    err = convert_failing(tmp_path, capsys, *base, "--allow-unused")
+    assert "model.layers.0.mlp.gate_proj.weight -> model.language_model.layers.0.mlp.gate_proj.weight" in err
+    assert "expected [48, 32], found [64, 32]" in err
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("mm_projector_type", "linear"), ("image_aspect_ratio", "anyres"), ("mm_vision_select_feature", "cls")],
+)
+def test_config_the_converter_cannot_map_is_refused(tmp_path, capsys, setting, value):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={setting: value})
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert setting in err and repr(value) in err
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_truncated_shard_is_named(tmp_path, capsys, fmt):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt=fmt)
+    shard = sorted(checkpoint.glob(f"*.{fmt}"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert shard.name in err and "truncated or corrupted" in err
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > payload-ran",))
+
+
+def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path, capsys, monkeypatch):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    shard = min(checkpoint.glob("*.bin"))
+    state = torch.load(shard, weights_only=True)
+    torch.save({**state, "payload": Payload()}, shard)
+    monkeypatch.chdir(tmp_path)
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert shard.name in err and "never unpickled" in err
+    assert not (tmp_path / "payload-ran").exists()
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    written = []
+
+    def interrupted_save(tensors, path, metadata=None):
+        written.append(path)
+        save_file(tensors, path, metadata)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "save_file", interrupted_save)
+    out = tmp_path / "out"
+    code = run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--max-shard-size", "40KB")
+    assert code == 130 and len(written) == 2
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+# --- 5. publishing ---------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_the_folder_in_one_commit(tmp_path, monkeypatch):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+
+    def create_branch(self, repo_id, **kwargs):
+        calls["create_branch"] = (repo_id, kwargs)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        # What would be uploaded: the folder as it is at call time (the test's temp dirs outlive the call).
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        calls["upload_folder"] = (repo_id, Path(folder_path), files, kwargs)
+        return "https://huggingface.co/org/hyperllava-7b/commit/1234"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "out"
+    argv = ["--push-to-hub", "org/hyperllava-7b", "--private", "--revision", "v1", "--commit-message", "HyperLLaVA 7B"]
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, *argv) == 0
+
+    assert calls["create_repo"] == ("org/hyperllava-7b", {"private": True, "exist_ok": True})
+    assert calls["create_branch"] == ("org/hyperllava-7b", {"branch": "v1", "exist_ok": True})
+    repo_id, folder, files, kwargs = calls["upload_folder"]
+    assert repo_id == "org/hyperllava-7b" and folder == out
+    assert kwargs == {"commit_message": "HyperLLaVA 7B", "revision": "v1"}
+    expected = [
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "configuration_hyperllava.py",
+        "fused_expert_hyperllava.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_hyperllava.py",
+        "processing_hyperllava.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert files == expected
+    metadata = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
+    card = (out / "README.md").read_text()
+    for needle in ("trust_remote_code=True", "import transformers_hyperllava", "arXiv:2403.13447", "Training recipe"):
+        assert needle in card
+
+
+def test_failed_upload_keeps_the_converted_folder_and_says_how_to_retry(tmp_path, monkeypatch, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+
+    def create_repo(self, repo_id, **kwargs):
+        raise ConnectionError("no route to the Hub")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    out = tmp_path / "out"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--push-to-hub", "org/x") == 1
+    err = capsys.readouterr().err
+    assert "no route to the Hub" in err and f"hf upload org/x {out}" in err
+    assert (out / "config.json").is_file()

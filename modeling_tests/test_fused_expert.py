@@ -1,0 +1,209 @@
+"""The fused Triton expert adapter against a plain PyTorch computation (forward and backward).
+
+Without a GPU the same kernels run in Triton's CPU interpreter, which must be switched on (`TRITON_INTERPRET=1`)
+before Triton is first imported: when the suite did not start that way, `test_kernels_in_triton_interpreter`
+runs this file again in a child process that does.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformers_hyperllava import fused_expert_hyperllava as fused
+
+pytest.importorskip("triton", reason="the fused expert kernel needs Triton (`pip install triton`)")
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+# Largest error allowed, relative to the largest reference value: float32 runs exact float32 matmuls.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+INTERPRETED = not ON_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(
+    not (ON_CUDA or INTERPRETED), reason="no CUDA: run by test_kernels_in_triton_interpreter with TRITON_INTERPRET=1"
+)
+
+
+@pytest.mark.skipif(ON_CUDA or INTERPRETED, reason="the kernel tests run directly in this process")
+def test_kernels_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "not interpreter"]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+def expert_adapter_reference(x, w_down, w_up, residual):
+    gate, up = torch.matmul(x, w_down).chunk(2, dim=-1)
+    return residual + torch.matmul(F.silu(gate) * up, w_up)
+
+
+def make_inputs(batch, length, d_in, d_out, r, weight_batch, dtype, residual_dtype=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dtype=dtype):
+        return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+    return (
+        randn(batch, length, d_in),
+        randn(weight_batch, d_in, 2 * r, scale=d_in**-0.5),
+        randn(weight_batch, r, d_out, scale=r**-0.5),
+        randn(batch, length, d_out, dtype=residual_dtype or dtype),
+    )
+
+
+def assert_close(got, want, tolerance, what):
+    error = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance:g} x max |reference| {scale:.3g}"
+
+
+def check_against_reference(inputs, tolerance):
+    """Forward output and the gradients of all four inputs, against the reference run in float64."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    out = fused.fused_expert_adapter(*inputs)
+    want = expert_adapter_reference(*exact)
+    assert out.shape == want.shape
+    assert out.dtype == torch.promote_types(inputs[0].dtype, inputs[3].dtype)
+    assert_close(out, want, tolerance, "output")
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
+    out.backward(grad_out)
+    want.backward(grad_out.double())
+    for name, tensor, reference in zip(("x", "w_down", "w_up", "residual"), inputs, exact):
+        assert tensor.grad.dtype == tensor.dtype
+        assert_close(tensor.grad, reference.grad, tolerance, f"grad of {name}")
+
+
+SHAPES = {
+    # (batch, length, d_in, d_out, r, weight batch)
+    "decode": (1, 1, 64, 200, 16, 1),  # one row: the output columns are split over several programs
+    "decode-batch": (3, 1, 96, 80, 16, 3),  # one weight set per sample
+    "odd-broadcast": (4, 5, 33, 47, 7, 1),  # sizes that are not block multiples; one weight set for the batch
+    "long": (2, 130, 70, 67, 5, 2),  # several row blocks per sample
+    "visual": (2, 9, 24, 40, 4, 2),  # d_in != d_out, like the visual expert
+}
+if ON_CUDA:
+    SHAPES["large"] = (4, 1024, 1024, 1024, 16, 4)
+    SHAPES["large-broadcast"] = (8, 640, 512, 512, 16, 1)
+
+
+def cpu_interpreter_skip(dtype):
+    if dtype == torch.bfloat16 and not ON_CUDA:
+        pytest.skip("Triton's CPU interpreter multiplies bfloat16 tl.dot operands as raw integers; bf16 runs on CUDA")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference(shape, dtype):
+    cpu_interpreter_skip(dtype)
+    check_against_reference(make_inputs(*shape, dtype), TOLERANCE[dtype])
+
+
+@needs_kernels
+def test_wider_residual_and_weights():
+    """A float32 residual stream with a half-precision adapter (autocast): the output keeps float32, the float32
+    weights are cast to the adapter's dtype, and every gradient comes back in its input's dtype."""
+    x, w_down, w_up, residual = make_inputs(2, 3, 40, 40, 8, 2, torch.float16, residual_dtype=torch.float32)
+    check_against_reference((x, w_down.float(), w_up.float(), residual), TOLERANCE[torch.float16])
+
+
+@needs_kernels
+def test_non_contiguous_inputs():
+    """Transposed views (as a model may hand over) give the same result as their contiguous copies."""
+    x, w_down, w_up, residual = make_inputs(2, 6, 40, 24, 4, 2, torch.float32)
+    views = (x.transpose(1, 2).contiguous().transpose(1, 2), w_down.transpose(1, 2).contiguous().transpose(1, 2),
+             w_up, residual.transpose(0, 1).contiguous().transpose(0, 1))  # fmt: skip
+    assert not any(view.is_contiguous() for view in (views[0], views[1], views[3]))
+    check_against_reference(views, TOLERANCE[torch.float32])
+
+
+@needs_kernels
+def test_compiles_without_graph_breaks():
+    x, w_down, w_up, residual = make_inputs(2, 5, 32, 24, 4, 2, torch.float32)
+
+    def block(x, w_down, w_up, residual):
+        return fused.fused_expert_adapter(torch.tanh(x), w_down, w_up, residual) * 2
+
+    def reference(x, w_down, w_up, residual):
+        return expert_adapter_reference(torch.tanh(x), w_down, w_up, residual) * 2
+
+    # Inductor's CPU backend would spend its time compiling C++; aot_eager traces the same graph and autograd.
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if ON_CUDA else "aot_eager")
+    check_compiled = [t.detach().requires_grad_() for t in (x, w_down, w_up, residual)]
+    exact = [t.detach().double().requires_grad_() for t in (x, w_down, w_up, residual)]
+    out = compiled(*check_compiled)
+    want = reference(*exact)
+    assert_close(out, want, TOLERANCE[torch.float32], "compiled output")
+    out.sum().backward()
+    want.sum().backward()
+    for tensor, reference_tensor in zip(check_compiled, exact):
+        assert_close(tensor.grad, reference_tensor.grad, TOLERANCE[torch.float32], "compiled gradient")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+def test_cuda_graph_replay():
+    """No host synchronisation inside: the op can be captured once and replayed on new inputs."""
+    static = make_inputs(4, 1, 256, 256, 16, 4, torch.bfloat16)
+    fused.fused_expert_adapter(*static)  # compile the kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused.fused_expert_adapter(*static)
+    fresh = make_inputs(4, 1, 256, 256, 16, 4, torch.bfloat16, seed=5)
+    for target, source in zip(static, fresh):
+        target.copy_(source)
+    graph.replay()
+    assert_close(out, expert_adapter_reference(*(t.double() for t in fresh)), TOLERANCE[torch.bfloat16], "replay")
+
+
+def test_is_available():
+    assert not fused.is_available("cpu")
+    assert fused.is_available("cuda") == ON_CUDA
+
+
+def test_imports_without_triton():
+    """The module ships as Hub remote code, so importing it must not need Triton; calling it then says why not."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from transformers_hyperllava import fused_expert_hyperllava as fused\n"
+        "assert not fused.is_available('cuda')\n"
+        "x = torch.zeros(1, 1, 4); w_down = torch.zeros(1, 4, 2); w_up = torch.zeros(1, 1, 4)\n"
+        "try:\n"
+        "    fused.fused_expert_adapter(x, w_down, w_up, x)\n"
+        "except RuntimeError as error:\n"
+        "    assert 'pip install triton' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('no error without Triton')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((2, 3, 8), (2, 8, 4), (2, 2, 8), (2, 3)), "3-D"),
+        (((2, 3, 8), (2, 8, 6), (2, 2, 8), (2, 3, 8)), "w_down has shape (2, 8, 6)"),
+        (((2, 3, 8), (3, 8, 4), (3, 2, 8), (2, 3, 8)), "batch size 3 must be 1 or x's batch size 2"),
+        (((2, 3, 8), (1, 8, 4), (1, 2, 5), (2, 3, 8)), "residual has shape (2, 3, 8), expected (2, 3, 5)"),
+    ],
+)
+def test_bad_shapes_are_refused(shapes, message):
+    tensors = [torch.zeros(shape) for shape in shapes]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fused.fused_expert_adapter(*tensors)
+
+
+def test_bad_dtype_is_refused():
+    x = torch.zeros(1, 1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x has dtype torch.float64"):
+        fused.fused_expert_adapter(x, torch.zeros(1, 4, 2), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))
