@@ -290,6 +290,20 @@ def test_generation_reuses_prefill_weights_and_matches_full_recompute():
     assert torch.equal(no_cache, out.sequences)
 
 
+def test_static_cache_generation_equals_dynamic_cache_generation():
+    model = make_model()
+    ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13)])
+    kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": images(2), "max_new_tokens": 6}
+    dynamic = model.generate(**kwargs, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with CountCalls(model.model.language_model.language_expert) as counter:
+        static = model.generate(
+            **kwargs, do_sample=False, output_logits=True, return_dict_in_generate=True, cache_implementation="static"
+        )
+    assert counter.calls == 1
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11)])

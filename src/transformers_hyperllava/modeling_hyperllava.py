@@ -512,6 +512,17 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
 
+    def prepare_inputs_for_generation(self, *args, attention_mask=None, language_expert_weights=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            *args, attention_mask=attention_mask, language_expert_weights=language_expert_weights, **kwargs
+        )
+        prefill = language_expert_weights is None and model_inputs.get("language_guidance_mask") is None
+        if prefill and attention_mask is not None and attention_mask.dim() == 2:
+            # The prefill pools the guidance over the prompt's non-padding tokens; name them before a static cache
+            # turns the attention mask into a 4-D one.
+            model_inputs["language_guidance_mask"] = attention_mask
+        return model_inputs
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         # The experts see only the prompt (DESIGN.md §4): the prefill's weights serve every later step.
