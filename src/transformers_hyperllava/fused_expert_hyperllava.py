@@ -4,7 +4,8 @@
 
     out = residual + (SiLU(x @ w_down[..., :r]) * (x @ w_down[..., r:])) @ w_up
 
-in a single kernel launch (the (rows, 2r) bottleneck never leaves the chip), and its backward in three launches.
+in one kernel launch (the (rows, 2r) bottleneck never leaves the chip) or, for decoding (a few rows per weight
+set), in two short launches that spread the reduction over d_in across the GPU; its backward takes three launches.
 It is a `torch.library` custom op, so `torch.compile(fullgraph=True)` and CUDA graphs treat it as one opaque call.
 This file ships as Hub remote code: it imports only torch, triton and the standard library, and imports fine
 without Triton (then `is_available()` is False and the model uses its eager path).
@@ -136,6 +137,66 @@ def _forward_kernel(
 
 
 @_kernel
+def _decode_down_kernel(
+    x_ptr, w_down_ptr, partial_ptr,
+    rows, d_in, two_r, splits,
+    BLOCK_K: tl.constexpr, BLOCK_2R: tl.constexpr,
+):  # fmt: skip
+    """Program (s, m, g): the partial pre-activation x[m] @ w_down[k-slice s] of row m of problem g, in float32.
+
+    No tl.dot: one row would be padded to 16 and the work is a few KiB per program; products of the upcast
+    operands summed with tl.sum are exact float32 arithmetic for every input dtype."""
+    split = tl.program_id(0)
+    group = tl.program_id(2).to(tl.int64)
+    row = group * rows + tl.program_id(1)  # in the flattened (groups * rows, d_in) input
+    offs_k = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_2R)
+    mask_k = offs_k < d_in
+    mask_c = offs_c < two_r
+    x = tl.load(x_ptr + row * d_in + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    w = tl.load(
+        w_down_ptr + group * d_in * two_r + offs_k[:, None] * two_r + offs_c[None, :],
+        mask=mask_k[:, None] & mask_c[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    partial = tl.sum(x[:, None] * w, axis=0)
+    tl.store(partial_ptr + (row * splits + split) * two_r + offs_c, partial, mask=mask_c)
+
+
+@_kernel
+def _decode_up_kernel(
+    partial_ptr, w_up_ptr, residual_ptr, out_ptr,
+    rows, r, d_out, splits,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Program (j, m, g): output columns [j * BLOCK_N, ...) of row m of problem g. Sums the row's partial
+    pre-activations (every program of the row repeats this: it is a few KiB), applies SiLU(gate) * up and adds
+    hidden @ w_up[:, columns] to the residual."""
+    group = tl.program_id(2).to(tl.int64)
+    row = group * rows + tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = offs_r < r
+    mask_n = offs_n < d_out
+    partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
+    mask = (offs_s < splits)[:, None] & mask_r[None, :]
+    gate = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=0)
+    up = tl.sum(tl.load(partial + r, mask=mask, other=0.0), axis=0)
+    # Rounded to the weights' dtype like the tiled kernel's tl.dot operand (and eager PyTorch's matmul input).
+    # Padded bottleneck entries are 0 * 0 = 0, so they add nothing below.
+    hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(
+        w_up_ptr + group * r * d_out + offs_r[:, None] * d_out + offs_n[None, :],
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    out = tl.load(residual_ptr + row * d_out + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out += tl.sum(hidden[:, None] * w, axis=0)
+    tl.store(out_ptr + row * d_out + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@_kernel
 def _backward_rows_kernel(
     x_ptr, w_down_ptr, w_up_ptr, grad_out_ptr, grad_x_ptr, grad_pre_ptr, hidden_ptr,
     rows, d_in, d_out, r,
@@ -237,9 +298,14 @@ def _rows_reduction_kernel(
 # Launchers, registered as custom ops so that torch.compile keeps them whole (with shapes from the fake kernels).
 # ----------------------------------------------------------------------------------------------------------------
 
-_BLOCK_K = 128  # d_in per step: long steps keep many loads in flight for the decode case (one row block)
+_BLOCK_K = 128  # d_in per step of the tiled kernels
 _BLOCK_N = 64  # d_out per step
 _BLOCK_REDUCE = 64  # rows per step of the weight-gradient reduction
+# Decoding (T = 1: one row per sequence, or a few per shared weight set) takes the split-K path: the tiled kernel
+# would pad the rows to a 16-row tile and reduce over all of d_in serially in each program, which is latency-bound.
+_DECODE_MAX_ROWS = 16
+_DECODE_MAX_SPLITS = 32  # d_in slices per row: what every program of the second launch sums
+_DECODE_TILE = 8192  # elements of a decode program's weight tile: 64 float32 registers per thread at 4 warps
 
 
 def _problem(x, w_up):
@@ -262,21 +328,58 @@ def _expert_adapter(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, r
     out = torch.empty(residual.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     if out.numel() == 0 or rows == 0:
         return out.copy_(residual)
+    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
+    forward = _decode_forward if rows <= _DECODE_MAX_ROWS else _tiled_forward
+    forward(x.contiguous(), w_down.contiguous(), w_up.contiguous(), residual.contiguous(), out)
+    return out
+
+
+def _tiled_forward(x, w_down, w_up, residual, out):
+    """One launch; each program reduces over all of d_in for a block of rows (prefill and training)."""
+    groups, rows, d_in, r, d_out = _problem(x, w_up)
     block_r, precision = max(16, triton.next_power_of_2(r)), ("ieee" if x.dtype == torch.float32 else "tf32")
     sms = _multiprocessor_count(x.device)
     block_m = 32 if groups * triton.cdiv(rows, 32) >= sms else 16
     row_blocks = triton.cdiv(rows, block_m)
-    # Few rows (decode): also split the output columns so that every SM has work; each split recomputes x W_d,
-    # which is cheap next to launching a second kernel.
+    # Few row blocks: also split the output columns so that every SM has work; each split recomputes x W_d.
     splits = max(1, min(triton.cdiv(d_out, _BLOCK_N), sms // (groups * row_blocks)))
     cols_per_program = triton.cdiv(triton.cdiv(d_out, splits), _BLOCK_N) * _BLOCK_N
     grid = (row_blocks, triton.cdiv(d_out, cols_per_program), groups)
     _forward_kernel[grid](
-        x.contiguous(), w_down.contiguous(), w_up.contiguous(), residual.contiguous(), out,
+        x, w_down, w_up, residual, out,
         rows, d_in, d_out, r, cols_per_program,
         BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
     )  # fmt: skip
-    return out
+
+
+def _decode_forward(x, w_down, w_up, residual, out):
+    """Two launches with one short step per program, each sized to give about one program per SM:
+    (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
+    (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual.
+    No program reads more than a slice of the weights, so the latency is two memory round trips, not d_in / step."""
+    groups, rows, d_in, r, d_out = _problem(x, w_up)
+    sms = _multiprocessor_count(x.device)
+    row_programs = groups * rows
+    block_2r, block_r = triton.next_power_of_2(2 * r), triton.next_power_of_2(r)
+    fewest_k = max(16, triton.next_power_of_2(triton.cdiv(d_in, _DECODE_MAX_SPLITS)))
+    block_k = _decode_block(d_in, row_programs, sms, fewest_k, _DECODE_TILE // block_2r)
+    splits = triton.cdiv(d_in, block_k)
+    partial = torch.empty(groups, rows, splits, 2 * r, dtype=torch.float32, device=x.device)
+    _decode_down_kernel[(splits, rows, groups)](
+        x, w_down, partial, rows, d_in, 2 * r, splits, BLOCK_K=block_k, BLOCK_2R=block_2r
+    )
+    block_n = _decode_block(d_out, row_programs, sms, 64, _DECODE_TILE // block_r)
+    _decode_up_kernel[(triton.cdiv(d_out, block_n), rows, groups)](
+        partial, w_up, residual, out, rows, r, d_out, splits,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def _decode_block(size, row_programs, sms, smallest, largest):
+    """The power-of-2 slice of `size` that gives each row about sms / row_programs programs; `smallest` wins over
+    `largest` (a d_in so long that the tile grows rather than the number of partial sums)."""
+    programs_per_row = triton.cdiv(sms, row_programs)
+    return max(smallest, min(largest, triton.next_power_of_2(triton.cdiv(size, programs_per_row))))
 
 
 @_expert_adapter.register_fake

@@ -413,30 +413,36 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
     def from_llava(cls, path_or_model, **config_overrides):
         """Upgrade a Transformers LLaVA checkpoint (a path, a Hub id or a `LlavaForConditionalGeneration`) to HyperLLaVA.
 
-        The shared weights keep their names; the experts are new and start as the identity, so the new model's
-        logits equal the LLaVA model's until it is trained. `config_overrides` set HyperLLaVA's fields.
+        The shared weights keep their names (and, for a model passed in, its tensors: the two models share them); the
+        experts are new and start as the identity, so the new model's logits equal the LLaVA model's until it is
+        trained. `config_overrides` set HyperLLaVA's fields.
         """
-        if isinstance(path_or_model, (str, bytes)) or hasattr(path_or_model, "__fspath__"):
-            llava = LlavaForConditionalGeneration.from_pretrained(path_or_model)
-        else:
+        if isinstance(path_or_model, nn.Module):
             llava = path_or_model
+        else:
+            llava = LlavaForConditionalGeneration.from_pretrained(path_or_model)
         llava_config = llava.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             llava_config.pop(key, None)
         config = HyperLlavaConfig(**{**llava_config, **config_overrides})
         config._attn_implementation = llava.config._attn_implementation
-        device = next(llava.parameters()).device
-        with torch.device(device):
-            model = cls(config).to(llava.dtype)
-        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        # Allocation only: the shared weights are LLaVA's own tensors (assigned, not copied), the experts are
+        # initialised below. A 7B model thus upgrades in seconds and without a second copy in memory.
+        with init.no_init_weights(), torch.device(next(llava.parameters()).device):
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False, assign=True)
         not_experts = [key for key in missing if "expert" not in key]
         if not_experts or unexpected:
             raise ValueError(
                 f"the LLaVA weights do not match HyperLLaVA's: missing {not_experts}, unexpected {list(unexpected)}"
             )
+        for module in model.modules():
+            if isinstance(module, HyperExpert):
+                module.init_weights(config.text_config.initializer_range)
+                module.to(llava.dtype)
         if llava.generation_config is not None:
             model.generation_config = llava.generation_config
-        return model
+        return model.train(llava.training)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts the paper never gave: total, trainable, and the experts' share."""
