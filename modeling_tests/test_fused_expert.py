@@ -83,11 +83,11 @@ def check_against_reference(inputs, tolerance):
 
 SHAPES = {
     # (batch, length, d_in, d_out, r, weight batch)
-    "decode": (1, 1, 64, 200, 16, 1),  # one row: the output columns are split over several programs
+    "decode": (1, 1, 64, 200, 16, 1),  # one row: the decode path splits d_in and the output columns
     "decode-batch": (3, 1, 96, 80, 16, 3),  # one weight set per sample
     "odd-broadcast": (4, 5, 33, 47, 7, 1),  # sizes that are not block multiples; one weight set for the batch
-    "long": (2, 130, 70, 67, 5, 2),  # several row blocks per sample
-    "visual": (2, 9, 24, 40, 4, 2),  # d_in != d_out, like the visual expert
+    "long": (2, 130, 70, 67, 5, 2),  # several row blocks per sample: the tiled path
+    "visual": (2, 9, 24, 40, 4, 2),  # d_in != d_out, like the visual expert; 9 rows per weight set: decode path
 }
 if ON_CUDA:
     SHAPES["large"] = (4, 1024, 1024, 1024, 16, 4)

@@ -31,10 +31,10 @@ class HyperLlavaConfig(LlavaConfig):
         expert_mode (`str`, defaults to `"dynamic"`):
             `"dynamic"` (the paper's method), `"latent"` (a learned latent replaces the guidance: the vanilla
             HyperNetwork of Table 5) or `"static"` (a plain adapter of the same shape with learned weights).
-        expert_kernel (`str`, defaults to `"eager"`):
+        expert_kernel (`str`, defaults to `"auto"`):
             How adapters are applied: `"eager"` (plain PyTorch, which `torch.compile` fuses itself), `"triton"`
-            (the fused kernel, CUDA only) or `"auto"` (Triton on CUDA when it is installed, else eager). Eager is the
-            default because the fused kernel does not yet beat it on an H200 (docs/performance.md).
+            (the fused kernel, CUDA only) or `"auto"`: the fused kernel where it is faster (decoding inside a compiled
+            graph, on CUDA with Triton installed), else eager (docs/performance.md).
     """
 
     model_type = "hyperllava"
@@ -46,7 +46,7 @@ class HyperLlavaConfig(LlavaConfig):
     expert_bottleneck_dim: int = 16
     hypernetwork_hidden_dim: int = 64
     expert_mode: str = "dynamic"
-    expert_kernel: str = "eager"
+    expert_kernel: str = "auto"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

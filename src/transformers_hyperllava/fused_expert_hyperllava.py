@@ -144,8 +144,8 @@ def _decode_down_kernel(
 ):  # fmt: skip
     """Program (s, m, g): the partial pre-activation x[m] @ w_down[k-slice s] of row m of problem g, in float32.
 
-    No tl.dot: one row would be padded to 16 and the work is a few KiB per program; products of the upcast
-    operands summed with tl.sum are exact float32 arithmetic for every input dtype."""
+    No tl.dot: one row would be padded to 16 and the work is a few KiB per program; the upcast operands'
+    products summed with tl.sum are float32 arithmetic for every input dtype (exact float32 for float32 inputs)."""
     split = tl.program_id(0)
     group = tl.program_id(2).to(tl.int64)
     row = group * rows + tl.program_id(1)  # in the flattened (groups * rows, d_in) input
@@ -179,20 +179,22 @@ def _decode_up_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = offs_r < r
     mask_n = offs_n < d_out
-    partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
-    mask = (offs_s < splits)[:, None] & mask_r[None, :]
-    gate = tl.sum(tl.load(partial, mask=mask, other=0.0), axis=0)
-    up = tl.sum(tl.load(partial + r, mask=mask, other=0.0), axis=0)
-    # Rounded to the weights' dtype like the tiled kernel's tl.dot operand (and eager PyTorch's matmul input).
-    # Padded bottleneck entries are 0 * 0 = 0, so they add nothing below.
-    hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty).to(tl.float32)
+    # Every load before the reductions (which synchronise the warps), so that the three reads overlap.
     w = tl.load(
         w_up_ptr + group * r * d_out + offs_r[:, None] * d_out + offs_n[None, :],
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
-    ).to(tl.float32)
+    )
     out = tl.load(residual_ptr + row * d_out + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    out += tl.sum(hidden[:, None] * w, axis=0)
+    partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
+    mask = (offs_s < splits)[:, None] & mask_r[None, :]
+    gate = tl.load(partial, mask=mask, other=0.0)
+    up = tl.load(partial + r, mask=mask, other=0.0)
+    gate, up = tl.sum(gate, axis=0), tl.sum(up, axis=0)
+    # Rounded to the weights' dtype like the tiled kernel's tl.dot operand (and eager PyTorch's matmul input).
+    # Padded bottleneck entries are 0 * 0 = 0, so they add nothing below.
+    hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty).to(tl.float32)
+    out += tl.sum(hidden[:, None] * w.to(tl.float32), axis=0)
     tl.store(out_ptr + row * d_out + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -315,16 +317,23 @@ def _problem(x, w_up):
     return groups, batch * length // groups, d_in, r, d_out
 
 
+def beats_eager(x, w_up) -> bool:
+    """Whether the fused op is the faster choice for this call. Measured on an H200 (docs/performance.md): the decode
+    path (few rows per weight set) takes about half the eager adapter's GPU time, the tiled path (prefill, training)
+    about 1.2x its time, so "auto" uses the fused op for decoding only."""
+    return _problem(x, w_up)[1] <= _DECODE_MAX_ROWS
+
+
 @functools.cache
 def _multiprocessor_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # Triton's interpreter: any value is correct; a few splits exercise the column split in the tests.
+    return 4  # Triton's interpreter: any value is correct; a few exercise the d_in and column splits in the tests.
 
 
 @torch.library.custom_op("hyperllava::expert_adapter", mutates_args=())
 def _expert_adapter(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    groups, rows, d_in, r, d_out = _problem(x, w_up)
+    rows = _problem(x, w_up)[1]
     out = torch.empty(residual.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     if out.numel() == 0 or rows == 0:
         return out.copy_(residual)

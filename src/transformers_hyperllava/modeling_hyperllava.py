@@ -37,7 +37,7 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .fused_expert_hyperllava import fused_expert_adapter
+from .fused_expert_hyperllava import beats_eager, fused_expert_adapter
 from .fused_expert_hyperllava import is_available as fused_kernel_available
 from .configuration_hyperllava import HyperLlavaConfig
 
@@ -51,7 +51,14 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager"):
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out).
     """
-    if kernel == "triton" or (kernel == "auto" and fused_kernel_available(x.device)):
+    if kernel == "triton" or (
+        # The fused decode kernel takes half the eager adapter's GPU time but more host time to launch, so "auto"
+        # uses it only inside a compiled graph (docs/performance.md).
+        kernel == "auto"
+        and torch.compiler.is_compiling()
+        and fused_kernel_available(x.device)
+        and beats_eager(x, w_up)
+    ):
         return fused_expert_adapter(x, w_down, w_up, residual)
     gate, value = torch.matmul(x, w_down).chunk(2, dim=-1)
     return residual + torch.matmul(F.silu(gate) * value, w_up)
