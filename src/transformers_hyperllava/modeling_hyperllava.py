@@ -204,7 +204,8 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
 class HyperLlamaModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
-        The language expert's generated weights K(n), to be passed back during generation.
+        The language expert's weights K(n) that this call generated (`None` when they were passed in), to be passed
+        back during generation.
     """
 
     language_expert_weights: torch.FloatTensor | None = None
@@ -214,7 +215,8 @@ class HyperLlamaModelOutputWithPast(BaseModelOutputWithPast):
 class HyperLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
     language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
-        The language expert's generated weights K(n), to be passed back during generation.
+        The language expert's weights K(n) that this call generated (`None` when they were passed in), to be passed
+        back during generation.
     """
 
     language_expert_weights: torch.FloatTensor | None = None
@@ -224,7 +226,8 @@ class HyperLlavaModelOutputWithPast(LlavaModelOutputWithPast):
 class HyperLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     r"""
     language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
-        The language expert's generated weights K(n), to be passed back during generation.
+        The language expert's weights K(n) that this call generated (`None` when they were passed in), to be passed
+        back during generation.
     """
 
     language_expert_weights: torch.FloatTensor | None = None
@@ -321,12 +324,12 @@ class HyperLlamaModel(LlamaModel):
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
 
         hidden_states = inputs_embeds
-        expert_down = expert_up = None
+        expert_down = expert_up = generated = None
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if idx == self.guidance_layer and self.language_expert is not None:
                 if language_expert_weights is None:  # the prefill: generate once, reused at every decode step
                     guidance = mean_pool(hidden_states, language_guidance_mask)
-                    language_expert_weights = self.language_expert(guidance)
+                    generated = language_expert_weights = self.language_expert(guidance)
                 expert_down, expert_up = self.language_expert.split(language_expert_weights)
             slot = self.expert_slot.get(idx)
             layer_weights = (None, None) if slot is None else (expert_down[:, slot], expert_up[:, slot])
@@ -334,7 +337,8 @@ class HyperLlamaModel(LlamaModel):
 
         return HyperLlamaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            language_expert_weights=language_expert_weights,
+            # Only what this call generated: a compiled decoding step would otherwise output an alias of its input.
+            language_expert_weights=generated,
             **{CACHE_ARG: cache},
         )
 
@@ -539,7 +543,8 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         # The experts see only the prompt (DESIGN.md §4): the prefill's weights serve every later step.
-        model_kwargs["language_expert_weights"] = outputs.language_expert_weights
+        if outputs.language_expert_weights is not None:
+            model_kwargs["language_expert_weights"] = outputs.language_expert_weights
         return model_kwargs
 
 
