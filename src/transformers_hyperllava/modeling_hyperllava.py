@@ -18,7 +18,6 @@ from transformers import AutoModel, GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -201,17 +200,6 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
 
 
 @dataclass
-class HyperLlamaModelOutputWithPast(BaseModelOutputWithPast):
-    r"""
-    language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
-        The language expert's weights K(n) that this call generated (`None` when they were passed in), to be passed
-        back during generation.
-    """
-
-    language_expert_weights: torch.FloatTensor | None = None
-
-
-@dataclass
 class HyperLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
     language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
@@ -287,7 +275,7 @@ class HyperLlamaModel(LlamaModel):
         language_guidance_mask=None,
         language_expert_weights=None,
         **kwargs,
-    ) -> HyperLlamaModelOutputWithPast:
+    ) -> HyperLlavaModelOutputWithPast:
         r"""
         language_guidance_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             The prompt positions to pool the guidance over. Defaults to `attention_mask` (the whole prefill).
@@ -335,7 +323,7 @@ class HyperLlamaModel(LlamaModel):
             layer_weights = (None, None) if slot is None else (expert_down[:, slot], expert_up[:, slot])
             hidden_states = decoder_layer(hidden_states, *layer_weights, **layer_kwargs)
 
-        return HyperLlamaModelOutputWithPast(
+        return HyperLlavaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             # Only what this call generated: a compiled decoding step would otherwise output an alias of its input.
             language_expert_weights=generated,
