@@ -1,0 +1,216 @@
+"""The LLaVA-JSON dataset and collator: labels against a hand-written vicuna_v1 rendering, truncation, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transformers_hyperllava.data import IGNORE_INDEX, LlavaDataCollator, LlavaJsonDataset
+from transformers_hyperllava.tiny import tiny_config
+from transformers_hyperllava.tiny_tokenizer import tiny_processor, train_tokenizer
+
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+TOKENS_PER_IMAGE = 4  # tiny_config: 28 px images in 14 px patches
+WORDS = [
+    "what",
+    "colour",
+    "is",
+    "the",
+    "square",
+    "red",
+    "blue",
+    "how",
+    "many",
+    "shapes",
+    "are",
+    "there",
+    "two",
+    "a",
+    "green",
+    "circle",
+    "tell",
+    "me",
+    "joke",
+    "no",
+]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tokenizer = train_tokenizer([" ".join(WORDS) + " ? ."])
+    return tiny_processor(tokenizer, tiny_config(vocab_size=len(tokenizer)))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def write_json(path, samples):
+    path.write_text(json.dumps(samples))
+    return path
+
+
+def reference(processor, turns, num_images):
+    """vicuna_v1 written out by hand: the system line, "USER: <image>\\n{q} ASSISTANT: {a}</s>" per turn, the
+    images first in the first question; labels are the answer tokens and their </s>, everything else -100."""
+    tokenizer = processor.tokenizer
+
+    def words(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    prompt = words(SYSTEM + " USER:")
+    for index, (question, answer) in enumerate(turns):
+        if index:
+            prompt = words("USER:")
+        if index == 0:
+            prompt += [processor.image_token_id] * (TOKENS_PER_IMAGE * num_images)
+        prompt += words(question + " ASSISTANT:")
+        target = words(answer) + [tokenizer.eos_token_id]
+        ids += prompt + target
+        labels += [IGNORE_INDEX] * len(prompt) + target
+    return ids, labels
+
+
+def conversation(turns, image_tag=True):
+    out = []
+    for index, (q, a) in enumerate(turns):
+        out += [
+            {"from": "human", "value": f"<image>\n{q}" if index == 0 and image_tag else q},
+            {"from": "gpt", "value": a},
+        ]
+    return out
+
+
+SINGLE = [("what colour is the square ?", "red")]
+MULTI = [("what colour is the square ?", "red"), ("how many shapes are there ?", "two"), ("tell me a joke", "no .")]
+
+
+@pytest.mark.parametrize("turns", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
+def test_labels_match_handwritten_vicuna_v1(processor, image_folder, tmp_path, turns):
+    data = write_json(tmp_path / "d.json", [{"id": "s", "image": "a.png", "conversations": conversation(turns)}])
+    item = LlavaJsonDataset(data, processor, image_folder)[0]
+    ids, labels = reference(processor, turns, num_images=1)
+    assert item["input_ids"].tolist() == ids
+    assert item["labels"].tolist() == labels
+    # The supervised tokens spell exactly the answers, each closed by </s>.
+    supervised = processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX])
+    assert supervised.split() == " </s> ".join(a for _, a in turns).split() + ["</s>"]
+    expected_pixels = processor.image_processor(Image.open(image_folder / "a.png"), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(item["pixel_values"], expected_pixels)
+
+
+def test_text_only_and_two_image_samples(processor, image_folder, tmp_path):
+    samples = [
+        {"id": "text", "conversations": conversation(MULTI[:2], image_tag=False)},
+        {
+            "id": "two",
+            "image": ["a.png", "b.png"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nwhat colour is the square ?"},
+                {"from": "gpt", "value": "blue"},
+            ],
+        },
+    ]
+    dataset = LlavaJsonDataset(write_json(tmp_path / "d.json", samples), processor, image_folder)
+    text = dataset[0]
+    assert "pixel_values" not in text
+    ids, labels = reference(processor, MULTI[:2], num_images=0)
+    assert text["input_ids"].tolist() == ids and text["labels"].tolist() == labels
+    two = dataset[1]
+    ids, labels = reference(processor, [("what colour is the square ?", "blue")], num_images=2)
+    assert two["input_ids"].tolist() == ids and two["labels"].tolist() == labels
+    assert two["pixel_values"].shape == (2, 3, 28, 28)
+
+
+def test_collator_pads_right_and_keeps_image_order(processor, image_folder, tmp_path):
+    samples = [
+        {"id": "long", "image": "a.png", "conversations": conversation(MULTI)},
+        {"id": "text", "conversations": conversation(SINGLE, image_tag=False)},
+        {"id": "short", "image": "b.png", "conversations": conversation(SINGLE)},
+    ]
+    dataset = LlavaJsonDataset(write_json(tmp_path / "d.json", samples), processor, image_folder)
+    items = [dataset[i] for i in range(3)]
+    batch = LlavaDataCollator(pad_token_id=processor.tokenizer.pad_token_id)(items)
+    lengths = [len(item["input_ids"]) for item in items]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    for row, (item, n) in enumerate(zip(items, lengths)):
+        assert batch["input_ids"][row, :n].tolist() == item["input_ids"].tolist()
+        assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert batch["labels"][row].tolist() == item["labels"].tolist() + [IGNORE_INDEX] * (max(lengths) - n)
+    # The model fills image tokens in batch order: sample 0's image, then sample 2's (sample 1 has none).
+    torch.testing.assert_close(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
+
+
+def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder, tmp_path):
+    samples = [{"id": "s", "image": "a.png", "conversations": conversation(MULTI)}]
+    data = write_json(tmp_path / "d.json", samples)
+    full = LlavaJsonDataset(data, processor, image_folder)[0]
+    image_end = int((full["input_ids"] == processor.image_token_id).nonzero().max()) + 1
+    first_answer = int((full["labels"] != IGNORE_INDEX).nonzero().min())
+
+    # A cut after the first answer keeps the sample, truncated.
+    kept = LlavaJsonDataset(data, processor, image_folder, max_length=first_answer + 2)
+    item = kept[0]
+    assert item["input_ids"].tolist() == full["input_ids"][: first_answer + 2].tolist()
+    assert item["labels"].tolist() == full["labels"][: first_answer + 2].tolist()
+    assert kept.num_dropped == 0
+    # A cut inside the image tokens, or one that leaves no answer, drops the sample and counts it.
+    for max_length in (image_end - 1, first_answer):
+        dropped = LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
+        assert dropped[0] is None and dropped.num_dropped == 1
+    collator = LlavaDataCollator(processor.tokenizer.pad_token_id)
+    assert collator([None, item])["input_ids"].tolist() == [item["input_ids"].tolist()]
+    with pytest.raises(ValueError, match="dropped"):
+        collator([None])
+
+
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        (
+            {
+                "id": "bad-role",
+                "image": "a.png",
+                "conversations": [{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "red"}],
+            },
+            "turn 0",
+        ),
+        ({"id": "bad-end", "conversations": [{"from": "human", "value": "hi"}]}, "last turn"),
+        ({"id": "no-tag", "image": "a.png", "conversations": conversation(SINGLE, image_tag=False)}, "0 <image> tag"),
+        (
+            {
+                "id": "two-tags",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>\n<image>\nq"}, {"from": "gpt", "value": "a"}],
+            },
+            "2 <image> tag",
+        ),
+        ({"id": "missing", "image": "nope.png", "conversations": conversation(SINGLE)}, "nope.png"),
+        ({"id": "no-turns", "conversations": []}, "non-empty"),
+    ],
+    ids=lambda v: v["id"] if isinstance(v, dict) else None,
+)
+def test_bad_samples_name_the_sample(processor, image_folder, tmp_path, sample, message):
+    good = {"id": "good", "image": "a.png", "conversations": conversation(SINGLE)}
+    data = write_json(tmp_path / "d.json", [good, sample])
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+        LlavaJsonDataset(data, processor, image_folder)
+    assert repr(sample["id"]) in str(error.value)
+
+
+def test_empty_dataset(processor, image_folder, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        LlavaJsonDataset(write_json(tmp_path / "d.json", []), processor, image_folder)

@@ -1,0 +1,119 @@
+"""The built-in demo: the rendered data says what its answers say, and a shortened demo run learns it."""
+
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transformers_hyperllava import demo
+from transformers_hyperllava.demo_data import CHANCE, COLOURS, COUNTS, make_demo_dataset
+
+BACKGROUND = (235, 235, 235)
+
+
+def components(mask):
+    """Connected 4-neighbour regions of a boolean image: a plain flood fill, independent of the renderer."""
+    seen = np.zeros_like(mask)
+    regions = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, pixels = deque([start]), []
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        regions.append(np.array(pixels))
+    return regions
+
+
+def shape_of(region):
+    """Tell the four shapes apart by how much of their bounding box they fill and where their widest row is."""
+    top, left = region.min(axis=0)
+    height, width = region.max(axis=0) - (top, left) + 1
+    fill = len(region) / (height * width)
+    if fill > 0.95:
+        return "square"
+    if fill > 0.7:
+        return "circle"
+    rows = np.bincount(region[:, 0] - top)
+    return "triangle" if rows.argmax() > 0.75 * height else "diamond"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), num_train_images=40, num_heldout_images=40, seed=3)
+
+
+def test_answers_match_the_pixels(data):
+    heldout = json.loads(data.heldout.read_text())
+    assert {q["type"] for q in heldout} == set(CHANCE)
+    for q in heldout:
+        pixels = np.asarray(Image.open(data.image_folder / q["image"]).convert("RGB"))
+        foreground = (pixels != BACKGROUND).any(axis=-1)
+        regions = [r for r in components(foreground) if len(r) > 3]
+        if q["type"] == "colour":
+            colours = {tuple(pixels[y, x]) for y, x in np.argwhere(foreground)}
+            assert COLOURS[q["answer"]] in colours
+            assert all(pixels[tuple(r[0])].tolist() == list(COLOURS[q["answer"]]) for r in regions)
+        elif q["type"] == "count":
+            assert COUNTS[len(regions) - 1] == q["answer"]
+        elif q["type"] == "shape":
+            for region in regions:
+                assert shape_of(region) == q["answer"]
+        elif q["type"] == "yes/no":  # "Are the shapes large?": a large shape spans more than a quarter of the width
+            width = regions[0][:, 1].max() - regions[0][:, 1].min() + 1
+            assert q["answer"] == ("yes" if width > pixels.shape[1] / 4 else "no")
+        elif q["type"] == "position":
+            (y, x), size = regions[0].mean(axis=0), pixels.shape[0]
+            assert q["answer"] == f"{'top' if y < size / 2 else 'bottom'} {'left' if x < size / 2 else 'right'}"
+
+
+def test_deterministic_and_heldout_images_are_new(data, tmp_path):
+    again = make_demo_dataset(tmp_path, num_train_images=40, num_heldout_images=40, seed=3)
+    for name in ("captions", "instruct", "heldout"):
+        assert getattr(again, name).read_text() == getattr(data, name).read_text()
+    for path in data.image_folder.iterdir():
+        assert (again.image_folder / path.name).read_bytes() == path.read_bytes()
+    train = {Image.open(p).tobytes() for p in data.image_folder.glob("train_*.png")}
+    heldout = [Image.open(p).tobytes() for p in data.image_folder.glob("heldout_*.png")]
+    assert heldout and not any(image in train for image in heldout)
+
+
+def test_shortened_demo_learns_every_question_type(tmp_path, capsys):
+    """The default run with a third of its images and steps (full run: docs/training.md). The targets are the full
+    run's (colour and shape >= 80%, every other type >= 2x chance) except yes/no (2x chance would be 100%: here
+    >= 90%) and position, which this budget only half learns (>= 1.5x chance)."""
+    threads = torch.get_num_threads()
+    try:
+        results = demo.run(
+            demo.parse_args(
+                [
+                    "--output_dir",
+                    str(tmp_path),
+                    "--train_images",
+                    "1000",
+                    "--heldout_images",
+                    "150",
+                    "--align_steps",
+                    "20",
+                    "--instruct_steps",
+                    "600",
+                ]
+            )
+        )["dynamic"]
+    finally:
+        torch.set_num_threads(threads)  # the demo sets it for the whole process
+    out = capsys.readouterr().out
+    assert "Saved the HyperLLaVA model" in out and out.count("(expected") == 5  # the reloaded model answered
+    assert results["colour"] >= 0.8 and results["shape"] >= 0.8
+    assert results["count"] >= 2 * CHANCE["count"]
+    assert results["yes/no"] >= 0.9
+    assert results["position"] >= 1.5 * CHANCE["position"]

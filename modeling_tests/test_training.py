@@ -1,0 +1,317 @@
+"""Training: stage presets, LoRA, two-process DDP against one process, resume, stage chaining, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import randomize_experts
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava.data import LlavaJsonDataset
+from transformers_hyperllava.demo_data import make_demo_dataset
+from transformers_hyperllava.tiny import tiny_config
+from transformers_hyperllava.tiny_tokenizer import tiny_processor, train_tokenizer
+from transformers_hyperllava.training import (
+    PROJECTOR_FILE,
+    HyperLlavaTrainingArguments,
+    ModelArguments,
+    apply_stage,
+    build_trainer,
+    load_model,
+    main,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Demo images (28 px), single-turn question samples, a tokenizer trained on them, and a tiny HyperLLaVA
+    checkpoint (float64, both visual experts, random expert weights) with its processor."""
+    root = tmp_path_factory.mktemp("training")
+    data = make_demo_dataset(root / "data", num_train_images=16, num_heldout_images=0, image_size=28)
+    samples = [s for s in json.loads(data.instruct.read_text()) if len(s["conversations"]) == 2][:16]
+    (root / "qa.json").write_text(json.dumps(samples))
+    texts = [
+        t["value"]
+        for path in (data.captions, data.instruct)
+        for s in json.loads(path.read_text())
+        for t in s["conversations"]
+    ]
+    tokenizer = train_tokenizer(texts)
+    config = tiny_config(vocab_size=len(tokenizer), visual_expert="both")
+    processor = tiny_processor(tokenizer, config)
+    torch.manual_seed(0)
+    # Trained-looking experts: from their identity start (W_u = 0) the first step reaches only W_u's parts.
+    model = randomize_experts(HyperLlavaForConditionalGeneration(config).double(), std=0.05)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    return {
+        "root": root,
+        "data": data,
+        "qa": root / "qa.json",
+        "config": config,
+        "processor": processor,
+        "base": root / "base",
+    }
+
+
+def expected_trainable(name, stage):
+    """The stage presets of DESIGN.md §6, written from the weight names."""
+    projector = name.startswith("model.multi_modal_projector.")
+    language_expert = name.startswith("model.language_model.language_expert.")
+    llm = name.startswith(("model.language_model.", "lm_head."))
+    return {"align": projector, "instruct": projector or llm, "experts": projector or language_expert}[stage]
+
+
+def train_args(output_dir, stage, **overrides):
+    settings = {
+        "output_dir": str(output_dir),
+        "stage": stage,
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    return HyperLlavaTrainingArguments(**{**settings, **overrides})
+
+
+def test_stage_defaults_are_the_papers(tmp_path):
+    align = HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage="align", use_cpu=True)
+    instruct = HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage="instruct", use_cpu=True)
+    assert (align.learning_rate, instruct.learning_rate) == (1e-3, 2e-5)
+    for args in (align, instruct):
+        assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
+        assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
+    with pytest.raises(ValueError, match="stage='pretrain'"):
+        HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage="pretrain", use_cpu=True)
+
+
+@pytest.mark.parametrize("stage", ["align", "instruct", "experts"])
+def test_stage_trains_exactly_its_parameters(setup, tmp_path, stage):
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    trainer = build_trainer(model, setup["processor"], dataset, train_args(tmp_path, stage))
+    names = [name for name, _ in model.named_parameters()]
+    assert any(name.startswith("model.multi_modal_projector.visual_expert_second.") for name in names)
+    expected = {name for name in names if expected_trainable(name, stage)}
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == expected
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == expected
+
+
+def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
+    pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    from transformers_hyperllava.training import save_stage
+
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    trainer = build_trainer(model, setup["processor"], dataset, train_args(tmp_path, "instruct"), lora=(4, 8, 0.0))
+    peft_model = trainer.model
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    lora = {name for name in trainable if "lora_" in name}
+    assert lora and all(".language_model.layers." in name for name in lora)
+    others = {name.removeprefix("base_model.model.") for name in trainable - lora}
+    assert others == {name for name in base if expected_trainable(name, "experts")}
+    trainer.train()
+
+    q_proj = "model.language_model.layers.0.self_attn.q_proj"
+    params = dict(peft_model.named_parameters())
+    prefix = f"base_model.model.{q_proj}"
+    lora_a = params[f"{prefix}.lora_A.default.weight"].detach().clone()
+    lora_b = params[f"{prefix}.lora_B.default.weight"].detach().clone()
+    assert lora_b.abs().sum() > 0
+
+    save_stage(trainer, setup["processor"], tmp_path / "final")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "final", dtype=torch.float64)
+    expected = base[f"{q_proj}.weight"] + (8 / 4) * lora_b @ lora_a
+    torch.testing.assert_close(merged.get_parameter(f"{q_proj}.weight"), expected)
+    merged_state = merged.state_dict()
+    for name, weight in base.items():  # the frozen parts saved as they were
+        if name.startswith("model.vision_tower.") or name == "lm_head.weight":
+            torch.testing.assert_close(merged_state[name], weight, rtol=0, atol=0)
+
+
+def run_settings(setup, output_dir, **overrides):
+    return {
+        "model_name_or_path": setup["base"],
+        "data_path": setup["qa"],
+        "image_folder": setup["data"].image_folder,
+        "output_dir": output_dir,
+        "stage": "instruct",
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "warmup_steps": 0,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+
+
+def cli_args(setup, output_dir, **overrides):
+    return [f"--{key}={value}" for key, value in run_settings(setup, output_dir, **overrides).items()]
+
+
+def final_weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def assert_same_weights(a, b, **tolerance):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"{name}: {m}", **tolerance)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(setup, tmp_path):
+    """Two gloo processes with batch 2 each take the same steps as one process with batch 4 (sequential order)."""
+    common = {"train_sampling_strategy": "sequential", "max_steps": 3}
+    main(cli_args(setup, tmp_path / "single", **common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "transformers_hyperllava.training",
+        *cli_args(setup, tmp_path / "ddp", per_device_train_batch_size=2, ddp_backend="gloo", **common),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    assert_same_weights(single, ddp, rtol=1e-9, atol=1e-9)
+    base = final_weights(setup["base"])
+    assert not torch.equal(single["lm_head.weight"], base["lm_head.weight"])  # it did train
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(setup, tmp_path):
+    saving = {"save_strategy": "steps", "save_steps": 2}
+    main(cli_args(setup, tmp_path / "full", **saving))
+    # Resume from a different starting model: the result can only match if the checkpoint's weights, optimiser and
+    # schedule replaced it. The arguments come as a YAML file this time.
+    other = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.1)
+    other.save_pretrained(tmp_path / "other")
+    setup["processor"].save_pretrained(tmp_path / "other")
+    resumed = run_settings(
+        setup,
+        tmp_path / "resumed",
+        **saving,
+        model_name_or_path=tmp_path / "other",
+        resume_from_checkpoint=tmp_path / "full" / "checkpoint-2",
+    )
+    config = tmp_path / "resume.yaml"
+    config.write_text(yaml.safe_dump({key: str(v) if isinstance(v, Path) else v for key, v in resumed.items()}))
+    main([str(config)])
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed"), rtol=0, atol=1e-12)
+
+
+def test_llava_checkpoint_through_both_stages(setup, tmp_path):
+    """A stock LLaVA checkpoint: stage 1 writes only the projector + visual expert, stage 2 starts from them, and
+    the final folder reloads with the Auto classes and generates."""
+    torch.manual_seed(1)
+    llava = LlavaForConditionalGeneration(setup["config"].to_llava_config()).double()
+    llava.save_pretrained(tmp_path / "llava")
+    setup["processor"].save_pretrained(tmp_path / "llava")
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    expert = json.dumps({"visual_expert": "first"})
+    main(
+        cli_args(
+            setup,
+            stage1,
+            model_name_or_path=tmp_path / "llava",
+            stage="align",
+            data_path=setup["data"].captions,
+            hyperllava_config=expert,
+        )
+    )
+
+    projector = load_file(stage1 / PROJECTOR_FILE)
+    assert projector and all(name.startswith("model.multi_modal_projector.") for name in projector)
+    assert any("visual_expert_first" in name for name in projector)
+    assert not torch.equal(
+        projector["model.multi_modal_projector.linear_1.weight"],
+        llava.get_parameter("model.multi_modal_projector.linear_1.weight"),
+    )
+    start = load_model(
+        ModelArguments(
+            str(tmp_path / "llava"), pretrained_projector=str(stage1 / PROJECTOR_FILE), hyperllava_config=expert
+        )
+    )
+    for name, tensor in projector.items():
+        torch.testing.assert_close(start.get_parameter(name), tensor, rtol=0, atol=0)
+
+    main(
+        cli_args(
+            setup,
+            stage2,
+            model_name_or_path=tmp_path / "llava",
+            hyperllava_config=expert,
+            pretrained_projector=stage1 / PROJECTOR_FILE,
+        )
+    )
+    model = AutoModelForImageTextToText.from_pretrained(stage2).eval()
+    processor = AutoProcessor.from_pretrained(stage2)
+    assert isinstance(model, HyperLlavaForConditionalGeneration)
+    sample = json.loads(setup["qa"].read_text())[0]
+    from PIL import Image
+
+    image = Image.open(setup["data"].image_folder / sample["image"])
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is in the image?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 3 or output[0, -1] == processor.tokenizer.eos_token_id
+    with torch.no_grad():
+        first = model(**inputs).logits[0, -1].argmax()
+    assert output[0, inputs["input_ids"].shape[1]] == first
+
+
+def test_bad_sample_stops_before_training(setup, tmp_path):
+    samples = json.loads(setup["qa"].read_text())
+    samples[3]["conversations"][0]["value"] = samples[3]["conversations"][0]["value"].replace("<image>\n", "")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(samples))
+    with pytest.raises(ValueError, match=repr(samples[3]["id"])):
+        main(cli_args(setup, tmp_path / "out", data_path=bad))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_projector_file_must_fit(setup, tmp_path):
+    model = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="second"))
+    from transformers_hyperllava.training import save_trained_weights
+
+    apply_stage(model, "align")
+    save_trained_weights(model.state_dict(), model, tmp_path / PROJECTOR_FILE)
+    # Stage 1 trained a "second" expert; a "both" model would start with an untrained "first" one.
+    with pytest.raises(ValueError, match="visual_expert_first"):
+        load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / PROJECTOR_FILE)))

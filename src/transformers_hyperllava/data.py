@@ -1,0 +1,190 @@
+"""Training data in LLaVA's JSON format: a lazy dataset and a padding collator.
+
+A sample is `{"id", "image" (a file name, a list of them, or absent for text-only), "conversations": [{"from":
+"human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`. The prompt is rendered with the
+processor's chat template (LLaVA-1.5's `vicuna_v1` for a `HyperLlavaProcessor`), whose assistant mask marks the
+supervised tokens: every answer and its `</s>`. Everything else is labelled -100. The model needs nothing more: with
+`labels` it pools the language guidance over the non-padding tokens before the first supervised one.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def load_samples(path) -> list[dict]:
+    """The samples of a LLaVA JSON file (a list of objects) or a JSON Lines file (one object a line)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    samples = json.loads(text)
+    if not isinstance(samples, list):
+        raise TypeError(f"{path}: expected a JSON list of samples, got {type(samples).__name__}")
+    return samples
+
+
+def sample_images(sample) -> list[str]:
+    image = sample.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def to_messages(sample, image_token="<image>") -> list[dict]:
+    """LLaVA's conversation as chat messages: `<image>` tags become image items (one per tag) of their turn.
+
+    Checks the things that would otherwise train on a corrupted sample, and names the sample in the error.
+    """
+    sample_id = sample.get("id", "<no id>")
+    conversations = sample.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"sample {sample_id!r}: 'conversations' must be a non-empty list of turns")
+    messages, num_tags = [], 0
+    for turn_index, turn in enumerate(conversations):
+        expected = "human" if turn_index % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+            got = turn.get("from") if isinstance(turn, dict) else turn
+            raise ValueError(
+                f"sample {sample_id!r}: turn {turn_index} must be {{'from': {expected!r}, 'value': <text>}} "
+                f"(turns alternate human, gpt), got from={got!r}"
+            )
+        value = turn["value"]
+        tags = value.count(image_token)
+        if tags and expected == "gpt":
+            raise ValueError(f"sample {sample_id!r}: turn {turn_index} (gpt) contains {image_token}")
+        num_tags += tags
+        # The template puts a turn's images first, as LLaVA-1.5 trained; the tags' own newlines go with them.
+        text = value.replace(image_token + "\n", "").replace("\n" + image_token, "").replace(image_token, "").strip()
+        content = [{"type": "image"}] * tags + [{"type": "text", "text": text}]
+        messages.append({"role": ROLES[expected], "content": content})
+    if len(conversations) % 2:
+        raise ValueError(f"sample {sample_id!r}: the last turn must be an answer (from 'gpt'), got 'human'")
+    num_images = len(sample_images(sample))
+    if num_tags != num_images:
+        raise ValueError(
+            f"sample {sample_id!r}: {num_tags} {image_token} tag(s) in the conversation but {num_images} image(s); "
+            f"each image needs exactly one {image_token} tag"
+        )
+    return messages
+
+
+class LlavaJsonDataset(Dataset):
+    """LLaVA-format training samples, tokenised and with their images loaded when they are read.
+
+    Every sample is checked when the dataset is built (turn roles, `<image>` tags against images, image files
+    present), so that a bad sample stops training before it starts, with its id in the error. A sample longer than
+    `max_length` is truncated unless the cut falls inside its image tokens or removes every supervised token: such
+    a sample is dropped (`__getitem__` returns None, which [`LlavaDataCollator`] leaves out), counted in
+    `num_dropped` and logged with its id.
+    """
+
+    def __init__(self, data_path, processor, image_folder=None, max_length: int | None = None):
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.max_length = max_length
+        self.samples = load_samples(data_path)
+        if not self.samples:
+            raise ValueError(f"{data_path}: the dataset is empty")
+        self.messages = [to_messages(sample, processor.image_token) for sample in self.samples]
+        for sample in self.samples:
+            for name in sample_images(sample):
+                if self.image_folder is None:
+                    raise ValueError(f"sample {sample.get('id')!r} has an image but no image folder was given")
+                if not (self.image_folder / name).is_file():
+                    raise FileNotFoundError(
+                        f"sample {sample.get('id')!r}: image file {self.image_folder / name} not found"
+                    )
+        self.num_dropped = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _open_image(self, sample_id, name):
+        try:
+            with Image.open(self.image_folder / name) as image:
+                return image.convert("RGB")
+        except OSError as error:
+            raise ValueError(f"sample {sample_id!r}: cannot read image {self.image_folder / name}: {error}") from error
+
+    def __getitem__(self, index) -> dict | None:
+        sample = self.samples[index]
+        sample_id = sample.get("id", index)
+        images = iter([self._open_image(sample_id, name) for name in sample_images(sample)])
+        # The images travel inside the messages, in tag order, as the processor's chat template expects.
+        messages = [
+            {
+                **m,
+                "content": [
+                    {"type": "image", "image": next(images)} if c["type"] == "image" else c for c in m["content"]
+                ],
+            }
+            for m in self.messages[index]
+        ]
+        out = self.processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        input_ids = torch.tensor(out["input_ids"][0])
+        labels = torch.where(torch.tensor(out["assistant_masks"][0]).bool(), input_ids, IGNORE_INDEX)
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            image_tokens = input_ids == self.processor.image_token_id
+            cuts_image = bool(image_tokens[self.max_length :].any())
+            if cuts_image or (labels[: self.max_length] == IGNORE_INDEX).all():
+                self.num_dropped += 1
+                logger.warning(
+                    "Dropped sample %r: %d tokens do not fit max_length=%d without cutting %s (%d dropped so far)",
+                    sample_id,
+                    len(input_ids),
+                    self.max_length,
+                    "image tokens" if cuts_image else "every answer",
+                    self.num_dropped,
+                )
+                return None
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        item = {"input_ids": input_ids, "labels": labels}
+        if "pixel_values" in out:
+            item["pixel_values"] = torch.stack([torch.as_tensor(p) for p in out["pixel_values"]])
+        return item
+
+
+class LlavaDataCollator:
+    """Pads a batch on the right (`pad_token_id` for inputs, -100 for labels) and concatenates the images.
+
+    Samples the dataset dropped (None) are left out. Images of a batch go in one `pixel_values` tensor, in sample
+    order, which is the order the model fills the image tokens in; text-only samples contribute none.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features):
+        features = [f for f in features if f is not None]
+        if not features:
+            raise ValueError("every sample of this batch was dropped (see the warnings): raise max_length")
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {
+            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
+            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            batch["input_ids"][row, :n] = feature["input_ids"]
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = feature["labels"]
+        pixel_values = [f["pixel_values"] for f in features if "pixel_values" in f]
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+        return batch
+
+
+__all__ = ["IGNORE_INDEX", "LlavaDataCollator", "LlavaJsonDataset", "load_samples", "to_messages"]

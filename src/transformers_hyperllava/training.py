@@ -1,0 +1,266 @@
+"""Two-stage HyperLLaVA training with the Transformers `Trainer` (`hyperllava-train`).
+
+Stages (paper §4.1, DESIGN.md §6): `align` trains the projector and the visual expert on captions; `instruct` adds
+the LLM and the language expert; `experts` is the parameter-efficient variant (LLM frozen). LoRA on the LLM goes
+through PEFT (`--lora_r`). Everything else (bf16, activation checkpointing, DDP/FSDP/DeepSpeed through `accelerate
+launch` or `torchrun`, `--resume_from_checkpoint`, `--push_to_hub`) is the Trainer's own. See docs/training.md.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
+
+from .data import LlavaDataCollator, LlavaJsonDataset
+from .modeling_hyperllava import HyperLlavaForConditionalGeneration
+from .processing_hyperllava import CHAT_TEMPLATE, HyperLlavaProcessor
+
+logger = logging.getLogger(__name__)
+
+# Which parameter groups each stage trains; the vision tower is never trained (LLaVA-1.5's recipe).
+STAGES = {
+    "align": ("projector", "visual_expert"),
+    "instruct": ("projector", "visual_expert", "llm", "language_expert"),
+    "experts": ("projector", "visual_expert", "language_expert"),
+}
+# The paper's learning rates (stage 1: 1e-3, stage 2: 2e-5); `experts` trains only small new modules, for which
+# LLaVA's LoRA recipe uses 2e-4 (our choice, the paper has no such stage).
+LEARNING_RATES = {"align": 1e-3, "instruct": 2e-5, "experts": 2e-4}
+# The file stage 1 writes: the projector and visual-expert weights it trained, with the model's names.
+PROJECTOR_FILE = "mm_projector.safetensors"
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def parameter_group(name: str) -> str:
+    """The group of a parameter name: vision_tower, projector, visual_expert, llm, language_expert or lora."""
+    name = name.removeprefix("base_model.model.")  # PEFT's wrapper
+    if "lora_" in name:
+        return "lora"
+    if "multi_modal_projector.visual_expert" in name:
+        return "visual_expert"
+    if "multi_modal_projector." in name:
+        return "projector"
+    if "language_model.language_expert." in name:
+        return "language_expert"
+    if "vision_tower." in name:
+        return "vision_tower"
+    return "llm"  # the decoder layers, embeddings, final norm and lm_head
+
+
+def trainable_counts(model) -> dict[str, int]:
+    """Trainable parameters by group."""
+    counts = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            group = parameter_group(name)
+            counts[group] = counts.get(group, 0) + param.numel()
+    return counts
+
+
+def apply_stage(model, stage: str) -> dict[str, int]:
+    """Set `requires_grad` for `stage` (LoRA weights, when present, always train); returns trainable counts by group."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not valid; allowed values: {list(STAGES)}")
+    for name, param in model.named_parameters():
+        group = parameter_group(name)
+        param.requires_grad_(group in STAGES[stage] or group == "lora")
+    return trainable_counts(model)
+
+
+def add_lora(model, stage: str, r: int, alpha: int, dropout: float):
+    """Wrap `model` with PEFT LoRA adapters on the LLM's linear layers; the LLM's own weights stay frozen."""
+    if stage == "align":
+        raise ValueError("LoRA adapts the LLM, which the align stage does not train: use --stage instruct or experts")
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS))
+    # PEFT freezes everything but the adapters; the stage's other groups (never the LLM itself) train as well.
+    apply_stage(model, "experts" if stage == "instruct" else stage)
+    return model
+
+
+def save_trained_weights(state_dict: dict, model, path):
+    """Write the weights `model` trains (from the full, gathered `state_dict`) to a safetensors file."""
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    tensors = {name: tensor.contiguous() for name, tensor in state_dict.items() if name in trained}
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_trained_weights(model, path):
+    """Load stage 1's projector + visual-expert file into `model`, refusing anything that does not fit exactly."""
+    state = load_file(path)
+    wrong = [name for name in state if parameter_group(name) not in STAGES["align"]]
+    if wrong:
+        raise ValueError(f"{path}: expected only projector and visual-expert weights, found {wrong[:5]}")
+    wanted = {name for name, _ in model.named_parameters() if parameter_group(name) in STAGES["align"]}
+    missing = sorted(wanted - state.keys())
+    if missing:
+        raise ValueError(
+            f"{path} has no weights for {missing[:5]}: was stage 1 run with the same model config (visual_expert, "
+            f"expert sizes)?"
+        )
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: weights the model does not have: {unexpected[:5]}")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A HyperLLaVA checkpoint, or a LLaVA one (upgraded on the fly with from_llava)"}
+    )
+    processor_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path"})
+    pretrained_projector: str | None = field(
+        default=None, metadata={"help": f"Stage 1's {PROJECTOR_FILE}, loaded over the model's projector/visual expert"}
+    )
+    hyperllava_config: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON of HyperLLaVA config fields for a LLaVA checkpoint, e.g. \'{"visual_expert": "both"}\''
+        },
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: no LoRA)"})
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "LLaVA-format JSON (or JSON Lines) file"})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image names are relative to"})
+    max_length: int = field(default=2048, metadata={"help": "Samples are truncated to this many tokens"})
+
+
+@dataclass
+class HyperLlavaTrainingArguments(TrainingArguments):
+    """TrainingArguments with the paper's optimiser defaults: AdamW (0.9, 0.999), eps 1e-8, no weight decay
+    (the Trainer's own defaults), cosine schedule with 3% warm-up, and the stage's learning rate."""
+
+    stage: str = field(default="instruct", metadata={"help": "align, instruct or experts", "choices": list(STAGES)})
+    learning_rate: float | None = field(default=None, metadata={"help": "Defaults to 1e-3 (align), 2e-5 (instruct)"})
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=0.03, metadata={"help": "Steps, or a fraction (< 1) of all steps"})
+    # The collator builds exactly the model's inputs; the column filter would choke on dropped samples.
+    remove_unused_columns: bool = field(default=False)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is not valid; allowed values: {list(STAGES)}")
+        if self.learning_rate is None:
+            self.learning_rate = LEARNING_RATES[self.stage]
+        super().__post_init__()
+
+
+def load_model(model_args: ModelArguments):
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    overrides = json.loads(model_args.hyperllava_config) if model_args.hyperllava_config else {}
+    if config.model_type == "hyperllava":
+        if overrides:
+            raise ValueError("--hyperllava_config applies to LLaVA checkpoints; this one is already HyperLLaVA")
+        model = HyperLlavaForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+    elif config.model_type == "llava":
+        model = HyperLlavaForConditionalGeneration.from_llava(model_args.model_name_or_path, **overrides)
+    else:
+        raise ValueError(
+            f"{model_args.model_name_or_path}: model_type {config.model_type!r} is neither hyperllava nor llava"
+        )
+    if model_args.pretrained_projector:
+        load_trained_weights(model, model_args.pretrained_projector)
+    return model
+
+
+def load_processor(path):
+    """The processor of a HyperLLaVA or LLaVA folder as a `HyperLlavaProcessor` with LLaVA-1.5's vicuna_v1 template,
+    whose `{% generation %}` block marks the supervised answers (a llava-hf template has none)."""
+    processor = HyperLlavaProcessor.from_pretrained(path)
+    processor.chat_template = CHAT_TEMPLATE
+    return processor
+
+
+def build_trainer(model, processor, dataset, args: HyperLlavaTrainingArguments, lora=None) -> Trainer:
+    """A Trainer for `args.stage`: parameters frozen per the stage (plus LoRA when `lora` = (r, alpha, dropout))."""
+    apply_stage(model, args.stage)
+    if lora is not None:
+        model = add_lora(model, args.stage, *lora)
+    counts = trainable_counts(model)
+    total = sum(p.numel() for p in model.parameters())
+    if args.process_index == 0:
+        # A warning, so that the Trainer's default log level (which hides info) still shows it.
+        logger.warning(
+            "Stage %s: %s trainable parameters of %s (%.2f%%); by group: %s",
+            args.stage,
+            f"{sum(counts.values()):,}",
+            f"{total:,}",
+            100 * sum(counts.values()) / total,
+            counts,
+        )
+    if args.gradient_checkpointing:
+        # With a frozen embedding nothing before the first checkpointed layer needs a gradient; this keeps one.
+        model.enable_input_require_grads()
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LlavaDataCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+    )
+
+
+def save_stage(trainer: Trainer, processor, output_dir):
+    """Stage align: the trained projector + visual expert only. Other stages: a Hub-format folder with the processor."""
+    args, model = trainer.args, trainer.model
+    if args.stage == "align":
+        # Gathered from every rank under FSDP / ZeRO-3; written by the main process only.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.is_world_process_zero():
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_trained_weights(state_dict, model, Path(output_dir) / PROJECTOR_FILE)
+        return
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the LLM's weights
+        if trainer.is_world_process_zero():
+            model.merge_and_unload().save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, HyperLlavaTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, args = parser.parse_json_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        model_args, data_args, args = parser.parse_yaml_file(argv[0])
+    else:
+        model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
+
+    processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
+    model = load_model(model_args)
+    dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
+    lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
+    trainer = build_trainer(model, processor, dataset, args, lora)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if dataset.num_dropped and args.process_index == 0:
+        logger.warning("%d sample(s) were dropped for max_length=%d", dataset.num_dropped, data_args.max_length)
+    save_stage(trainer, processor, args.output_dir)
+    if args.push_to_hub and trainer.is_world_process_zero():
+        # The folder as save_stage wrote it (Trainer.push_to_hub would save the whole, unmerged model again).
+        api = HfApi(token=args.hub_token)
+        repo = api.create_repo(
+            args.hub_model_id or Path(args.output_dir).name, private=args.hub_private_repo, exist_ok=True
+        )
+        api.upload_folder(repo_id=repo.repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"])
+
+
+if __name__ == "__main__":
+    main()
