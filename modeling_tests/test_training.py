@@ -38,13 +38,7 @@ def setup(tmp_path_factory):
     data = make_demo_dataset(root / "data", num_train_images=16, num_heldout_images=0, image_size=28)
     samples = [s for s in json.loads(data.instruct.read_text()) if len(s["conversations"]) == 2][:16]
     (root / "qa.json").write_text(json.dumps(samples))
-    texts = [
-        t["value"]
-        for path in (data.captions, data.instruct)
-        for s in json.loads(path.read_text())
-        for t in s["conversations"]
-    ]
-    tokenizer = train_tokenizer(texts)
+    tokenizer = train_tokenizer(data.training_texts())
     config = tiny_config(vocab_size=len(tokenizer), visual_expert="both")
     processor = tiny_processor(tokenizer, config)
     torch.manual_seed(0)

@@ -149,13 +149,7 @@ def run(args) -> dict[str, dict[str, float]]:
     start = time.time()
     workdir = Path(args.output_dir)
     data = make_demo_dataset(workdir / "data", args.train_images, args.heldout_images, seed=args.seed)
-    texts = [
-        turn["value"]
-        for path in (data.captions, data.instruct)
-        for s in json.loads(path.read_text())
-        for turn in s["conversations"]
-    ]
-    tokenizer = train_tokenizer(texts)
+    tokenizer = train_tokenizer(data.training_texts())
     processor = tiny_processor(tokenizer, demo_config(len(tokenizer)))
     heldout = json.loads(data.heldout.read_text())
 

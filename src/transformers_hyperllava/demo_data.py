@@ -66,6 +66,15 @@ class DemoDataset:
     instruct: Path  # stage 2: LLaVA JSON, single- and multi-turn questions about the training images
     heldout: Path  # evaluation: JSON list of {"id", "image", "type", "question", "answer"}
 
+    def training_texts(self) -> list[str]:
+        """Every turn of the training conversations: what the demo's tokenizer is trained on."""
+        return [
+            turn["value"]
+            for path in (self.captions, self.instruct)
+            for sample in json.loads(path.read_text())
+            for turn in sample["conversations"]
+        ]
+
 
 def _plural(shape, count):
     return shape if count == 1 else shape + "s"
