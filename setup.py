@@ -21,6 +21,9 @@ setup(
         "huggingface_hub",
         "accelerate",
         "tokenizers",
+        # Read LLaVA-1.5's SentencePiece-only tokenizers (tokenizer.model) in hyperllava-convert.
+        "sentencepiece",
+        "protobuf",
         "pillow",
         "numpy",
         "tqdm",

@@ -56,6 +56,7 @@ from transformers import (
     LlavaImageProcessorPil,
 )
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration
 from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
@@ -125,6 +126,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SHARDS = ("model-*.safetensors", "pytorch_model-*.bin")
 PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+SENTENCEPIECE_PACKAGES = {"sentencepiece": is_sentencepiece_available, "protobuf": is_protobuf_available}
 
 
 class ConversionError(Exception):
@@ -352,7 +354,7 @@ def prepare(args):
     if vision_folder is not None:
         sources.append(Source(find_weight_files(vision_folder), "clip"))
 
-    tokenizer = load_tokenizer([input_folder, base_folder], args)
+    tokenizer, tokenizer_folder, trained_tokens = load_tokenizer([input_folder, base_folder], args)
     source_vocab = (source_config.get("text_config") or source_config).get("vocab_size")
     config = build_config(source_config, layout, vision_folder, tokenizer, source_vocab, args)
 
@@ -391,12 +393,18 @@ def prepare(args):
         raise ConversionError(f"{len(missing)} weights are missing from the inputs: " + _listing(missing))
 
     mismatched = []
+    input_keys = {target: key for target, _, key in entries}
     for target, shape in shapes.items():
-        want = expected[target]
+        want, key = expected[target], input_keys[target]
         resizable = target in VOCAB_KEYS and len(shape) == 2 and shape[1] == want[1] and shape[0] <= want[0]
         if shape != want and not resizable:
-            key = next(key for t, _, key in entries if t == target)
             mismatched.append(f"{key} -> {target}: expected {list(want)}, found {list(shape)}")
+        elif target in VOCAB_KEYS and shape[0] < trained_tokens:
+            mismatched.append(
+                f"{key} has {shape[0]} rows but the tokenizer in {tokenizer_folder} has {trained_tokens} tokens, so "
+                f"ids {shape[0]}..{trained_tokens - 1} have no trained row (is it the tokenizer the model was "
+                "trained with? see --tokenizer)"
+            )
     if mismatched:
         raise ConversionError(
             f"{len(mismatched)} weights have the wrong shape for this config: " + _listing(mismatched)
@@ -411,11 +419,21 @@ def _listing(items, limit=20):
 
 
 def load_tokenizer(folders, args):
-    """The checkpoint's tokenizer (or the base LLM's), with `<image>` and a pad token added when missing."""
+    """(tokenizer, folder, tokens it had): the checkpoint's tokenizer (or the base LLM's), with `<image>` and a pad
+    token added when missing."""
     candidates = [Path(args.tokenizer)] if args.tokenizer else [f for f in folders if f is not None]
     folder = next((f for f in candidates if any((f / name).is_file() for name in TOKENIZER_FILES)), None)
     if folder is None:
         raise ConversionError(f"no tokenizer in {[str(f) for f in candidates]}; pass --tokenizer")
+    # LLaVA-1.5's releases ship Llama's tokenizer as a SentencePiece model only, which Transformers converts to a
+    # fast tokenizer (written out as tokenizer.json) with the sentencepiece and protobuf packages.
+    if not (folder / "tokenizer.json").is_file() and (folder / "tokenizer.model").is_file():
+        absent = [name for name, available in SENTENCEPIECE_PACKAGES.items() if not available()]
+        if absent:
+            raise ConversionError(
+                f"the tokenizer in {folder} is a SentencePiece model (tokenizer.model, no tokenizer.json), which "
+                f"needs {' and '.join(absent)} to be read: pip install {' '.join(absent)}"
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # e.g. a sentencepiece-only tokenizer without the package that reads it
@@ -423,13 +441,14 @@ def load_tokenizer(folders, args):
     # How this machine loaded it (e.g. offline), which `save_pretrained` would otherwise write into the Hub folder.
     for key in ("is_local", "local_files_only"):
         tokenizer.init_kwargs.pop(key, None)
+    trained_tokens = len(tokenizer)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     # Batched generation pads on the left, so that every prompt ends where its answer starts.
     tokenizer.padding_side = "left"
-    return tokenizer
+    return tokenizer, folder, trained_tokens
 
 
 def build_config(source: dict, layout: str, vision_folder, tokenizer, source_vocab, args) -> HyperLlavaConfig:

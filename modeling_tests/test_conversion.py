@@ -1,6 +1,7 @@
 """`hyperllava-convert`: tiny checkpoints in every input layout, built here from random weights, against stock LLaVA and
 a plain-PyTorch evaluation of the expert equations; loading the output the way users do; errors; publishing."""
 
+import io
 import json
 import os
 import shutil
@@ -9,11 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import sentencepiece
 import torch
 import torch.nn.functional as F
 import yaml
 from huggingface_hub import HfApi, constants
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -40,6 +44,60 @@ def codebase_tokenizer():
         [TEMPLATE_TEXT, *DEFAULT_TEXTS], trainers.WordLevelTrainer(special_tokens=list(CODEBASE_ONLY_TOKENS))
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def train_sentencepiece(vocab_size=320):
+    """A serialised SentencePiece BPE model with Llama's settings (byte fallback, digits split, a dummy prefix, spaces
+    kept as they are), trained on the test's sentences."""
+    words = " ".join([TEMPLATE_TEXT, *DEFAULT_TEXTS]).split()
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (12,), generator=generator)) for _ in range(80)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,  # at least the 256 byte pieces, 3 special pieces and the corpus' characters
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def sentencepiece_vocab_size(model):
+    return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+
+
+def write_sentencepiece_tokenizer(folder, model):
+    """The tokenizer files of a LLaVA-1.5 release (liuhaotian/llava-v1.5-7b): the SentencePiece model and the slow
+    LlamaTokenizer's config, no tokenizer.json."""
+    (folder / "tokenizer.model").write_bytes(model)
+    token = {"__type": "AddedToken", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {**token, "content": "<s>"},
+        "eos_token": {**token, "content": "</s>"},
+        "unk_token": {**token, "content": "<unk>"},
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": 2048,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def reference_llava(vocab_size, image_token_id, pad_token_id, seed=0):
@@ -150,20 +208,25 @@ def write_clip(folder, llava, layout="CLIPModel", with_weights=True):
     return folder
 
 
-def codebase_checkpoint(tmp_path, experts=None, fmt="bin", config_overrides=None):
+def codebase_checkpoint(
+    tmp_path, experts=None, fmt="bin", config_overrides=None, sentencepiece_model=None, extra_rows=0
+):
     """A LLaVA-codebase stage-2 checkpoint (sharded, vision tower included) whose weights are those of a stock LLaVA
-    `reference`, and a CLIP folder with the tower's config and preprocessing."""
+    `reference`, and a CLIP folder with the tower's config and preprocessing. The tokenizer is `codebase_tokenizer()`,
+    or, given `sentencepiece_model` (a serialised SentencePiece model), only that model as LLaVA's releases ship it.
+    The embedding and lm_head have a row per token, plus `extra_rows` trained rows no token uses yet."""
     tokenizer = codebase_tokenizer()
-    old_vocab = len(tokenizer)
+    old_vocab = len(tokenizer) if sentencepiece_model is None else sentencepiece_vocab_size(sentencepiece_model)
+    rows = old_vocab + extra_rows
     vocab = new_vocab_size(old_vocab)
     reference = reference_llava(vocab, image_token_id=old_vocab, pad_token_id=old_vocab + 1)
     state = reference.state_dict()
     tensors = {}
     for key, value in state.items():
         if key in VOCAB_KEYS:
-            value = value[:old_vocab].clone()
+            value = value[:rows].clone()
             with torch.no_grad():
-                state[key][old_vocab:] = value.mean(0)  # what the reference expects for the new tokens
+                state[key][rows:] = value.mean(0)  # what the reference expects for the new rows
         tensors[codebase_key(key)] = value
     # Old LLaVA checkpoints also hold the rotary buffers; they are recomputed from the config.
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
@@ -172,7 +235,10 @@ def codebase_checkpoint(tmp_path, experts=None, fmt="bin", config_overrides=None
     write_shards(checkpoint, tensors, 3, fmt)
     overrides = dict(config_overrides or {})
     (checkpoint / "config.json").write_text(json.dumps(codebase_config(reference, **overrides)))
-    tokenizer.save_pretrained(checkpoint)
+    if sentencepiece_model is None:
+        tokenizer.save_pretrained(checkpoint)
+    else:
+        write_sentencepiece_tokenizer(checkpoint, sentencepiece_model)
     clip = write_clip(tmp_path / "clip", reference, with_weights=False)
     return checkpoint, clip, reference
 
@@ -422,6 +488,56 @@ def test_vision_tower_named_by_mm_vision_tower_comes_from_the_hub_cache(tmp_path
     torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("extra_rows", [0, 6])
+def test_codebase_checkpoint_with_sentencepiece_only_tokenizer(tmp_path, extra_rows):
+    # LLaVA-1.5's releases ship Llama's tokenizer as tokenizer.model + tokenizer_config.json, no tokenizer.json; the
+    # embedding has a row per SentencePiece piece, or (extra_rows) more rows than pieces, which <image> and <pad> take.
+    model = train_sentencepiece()
+    rows = sentencepiece_vocab_size(model) + extra_rows
+    checkpoint, clip, reference = codebase_checkpoint(
+        tmp_path,
+        fmt="safetensors",
+        sentencepiece_model=model,
+        extra_rows=extra_rows,
+        config_overrides={"vocab_size": rows},  # as LLaVA's config.json: the embedding's rows
+    )
+    assert not (checkpoint / "tokenizer.json").exists()
+    out = tmp_path / "out"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) == 0
+
+    # A fast tokenizer, with <image> and <pad> after the SentencePiece pieces, that encodes as SentencePiece does.
+    assert (out / "tokenizer.json").is_file()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    old_vocab = sentencepiece_vocab_size(model)
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [old_vocab, old_vocab + 1]
+    assert tokenizer.pad_token == "<pad>"
+    pieces = sentencepiece.SentencePieceProcessor(model_proto=model)
+    texts = [
+        "What is in the image?",
+        "USER: describe  the picture,\tin detail!  ASSISTANT:",  # double spaces and a tab are kept, as in Llama
+        "A cat next to 12 green boxes",  # digits are split
+        "Unseen words: zebra, café, 東京 🙂",  # unseen characters fall back to their bytes
+    ]
+    # (Texts start with a non-space, as prompts do: Transformers' Llama tokenizer prepends no "▁" to a text that
+    # starts with a space, where SentencePiece does; docs/conversion.md notes it.)
+    for text in texts:
+        assert tokenizer(text).input_ids == [pieces.bos_id(), *pieces.encode(text)], text
+
+    # The processor expands <image> to the tower's patch count; the model then computes what stock LLaVA does.
+    processor = convert.HyperLlavaProcessor.from_pretrained(out)
+    prompt = "USER: <image>\nWhat is in the image? ASSISTANT:"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 36, 3), dtype=np.uint8))
+    batch = processor(images=image, text=prompt, return_tensors="pt")
+    unexpanded = tokenizer(prompt).input_ids
+    assert unexpanded.count(old_vocab) == 1
+    at = unexpanded.index(old_vocab)
+    expected_ids = unexpanded[:at] + [old_vocab] * (IMAGE_SIZE // PATCH) ** 2 + unexpanded[at + 1 :]
+    assert batch["input_ids"][0].tolist() == expected_ids
+    batch = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
+    logits, _ = converted_logits(out, batch)
+    torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
+
+
 # --- 2. shards, dtype, streaming ------------------------------------------------------------------------------------
 
 
@@ -605,6 +721,24 @@ def test_config_the_converter_cannot_map_is_refused(tmp_path, capsys, setting, v
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={setting: value})
     err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
     assert setting in err and repr(value) in err
+
+
+def test_sentencepiece_tokenizer_problems_are_named(tmp_path, capsys, monkeypatch):
+    model = train_sentencepiece()
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors", sentencepiece_model=model)
+    base = ["--input", checkpoint, "--vision-tower", clip]
+    with monkeypatch.context() as patch:  # an installation without the package that reads tokenizer.model
+        patch.setitem(convert.SENTENCEPIECE_PACKAGES, "sentencepiece", lambda: False)
+        err = convert_failing(tmp_path, capsys, *base)
+    assert "tokenizer.model" in err and "pip install sentencepiece" in err
+
+    # Another tokenizer with more tokens than the embedding has rows: ids without a trained row are refused.
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    write_sentencepiece_tokenizer(other, train_sentencepiece(vocab_size=340))
+    err = convert_failing(tmp_path, capsys, *base, "--tokenizer", other)
+    rows = sentencepiece_vocab_size(model)
+    assert f"model.embed_tokens.weight has {rows} rows" in err and "has 340 tokens" in err
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
