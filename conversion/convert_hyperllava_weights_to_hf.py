@@ -166,7 +166,9 @@ def open_weights(path: Path):
             # weights_only: never unpickle arbitrary objects; mmap: tensors are paged in on access, not at load.
             weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:  # what weights_only=True raises for anything but tensors and containers
-        raise ConversionError(f"{path} holds objects other than tensors, which are never unpickled: {error}") from error
+        raise ConversionError(
+            f"{path} holds objects other than tensors, which are never unpickled: {error}"
+        ) from error
     except Exception as error:  # safetensors and zip errors mean "this file is damaged"
         raise ConversionError(f"cannot read {path}: the file is truncated or corrupted ({error})") from error
     if not isinstance(weights, (dict, _SafetensorsView)) or (
@@ -768,7 +770,9 @@ def parse_args(argv=None):
         "--dtype", choices=["auto", *DTYPES], default="auto", help="auto (default): the input config's dtype"
     )
     parser.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest output shard (default 5GB)")
-    parser.add_argument("--pad-vocab-to-multiple-of", type=int, default=64, help="round the vocabulary up (default 64)")
+    parser.add_argument(
+        "--pad-vocab-to-multiple-of", type=int, default=64, help="round the vocabulary up (default 64)"
+    )
     parser.add_argument("--allow-unused", action="store_true", help="drop input keys HyperLLaVA has no place for")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
     parser.add_argument("--seed", type=int, default=0, help="seed for new experts (default 0)")

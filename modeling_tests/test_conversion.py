@@ -1,5 +1,5 @@
-"""`hyperllava-convert`: tiny checkpoints in every input layout, built here from random weights, against stock LLaVA and
-a plain-PyTorch evaluation of the expert equations; loading the output the way users do; errors; publishing."""
+"""`hyperllava-convert`: tiny checkpoints in every input layout, built here from random weights, against stock
+LLaVA and a plain-PyTorch evaluation of the expert equations; loading the output the way users do; errors; publishing."""
 
 import io
 import json
@@ -279,7 +279,9 @@ def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt):
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hyperllava"
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_hyperllava.HyperLlavaForConditionalGeneration"
+    assert (
+        config["auto_map"]["AutoModelForImageTextToText"] == "modeling_hyperllava.HyperLlavaForConditionalGeneration"
+    )
     old_vocab = len(codebase_tokenizer())
     batch = inputs(old_vocab, image_token_id=old_vocab)
     logits, model = converted_logits(out, batch)

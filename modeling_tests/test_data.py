@@ -107,7 +107,9 @@ def test_labels_match_handwritten_vicuna_v1(processor, image_folder, tmp_path, t
     # The supervised tokens spell exactly the answers, each closed by </s>.
     supervised = processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX])
     assert supervised.split() == " </s> ".join(a for _, a in turns).split() + ["</s>"]
-    expected_pixels = processor.image_processor(Image.open(image_folder / "a.png"), return_tensors="pt")["pixel_values"]
+    expected_pixels = processor.image_processor(Image.open(image_folder / "a.png"), return_tensors="pt")[
+        "pixel_values"
+    ]
     torch.testing.assert_close(item["pixel_values"], expected_pixels)
 
 

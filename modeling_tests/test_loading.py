@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import images, make_model, prompt_ids
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+from conftest import images, make_model, prompt_ids
 from transformers_hyperllava import HyperLlavaForConditionalGeneration, HyperLlavaModel
 
 REMOTE_CODE_FILES = {"configuration_hyperllava.py", "modeling_hyperllava.py", "fused_expert_hyperllava.py"}
@@ -53,7 +53,13 @@ def test_round_trip_with_auto_classes(saved):
     expected = torch.load(path.parent / "expected_logits.pt", weights_only=True)
     loaded = AutoModelForImageTextToText.from_pretrained(path)
     assert type(loaded) is HyperLlavaForConditionalGeneration
-    for field in ("visual_expert", "language_expert_layers", "language_guidance_layer", "expert_mode", "expert_bottleneck_dim"):
+    for field in (
+        "visual_expert",
+        "language_expert_layers",
+        "language_guidance_layer",
+        "expert_mode",
+        "expert_bottleneck_dim",
+    ):
         assert getattr(loaded.config, field) == getattr(model.config, field)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -114,7 +120,7 @@ def test_loads_by_repo_id_from_a_hub_cache_offline(saved, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     model = AutoModelForImageTextToText.from_pretrained("org/hyperllava-7b", cache_dir=cache)
     torch.testing.assert_close(model(**inputs()).logits, expected, atol=0, rtol=0)
-    script = f"""
+    script = """
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_pretrained("org/hyperllava-7b", trust_remote_code=True)
         print(type(model).__name__)

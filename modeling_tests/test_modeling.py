@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images, make_model, prompt_ids
 from transformers import LlavaForConditionalGeneration
 
+from conftest import images, make_model, prompt_ids
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.tiny import tiny_config
-
 
 # --- 1. zero-init equivalence --------------------------------------------------------------------------------------
 
@@ -142,7 +141,12 @@ def reference_logits(llava, model, input_ids, pixel_values, guidance_mask):
     "overrides",
     [
         {"visual_expert": "first", "expert_mode": "dynamic"},
-        {"visual_expert": "second", "expert_mode": "dynamic", "language_expert_layers": [2, 3], "language_guidance_layer": 1},
+        {
+            "visual_expert": "second",
+            "expert_mode": "dynamic",
+            "language_expert_layers": [2, 3],
+            "language_guidance_layer": 1,
+        },
         {"visual_expert": "both", "expert_mode": "dynamic", "language_expert_layers": "all"},
         {"visual_expert": "both", "expert_mode": "latent"},
         {"visual_expert": "first", "expert_mode": "static", "language_expert_layers": "anterior"},
@@ -235,7 +239,9 @@ def test_batch_invariance_left_padded():
         alone = model(input_ids=torch.tensor([prompt]), pixel_values=image)
         n = len(prompt)
         torch.testing.assert_close(batch.logits[i, -n:], alone.logits[0], atol=1e-5, rtol=1e-5)
-        alone_gen = model.generate(input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=6, do_sample=False)
+        alone_gen = model.generate(
+            input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=6, do_sample=False
+        )
         assert batch_gen[i, -6:].tolist() == alone_gen[0, -6:].tolist()
 
 
@@ -266,7 +272,10 @@ def full_recompute_logits(model, sequences, prompt_length, pixel_values, attenti
         guidance_mask[:, :prompt_length] &= attention_mask.bool()
         attention_mask = torch.cat([attention_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1)
     return model(
-        input_ids=sequences, pixel_values=pixel_values, attention_mask=attention_mask, language_guidance_mask=guidance_mask
+        input_ids=sequences,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        language_guidance_mask=guidance_mask,
     ).logits
 
 
@@ -276,8 +285,13 @@ def test_generation_reuses_prefill_weights_and_matches_full_recompute():
     pixel_values = images(2)
     with CountCalls(model.model.language_model.language_expert) as counter:
         out = model.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=8, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixel_values,
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     assert counter.calls == 1  # the prefill only, not once per decoded token
     n = ids.shape[1]
@@ -285,7 +299,12 @@ def test_generation_reuses_prefill_weights_and_matches_full_recompute():
     step_logits = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(step_logits, logits[:, n - 1 : -1], atol=1e-5, rtol=1e-5)
     no_cache = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, max_new_tokens=8, do_sample=False, use_cache=False
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixel_values,
+        max_new_tokens=8,
+        do_sample=False,
+        use_cache=False,
     )
     assert torch.equal(no_cache, out.sequences)
 
@@ -315,8 +334,13 @@ def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
     assert sampled.tolist() == greedy.repeat(3, 1).tolist()
     torch.manual_seed(0)
     free = model.generate(
-        input_ids=ids, pixel_values=images(1), max_new_tokens=6, do_sample=True, num_return_sequences=4,
-        output_logits=True, return_dict_in_generate=True,
+        input_ids=ids,
+        pixel_values=images(1),
+        max_new_tokens=6,
+        do_sample=True,
+        num_return_sequences=4,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     n = ids.shape[1]
     logits = full_recompute_logits(model, free.sequences, n, images(1).repeat(4, 1, 1, 1))
@@ -328,8 +352,16 @@ def test_beam_search_scores_match_full_recompute():
     ids = torch.tensor([prompt_ids("img", 10, 11), prompt_ids("img", 12, 13)])
     pixel_values = images(2)
     out = model.generate(
-        input_ids=ids, pixel_values=pixel_values, max_new_tokens=5, min_new_tokens=5, num_beams=3,
-        num_return_sequences=2, do_sample=False, length_penalty=0.0, return_dict_in_generate=True, output_scores=True,
+        input_ids=ids,
+        pixel_values=pixel_values,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        length_penalty=0.0,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     n = ids.shape[1]
     logits = full_recompute_logits(model, out.sequences, n, pixel_values.repeat_interleave(2, dim=0))
@@ -422,19 +454,33 @@ def test_image_count_mismatch_is_a_clear_error(num_images):
 
 def test_wrong_pixel_shape_is_a_clear_error():
     model = make_model()
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 28, 28\), got \(1, 3, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values must have shape \(num_images, 3, 28, 28\), got \(1, 3, 32, 32\)"
+    ):
         model(input_ids=torch.tensor([prompt_ids("img")]), pixel_values=torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"language_expert_layers": [0, 3], "language_guidance_layer": 2}, r"language_expert_layers \[0\] come before language_guidance_layer=2"),
+        (
+            {"language_expert_layers": [0, 3], "language_guidance_layer": 2},
+            r"language_expert_layers \[0\] come before language_guidance_layer=2",
+        ),
         ({"language_expert_layers": [1, 7]}, r"language_expert_layers \[7\] are out of range.*0\.\.3"),
-        ({"language_expert_layers": "middle"}, r"language_expert_layers must be one of \['posterior', 'anterior', 'all'\]"),
+        (
+            {"language_expert_layers": "middle"},
+            r"language_expert_layers must be one of \['posterior', 'anterior', 'all'\]",
+        ),
         ({"expert_bottleneck_dim": 64}, r"expert_bottleneck_dim=64 is larger than .* allowed values: 1\.\.24"),
-        ({"expert_mode": "hyper"}, r"expert_mode='hyper' is not valid; allowed values: \['dynamic', 'latent', 'static'\]"),
-        ({"visual_expert": "third"}, r"visual_expert='third' is not valid; allowed values: \['first', 'second', 'both', None\]"),
+        (
+            {"expert_mode": "hyper"},
+            r"expert_mode='hyper' is not valid; allowed values: \['dynamic', 'latent', 'static'\]",
+        ),
+        (
+            {"visual_expert": "third"},
+            r"visual_expert='third' is not valid; allowed values: \['first', 'second', 'both', None\]",
+        ),
         ({"language_guidance_layer": 9}, r"language_guidance_layer must be an integer in 0\.\.3, got 9"),
         ({"expert_embedding_dim": 0}, r"expert_embedding_dim must be a positive integer, got 0"),
     ],
@@ -456,7 +502,15 @@ def test_config_defaults_reproduce_the_paper():
     from transformers_hyperllava import HyperLlavaConfig
 
     default = HyperLlavaConfig()  # LLaVA-1.5-7B shapes
-    assert (default.visual_expert, default.expert_mode, default.language_expert_layers) == ("first", "dynamic", "posterior")
+    assert (default.visual_expert, default.expert_mode, default.language_expert_layers) == (
+        "first",
+        "dynamic",
+        "posterior",
+    )
     assert default.language_guidance_layer == 16 and default.language_expert_layer_indices == list(range(16, 32))
-    assert (default.expert_embedding_dim, default.expert_bottleneck_dim, default.hypernetwork_hidden_dim) == (64, 16, 64)
+    assert (default.expert_embedding_dim, default.expert_bottleneck_dim, default.hypernetwork_hidden_dim) == (
+        64,
+        16,
+        64,
+    )
     assert config.language_guidance_layer == 2

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import randomize_experts
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
+from conftest import randomize_experts
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.data import LlavaJsonDataset
 from transformers_hyperllava.demo_data import make_demo_dataset

@@ -92,7 +92,11 @@ class HyperLlavaConfig(LlavaConfig):
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` with every field this config shares with it (the experts dropped)."""
         fields = self.to_dict()
-        for key in ("model_type", "auto_map", *self.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys()):
+        for key in (
+            "model_type",
+            "auto_map",
+            *self.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys(),
+        ):
             fields.pop(key, None)
         return LlavaConfig(**fields)
 
@@ -109,7 +113,11 @@ class HyperLlavaConfig(LlavaConfig):
             return list(range(num_layers // 2))
         if spec == "all":
             return list(range(num_layers))
-        if isinstance(spec, (list, tuple)) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        if (
+            isinstance(spec, (list, tuple))
+            and spec
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
+        ):
             bad = [i for i in spec if not 0 <= i < num_layers]
             if bad:
                 raise ValueError(

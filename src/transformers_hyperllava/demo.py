@@ -125,7 +125,9 @@ def print_table(results: dict[str, dict[str, float]]):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="hyperllava-demo", help="Data, checkpoints and the final model go here")
+    parser.add_argument(
+        "--output_dir", default="hyperllava-demo", help="Data, checkpoints and the final model go here"
+    )
     parser.add_argument("--compare", action="store_true", help="Also train LLaVA and the static adapter; one table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_images", type=int, default=3000)

@@ -179,7 +179,10 @@ def make_demo_dataset(
     image_folder.mkdir(parents=True, exist_ok=True)
 
     captions, instruct, heldout = [], [], []
-    for split, num_images, split_seed in (("train", num_train_images, seed), ("heldout", num_heldout_images, seed + 1)):
+    for split, num_images, split_seed in (
+        ("train", num_train_images, seed),
+        ("heldout", num_heldout_images, seed + 1),
+    ):
         rng = random.Random(split_seed)
         for index in range(num_images):
             scene = random_scene(rng)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin
+from transformers import AutoModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -36,9 +36,9 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .configuration_hyperllava import HyperLlavaConfig
 from .fused_expert_hyperllava import beats_eager, fused_expert_adapter
 from .fused_expert_hyperllava import is_available as fused_kernel_available
-from .configuration_hyperllava import HyperLlavaConfig
 
 # Transformers 5.2x renamed the forward argument `past_key_values` to `cache`; we pass on whichever the installed
 # version speaks, so one file serves every supported release.
@@ -410,7 +410,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
 
     @classmethod
     def from_llava(cls, path_or_model, **config_overrides):
-        """Upgrade a Transformers LLaVA checkpoint (a path, a Hub id or a `LlavaForConditionalGeneration`) to HyperLLaVA.
+        """Upgrade a Transformers LLaVA checkpoint (path, Hub id or `LlavaForConditionalGeneration`) to HyperLLaVA.
 
         The shared weights keep their names (and, for a model passed in, its tensors: the two models share them); the
         experts are new and start as the identity, so the new model's logits equal the LLaVA model's until it is

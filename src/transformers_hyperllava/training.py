@@ -64,7 +64,7 @@ def trainable_counts(model) -> dict[str, int]:
 
 
 def apply_stage(model, stage: str) -> dict[str, int]:
-    """Set `requires_grad` for `stage` (LoRA weights, when present, always train); returns trainable counts by group."""
+    """Set `requires_grad` for `stage` (LoRA weights, when present, always train); returns trainable counts."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not valid; allowed values: {list(STAGES)}")
     for name, param in model.named_parameters():
@@ -135,7 +135,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(metadata={"help": "LLaVA-format JSON (or JSON Lines) file"})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image names are relative to"})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the samples' image names are relative to"}
+    )
     max_length: int = field(default=2048, metadata={"help": "Samples are truncated to this many tokens"})
 
 
@@ -215,7 +217,7 @@ def build_trainer(model, processor, dataset, args: HyperLlavaTrainingArguments, 
 
 
 def save_stage(trainer: Trainer, processor, output_dir):
-    """Stage align: the trained projector + visual expert only. Other stages: a Hub-format folder with the processor."""
+    """Stage align: the trained projector + visual expert only. Others: a Hub-format folder with the processor."""
     args, model = trainer.args, trainer.model
     if args.stage == "align":
         # Gathered from every rank under FSDP / ZeRO-3; written by the main process only.
@@ -259,7 +261,9 @@ def main(argv=None):
         repo = api.create_repo(
             args.hub_model_id or Path(args.output_dir).name, private=args.hub_private_repo, exist_ok=True
         )
-        api.upload_folder(repo_id=repo.repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"])
+        api.upload_folder(
+            repo_id=repo.repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"]
+        )
 
 
 if __name__ == "__main__":
