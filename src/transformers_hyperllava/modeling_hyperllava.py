@@ -251,8 +251,7 @@ class HyperLlamaModel(LlamaModel):
         self.gradient_checkpointing = False
 
         expert_layers = config.language_expert_layer_indices
-        # Position of each expert layer's weights in the generated K.
-        self.expert_slot = {layer: slot for slot, layer in enumerate(expert_layers)}
+        self.expert_layers = expert_layers
         self.guidance_layer = config.language_guidance_layer
         d = text_config.hidden_size
         self.language_expert = HyperExpert(config, d, d, d, len(expert_layers)) if expert_layers else None
@@ -312,16 +311,16 @@ class HyperLlamaModel(LlamaModel):
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
 
         hidden_states = inputs_embeds
-        expert_down = expert_up = generated = None
+        layer_weights, generated = {}, None
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if idx == self.guidance_layer and self.language_expert is not None:
                 if language_expert_weights is None:  # the prefill: generate once, reused at every decode step
                     guidance = mean_pool(hidden_states, language_guidance_mask)
                     generated = language_expert_weights = self.language_expert(guidance)
                 expert_down, expert_up = self.language_expert.split(language_expert_weights)
-            slot = self.expert_slot.get(idx)
-            layer_weights = (None, None) if slot is None else (expert_down[:, slot], expert_up[:, slot])
-            hidden_states = decoder_layer(hidden_states, *layer_weights, **layer_kwargs)
+                # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
+                layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
+            hidden_states = decoder_layer(hidden_states, *layer_weights.get(idx, (None, None)), **layer_kwargs)
 
         return HyperLlavaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
