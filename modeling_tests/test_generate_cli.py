@@ -3,6 +3,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -251,3 +252,26 @@ def test_pipeline_on_a_saved_folder(saved):
     assert answer["content"].strip() == reference_answer(
         model, processor, "What is in the image?", [images / "wide.png"]
     )
+
+
+def test_batch_mode_pads_left_even_if_the_saved_tokenizer_pads_right(saved, capsys, tmp_path):
+    folder, model, processor, images = saved
+    right = tmp_path / folder.name
+    shutil.copytree(folder, right)
+    tokenizer_config = json.loads((right / "tokenizer_config.json").read_text())
+    (right / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": "right"}))
+    questions = [
+        {"question_id": "short", "image": "wide.png", "text": "What?"},
+        {"question_id": "long", "image": "tall.jpg", "text": "Describe the picture in detail."},
+    ]
+    write_questions(tmp_path / "questions.jsonl", questions)
+    answers_file = tmp_path / "answers.jsonl"
+    code, _, err = run(
+        ["--model", str(right), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
+        + ["--answers-file", str(answers_file), "--batch-size", "2"],
+        capsys,
+    )
+    assert code == 0, err
+    for question, line in zip(questions, answers_file.read_text().splitlines()):
+        expected = reference_answer(model, processor, question["text"], [images / question["image"]])
+        assert json.loads(line)["text"] == expected

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration
 
-from conftest import images, make_model, prompt_ids
+from conftest import IMAGE_TOKEN, images, make_model, prompt_ids
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava.modeling_hyperllava import CACHE_ARG
 from transformers_hyperllava.tiny import tiny_config
 
 # --- 1. zero-init equivalence --------------------------------------------------------------------------------------
@@ -339,6 +340,7 @@ def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
         max_new_tokens=6,
         do_sample=True,
         num_return_sequences=4,
+        suppress_tokens=[IMAGE_TOKEN],  # a sampled placeholder would be taken for an image in the recompute
         output_logits=True,
         return_dict_in_generate=True,
     )
@@ -514,3 +516,73 @@ def test_config_defaults_reproduce_the_paper():
         64,
     )
     assert config.language_guidance_layer == 2
+
+
+# --- Transformers interfaces ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_passed_under_either_name_is_used(name):
+    from transformers import DynamicCache
+
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11, 12)])
+    full = model(input_ids=ids, pixel_values=images(1))
+    cache = DynamicCache(config=model.config.text_config)
+    prefill = model(input_ids=ids[:, :-1], pixel_values=images(1), use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == ids.shape[1] - 1
+    step = model(
+        input_ids=ids[:, -1:],
+        use_cache=True,
+        language_expert_weights=prefill.language_expert_weights,
+        **{name: cache},
+    )
+    # The prefill's guidance covers its own tokens only: compare with a recompute pooled the same way.
+    guidance_mask = torch.ones_like(ids, dtype=torch.bool)
+    guidance_mask[:, -1] = False
+    expected = model(input_ids=ids, pixel_values=images(1), language_guidance_mask=guidance_mask).logits[:, -1]
+    torch.testing.assert_close(step.logits[:, -1], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-4)  # the guidance mask matters
+
+
+def test_generate_continues_from_a_supplied_cache_with_the_prefill_weights():
+    from transformers import DynamicCache
+
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11)])
+    cache = DynamicCache(config=model.config.text_config)
+    prefill = model(input_ids=ids[:, :-1], pixel_values=images(1), use_cache=True, past_key_values=cache)
+    with pytest.raises(ValueError, match="a cache filled earlier needs that prefill's language_expert_weights"):
+        model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, **{CACHE_ARG: cache})
+    assert cache.get_seq_length() == ids.shape[1] - 1  # the refused call left the cache as it was
+    continued = model.generate(
+        input_ids=ids,
+        language_expert_weights=prefill.language_expert_weights,
+        **{CACHE_ARG: cache},
+        max_new_tokens=5,
+        do_sample=False,
+    )
+    # Same tokens only if the weights were pooled the same way: the prefill pooled all but the last prompt token.
+    guidance_mask = torch.ones_like(ids, dtype=torch.bool)
+    guidance_mask[:, -1] = False
+    first = model(input_ids=ids, pixel_values=images(1), language_guidance_mask=guidance_mask).logits[0, -1].argmax()
+    assert continued[0, ids.shape[1]] == first
+
+
+def test_return_dict_false_gives_tuples():
+    model = make_model()
+    kwargs = {"input_ids": torch.tensor([prompt_ids("img", 10)]), "pixel_values": images(1)}
+    as_tuple = model(**kwargs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], model(**kwargs).logits)
+    assert isinstance(model.model(**kwargs, return_dict=False), tuple)
+
+
+def test_a_4d_attention_mask_needs_a_guidance_mask():
+    model = make_model()
+    ids = torch.tensor([prompt_ids(10, 11, 12)])
+    mask = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="a 4-D attention_mask does not say which tokens are the prompt"):
+        model(input_ids=ids, attention_mask=mask)
+    guided = model(input_ids=ids, attention_mask=mask, language_guidance_mask=torch.ones_like(ids))
+    torch.testing.assert_close(guided.logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

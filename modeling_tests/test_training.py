@@ -309,3 +309,19 @@ def test_projector_file_must_fit(setup, tmp_path):
     # Stage 1 trained a "second" expert; a "both" model would start with an untrained "first" one.
     with pytest.raises(ValueError, match="visual_expert_first"):
         load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / PROJECTOR_FILE)))
+
+
+@pytest.mark.parametrize("kind", ["llava", "hyperllava"])
+def test_models_load_for_training_in_float32_from_half_precision_checkpoints(tmp_path, kind):
+    # Optimiser updates at lr 2e-5 round away in float16 weights: training keeps float32 masters.
+    config = tiny_config()
+    torch.manual_seed(0)
+    if kind == "llava":
+        saved = LlavaForConditionalGeneration(config.to_llava_config())
+    else:
+        saved = randomize_experts(HyperLlavaForConditionalGeneration(config))
+    saved.half().save_pretrained(tmp_path)
+    model = load_model(ModelArguments(str(tmp_path)))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor.float(), atol=0, rtol=0, msg=name)

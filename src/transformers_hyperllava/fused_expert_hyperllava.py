@@ -16,6 +16,7 @@ without Triton (then `is_available()` is False and the model uses its eager path
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -75,6 +76,10 @@ def _check_inputs(x, w_down, w_up, residual):
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
     if triton is None:
         raise RuntimeError("fused_expert_adapter needs Triton (`pip install triton`); use the eager path instead")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"fused_expert_adapter runs on CUDA devices, not {x.device}: use expert_kernel='auto' or 'eager' there"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def generation_kwargs(args, processor) -> dict:
 
 def generate_answers(model, processor, prompts, images, streamer=None, **kwargs) -> list[str]:
     """Answers for a batch of prompts (left-padded together) and their images, in prompt order."""
-    inputs = processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+    # Left padding whatever the saved tokenizer says: generation continues every prompt from its last token.
+    inputs = processor(images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(model.device, dtype=model.dtype)
     with torch.inference_mode():
         output = model.generate(**inputs, streamer=streamer, **kwargs)

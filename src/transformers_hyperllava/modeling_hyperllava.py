@@ -33,6 +33,7 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -239,6 +240,8 @@ class HyperLlamaModel(LlamaModel):
 
     def __init__(self, config: HyperLlavaConfig):
         text_config = config.text_config
+        # LlamaModel's constructor with expert-aware decoder layers (calling it and replacing its layers would
+        # initialise every layer twice).
         super(LlamaModel, self).__init__(text_config)
         self.padding_idx = text_config.pad_token_id
         self.vocab_size = text_config.vocab_size
@@ -285,7 +288,9 @@ class HyperLlamaModel(LlamaModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        cache = kwargs.pop(CACHE_ARG, None)
+        # Either name, whatever the release: 5.2x's `cache`, or `past_key_values` (5.17, and a deprecated alias).
+        cache, past_key_values = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        cache = past_key_values if cache is None else cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -309,6 +314,8 @@ class HyperLlamaModel(LlamaModel):
         }
         if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        if language_expert_weights is None and self.language_expert is not None:
+            self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
         hidden_states = inputs_embeds
         layer_weights, generated = {}, None
@@ -329,6 +336,25 @@ class HyperLlamaModel(LlamaModel):
             **{CACHE_ARG: cache},
         )
 
+    @staticmethod
+    def _check_guidance_inputs(guidance_mask, attention_mask, length, cache):
+        """Refuse what would pool the guidance over the wrong tokens instead of silently doing it."""
+        if cache is not None and not torch.compiler.is_compiling() and int(cache.get_seq_length()) > 0:
+            raise ValueError(
+                f"the cache already holds {int(cache.get_seq_length())} tokens, which the language guidance cannot "
+                "see: a cache filled earlier needs that prefill's language_expert_weights"
+            )
+        if guidance_mask is None and attention_mask is not None:
+            raise ValueError(
+                f"a {attention_mask.dim()}-D attention_mask does not say which tokens are the prompt: pass "
+                "language_guidance_mask (batch, sequence_length) to pool the language guidance over"
+            )
+        if guidance_mask is not None and guidance_mask.shape[-1] != length:
+            raise ValueError(
+                f"language_guidance_mask covers {guidance_mask.shape[-1]} positions but the input has {length}: "
+                "a cache filled earlier needs that prefill's language_expert_weights"
+            )
+
 
 class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
     """LLaVA's vision tower, the projector with the visual expert, and the text model with the language expert."""
@@ -340,17 +366,20 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
         self.language_model = HyperLlamaModel(config)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
+        past_key_values=None,
         inputs_embeds=None,
         vision_feature_layer=None,
         vision_feature_select_strategy=None,
         language_guidance_mask=None,
         language_expert_weights=None,
+        cache=None,
         **kwargs,
     ) -> HyperLlavaModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -375,6 +404,7 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
             inputs_embeds=inputs_embeds,
             language_guidance_mask=language_guidance_mask,
             language_expert_weights=language_expert_weights,
+            cache=cache if cache is not None else past_key_values,
             **kwargs,
         )
         return HyperLlavaModelOutputWithPast(**outputs)
@@ -408,25 +438,25 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         self.post_init()
 
     @classmethod
-    def from_llava(cls, path_or_model, **config_overrides):
+    def from_llava(cls, path_or_model, load_kwargs=None, **config_overrides):
         """Upgrade a Transformers LLaVA checkpoint (path, Hub id or `LlavaForConditionalGeneration`) to HyperLLaVA.
 
         The shared weights keep their names (and, for a model passed in, its tensors: the two models share them); the
         experts are new and start as the identity, so the new model's logits equal the LLaVA model's until it is
-        trained. `config_overrides` set HyperLLaVA's fields.
+        trained. `load_kwargs` go to `LlavaForConditionalGeneration.from_pretrained` (e.g. `{"dtype": torch.float32}`
+        for training); `config_overrides` set HyperLLaVA's fields.
         """
         if isinstance(path_or_model, nn.Module):
             llava = path_or_model
         else:
-            llava = LlavaForConditionalGeneration.from_pretrained(path_or_model)
+            llava = LlavaForConditionalGeneration.from_pretrained(path_or_model, **(load_kwargs or {}))
         llava_config = llava.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             llava_config.pop(key, None)
         config = HyperLlavaConfig(**{**llava_config, **config_overrides})
         config._attn_implementation = llava.config._attn_implementation
-        # Allocation only: the shared weights are LLaVA's own tensors (assigned, not copied), the experts are
-        # initialised below. A 7B model thus upgrades in seconds and without a second copy in memory.
-        with init.no_init_weights(), torch.device(next(llava.parameters()).device):
+        # Built on the meta device and given LLaVA's own tensors: a 7B model upgrades in seconds, with no second copy.
+        with torch.device("meta"):
             model = cls(config)
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False, assign=True)
         not_experts = [key for key in missing if "expert" not in key]
@@ -434,8 +464,15 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             raise ValueError(
                 f"the LLaVA weights do not match HyperLLaVA's: missing {not_experts}, unexpected {list(unexpected)}"
             )
+        # What a state dict does not carry: LLaVA's non-persistent buffers (rotary frequencies, ...) and the experts.
+        for name, buffer in model.named_buffers():
+            if buffer.is_meta:
+                module_name, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(module_name), leaf, llava.get_buffer(name))
+        device = next(llava.parameters()).device
         for module in model.modules():
             if isinstance(module, HyperExpert):
+                module.to_empty(device=device)
                 module.init_weights(config.text_config.initializer_range)
                 module.to(llava.dtype)
         if llava.generation_config is not None:
@@ -460,12 +497,14 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         counts["expert"] = counts["visual_expert"] + counts["language_expert"]
         return counts
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
+        past_key_values=None,
         inputs_embeds=None,
         vision_feature_layer=None,
         vision_feature_select_strategy=None,
@@ -473,9 +512,12 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         logits_to_keep=0,
         language_guidance_mask=None,
         language_expert_weights=None,
+        cache=None,
         **kwargs,
     ) -> HyperLlavaCausalLMOutputWithPast:
         r"""
+        past_key_values, cache (`Cache`, *optional*):
+            The KV cache, under either name: Transformers 5.2x calls it `cache`, earlier 5.x `past_key_values`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             As in LLaVA; they also mark the prompt: the language guidance is pooled over the non-padding tokens
             before the first supervised one, unless `language_guidance_mask` is given.
@@ -496,6 +538,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             vision_feature_select_strategy=vision_feature_select_strategy,
             language_guidance_mask=language_guidance_mask,
             language_expert_weights=language_expert_weights,
+            cache=cache if cache is not None else past_key_values,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

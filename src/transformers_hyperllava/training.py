@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
@@ -162,6 +163,7 @@ class HyperLlavaTrainingArguments(TrainingArguments):
 
 
 def load_model(model_args: ModelArguments):
+    """The model to train; a half-precision checkpoint is trained in float32 master weights (`--bf16` autocasts)."""
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     overrides = json.loads(model_args.hyperllava_config) if model_args.hyperllava_config else {}
     if config.model_type == "hyperllava":
@@ -174,6 +176,8 @@ def load_model(model_args: ModelArguments):
         raise ValueError(
             f"{model_args.model_name_or_path}: model_type {config.model_type!r} is neither hyperllava nor llava"
         )
+    if any(param.dtype in (torch.float16, torch.bfloat16) for param in model.parameters()):
+        model.float()  # updates at lr 2e-5 would round away in half-precision weights
     if model_args.pretrained_projector:
         load_trained_weights(model, model_args.pretrained_projector)
     return model
@@ -250,9 +254,13 @@ def main(argv=None):
     model = load_model(model_args)
     dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
     lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
+    if lora and (args.fsdp or args.deepspeed):
+        # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
+        raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
     trainer = build_trainer(model, processor, dataset, args, lora)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if dataset.num_dropped and args.process_index == 0:
+        # Counted in this process only: with dataloader workers, each worker's warnings are the full record.
         logger.warning("%d sample(s) were dropped for max_length=%d", dataset.num_dropped, data_args.max_length)
     save_stage(trainer, processor, args.output_dir)
     if args.push_to_hub and trainer.is_world_process_zero():
