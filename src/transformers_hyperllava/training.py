@@ -272,6 +272,11 @@ def main(argv=None):
         api.upload_folder(
             repo_id=repo.repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"]
         )
+    # Every process waits for the save, then leaves the process group: a gloo process that exits with it still open
+    # can abort ("terminate called without an active exception") and fail the whole launch.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
