@@ -93,6 +93,27 @@ def _kernel(fn):
 
 
 @_kernel
+def _down_projection(
+    x_ptr, w_down_ptr, offs_m, mask_m, offs_r, mask_r, d_in, r,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """x W_d for a block of rows, fp32 accumulation: the SiLU gate (first r columns) and the up half (the next r)."""
+    gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, d_in, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < d_in
+        x = tl.load(
+            x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
+        w_mask = mask_k[:, None] & mask_r[None, :]
+        gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
+        up = tl.dot(x, tl.load(w + r, mask=w_mask, other=0.0), up, input_precision=PRECISION)
+    return gate, up
+
+
+@_kernel
 def _forward_kernel(
     x_ptr, w_down_ptr, w_up_ptr, residual_ptr, out_ptr,
     rows, d_in, d_out, r, cols_per_program,
@@ -112,18 +133,9 @@ def _forward_kernel(
     residual_ptr += (group * rows + first_row) * d_out
     out_ptr += (group * rows + first_row) * d_out
 
-    gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, d_in, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < d_in
-        x = tl.load(
-            x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
-        w_mask = mask_k[:, None] & mask_r[None, :]
-        gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
-        up = tl.dot(x, tl.load(w + r, mask=w_mask, other=0.0), up, input_precision=PRECISION)
+    gate, up = _down_projection(
+        x_ptr, w_down_ptr, offs_m, mask_m, offs_r, mask_r, d_in, r, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION
+    )
     # Padded bottleneck columns are 0 * 0 = 0, so they add nothing below.
     hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty)
 
@@ -228,18 +240,9 @@ def _backward_rows_kernel(
     dtype = x_ptr.dtype.element_ty
 
     # Recompute the pre-activation rather than saving it: it costs one more read of x, no extra memory.
-    gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, d_in, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < d_in
-        x = tl.load(
-            x_ptr + offs_m[:, None] * d_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )
-        w = w_down_ptr + offs_k[:, None] * (2 * r) + offs_r[None, :]
-        w_mask = mask_k[:, None] & mask_r[None, :]
-        gate = tl.dot(x, tl.load(w, mask=w_mask, other=0.0), gate, input_precision=PRECISION)
-        up = tl.dot(x, tl.load(w + r, mask=w_mask, other=0.0), up, input_precision=PRECISION)
+    gate, up = _down_projection(
+        x_ptr, w_down_ptr, offs_m, mask_m, offs_r, mask_r, d_in, r, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION
+    )
 
     grad_hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n in range(0, d_out, BLOCK_N):
