@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 
-from conftest import IMAGE_TOKEN, images, make_model, prompt_ids
+from conftest import IMAGE_TOKEN, images, make_model, prompt_ids, randomize_experts
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.modeling_hyperllava import CACHE_ARG
 from transformers_hyperllava.tiny import tiny_config
@@ -441,6 +442,48 @@ def test_compiled_forward_has_no_graph_breaks():
     actual = compiled(**batch)
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(actual.language_expert_weights, expected.language_expert_weights)
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_step_ops(model, ids, mask):
+    """The aten ops one decoding step dispatches (after a prefill with a cache): what bounds eager decoding."""
+    with torch.no_grad():
+        prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        step = {
+            CACHE_ARG: getattr(prefill, CACHE_ARG),
+            "input_ids": ids[:, -1:],
+            "attention_mask": F.pad(mask, (0, 1), value=1),
+        }
+        if isinstance(model, HyperLlavaForConditionalGeneration):
+            step["language_expert_weights"] = prefill.language_expert_weights
+        with CountOps() as counter:
+            model(**step)
+    return counter.count
+
+
+@pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
+def test_a_decoding_step_adds_five_ops_per_expert_layer(batch, expert_mode):
+    # Eager decoding is host-bound on a GPU, so its cost is the number of dispatched ops: the adapter is bmm, chunk,
+    # SiLU, multiply and baddbmm (plus an expand when one weight set serves the batch), and picking the layers' weights
+    # out of the generated ones takes a few views once per step.
+    config = tiny_config(num_hidden_layers=8, expert_mode=expert_mode)
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config.to_llava_config()).eval()
+    hyper = randomize_experts(HyperLlavaForConditionalGeneration.from_llava(llava, expert_mode=expert_mode))
+    ids, mask = torch.randint(5, 60, (batch, 7)), torch.ones(batch, 7, dtype=torch.long)
+    expert_layers = len(config.language_expert_layer_indices)
+    per_layer = 5 if batch == 1 or expert_mode == "dynamic" else 7
+    extra = decode_step_ops(hyper, ids, mask) - decode_step_ops(llava, ids, mask)
+    assert extra <= per_layer * expert_layers + 8, (extra, expert_layers)
 
 
 # --- 9. bad input -----------------------------------------------------------------------------------------------------
