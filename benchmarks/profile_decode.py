@@ -1,0 +1,156 @@
+"""Where a compiled decoding step's time goes, LLaVA vs HyperLLaVA: device busy time, host gaps, and the kernels and
+host ops that differ. `bench_overhead.py` gives the ratios; this says what makes them.
+
+    python benchmarks/profile_decode.py --size 7b --out profile    # CUDA: kernels and host ops, traces in profile/
+    python benchmarks/profile_decode.py --size tiny                 # CPU: host ops only (7B's depth, toy widths)
+
+Each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a GPU).
+After a warm-up call that compiles, one call is profiled from its first token's logits to its end, so that only
+decoding steps are in the profile.
+"""
+
+import argparse
+import os
+import re
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from bench_overhead import (  # noqa: E402
+    SIZES,
+    build_models,
+    compile_on_any_device,
+    make_batch,
+    set_expert_kernel,
+    synchronize,
+)
+from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
+
+
+class StartProfiler(LogitsProcessor):
+    """Starts the profiler when the first token's logits exist: the prefill stays out of the profile."""
+
+    def __init__(self, profiler, device):
+        self.profiler, self.device, self.started = profiler, device, None
+
+    def __call__(self, input_ids, scores):
+        if self.started is None:
+            synchronize(self.device)
+            self.profiler.start()
+            self.started = time.perf_counter()
+        return scores
+
+
+def profile_decoding(model, batch, new_tokens, device):
+    """One profiled generate call: (the profiler, wall seconds per decoding step)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    profiler = profile(activities=activities)
+    starter = StartProfiler(profiler, device)
+    with torch.no_grad():
+        model.generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            cache_implementation="static", logits_processor=LogitsProcessorList([starter]),
+        )  # fmt: skip
+    synchronize(device)
+    seconds = time.perf_counter() - starter.started
+    profiler.stop()
+    return profiler, seconds / (new_tokens - 1)
+
+
+def device_busy_us(profiler):
+    """Kernel count and the time (us) during which at least one kernel ran: the union of the kernels' intervals."""
+    intervals = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in profiler.events()
+        if event.device_type == DeviceType.CUDA
+    )
+    busy, current_end = 0.0, float("-inf")
+    for start, end in intervals:
+        busy += max(0.0, end - max(start, current_end))
+        current_end = max(current_end, end)
+    return len(intervals), busy
+
+
+def per_key(profiler, attribute):
+    """{op or kernel name: (calls, total self time in us)} from the profiler's averages."""
+    table = {}
+    for entry in profiler.key_averages():
+        if getattr(entry, attribute) > 0:
+            # Compiled graphs and regions are named per model; without the name they pair up across models.
+            name = re.sub(r"(CompiledFxGraph|Compiled Region:) \S+", r"\1", entry.key)
+            calls, total = table.get(name, (0, 0.0))
+            table[name] = (calls + entry.count, total + getattr(entry, attribute))
+    return table
+
+
+def differences(base, other, steps, top):
+    """The `top` names whose time per step differs most between two `per_key` tables."""
+    rows = []
+    for name in set(base) | set(other):
+        calls_b, time_b = base.get(name, (0, 0.0))
+        calls_o, time_o = other.get(name, (0, 0.0))
+        rows.append(((time_o - time_b) / steps, (calls_o - calls_b) / steps, name))
+    rows.sort(key=lambda row: -abs(row[0]))
+    return rows[:top]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--new-tokens", type=int, default=17, help="tokens per profiled call (default 17: 16 steps)")
+    parser.add_argument("--top", type=int, default=15, help="rows per difference table")
+    parser.add_argument("--out", help="folder for the Chrome traces (one per model)")
+    args = parser.parse_args(argv)
+    settings = SIZES[args.size]
+    device = settings["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--size 7b needs a CUDA GPU (use --size tiny on a CPU)")
+    config, llava, hyper = build_models(args.size, settings)
+    if device != "cuda":
+        compile_on_any_device(llava, hyper)
+    batch = make_batch(config, settings, 1, settings["text_tokens"])
+    candidates = {"llava": (llava, None), "hyper-eager": (hyper, "eager")}
+    if fused.is_available(device):
+        candidates["hyper-auto"] = (hyper, "auto")
+
+    steps = args.new_tokens - 1
+    results = {}
+    for name, (model, kernel) in candidates.items():
+        if kernel is not None:
+            set_expert_kernel(model, kernel)
+        profile_decoding(model, batch, args.new_tokens, device)  # compiles (and captures the CUDA graphs)
+        profiler, step_seconds = profile_decoding(model, batch, args.new_tokens, device)
+        kernels, busy_us = device_busy_us(profiler)
+        results[name] = {
+            "profiler": profiler,
+            "cpu": per_key(profiler, "self_cpu_time_total"),
+            "device": per_key(profiler, "self_device_time_total"),
+        }
+        line = f"{name}: {step_seconds * 1e3:.3f} ms per step"
+        if device == "cuda":
+            idle_us = step_seconds * 1e6 - busy_us / steps
+            line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us, {kernels / steps:.0f} kernels"
+        print(line, flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            profiler.export_chrome_trace(os.path.join(args.out, f"{name}.json"))
+
+    for name in candidates:
+        if name == "llava":
+            continue
+        tables = [("host ops (self CPU time)", "cpu")] + ([("kernels", "device")] if device == "cuda" else [])
+        for title, key in tables:
+            print(f"\n{name} - llava, {title}, per decoding step:")
+            print("| us per step | calls per step | name |\n|---|---|---|")
+            for time_us, calls, op in differences(results["llava"][key], results[name][key], steps, args.top):
+                print(f"| {time_us:+.1f} | {calls:+.1f} | {op[:100]} |")
+
+
+if __name__ == "__main__":
+    main()
