@@ -23,28 +23,32 @@ from transformers_hyperllava import fused_expert_hyperllava as fused
 from transformers_hyperllava.modeling_hyperllava import expert_adapter
 
 D, R = 4096, 16  # Vicuna-7B's hidden size, HyperLLaVA's bottleneck
-CASES = {  # name: (batch, length, weight batch)
-    "decode B=1": (1, 1, 1),
-    "decode B=16, per-sample weights": (16, 1, 16),
-    "decode B=16, shared weights": (16, 1, 1),
-    "prefill B=8 x 640": (8, 640, 8),
-    "train fwd B=4 x 1024": (4, 1024, 4),
+CASES = {  # name: (batch, length, weight batch, layers the weights are a view into, as the language expert's are)
+    "decode B=1": (1, 1, 1, None),
+    "decode B=16, per-sample weights": (16, 1, 16, None),
+    "decode B=16, per-sample weights, views of 16 layers'": (16, 1, 16, 16),
+    "decode B=16, shared weights": (16, 1, 1, None),
+    "prefill B=8 x 640": (8, 640, 8, None),
+    "train fwd B=4 x 1024": (4, 1024, 4, None),
 }
 TOLERANCE = 3e-2  # bf16: largest error relative to the largest reference value, as in the kernel tests
 
 
-def make_inputs(batch, length, weight_batch, dtype, seed):
+def make_inputs(batch, length, weight_batch, layers, dtype, seed):
+    """x, w_down, w_up, residual. With `layers`, the weights are the first layer's views into one generated
+    (weight batch, layers, P) tensor, as `HyperExpert.split` gives them: a batch stride of all layers' weights."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(shape, generator=generator, device="cuda") * scale).to(dtype)
 
-    return (
-        randn(batch, length, D),
-        randn(weight_batch, D, 2 * R, scale=D**-0.5),
-        randn(weight_batch, R, D, scale=R**-0.5),
-        randn(batch, length, D),
-    )
+    leading = (weight_batch,) if layers is None else (weight_batch, layers)
+    w_down, w_up = randn(*leading, D, 2 * R, scale=D**-0.5), randn(*leading, R, D, scale=R**-0.5)
+    if layers is not None:
+        generated = torch.cat([w_down.flatten(2), w_up.flatten(2)], dim=-1)
+        w_down = generated[..., : D * 2 * R].unflatten(-1, (D, 2 * R))[:, 0]
+        w_up = generated[..., D * 2 * R :].unflatten(-1, (R, D))[:, 0]
+    return randn(batch, length, D), w_down, w_up, randn(batch, length, D)
 
 
 def reference(x, w_down, w_up, residual):
@@ -123,12 +127,14 @@ def main():
     names = [name for name in VARIANTS if not (args.no_compile and name == "eager + compile")]
     l2_bytes = getattr(properties, "L2_cache_size", 50 * 2**20)
     rows, wrong = [], []
-    for case, (batch, length, weight_batch) in CASES.items():
-        probe = make_inputs(batch, length, weight_batch, torch.bfloat16, seed=0)
+    for case, (batch, length, weight_batch, layers) in CASES.items():
+        probe = make_inputs(batch, length, weight_batch, layers, torch.bfloat16, seed=0)
         # Enough distinct input copies that one graph replay streams at least twice the L2 cache from HBM.
         bytes_per_call = sum(t.numel() * t.element_size() for t in probe) + probe[3].numel() * 2  # + the output
         copies = min(1000, max(2, math.ceil(2 * l2_bytes / bytes_per_call)))
-        input_sets = [probe] + [make_inputs(batch, length, weight_batch, torch.bfloat16, s) for s in range(1, copies)]
+        input_sets = [probe] + [
+            make_inputs(batch, length, weight_batch, layers, torch.bfloat16, s) for s in range(1, copies)
+        ]
         calls = max(args.calls, copies)
         want = reference(*probe)
         path = "decode" if batch * length // weight_batch <= fused._DECODE_MAX_ROWS else "tiled"

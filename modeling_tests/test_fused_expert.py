@@ -160,6 +160,24 @@ def test_non_contiguous_inputs():
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [SHAPES["decode-batch"], SHAPES["long"]], ids=["decode", "tiled"])
+def test_weights_read_in_place_from_all_layers_weights(shape):
+    """The language expert hands each layer a view into one (batch, layers, P) tensor of generated weights, whose
+    batch stride spans every layer's weights. The kernels read such views in place (no copy per decoding step) and
+    give the reference's output and gradients."""
+    _, _, d_in, d_out, r, _ = shape
+    per_layer = [make_inputs(*shape, torch.float32, seed=layer) for layer in range(3)]
+    generated = torch.stack([torch.cat([w_d.flatten(1), w_u.flatten(1)], 1) for _, w_d, w_u, _ in per_layer], 1)
+    num_down = d_in * 2 * r
+    w_down = generated[..., :num_down].unflatten(-1, (d_in, 2 * r))[:, 1]
+    w_up = generated[..., num_down:].unflatten(-1, (r, d_out))[:, 1]
+    assert not w_down.is_contiguous() and not w_up.is_contiguous()
+    assert fused._matrices_contiguous(w_down) is w_down and fused._matrices_contiguous(w_up) is w_up
+    x, _, _, residual = per_layer[1]
+    check_against_reference((x, w_down, w_up, residual), TOLERANCE[torch.float32])
+
+
+@needs_kernels
 def test_compiles_without_graph_breaks():
     x, w_down, w_up, residual = make_inputs(2, 5, 32, 24, 4, 2, torch.float32)
 

@@ -83,7 +83,8 @@ def _check_inputs(x, w_down, w_up, residual):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Kernels. Tensors are contiguous and viewed as `groups` independent problems (one per weight set) of `rows` rows.
+# Kernels. Activations are contiguous and viewed as `groups` independent problems (one per weight set) of `rows`
+# rows; each weight set is a contiguous matrix, `w_down_stride` / `w_up_stride` elements after the previous one.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -116,7 +117,7 @@ def _down_projection(
 @_kernel
 def _forward_kernel(
     x_ptr, w_down_ptr, w_up_ptr, residual_ptr, out_ptr,
-    rows, d_in, d_out, r, cols_per_program,
+    rows, d_in, d_out, r, cols_per_program, w_down_stride, w_up_stride,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -128,8 +129,8 @@ def _forward_kernel(
     mask_m = first_row + offs_m < rows
     mask_r = offs_r < r
     x_ptr += (group * rows + first_row) * d_in
-    w_down_ptr += group * d_in * 2 * r
-    w_up_ptr += group * r * d_out
+    w_down_ptr += group * w_down_stride
+    w_up_ptr += group * w_up_stride
     residual_ptr += (group * rows + first_row) * d_out
     out_ptr += (group * rows + first_row) * d_out
 
@@ -156,7 +157,7 @@ def _forward_kernel(
 @_kernel
 def _decode_down_kernel(
     x_ptr, w_down_ptr, partial_ptr,
-    rows, d_in, two_r, splits,
+    rows, d_in, two_r, splits, w_down_stride,
     BLOCK_K: tl.constexpr, BLOCK_2R: tl.constexpr,
 ):  # fmt: skip
     """Program (s, m, g): the partial pre-activation x[m] @ w_down[k-slice s] of row m of problem g, in float32.
@@ -172,7 +173,7 @@ def _decode_down_kernel(
     mask_c = offs_c < two_r
     x = tl.load(x_ptr + row * d_in + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     w = tl.load(
-        w_down_ptr + group * d_in * two_r + offs_k[:, None] * two_r + offs_c[None, :],
+        w_down_ptr + group * w_down_stride + offs_k[:, None] * two_r + offs_c[None, :],
         mask=mask_k[:, None] & mask_c[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -183,7 +184,7 @@ def _decode_down_kernel(
 @_kernel
 def _decode_up_kernel(
     partial_ptr, w_up_ptr, residual_ptr, out_ptr,
-    rows, r, d_out, splits,
+    rows, r, d_out, splits, w_up_stride,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (j, m, g): output columns [j * BLOCK_N, ...) of row m of problem g. Sums the row's partial
@@ -198,7 +199,7 @@ def _decode_up_kernel(
     mask_n = offs_n < d_out
     # Every load before the reductions (which synchronise the warps), so that the three reads overlap.
     w = tl.load(
-        w_up_ptr + group * r * d_out + offs_r[:, None] * d_out + offs_n[None, :],
+        w_up_ptr + group * w_up_stride + offs_r[:, None] * d_out + offs_n[None, :],
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
@@ -218,7 +219,7 @@ def _decode_up_kernel(
 @_kernel
 def _backward_rows_kernel(
     x_ptr, w_down_ptr, w_up_ptr, grad_out_ptr, grad_x_ptr, grad_pre_ptr, hidden_ptr,
-    rows, d_in, d_out, r,
+    rows, d_in, d_out, r, w_down_stride, w_up_stride,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -235,8 +236,8 @@ def _backward_rows_kernel(
     grad_out_ptr += (group * rows + first_row) * d_out
     grad_pre_ptr += (group * rows + first_row) * 2 * r
     hidden_ptr += (group * rows + first_row) * r
-    w_down_ptr += group * d_in * 2 * r
-    w_up_ptr += group * r * d_out
+    w_down_ptr += group * w_down_stride
+    w_up_ptr += group * w_up_stride
     dtype = x_ptr.dtype.element_ty
 
     # Recompute the pre-activation rather than saving it: it costs one more read of x, no extra memory.
@@ -347,8 +348,15 @@ def _expert_adapter(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, r
         return out.copy_(residual)
     # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
     forward = _decode_forward if rows <= _DECODE_MAX_ROWS else _tiled_forward
-    forward(x.contiguous(), w_down.contiguous(), w_up.contiguous(), residual.contiguous(), out)
+    forward(x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), out)
     return out
+
+
+def _matrices_contiguous(weights):
+    """The weights with each sample's matrix contiguous. The kernels take the batch stride as it comes, so the per-layer
+    views of the language expert's generated weights (a batch stride of all layers' weights) are read in place instead
+    of copied at every decoding step."""
+    return weights if weights[0].is_contiguous() else weights.contiguous()
 
 
 def _tiled_forward(x, w_down, w_up, residual, out):
@@ -364,7 +372,7 @@ def _tiled_forward(x, w_down, w_up, residual, out):
     grid = (row_blocks, triton.cdiv(d_out, cols_per_program), groups)
     _forward_kernel[grid](
         x, w_down, w_up, residual, out,
-        rows, d_in, d_out, r, cols_per_program,
+        rows, d_in, d_out, r, cols_per_program, w_down.stride(0), w_up.stride(0),
         BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
     )  # fmt: skip
 
@@ -383,11 +391,11 @@ def _decode_forward(x, w_down, w_up, residual, out):
     splits = triton.cdiv(d_in, block_k)
     partial = torch.empty(groups, rows, splits, 2 * r, dtype=torch.float32, device=x.device)
     _decode_down_kernel[(splits, rows, groups)](
-        x, w_down, partial, rows, d_in, 2 * r, splits, BLOCK_K=block_k, BLOCK_2R=block_2r
+        x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), BLOCK_K=block_k, BLOCK_2R=block_2r
     )
     block_n = _decode_block(d_out, row_programs, sms, 64, _DECODE_TILE // block_r)
     _decode_up_kernel[(triton.cdiv(d_out, block_n), rows, groups)](
-        partial, w_up, residual, out, rows, r, d_out, splits,
+        partial, w_up, residual, out, rows, r, d_out, splits, w_up.stride(0),
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n,
     )  # fmt: skip
 
@@ -416,9 +424,10 @@ def _expert_adapter_backward(
     x, grad_out = x.contiguous(), grad_out.contiguous()
     grad_pre = x.new_empty(groups, rows, 2 * r)
     hidden = x.new_empty(groups, rows, r)
+    w_down, w_up = _matrices_contiguous(w_down), _matrices_contiguous(w_up)
     _backward_rows_kernel[(triton.cdiv(rows, 16), groups)](
-        x, w_down.contiguous(), w_up.contiguous(), grad_out, grad_x, grad_pre, hidden,
-        rows, d_in, d_out, r,
+        x, w_down, w_up, grad_out, grad_x, grad_pre, hidden,
+        rows, d_in, d_out, r, w_down.stride(0), w_up.stride(0),
         BLOCK_M=16, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
     )  # fmt: skip
     block_2r = max(16, triton.next_power_of_2(2 * r))
