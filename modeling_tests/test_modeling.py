@@ -417,6 +417,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_autocast_keeps_the_float32_residual_stream():
+    """Mixed-precision training (float32 weights, bf16 autocast): every decoder layer, the expert ones too, hands on
+    a float32 residual stream, as LLaVA's do; the expert's output joins the FFN's in the autocast dtype."""
+    model = make_model()
+    dtypes = {}
+    for index, layer in enumerate(model.model.language_model.layers):
+        layer.register_forward_hook(lambda module, args, output, index=index: dtypes.__setitem__(index, output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=torch.tensor([prompt_ids("img", 10, 11)]), pixel_values=images(1))
+    assert model.model.language_model.expert_layers  # the test covers expert layers
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+
+
 def test_sdpa_and_eager_attention_agree():
     batch = training_batch()
     outputs = {}
