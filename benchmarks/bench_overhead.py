@@ -5,9 +5,10 @@ the memory-bandwidth floor).
     python benchmarks/bench_overhead.py --size tiny              # fp32 on CPU, 7B's depth at toy widths, ~5 min
     python benchmarks/bench_overhead.py --size 7b --out 7b.md    # bf16 on CUDA: Vicuna-7B + CLIP ViT-L/14-336
 
-Both models get random weights at the same shapes (the HyperLLaVA experts too, so that they really run). The
-models are measured in turn within each repeat, so that clock and thermal drift hit both alike, and every number is
-the median over the repeats after a warm-up.
+Both models get random weights at the same shapes (the HyperLLaVA experts too, so that they really run). HyperLLaVA
+also runs with its experts detached: a control that does LLaVA's computation with HyperLLaVA's code, so that what the
+experts cost is told apart from what the rest of the code costs. The models are measured in turn within each repeat,
+so that clock and thermal drift hit all alike, and every number is the median over the repeats after a warm-up.
 """
 
 import argparse
@@ -21,12 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import CompileConfig, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration  # noqa: E402
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
+from transformers_hyperllava.modeling_hyperllava import HyperExpert, expert_adapter  # noqa: E402
 from transformers_hyperllava.tiny import tiny_config  # noqa: E402
 
 _COMMON = {"prefill_batch": 8, "text_tokens": 64, "new_tokens": 64, "train_batch": 4}
@@ -69,6 +70,10 @@ def depth_7b_tiny_config() -> HyperLlavaConfig:
 def build_models(size, settings):
     config = vicuna7b_clip336_config() if size == "7b" else depth_7b_tiny_config()
     device, dtype = torch.device(settings["device"]), settings["dtype"]
+    if device.type == "cpu":
+        # The toy widths gain nothing from intra-op threads, and the threads' wake-ups were most of the run-to-run
+        # noise (decoding ratios moving by ±4% between runs on 2 cores, under 1% on one thread).
+        torch.set_num_threads(1)
     with device:  # random init straight on the GPU: initialising 7B parameters on the CPU takes minutes
         torch.manual_seed(0)
         llava = LlavaForConditionalGeneration._from_config(
@@ -89,6 +94,23 @@ def set_expert_kernel(model, kernel):
     for module in model.modules():
         if hasattr(module, "expert_kernel"):
             module.expert_kernel = kernel
+
+
+class HyperVariants:
+    """One built HyperLLaVA run as several variants on the same weights: `use("eager")` or `use("auto")` picks the
+    adapter, `use(None)` detaches the experts (the control: the model then skips them, as if it had none)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.experts = {name: module for name, module in model.named_modules() if isinstance(module, HyperExpert)}
+
+    def use(self, kernel):
+        for name, expert in self.experts.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, None if kernel is None else expert)
+        if kernel is not None:
+            set_expert_kernel(self.model, kernel)
+        return self.model
 
 
 def make_batch(config, settings, batch, text_tokens, seed=0):
@@ -123,38 +145,39 @@ def wall_time(fn, device):
 
 
 def interleaved(candidates, measure, repeats, warmup=1):
-    """Median of `measure(candidate)` over `repeats` rounds, the candidates taking turns within each round."""
+    """Median of `measure(name, candidate)` over `repeats` rounds, the candidates taking turns within each round."""
     samples = {name: [] for name in candidates}
     for round_ in range(warmup + repeats):
         for name, candidate in candidates.items():
-            value = measure(candidate)
+            value = measure(name, candidate)
             if round_ >= warmup:
                 samples[name].append(value)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
 class DecodeClock(LogitsProcessor):
-    """Notes when the first token's logits exist, so that decoding time excludes the prefill."""
+    """Notes when each token's logits exist, after a synchronisation (which Transformers 5.17's loop makes at every
+    CUDA step anyway): the gaps are the decoding steps, and the prefill comes before the first note."""
 
     def __init__(self, device):
-        self.device, self.first = device, None
+        self.device, self.times = device, []
 
     def __call__(self, input_ids, scores):
-        if self.first is None:
-            synchronize(self.device)
-            self.first = time.perf_counter()
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
         return scores
 
 
 def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs):
+    """The median decoding step of one `generate` call: robust to the odd step that a garbage collection or another
+    process on the host stretches, which a mean over the call would spread over every token."""
     clock = DecodeClock(device)
     with torch.no_grad():
         model.generate(
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             logits_processor=LogitsProcessorList([clock]), **generate_kwargs,
         )  # fmt: skip
-    synchronize(device)
-    return (time.perf_counter() - clock.first) / (new_tokens - 1)
+    return statistics.median(later - earlier for earlier, later in zip(clock.times, clock.times[1:]))
 
 
 def compile_on_any_device(*models):
@@ -211,8 +234,7 @@ def training_batch(config, settings):
 
 
 def eager_adapter(x, w_down, w_up, residual):
-    gate, up = torch.matmul(x, w_down).chunk(2, dim=-1)
-    return residual + torch.matmul(F.silu(gate) * up, w_up)
+    return expert_adapter(x, w_down, w_up, residual, "eager")
 
 
 def adapter_call(adapter, inputs, grad=None):
@@ -372,43 +394,46 @@ def main(argv=None):
                 raise RuntimeError("its output differs from the eager adapter's")
             kernels.append("auto")
 
-    def candidates():
-        """LLaVA, then HyperLLaVA once per adapter implementation (switched in place: one copy of the weights)."""
-        named = {"llava": lambda: llava}
-        for kernel in kernels:
-            named[f"hyper-{kernel}"] = lambda kernel=kernel: (set_expert_kernel(hyper, kernel), hyper)[1]
-        return named
+    variants = HyperVariants(hyper)
+    # LLaVA, HyperLLaVA without its experts (the control), then with them, once per adapter implementation.
+    candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
+    candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
+    header = ["workload", "LLaVA", "HyperLLaVA, experts detached (control)"]
+    header += [f"HyperLLaVA ({kernel} adapter)" for kernel in kernels]
 
-    def record(workload, medians):
-        base = medians["llava"]
-        cells = [workload, f"{base * 1e3:.3f} ms"]
-        cells += [f"{medians[f'hyper-{k}'] * 1e3:.3f} ms ({medians[f'hyper-{k}'] / base:.3f}x)" for k in kernels]
+    def record(workload, values, unit=1e3, suffix=" ms"):
+        base = values["llava"]
+        cells = [workload, f"{base * unit:.3f}{suffix}"]
+        cells += [
+            f"{values[name] * unit:.3f}{suffix} ({values[name] / base:.3f}x)" for name in candidates if name != "llava"
+        ]
         report.row(cells)
 
-    report.line(f"\nMedian of {repeats} interleaved repeats after a warm-up; ratio = HyperLLaVA / LLaVA.\n")
-    report.table(["workload", "LLaVA", *[f"HyperLLaVA ({k} adapter)" for k in kernels]])
+    report.line(f"\nMedian of {repeats} interleaved repeats after a warm-up (decode: {max(3, repeats // 2)}); ratio = "
+                "HyperLLaVA / LLaVA.\n")  # fmt: skip
+    report.table(header)
 
     prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])
     name = f"prefill, batch {settings['prefill_batch']} x {prefill['input_ids'].shape[1]} tokens"
     with section(report, name):
 
-        def prefill_time(get_model):
+        def prefill_time(_, get_model):
             model = get_model()
             with torch.no_grad():
                 return wall_time(lambda: model(**prefill, logits_to_keep=1), device)
 
-        record(name, interleaved(candidates(), prefill_time, repeats))
+        record(name, interleaved(candidates, prefill_time, repeats))
 
     for batch_size in (1, 16):
         decode = make_batch(config, settings, batch_size, settings["text_tokens"])
         name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
         with section(report, name):
             medians = interleaved(
-                candidates(),
-                lambda get_model, decode=decode: decode_seconds_per_token(
+                candidates,
+                lambda _, get_model, decode=decode: decode_seconds_per_token(
                     get_model(), decode, settings["new_tokens"], device
                 ),
-                max(2, repeats // 2),
+                max(3, repeats // 2),
             )
             record(name, medians)
 
@@ -419,27 +444,20 @@ def main(argv=None):
         for model in (llava, hyper):
             prepare_training(model)
 
-        def train_time(get_model):
-            model = get_model()
-            seconds, peaks[getattr(model.config, "expert_kernel", "llava")] = train_step(model, train, device)
+        def train_time(candidate, get_model):
+            seconds, peaks[candidate] = train_step(get_model(), train, device)
             return seconds
 
-        record(name, interleaved(candidates(), train_time, max(2, repeats // 2)))
+        record(name, interleaved(candidates, train_time, max(2, repeats // 2)))
+        if device == "cuda":
+            record("train peak memory (GiB), each model as if alone on the device", peaks, 2**-30, " GiB")
+        else:
+            report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
+    variants.use(kernels[0])
     for model in (llava, hyper):
         model.zero_grad(set_to_none=True)
         set_checkpointing(model, False)
         model.eval()
-    if device != "cuda":
-        report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
-    elif len(peaks) == len(kernels) + 1:
-        base = peaks["llava"]
-        hyper_peaks = ", ".join(
-            f"HyperLLaVA ({k}) {peaks[k] / 2**30:.2f} GiB ({peaks[k] / base:.3f}x)" for k in kernels
-        )
-        report.line(
-            f"\nTraining peak memory, each model counted as if alone on the device: LLaVA {base / 2**30:.2f} GiB, "
-            f"{hyper_peaks}."
-        )
 
     # Before the compiled decode: that one takes minutes, and a run cut short should keep these numbers.
     if "auto" not in kernels:
@@ -457,28 +475,25 @@ def main(argv=None):
         report.line(
             f"\nDecode, batch 1, static cache + torch.compile (generate compiles the decoding step, {graphs}):\n"
         )
-        report.table(["workload", "LLaVA", *[f"HyperLLaVA ({k} adapter)" for k in kernels]])
+        report.table(header)
         decode = make_batch(config, settings, 1, settings["text_tokens"])
         first_call = {}
 
-        def compiled_decode(get_model):
-            model = get_model()
+        def compiled_decode(candidate, get_model):
             call_started = time.perf_counter()
             per_token = decode_seconds_per_token(
-                model, decode, settings["new_tokens"], device, cache_implementation="static"
+                get_model(), decode, settings["new_tokens"], device, cache_implementation="static"
             )
-            first_call.setdefault(model is hyper, time.perf_counter() - call_started)  # includes the compilation
+            first_call.setdefault(candidate, time.perf_counter() - call_started)  # includes the compilation
             return per_token
 
         name = "decode, batch 1, static + compile, per token"
         with section(report, name):
             # Both adapters: under compile, Inductor fuses the eager path's matmuls and pointwise ops itself.
-            record(name, interleaved(candidates(), compiled_decode, max(3, repeats // 3)))
+            record(name, interleaved(candidates, compiled_decode, max(3, repeats // 3)))
             capture = " + CUDA graph capture" if device == "cuda" else ""
-            report.line(
-                f"\nFirst call (compilation{capture}): LLaVA {first_call[False]:.0f} s, "
-                f"HyperLLaVA {first_call[True]:.0f} s."
-            )
+            firsts = ", ".join(f"{candidate} {seconds:.0f} s" for candidate, seconds in first_call.items())
+            report.line(f"\nFirst call (compilation{capture}): {firsts}.")
 
     report.line(f"\nTotal {time.perf_counter() - started:.0f} s.")
 

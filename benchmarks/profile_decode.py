@@ -4,14 +4,18 @@ host ops that differ. `bench_overhead.py` gives the ratios; this says what makes
     python benchmarks/profile_decode.py --size 7b --out profile    # CUDA: kernels and host ops, traces in profile/
     python benchmarks/profile_decode.py --size tiny                 # CPU: host ops only (7B's depth, toy widths)
 
-Each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a GPU).
-After a warm-up call that compiles, one call is profiled from its first token's logits to its end, so that only
-decoding steps are in the profile.
+Each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a GPU):
+LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation) and HyperLLaVA
+with its default adapter. After a warm-up call that compiles, one call times the compiled forward calls (host time: a
+CUDA graph replays asynchronously) and one is profiled, both from the first token's logits to the end, so that only
+decoding steps count.
 """
 
 import argparse
+import contextlib
 import os
 import re
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,11 +28,11 @@ from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from bench_overhead import (  # noqa: E402
     SIZES,
+    HyperVariants,
     build_models,
     compile_on_any_device,
     decode_seconds_per_token,
     make_batch,
-    set_expert_kernel,
     synchronize,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
@@ -46,6 +50,29 @@ class StartProfiler(LogitsProcessor):
             self.profiler.start()
             self.started = time.perf_counter()
         return scores
+
+
+@contextlib.contextmanager
+def forward_clock(model):
+    """Yields a list that collects the seconds of each compiled forward call `generate` makes in the meantime."""
+    seconds, compiled_call = [], model.get_compiled_call
+
+    def timed_compiled_call(compile_config):
+        forward = compiled_call(compile_config)
+
+        def call(**kwargs):
+            started = time.perf_counter()
+            output = forward(**kwargs)
+            seconds.append(time.perf_counter() - started)
+            return output
+
+        return call
+
+    model.get_compiled_call = timed_compiled_call
+    try:
+        yield seconds
+    finally:
+        del model.get_compiled_call
 
 
 def profile_decoding(model, batch, new_tokens, device):
@@ -116,39 +143,49 @@ def main(argv=None):
     if device != "cuda":
         compile_on_any_device(llava, hyper)
     batch = make_batch(config, settings, 1, settings["text_tokens"])
-    candidates = {"llava": (llava, None), "hyper-eager": (hyper, "eager")}
-    if fused.is_available(device):
-        candidates["hyper-auto"] = (hyper, "auto")
+    variants = HyperVariants(hyper)
+    kernel = "auto" if fused.is_available(device) else "eager"
+    candidates = {
+        "llava": lambda: llava,
+        "no experts": lambda: variants.use(None),
+        kernel: lambda: variants.use(kernel),
+    }
 
     steps = args.new_tokens - 1
     results = {}
-    for name, (model, kernel) in candidates.items():
-        if kernel is not None:
-            set_expert_kernel(model, kernel)
+    for name, get_model in candidates.items():
+        model = get_model()
         # Compiles (and captures the CUDA graphs) outside the profile.
         decode_seconds_per_token(model, batch, args.new_tokens, device, cache_implementation="static")
-        profiler, step_seconds = profile_decoding(model, batch, args.new_tokens, device)
+        with forward_clock(model) as forward_seconds:
+            step_seconds = decode_seconds_per_token(
+                model, batch, args.new_tokens, device, cache_implementation="static"
+            )
+        profiler, _ = profile_decoding(model, batch, args.new_tokens, device)
         kernels, busy_us = device_busy_us(profiler)
         results[name] = {
             "profiler": profiler,
             "cpu": per_key(profiler, "self_cpu_time_total"),
             "device": per_key(profiler, "self_device_time_total"),
         }
-        line = f"{name}: {step_seconds * 1e3:.3f} ms per step"
+        line = (
+            f"{name}: {step_seconds * 1e3:.3f} ms per step, of which "
+            f"{statistics.median(forward_seconds) * 1e6:.1f} us in the compiled forward call"
+        )
         if device == "cuda":
             idle_us = step_seconds * 1e6 - busy_us / steps
             line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us, {kernels / steps:.0f} kernels"
         print(line, flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            profiler.export_chrome_trace(os.path.join(args.out, f"{name}.json"))
+            profiler.export_chrome_trace(os.path.join(args.out, f"{name.replace(' ', '-')}.json"))
 
     for name in candidates:
         if name == "llava":
             continue
         tables = [("host ops (self CPU time)", "cpu")] + ([("kernels", "device")] if device == "cuda" else [])
         for title, key in tables:
-            print(f"\n{name} - llava, {title}, per decoding step:")
+            print(f"\nHyperLLaVA ({name}) - LLaVA, {title}, per decoding step:")
             print("| us per step | calls per step | name |\n|---|---|---|")
             for time_us, calls, op in differences(results["llava"][key], results[name][key], steps, args.top):
                 print(f"| {time_us:+.1f} | {calls:+.1f} | {op[:100]} |")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlavaForConditionalGeneration
+from transformers import CompileConfig, LlavaForConditionalGeneration
 
 from conftest import IMAGE_TOKEN, images, make_model, prompt_ids, randomize_experts
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
@@ -455,6 +455,34 @@ def test_compiled_forward_has_no_graph_breaks():
     actual = compiled(**batch)
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(actual.language_expert_weights, expected.language_expert_weights)
+
+
+def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_inside():
+    model = make_model()
+    ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13)])
+    kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": images(2), "max_new_tokens": 6}
+    kwargs.update(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = model.generate(**kwargs)  # eager, dynamic cache
+
+    graphs = []
+
+    # Dynamo's graph, run as traced. A function, not an object: the compile config is deep-copied on its way; the
+    # options (`mode` ...) are Inductor's.
+    def backend(graph_module, example_inputs, **options):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    # What `generate` does on a GPU with a static cache; `_compile_all_devices` is Transformers' switch for the CPU.
+    model.generation_config.compile_config = CompileConfig(backend=backend, fullgraph=True)  # a graph break: error
+    model.generation_config.compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = model.generate(**kwargs, cache_implementation="static")
+
+    assert len(graphs) == 1  # one graph serves every decoding step (the prefill runs uncompiled)
+    bmms = [node for node in graphs[0].graph.nodes if node.target is torch.bmm]
+    assert len(bmms) == 2 * len(model.config.language_expert_layer_indices)  # each expert layer's adapter is inside
+    assert torch.equal(compiled.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(expected.logits), atol=1e-5, rtol=1e-5)
 
 
 class CountOps(TorchDispatchMode):
