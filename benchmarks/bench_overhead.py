@@ -2,7 +2,7 @@
 training peak-memory ratio, and a microbenchmark of the expert adapter (fused Triton kernel vs eager PyTorch vs
 the memory-bandwidth floor).
 
-    python benchmarks/bench_overhead.py --size tiny              # fp32 on CPU, 7B's depth at toy widths, ~5 min
+    python benchmarks/bench_overhead.py --size tiny              # fp32 on CPU, 7B's depth at toy widths, 1-2 min
     python benchmarks/bench_overhead.py --size 7b --out 7b.md    # bf16 on CUDA: Vicuna-7B + CLIP ViT-L/14-336
 
 Both models get random weights at the same shapes (the HyperLLaVA experts too, so that they really run). HyperLLaVA
@@ -72,7 +72,7 @@ def build_models(size, settings):
     device, dtype = torch.device(settings["device"]), settings["dtype"]
     if device.type == "cpu":
         # The toy widths gain nothing from intra-op threads, and the threads' wake-ups were most of the run-to-run
-        # noise (decoding ratios moving by ±4% between runs on 2 cores, under 1% on one thread).
+        # noise (decoding ratios moving by ±4% between runs on 2 cores, by 1-2% on one thread).
         torch.set_num_threads(1)
     with device:  # random init straight on the GPU: initialising 7B parameters on the CPU takes minutes
         torch.manual_seed(0)
@@ -398,8 +398,11 @@ def main(argv=None):
     # LLaVA, HyperLLaVA without its experts (the control), then with them, once per adapter implementation.
     candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
-    header = ["workload", "LLaVA", "HyperLLaVA, experts detached (control)"]
-    header += [f"HyperLLaVA ({kernel} adapter)" for kernel in kernels]
+    labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
+    labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in kernels})
+    header = ["workload", *labels.values()]
+    rounds = {"prefill": repeats, "decode": max(3, repeats // 2), "train": max(2, repeats // 2)}
+    rounds["compiled decode"] = max(3, repeats // 3)
 
     def record(workload, values, unit=1e3, suffix=" ms"):
         base = values["llava"]
@@ -409,8 +412,8 @@ def main(argv=None):
         ]
         report.row(cells)
 
-    report.line(f"\nMedian of {repeats} interleaved repeats after a warm-up (decode: {max(3, repeats // 2)}); ratio = "
-                "HyperLLaVA / LLaVA.\n")  # fmt: skip
+    rounds_text = ", ".join(f"{workload} {count}" for workload, count in rounds.items())
+    report.line(f"\nMedians of interleaved rounds after a warm-up ({rounds_text}); ratio = HyperLLaVA / LLaVA.\n")
     report.table(header)
 
     prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])
@@ -422,7 +425,7 @@ def main(argv=None):
             with torch.no_grad():
                 return wall_time(lambda: model(**prefill, logits_to_keep=1), device)
 
-        record(name, interleaved(candidates, prefill_time, repeats))
+        record(name, interleaved(candidates, prefill_time, rounds["prefill"]))
 
     for batch_size in (1, 16):
         decode = make_batch(config, settings, batch_size, settings["text_tokens"])
@@ -433,7 +436,7 @@ def main(argv=None):
                 lambda _, get_model, decode=decode: decode_seconds_per_token(
                     get_model(), decode, settings["new_tokens"], device
                 ),
-                max(3, repeats // 2),
+                rounds["decode"],
             )
             record(name, medians)
 
@@ -448,7 +451,7 @@ def main(argv=None):
             seconds, peaks[candidate] = train_step(get_model(), train, device)
             return seconds
 
-        record(name, interleaved(candidates, train_time, max(2, repeats // 2)))
+        record(name, interleaved(candidates, train_time, rounds["train"]))
         if device == "cuda":
             record("train peak memory (GiB), each model as if alone on the device", peaks, 2**-30, " GiB")
         else:
@@ -490,9 +493,9 @@ def main(argv=None):
         name = "decode, batch 1, static + compile, per token"
         with section(report, name):
             # Both adapters: under compile, Inductor fuses the eager path's matmuls and pointwise ops itself.
-            record(name, interleaved(candidates, compiled_decode, max(3, repeats // 3)))
+            record(name, interleaved(candidates, compiled_decode, rounds["compiled decode"]))
             capture = " + CUDA graph capture" if device == "cuda" else ""
-            firsts = ", ".join(f"{candidate} {seconds:.0f} s" for candidate, seconds in first_call.items())
+            firsts = ", ".join(f"{labels[candidate]} {seconds:.0f} s" for candidate, seconds in first_call.items())
             report.line(f"\nFirst call (compilation{capture}): {firsts}.")
 
     report.line(f"\nTotal {time.perf_counter() - started:.0f} s.")

@@ -35,7 +35,7 @@ tail -n 15 "$OUT/test_fused_expert.log"
 # HyperLLaVA variants last, so a run cut short by the timeout still leaves every other number in bench_7b.md (136 s on
 # an H200 with two HyperLLaVA variants; about 200 s expected with the control added).
 echo "== 7B overhead benchmark"
-timeout 270 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
+timeout 260 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
     >"$OUT/bench_7b.log" 2>&1 || failed=1
 cat "$OUT/bench_7b.md" 2>/dev/null || tail -n 40 "$OUT/bench_7b.log"
 # Where the compiled decoding step's time goes: host time in the compiled call, device busy vs idle per step, and the

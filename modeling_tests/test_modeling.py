@@ -457,8 +457,11 @@ def test_compiled_forward_has_no_graph_breaks():
     torch.testing.assert_close(actual.language_expert_weights, expected.language_expert_weights)
 
 
-def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_inside():
-    model = make_model()
+@pytest.mark.parametrize("overrides", [{}, {"language_expert_layers": None}], ids=["experts", "no-language-expert"])
+def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_inside(overrides):
+    # On the CPU, with Dynamo's graph run as traced: what this covers is the graph (one for every step, no break, the
+    # adapters inside), not Inductor's kernels or CUDA graphs.
+    model = make_model(**overrides)
     ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13)])
     kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": images(2), "max_new_tokens": 6}
     kwargs.update(do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -466,8 +469,7 @@ def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_insid
 
     graphs = []
 
-    # Dynamo's graph, run as traced. A function, not an object: the compile config is deep-copied on its way; the
-    # options (`mode` ...) are Inductor's.
+    # A function, not an object: the compile config is deep-copied on its way. The options (`mode` ...) are Inductor's.
     def backend(graph_module, example_inputs, **options):
         graphs.append(graph_module)
         return graph_module.forward
@@ -476,9 +478,12 @@ def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_insid
     model.generation_config.compile_config = CompileConfig(backend=backend, fullgraph=True)  # a graph break: error
     model.generation_config.compile_config._compile_all_devices = True
     torch._dynamo.reset()
-    compiled = model.generate(**kwargs, cache_implementation="static")
+    try:
+        compiled = model.generate(**kwargs, cache_implementation="static")
+    finally:
+        torch._dynamo.reset()
 
-    assert len(graphs) == 1  # one graph serves every decoding step (the prefill runs uncompiled)
+    assert len(graphs) == 1  # one graph serves every decoding step (the prefill runs uncompiled): no recompilation
     bmms = [node for node in graphs[0].graph.nodes if node.target is torch.bmm]
     assert len(bmms) == 2 * len(model.config.language_expert_layer_indices)  # each expert layer's adapter is inside
     assert torch.equal(compiled.sequences, expected.sequences)

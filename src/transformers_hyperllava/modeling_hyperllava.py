@@ -336,7 +336,7 @@ class HyperLlamaModel(LlamaModel):
 
         return HyperLlavaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            # Only what this call generated: a compiled decoding step would otherwise output an alias of its input.
+            # Only what this call generated (None when the weights were passed in): the caller keeps the ones it has.
             language_expert_weights=generated,
             **{CACHE_ARG: cache},
         )
@@ -568,7 +568,10 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         model_inputs = super().prepare_inputs_for_generation(
             *args, attention_mask=attention_mask, language_expert_weights=language_expert_weights, **kwargs
         )
-        prefill = language_expert_weights is None and model_inputs.get("language_guidance_mask") is None
+        # Without a language expert no call generates weights: every step would look like the prefill and get a mask
+        # one token longer than the last (an input LLaVA does not have, and a recompilation of the compiled step).
+        has_expert = self.model.language_model.language_expert is not None
+        prefill = has_expert and language_expert_weights is None and model_inputs.get("language_guidance_mask") is None
         if prefill and attention_mask is not None and attention_mask.dim() == 2:
             # The prefill pools the guidance over the prompt's non-padding tokens; name them before a static cache
             # turns the attention mask into a 4-D one.
