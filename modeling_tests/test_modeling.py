@@ -285,29 +285,15 @@ def test_generation_reuses_prefill_weights_and_matches_full_recompute():
     model = make_model()
     ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13)])
     pixel_values = images(2)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "max_new_tokens": 8}
     with CountCalls(model.model.language_model.language_expert) as counter:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixel_values,
-            max_new_tokens=8,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = model.generate(**kwargs, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert counter.calls == 1  # the prefill only, not once per decoded token
     n = ids.shape[1]
     logits = full_recompute_logits(model, out.sequences, n, pixel_values, mask)
     step_logits = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(step_logits, logits[:, n - 1 : -1], atol=1e-5, rtol=1e-5)
-    no_cache = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        pixel_values=pixel_values,
-        max_new_tokens=8,
-        do_sample=False,
-        use_cache=False,
-    )
+    no_cache = model.generate(**kwargs, do_sample=False, use_cache=False)
     assert torch.equal(no_cache, out.sequences)
 
 
