@@ -164,16 +164,21 @@ class DecodeClock(LogitsProcessor):
         return scores
 
 
-def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs):
-    """The median decoding step of one `generate` call: robust to the odd step that a garbage collection or another
-    process on the host stretches, which a mean over the call would spread over every token."""
+def decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs):
+    """The decoding steps of one `generate` call, in seconds each (the prefill excluded)."""
     clock = DecodeClock(device)
     with torch.no_grad():
         model.generate(
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             logits_processor=LogitsProcessorList([clock]), **generate_kwargs,
         )  # fmt: skip
-    return statistics.median(later - earlier for earlier, later in zip(clock.times, clock.times[1:]))
+    return [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+
+
+def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs):
+    """The median decoding step of one `generate` call: robust to the odd step that a garbage collection or another
+    process on the host stretches, which a mean over the call would spread over every token."""
+    return statistics.median(decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs))
 
 
 def compile_on_any_device(*models):

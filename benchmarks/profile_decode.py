@@ -32,6 +32,7 @@ from bench_overhead import (  # noqa: E402
     build_models,
     compile_on_any_device,
     decode_seconds_per_token,
+    decode_step_seconds,
     make_batch,
     synchronize,
 )
@@ -157,9 +158,8 @@ def main(argv=None):
         # Compiles (and captures the CUDA graphs) outside the profile.
         decode_seconds_per_token(model, batch, args.new_tokens, device, cache_implementation="static")
         with forward_clock(model) as forward_seconds:
-            step_seconds = decode_seconds_per_token(
-                model, batch, args.new_tokens, device, cache_implementation="static"
-            )
+            steps_seconds = decode_step_seconds(model, batch, args.new_tokens, device, cache_implementation="static")
+        step_seconds = statistics.median(steps_seconds)
         profiler = profile_decoding(model, batch, args.new_tokens, device)
         kernels, busy_us = device_busy_us(profiler)
         results[name] = {
@@ -174,6 +174,10 @@ def main(argv=None):
         if device == "cuda":  # busy time from the profiled call: the profiler slows the host, not the device
             idle_us = step_seconds * 1e6 - busy_us / steps
             line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us, {kernels / steps:.0f} kernels"
+        # A first step (or a few) slower than the median would be per-call work, e.g. in the CUDA-graph tree, that a
+        # mean over the call spreads over every token (the H200 runs before the median).
+        first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
+        line += f"; steps: first {first * 1e3:.3f} ms, mean {mean * 1e3:.3f} ms, slowest {slowest * 1e3:.3f} ms"
         print(line, flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
