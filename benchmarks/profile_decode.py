@@ -91,12 +91,16 @@ def profile_decoding(model, batch, new_tokens, device):
     return profiler
 
 
+def is_device_activity(event):
+    """A kernel, copy or memset on the GPU. Not a user annotation: the profiler gives the GPU span of an annotated range
+    (a compiled region, a graph call) a CUDA device type too, and such a span covers many kernels and the gaps between."""
+    return event.device_type == DeviceType.CUDA and not event.is_user_annotation
+
+
 def device_busy_us(profiler):
-    """Kernel count and the time (us) during which at least one kernel ran: the union of the kernels' intervals."""
+    """Count of device activities and the time (us) during which at least one ran: the union of their intervals."""
     intervals = sorted(
-        (event.time_range.start, event.time_range.end)
-        for event in profiler.events()
-        if event.device_type == DeviceType.CUDA
+        (event.time_range.start, event.time_range.end) for event in profiler.events() if is_device_activity(event)
     )
     busy, current_end = 0.0, float("-inf")
     for start, end in intervals:
@@ -105,15 +109,18 @@ def device_busy_us(profiler):
     return len(intervals), busy
 
 
-def per_key(profiler, attribute):
-    """{op or kernel name: (calls, total self time in us)} from the profiler's averages."""
+def per_key(profiler, device):
+    """{name: (calls, total self time in us)} of the device activities (`device`) or of the host ops."""
     table = {}
     for entry in profiler.key_averages():
-        if getattr(entry, attribute) > 0:
+        if device and not is_device_activity(entry):
+            continue  # a host op's device time is its kernels' (counted under their own names)
+        value = entry.self_device_time_total if device else entry.self_cpu_time_total
+        if value > 0:
             # Compiled graphs and regions are named per model; without the name they pair up across models.
             name = re.sub(r"(CompiledFxGraph|Compiled Region:) \S+", r"\1", entry.key)
             calls, total = table.get(name, (0, 0.0))
-            table[name] = (calls + entry.count, total + getattr(entry, attribute))
+            table[name] = (calls + entry.count, total + value)
     return table
 
 
@@ -164,8 +171,8 @@ def main(argv=None):
         kernels, busy_us = device_busy_us(profiler)
         results[name] = {
             "profiler": profiler,
-            "cpu": per_key(profiler, "self_cpu_time_total"),
-            "device": per_key(profiler, "self_device_time_total"),
+            "cpu": per_key(profiler, device=False),
+            "device": per_key(profiler, device=True),
         }
         line = (
             f"{name}: {step_seconds * 1e3:.3f} ms per step, of which "
@@ -173,7 +180,7 @@ def main(argv=None):
         )
         if device == "cuda":  # busy time from the profiled call: the profiler slows the host, not the device
             idle_us = step_seconds * 1e6 - busy_us / steps
-            line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us, {kernels / steps:.0f} kernels"
+            line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us, {kernels / steps:.0f} kernels and copies"
         # A first step (or a few) slower than the median would be per-call work, e.g. in the CUDA-graph tree, that a
         # mean over the call spreads over every token (the H200 runs before the median).
         first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
@@ -181,12 +188,14 @@ def main(argv=None):
         print(line, flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            profiler.export_chrome_trace(os.path.join(args.out, f"{name.replace(' ', '-')}.json"))
+            profiler.export_chrome_trace(os.path.join(args.out, f"{name.replace(' ', '-')}.json.gz"))
 
     for name in candidates:
         if name == "llava":
             continue
-        tables = [("host ops (self CPU time)", "cpu")] + ([("kernels", "device")] if device == "cuda" else [])
+        tables = [("host ops (self CPU time)", "cpu")] + (
+            [("kernels and copies", "device")] if device == "cuda" else []
+        )
         for title, key in tables:
             print(f"\nHyperLLaVA ({name}) - LLaVA, {title}, per decoding step:")
             print("| us per step | calls per step | name |\n|---|---|---|")
