@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Nothing downloads at test time: every model, tokenizer and image is built here.
@@ -6,7 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlavaForConditionalGeneration  # noqa: E402
+from transformers import CompileConfig, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration  # noqa: E402
 from transformers_hyperllava.tiny import tiny_config  # noqa: E402
@@ -43,6 +44,27 @@ def images(n, seed=0):
     return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
+@contextlib.contextmanager
+def recorded_compilation(model):
+    """`generate` with a static cache then compiles its decoding step, as it does on a GPU, on any device (Transformers'
+    `_compile_all_devices` switch) and without a graph break (fullgraph), through a backend that records Dynamo's
+    graphs and runs them as traced. Yields the list of graphs."""
+    graphs = []
+
+    # A function, not an object: the compile config is deep-copied on its way. The options (`mode` ...) are Inductor's.
+    def backend(graph_module, example_inputs, **options):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model.generation_config.compile_config = CompileConfig(backend=backend, fullgraph=True)
+    model.generation_config.compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        yield graphs
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.fixture
 def tiny_llava():
     """A stock LLaVA with random weights (float64) and the HyperLLaVA config that matches it."""
@@ -51,4 +73,4 @@ def tiny_llava():
     return LlavaForConditionalGeneration(config.to_llava_config()).double().eval(), config
 
 
-__all__ = ["randomize_experts", "make_model", "prompt_ids", "images", "IMAGE_TOKEN"]
+__all__ = ["randomize_experts", "make_model", "prompt_ids", "images", "recorded_compilation", "IMAGE_TOKEN"]

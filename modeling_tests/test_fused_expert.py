@@ -12,8 +12,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import images, make_model, prompt_ids, recorded_compilation
 from transformers_hyperllava import fused_expert_hyperllava as fused
+from transformers_hyperllava import modeling_hyperllava
 
 pytest.importorskip("triton", reason="the fused expert kernel needs Triton (`pip install triton`)")
 
@@ -198,6 +201,82 @@ def test_compiles_without_graph_breaks():
     want.sum().backward()
     for tensor, reference_tensor in zip(check_compiled, exact):
         assert_close(tensor.grad, reference_tensor.grad, TOLERANCE[torch.float32], "compiled gradient")
+
+
+class FusedOpCalls(TorchDispatchMode):
+    """Counts the calls of the fused forward and backward ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"forward": 0, "backward": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.hyperllava.expert_adapter.default:
+            self.calls["forward"] += 1
+        elif func is torch.ops.hyperllava.expert_adapter_backward.default:
+            self.calls["backward"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def training_inputs():
+    ids = torch.tensor([prompt_ids("img", 10, 11, 20, 21, 2), prompt_ids(12, "img", 13, 14, 15, 22)])
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": images(2), "labels": labels}
+    return {name: tensor.to(DEVICE) for name, tensor in batch.items()}
+
+
+@needs_kernels
+def test_expert_kernel_triton_runs_every_adapter_of_the_model_through_the_fused_op():
+    """`expert_kernel="triton"`: both visual adapters and every language-expert layer run the fused op, forward and
+    backward, and the model computes what the same weights compute with the eager adapter."""
+    models = {
+        kernel: make_model(visual_expert="both", expert_kernel=kernel).to(DEVICE) for kernel in ("eager", "triton")
+    }
+    models["triton"].load_state_dict(models["eager"].state_dict())
+    batch = training_inputs()
+    outputs = {}
+    for kernel, model in models.items():
+        with FusedOpCalls() as counter:
+            outputs[kernel] = model(**batch)
+            outputs[kernel].loss.backward()
+        adapters = 2 + len(model.config.language_expert_layer_indices)
+        assert counter.calls == ({"forward": adapters, "backward": adapters} if kernel == "triton" else
+                                 {"forward": 0, "backward": 0})  # fmt: skip
+    assert_close(outputs["triton"].logits, outputs["eager"].logits.double(), 1e-5, "logits")
+    # (Some vision parameters get none: LLaVA-1.5 reads the vision tower's second-to-last layer.)
+    gradients = {name: p.grad for name, p in models["triton"].named_parameters() if p.grad is not None}
+    references = {name: p.grad.double() for name, p in models["eager"].named_parameters() if p.grad is not None}
+    assert gradients.keys() == references.keys()
+    largest = max(reference.abs().max() for reference in references.values())
+    for name, reference in references.items():
+        # Gradients that vanish analytically (a key bias: softmax ignores it) are rounding noise; an absolute floor.
+        error = (gradients[name].double() - reference).abs().max()
+        assert error <= 1e-4 * reference.abs().max() + 1e-7 * largest, f"gradient of {name}: max error {error:.3g}"
+
+
+@needs_kernels
+def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
+    """`expert_kernel="auto"` (the default) puts the fused op in the graph `generate` compiles for the decoding steps
+    and keeps the eager adapter outside it (the prefill), with the tokens of eager generation."""
+    if not ON_CUDA:  # the interpreter runs the kernels on CPU tensors; "auto" otherwise picks them on CUDA only
+        monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    model = make_model().to(DEVICE)
+    assert model.config.expert_kernel == "auto"
+    ids = torch.tensor([prompt_ids("img", 10, 11, 12), prompt_ids(13, "img", 14, 15)], device=DEVICE)
+    kwargs = {"input_ids": ids, "pixel_values": images(2).to(DEVICE), "max_new_tokens": 4, "do_sample": False}
+    with FusedOpCalls() as counter:  # (a dispatch mode cannot wrap a compiled call, so the eager part alone)
+        expected = model.generate(**kwargs)  # eager: the prefill and every step with the eager adapter
+    assert counter.calls["forward"] == 0
+    with recorded_compilation(model) as graphs:
+        compiled = model.generate(**kwargs, cache_implementation="static")
+    assert len(graphs) == 1
+    nodes = graphs[0].graph.nodes
+    fused_op = (torch.ops.hyperllava.expert_adapter, torch.ops.hyperllava.expert_adapter.default)  # either, as called
+    fused_calls = [node for node in nodes if node.target in fused_op]
+    assert len(fused_calls) == len(model.config.language_expert_layer_indices)
+    assert not [node for node in nodes if node.target is torch.bmm]  # no eager adapter left in the graph
+    assert torch.equal(compiled, expected)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import CompileConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-from conftest import IMAGE_TOKEN, images, make_model, prompt_ids, randomize_experts
+from conftest import IMAGE_TOKEN, images, make_model, prompt_ids, randomize_experts, recorded_compilation
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.modeling_hyperllava import CACHE_ARG
 from transformers_hyperllava.tiny import tiny_config
@@ -453,21 +453,8 @@ def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_insid
     kwargs.update(do_sample=False, output_logits=True, return_dict_in_generate=True)
     expected = model.generate(**kwargs)  # eager, dynamic cache
 
-    graphs = []
-
-    # A function, not an object: the compile config is deep-copied on its way. The options (`mode` ...) are Inductor's.
-    def backend(graph_module, example_inputs, **options):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    # What `generate` does on a GPU with a static cache; `_compile_all_devices` is Transformers' switch for the CPU.
-    model.generation_config.compile_config = CompileConfig(backend=backend, fullgraph=True)  # a graph break: error
-    model.generation_config.compile_config._compile_all_devices = True
-    torch._dynamo.reset()
-    try:
+    with recorded_compilation(model) as graphs:
         compiled = model.generate(**kwargs, cache_implementation="static")
-    finally:
-        torch._dynamo.reset()
 
     assert len(graphs) == 1  # one graph serves every decoding step (the prefill runs uncompiled): no recompilation
     bmms = [node for node in graphs[0].graph.nodes if node.target is torch.bmm]
