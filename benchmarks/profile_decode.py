@@ -92,8 +92,8 @@ def profile_decoding(model, batch, new_tokens, device):
 
 
 def is_device_activity(event):
-    """A kernel, copy or memset on the GPU. Not a user annotation: the profiler gives the GPU span of an annotated range
-    (a compiled region, a graph call) a CUDA device type too, and such a span covers many kernels and the gaps between."""
+    """A kernel, copy or memset on the GPU. Not a user annotation: the profiler gives the GPU span of an annotated
+    range (a compiled region, a graph call) a CUDA device type too, and such a span covers many kernels and gaps."""
     return event.device_type == DeviceType.CUDA and not event.is_user_annotation
 
 
@@ -180,7 +180,8 @@ def main(argv=None):
         )
         if device == "cuda":  # busy time from the profiled call: the profiler slows the host, not the device
             idle_us = step_seconds * 1e6 - busy_us / steps
-            line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us, {kernels / steps:.0f} kernels and copies"
+            line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us"
+            line += f", {kernels / steps:.0f} kernels and copies"
         # A first step (or a few) slower than the median would be per-call work, e.g. in the CUDA-graph tree, that a
         # mean over the call spreads over every token (the H200 runs before the median).
         first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
