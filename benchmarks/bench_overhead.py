@@ -494,7 +494,8 @@ def main(argv=None):
                 f"\nDecode, batch {batch_size}, static cache + torch.compile (generate compiles the step, {graphs}):\n"
             )
             report.table(["workload", *(labels[name] for name in compiled)])
-            decode, first_call = make_batch(config, settings, batch_size, settings["text_tokens"]), {}
+            decode = make_batch(config, settings, batch_size, settings["text_tokens"])
+            first_call = {}
             name = f"decode, batch {batch_size}, static + compile, per token"
             with section(report, name):
                 measure = functools.partial(compiled_decode, decode=decode, first_call=first_call)
