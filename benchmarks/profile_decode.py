@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
@@ -162,10 +163,14 @@ def main(argv=None):
     results = {}
     for name, get_model in candidates.items():
         model = get_model()
+        # Each CUDA-graph recording adds its graph's non-static inputs (those copied in before every replay) here.
+        recorded = [counters["inductor"]["cudagraph_recorded_non_static_inputs"]]
         # Compiles (and captures the CUDA graphs) outside the profile.
         decode_seconds_per_token(model, batch, args.new_tokens, device, cache_implementation="static")
+        recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
         with forward_clock(model) as forward_seconds:
             steps_seconds = decode_step_seconds(model, batch, args.new_tokens, device, cache_implementation="static")
+        recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
         step_seconds = statistics.median(steps_seconds)
         profiler = profile_decoding(model, batch, args.new_tokens, device)
         kernels, busy_us = device_busy_us(profiler)
@@ -182,6 +187,9 @@ def main(argv=None):
             idle_us = step_seconds * 1e6 - busy_us / steps
             line += f", device busy {busy_us / steps:.1f} us, idle {idle_us:.1f} us"
             line += f", {kernels / steps:.0f} kernels and copies"
+            # A recording in the timed call (a new StaticCache at other addresses) is per-call work.
+            line += f"; CUDA-graph recordings x non-static inputs: compiling call +{recorded[1] - recorded[0]}"
+            line += f", timed call +{recorded[2] - recorded[1]}"
         # A first step (or a few) slower than the median would be per-call work, e.g. in the CUDA-graph tree, that a
         # mean over the call spreads over every token (the H200 runs before the median).
         first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
