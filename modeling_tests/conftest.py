@@ -1,3 +1,4 @@
+import collections
 import contextlib
 import os
 
@@ -7,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import CompileConfig, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration  # noqa: E402
@@ -44,6 +46,32 @@ def images(n, seed=0):
     return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
+def left_pad(sequences, pad=3):
+    length = max(map(len, sequences))
+    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+def training_batch():
+    ids, mask = left_pad([prompt_ids("img", 10, 11, 20, 21, 2), prompt_ids(12, "img", 13, 14, 15, 22, 2)])
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": images(2), "labels": labels}
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the ops dispatched inside it, per op (`calls[torch.ops.aten.bmm.default]`, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def recorded_compilation(model):
     """`generate` with a static cache then compiles its decoding step, as it does on a GPU, on any device (Transformers'
@@ -73,4 +101,7 @@ def tiny_llava():
     return LlavaForConditionalGeneration(config.to_llava_config()).double().eval(), config
 
 
-__all__ = ["randomize_experts", "make_model", "prompt_ids", "images", "recorded_compilation", "IMAGE_TOKEN"]
+__all__ = [
+    "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
+    "recorded_compilation", "IMAGE_TOKEN",
+]  # fmt: skip

@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import images, make_model, prompt_ids, recorded_compilation
+from conftest import DispatchedOps, images, make_model, prompt_ids, recorded_compilation, training_batch
 from transformers_hyperllava import fused_expert_hyperllava as fused
 from transformers_hyperllava import modeling_hyperllava
 
@@ -203,27 +202,7 @@ def test_compiles_without_graph_breaks():
         assert_close(tensor.grad, reference_tensor.grad, TOLERANCE[torch.float32], "compiled gradient")
 
 
-class FusedOpCalls(TorchDispatchMode):
-    """Counts the calls of the fused forward and backward ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = {"forward": 0, "backward": 0}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.hyperllava.expert_adapter.default:
-            self.calls["forward"] += 1
-        elif func is torch.ops.hyperllava.expert_adapter_backward.default:
-            self.calls["backward"] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def training_inputs():
-    ids = torch.tensor([prompt_ids("img", 10, 11, 20, 21, 2), prompt_ids(12, "img", 13, 14, 15, 22)])
-    labels = ids.clone()
-    labels[:, :-3] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": images(2), "labels": labels}
-    return {name: tensor.to(DEVICE) for name, tensor in batch.items()}
+FUSED_FORWARD, FUSED_BACKWARD = torch.ops.hyperllava.expert_adapter, torch.ops.hyperllava.expert_adapter_backward
 
 
 @needs_kernels
@@ -234,15 +213,15 @@ def test_expert_kernel_triton_runs_every_adapter_of_the_model_through_the_fused_
         kernel: make_model(visual_expert="both", expert_kernel=kernel).to(DEVICE) for kernel in ("eager", "triton")
     }
     models["triton"].load_state_dict(models["eager"].state_dict())
-    batch = training_inputs()
+    batch = {name: tensor.to(DEVICE) for name, tensor in training_batch().items()}
     outputs = {}
     for kernel, model in models.items():
-        with FusedOpCalls() as counter:
+        with DispatchedOps() as dispatched:
             outputs[kernel] = model(**batch)
             outputs[kernel].loss.backward()
-        adapters = 2 + len(model.config.language_expert_layer_indices)
-        assert counter.calls == ({"forward": adapters, "backward": adapters} if kernel == "triton" else
-                                 {"forward": 0, "backward": 0})  # fmt: skip
+        adapters = 2 + len(model.config.language_expert_layer_indices) if kernel == "triton" else 0
+        assert dispatched.calls[FUSED_FORWARD.default] == adapters
+        assert dispatched.calls[FUSED_BACKWARD.default] == adapters
     assert_close(outputs["triton"].logits, outputs["eager"].logits.double(), 1e-5, "logits")
     # (Some vision parameters get none: LLaVA-1.5 reads the vision tower's second-to-last layer.)
     gradients = {name: p.grad for name, p in models["triton"].named_parameters() if p.grad is not None}
@@ -265,15 +244,14 @@ def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
     assert model.config.expert_kernel == "auto"
     ids = torch.tensor([prompt_ids("img", 10, 11, 12), prompt_ids(13, "img", 14, 15)], device=DEVICE)
     kwargs = {"input_ids": ids, "pixel_values": images(2).to(DEVICE), "max_new_tokens": 4, "do_sample": False}
-    with FusedOpCalls() as counter:  # (a dispatch mode cannot wrap a compiled call, so the eager part alone)
+    with DispatchedOps() as dispatched:  # (a dispatch mode cannot wrap a compiled call, so the eager part alone)
         expected = model.generate(**kwargs)  # eager: the prefill and every step with the eager adapter
-    assert counter.calls["forward"] == 0
+    assert dispatched.calls[FUSED_FORWARD.default] == 0
     with recorded_compilation(model) as graphs:
         compiled = model.generate(**kwargs, cache_implementation="static")
     assert len(graphs) == 1
     nodes = graphs[0].graph.nodes
-    fused_op = (torch.ops.hyperllava.expert_adapter, torch.ops.hyperllava.expert_adapter.default)  # either, as called
-    fused_calls = [node for node in nodes if node.target in fused_op]
+    fused_calls = [node for node in nodes if node.target in (FUSED_FORWARD, FUSED_FORWARD.default)]  # as called
     assert len(fused_calls) == len(model.config.language_expert_layer_indices)
     assert not [node for node in nodes if node.target is torch.bmm]  # no eager adapter left in the graph
     assert torch.equal(compiled, expected)

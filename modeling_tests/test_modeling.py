@@ -3,10 +3,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 
-from conftest import IMAGE_TOKEN, images, make_model, prompt_ids, randomize_experts, recorded_compilation
+from conftest import (
+    IMAGE_TOKEN,
+    DispatchedOps,
+    images,
+    left_pad,
+    make_model,
+    prompt_ids,
+    randomize_experts,
+    recorded_compilation,
+    training_batch,
+)  # fmt: skip
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.modeling_hyperllava import CACHE_ARG
 from transformers_hyperllava.tiny import tiny_config
@@ -220,13 +229,6 @@ def test_answer_tokens_do_not_reach_the_expert_weights():
 # --- 4. batch invariance --------------------------------------------------------------------------------------------
 
 
-def left_pad(sequences, pad=3):
-    length = max(map(len, sequences))
-    ids = torch.tensor([[pad] * (length - len(s)) + s for s in sequences])
-    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
-    return ids, mask
-
-
 def test_batch_invariance_left_padded():
     model = make_model()
     prompts = [prompt_ids("img", 10, 11), prompt_ids(12, "img", 13, 14, 15, 16, 17), prompt_ids(18, 19, 20)]
@@ -363,13 +365,6 @@ def test_beam_search_scores_match_full_recompute():
 # --- 6. training paths ----------------------------------------------------------------------------------------------
 
 
-def training_batch():
-    ids, mask = left_pad([prompt_ids("img", 10, 11, 20, 21, 2), prompt_ids(12, "img", 13, 14, 15, 22, 2)])
-    labels = ids.clone()
-    labels[:, :-3] = -100
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": images(2), "labels": labels}
-
-
 def test_loss_and_gradients_reach_every_expert_parameter():
     model = make_model(visual_expert="both").train()
     batch = training_batch()
@@ -463,16 +458,6 @@ def test_static_cache_generate_compiles_the_decoding_step_with_the_experts_insid
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(expected.logits), atol=1e-5, rtol=1e-5)
 
 
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def decode_step_ops(model, ids, mask):
     """The aten ops one decoding step dispatches (after a prefill with a cache): what bounds eager decoding."""
     with torch.no_grad():
@@ -484,9 +469,9 @@ def decode_step_ops(model, ids, mask):
         }
         if isinstance(model, HyperLlavaForConditionalGeneration):
             step["language_expert_weights"] = prefill.language_expert_weights
-        with CountOps() as counter:
+        with DispatchedOps() as dispatched:
             model(**step)
-    return counter.count
+    return dispatched.calls.total()
 
 
 @pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
