@@ -5,17 +5,30 @@ before Triton is first imported: when the suite did not start that way, `test_ke
 runs this file again in a child process that does.
 """
 
+import functools
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+from transformers import CompileConfig, LlavaForConditionalGeneration
 
-from conftest import DispatchedOps, images, make_model, prompt_ids, recorded_compilation, training_batch
+from conftest import (
+    DispatchedOps,
+    images,
+    make_model,
+    prompt_ids,
+    randomize_experts,
+    recorded_compilation,
+    training_batch,
+)
+from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
 from transformers_hyperllava import fused_expert_hyperllava as fused
-from transformers_hyperllava import modeling_hyperllava
+from transformers_hyperllava.tiny import tiny_config
 
 pytest.importorskip("triton", reason="the fused expert kernel needs Triton (`pip install triton`)")
 
@@ -40,23 +53,26 @@ def test_kernels_in_triton_interpreter():
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
 
-def expert_adapter_reference(x, w_down, w_up, residual):
+def expert_adapter_reference(x, w_down, w_up, residual, ffn_out=None):
     gate, up = torch.matmul(x, w_down).chunk(2, dim=-1)
+    residual = residual if ffn_out is None else residual + ffn_out
     return residual + torch.matmul(F.silu(gate) * up, w_up)
 
 
-def make_inputs(batch, length, d_in, d_out, r, weight_batch, dtype, residual_dtype=None, seed=0):
+def make_inputs(batch, length, d_in, d_out, r, weight_batch, dtype, residual_dtype=None, seed=0, ffn_dtype=None):
+    """x, w_down, w_up, residual, and an FFN output when `ffn_dtype` is given."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0, dtype=dtype):
         return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
-    return (
+    inputs = (
         randn(batch, length, d_in),
         randn(weight_batch, d_in, 2 * r, scale=d_in**-0.5),
         randn(weight_batch, r, d_out, scale=r**-0.5),
         randn(batch, length, d_out, dtype=residual_dtype or dtype),
     )
+    return inputs if ffn_dtype is None else (*inputs, randn(batch, length, d_out, dtype=ffn_dtype))
 
 
 def assert_close(got, want, tolerance, what):
@@ -66,19 +82,20 @@ def assert_close(got, want, tolerance, what):
 
 
 def check_against_reference(inputs, tolerance):
-    """Forward output and the gradients of all four inputs, against the reference run in float64."""
+    """Forward output and the gradients of all inputs (four, or five with an FFN output), against the reference run
+    in float64."""
     inputs = [t.detach().requires_grad_() for t in inputs]
     exact = [t.detach().double().requires_grad_() for t in inputs]
     out = fused.fused_expert_adapter(*inputs)
     want = expert_adapter_reference(*exact)
     assert out.shape == want.shape
-    assert out.dtype == torch.promote_types(inputs[0].dtype, inputs[3].dtype)
+    assert out.dtype == functools.reduce(torch.promote_types, (inputs[0].dtype, *(t.dtype for t in inputs[3:])))
     assert_close(out, want, tolerance, "output")
 
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
     out.backward(grad_out)
     want.backward(grad_out.double())
-    for name, tensor, reference in zip(("x", "w_down", "w_up", "residual"), inputs, exact):
+    for name, tensor, reference in zip(("x", "w_down", "w_up", "residual", "ffn_out"), inputs, exact):
         assert tensor.grad.dtype == tensor.dtype
         assert_close(tensor.grad, reference.grad, tolerance, f"grad of {name}")
 
@@ -141,6 +158,26 @@ def test_decode_forward_matches_reference(shape, dtype, decode_path_only):
     assert out.dtype == dtype
     want = expert_adapter_reference(*(t.double() for t in (x, w_down, w_up, residual)))
     assert_close(out, want, TOLERANCE[dtype], "output")
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.float16, torch.float16, torch.float16), (torch.float16, torch.float32, torch.float16)],
+    ids=["float16", "autocast"],  # (x, residual, FFN output): autocast keeps a float32 residual stream
+)
+@pytest.mark.parametrize("shape", [SHAPES["decode-batch"], SHAPES["long"]], ids=["decode", "tiled"])
+def test_ffn_output_is_added_as_pytorch_adds_it(shape, dtypes):
+    """With the FFN's output passed in, the result is bit for bit what the kernel gives for the residual that PyTorch's
+    `residual + ffn_out` computes (rounded to its dtype first), and it gets its gradient."""
+    x_dtype, residual_dtype, ffn_dtype = dtypes
+    inputs = make_inputs(*shape, x_dtype, residual_dtype=residual_dtype, ffn_dtype=ffn_dtype)
+    x, w_down, w_up, residual, ffn_out = inputs
+    assert torch.equal(
+        fused.fused_expert_adapter(x, w_down, w_up, residual, ffn_out),
+        fused.fused_expert_adapter(x, w_down, w_up, residual + ffn_out),
+    )
+    check_against_reference(inputs, TOLERANCE[torch.float16])
 
 
 @needs_kernels
@@ -257,6 +294,40 @@ def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
     assert torch.equal(compiled, expected)
 
 
+def compiled_decoding_step_code(model):
+    """The code Inductor generates for the decoding step that `generate` compiles (static cache; on any device)."""
+    model.generation_config.compile_config = CompileConfig(fullgraph=True)
+    model.generation_config.compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    ids = torch.tensor([prompt_ids(10, 11, 12)], device=DEVICE)
+    try:
+        _, codes = run_and_get_code(
+            model.generate, input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static"
+        )
+    finally:
+        torch._dynamo.reset()
+    (code,) = codes
+    return code[code.index("def call(") :]
+
+
+@needs_kernels
+def test_the_fused_op_adds_no_other_kernel_to_the_compiled_decoding_step(monkeypatch):
+    """Inductor's code for a decoding step launches the same generated kernels as LLaVA's, plus one fused op per expert
+    layer: each layer's residual add goes into the fused op rather than into a kernel of its own (LLaVA's graph fuses
+    that add into the next layer's RMSNorm; a custom op's input cannot be fused)."""
+    if not ON_CUDA:
+        monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    torch.manual_seed(0)
+    config = tiny_config()
+    llava = LlavaForConditionalGeneration(config.to_llava_config()).to(DEVICE).eval()
+    hyper = randomize_experts(HyperLlavaForConditionalGeneration.from_llava(llava))
+    generated_kernel = re.compile(r"^\s+(cpp_fused_\w+|triton_\w+\.run)\(", re.M)  # Inductor's C++ / Triton kernels
+    llava_code, hyper_code = compiled_decoding_step_code(llava), compiled_decoding_step_code(hyper)
+    assert len(generated_kernel.findall(hyper_code)) == len(generated_kernel.findall(llava_code))
+    fused_calls = re.findall(r"= torch\.ops\.hyperllava\.expert_adapter\.default\(", hyper_code)
+    assert len(fused_calls) == len(config.language_expert_layer_indices)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
 def test_cuda_graph_replay():
     """No host synchronisation inside: the op can be captured once and replayed on new inputs."""
@@ -304,6 +375,7 @@ def test_imports_without_triton():
         (((2, 3, 8), (2, 8, 6), (2, 2, 8), (2, 3, 8)), "w_down has shape (2, 8, 6)"),
         (((2, 3, 8), (3, 8, 4), (3, 2, 8), (2, 3, 8)), "batch size 3 must be 1 or x's batch size 2"),
         (((2, 3, 8), (1, 8, 4), (1, 2, 5), (2, 3, 8)), "residual has shape (2, 3, 8), expected (2, 3, 5)"),
+        (((2, 3, 8), (1, 8, 4), (1, 2, 5), (2, 3, 5), (2, 1, 5)), "ffn_out has shape (2, 1, 5), expected (2, 3, 5)"),
     ],
 )
 def test_bad_shapes_are_refused(shapes, message):

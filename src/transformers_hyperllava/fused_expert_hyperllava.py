@@ -1,8 +1,8 @@
 """Fused Triton kernels for HyperLLaVA's expert adapter.
 
-`fused_expert_adapter(x, w_down, w_up, residual)` computes, with one weight set per sample,
+`fused_expert_adapter(x, w_down, w_up, residual, ffn_out)` computes, with one weight set per sample,
 
-    out = residual + (SiLU(x @ w_down[..., :r]) * (x @ w_down[..., r:])) @ w_up
+    out = residual [+ ffn_out] + (SiLU(x @ w_down[..., :r]) * (x @ w_down[..., r:])) @ w_up
 
 in one kernel launch (the (rows, 2r) bottleneck never leaves the chip) or, for decoding (a few rows per weight
 set), in two short launches that spread the reduction over d_in across the GPU; its backward takes three launches.
@@ -34,24 +34,29 @@ def is_available(device) -> bool:
     return triton is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-def fused_expert_adapter(x, w_down, w_up, residual):
-    """`residual + (SiLU(x W_d[:, :r]) * (x W_d[:, r:])) W_u` with per-sample weights, fused (forward and backward).
+def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
+    """`residual [+ ffn_out] + (SiLU(x W_d[:, :r]) * (x W_d[:, r:])) W_u` with per-sample weights, fused (forward and
+    backward).
 
     Args:
         x: (batch, length, d_in) adapter input, float32/bfloat16/float16; the compute dtype.
         w_down: (batch or 1, d_in, 2r) down projection: the first r columns feed the SiLU gate.
         w_up: (batch or 1, r, d_out) up projection. A weight batch of 1 is shared by every sample.
         residual: (batch, length, d_out) what the adapter output is added to.
+        ffn_out: optional (batch, length, d_out), added to the residual first, rounded as PyTorch's
+            `residual + ffn_out` would be: the FFN's output beside which the language expert sits. Adding it here
+            rather than before the call saves a compiled graph one kernel per layer (Inductor cannot fuse an add into
+            a custom op's input, while LLaVA's graph fuses it into the next layer's RMSNorm).
 
     Returns:
-        (batch, length, d_out) in the dtype PyTorch's `residual + adapter` would give. The matmuls accumulate in
-        float32; the weights are cast to `x.dtype` (autograd sees the cast).
+        (batch, length, d_out) in the dtype PyTorch's `residual + ffn_out + adapter` would give. The matmuls
+        accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast).
     """
-    _check_inputs(x, w_down, w_up, residual)
-    return torch.ops.hyperllava.expert_adapter(x, w_down.to(x.dtype), w_up.to(x.dtype), residual)
+    _check_inputs(x, w_down, w_up, residual, ffn_out)
+    return torch.ops.hyperllava.expert_adapter(x, w_down.to(x.dtype), w_up.to(x.dtype), residual, ffn_out)
 
 
-def _check_inputs(x, w_down, w_up, residual):
+def _check_inputs(x, w_down, w_up, residual, ffn_out=None):
     if x.dim() != 3 or w_down.dim() != 3 or w_up.dim() != 3 or residual.dim() != 3:
         raise ValueError(
             "fused_expert_adapter expects 3-D x (batch, length, d_in), w_down (batch|1, d_in, 2r), "
@@ -67,9 +72,11 @@ def _check_inputs(x, w_down, w_up, residual):
         )
     if weight_batch not in (1, batch):
         raise ValueError(f"the weights' batch size {weight_batch} must be 1 or x's batch size {batch}")
-    if tuple(residual.shape) != (batch, length, d_out):
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(batch, length, d_out)}")
-    for name, tensor in (("x", x), ("w_down", w_down), ("w_up", w_up), ("residual", residual)):
+    addends = {"residual": residual} if ffn_out is None else {"residual": residual, "ffn_out": ffn_out}
+    for name, tensor in addends.items():
+        if tuple(tensor.shape) != (batch, length, d_out):
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {(batch, length, d_out)}")
+    for name, tensor in (("x", x), ("w_down", w_down), ("w_up", w_up), *addends.items()):
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {list(_DTYPES)}")
         if tensor.device != x.device:
@@ -115,11 +122,22 @@ def _down_projection(
 
 
 @_kernel
+def _residual(residual_ptr, ffn_ptr, offsets, mask, HAS_FFN: tl.constexpr, dtype: tl.constexpr):
+    """The residual in float32, plus the FFN's output rounded to the output dtype as PyTorch's add would round it."""
+    residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_FFN:
+        residual = (
+            (residual + tl.load(ffn_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        )
+    return residual
+
+
+@_kernel
 def _forward_kernel(
-    x_ptr, w_down_ptr, w_up_ptr, residual_ptr, out_ptr,
+    x_ptr, w_down_ptr, w_up_ptr, residual_ptr, ffn_ptr, out_ptr,
     rows, d_in, d_out, r, cols_per_program, w_down_stride, w_up_stride,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_FFN: tl.constexpr,
 ):  # fmt: skip
     """Program (i, j, g): rows [i * BLOCK_M, ...) and output columns [j * cols_per_program, ...) of problem g."""
     group = tl.program_id(2).to(tl.int64)
@@ -132,6 +150,7 @@ def _forward_kernel(
     w_down_ptr += group * w_down_stride
     w_up_ptr += group * w_up_stride
     residual_ptr += (group * rows + first_row) * d_out
+    ffn_ptr += (group * rows + first_row) * d_out
     out_ptr += (group * rows + first_row) * d_out
 
     gate, up = _down_projection(
@@ -149,7 +168,7 @@ def _forward_kernel(
         )
         tile = offs_m[:, None] * d_out + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        out = tl.load(residual_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        out = _residual(residual_ptr, ffn_ptr, tile, mask, HAS_FFN, out_ptr.dtype.element_ty)
         out += tl.dot(hidden, w, input_precision=PRECISION)
         tl.store(out_ptr + tile, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -183,13 +202,13 @@ def _decode_down_kernel(
 
 @_kernel
 def _decode_up_kernel(
-    partial_ptr, w_up_ptr, residual_ptr, out_ptr,
+    partial_ptr, w_up_ptr, residual_ptr, ffn_ptr, out_ptr,
     rows, r, d_out, splits, w_up_stride,
-    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FFN: tl.constexpr,
 ):  # fmt: skip
     """Program (j, m, g): output columns [j * BLOCK_N, ...) of row m of problem g. Sums the row's partial
     pre-activations (every program of the row repeats this: it is a few KiB), applies SiLU(gate) * up and adds
-    hidden @ w_up[:, columns] to the residual."""
+    hidden @ w_up[:, columns] to the residual (plus the FFN's output)."""
     group = tl.program_id(2).to(tl.int64)
     row = group * rows + tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -203,7 +222,7 @@ def _decode_up_kernel(
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
-    out = tl.load(residual_ptr + row * d_out + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out = _residual(residual_ptr, ffn_ptr, row * d_out + offs_n, mask_n, HAS_FFN, out_ptr.dtype.element_ty)
     partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
     mask = (offs_s < splits)[:, None] & mask_r[None, :]
     gate = tl.load(partial, mask=mask, other=0.0)
@@ -341,15 +360,26 @@ def _multiprocessor_count(device) -> int:
 
 
 @torch.library.custom_op("hyperllava::expert_adapter", mutates_args=())
-def _expert_adapter(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _expert_adapter(
+    x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor, ffn_out: torch.Tensor | None
+) -> torch.Tensor:
     rows = _problem(x, w_up)[1]
-    out = torch.empty(residual.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    out = _new_output(x, residual, ffn_out)
     if out.numel() == 0 or rows == 0:
-        return out.copy_(residual)
+        return out.copy_(residual if ffn_out is None else residual + ffn_out)
     # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
     forward = _decode_forward if rows <= _DECODE_MAX_ROWS else _tiled_forward
-    forward(x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), out)
+    ffn_out = None if ffn_out is None else ffn_out.contiguous()
+    forward(
+        x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), ffn_out, out
+    )
     return out
+
+
+def _new_output(x, residual, ffn_out):
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    dtype = dtype if ffn_out is None else torch.promote_types(dtype, ffn_out.dtype)
+    return residual.new_empty(residual.shape, dtype=dtype)
 
 
 def _matrices_contiguous(weights):
@@ -359,7 +389,7 @@ def _matrices_contiguous(weights):
     return weights if weights[0].is_contiguous() else weights.contiguous()
 
 
-def _tiled_forward(x, w_down, w_up, residual, out):
+def _tiled_forward(x, w_down, w_up, residual, ffn_out, out):
     """One launch; each program reduces over all of d_in for a block of rows (prefill and training)."""
     groups, rows, d_in, r, d_out = _problem(x, w_up)
     block_r, precision = max(16, triton.next_power_of_2(r)), ("ieee" if x.dtype == torch.float32 else "tf32")
@@ -370,17 +400,19 @@ def _tiled_forward(x, w_down, w_up, residual, out):
     splits = max(1, min(triton.cdiv(d_out, _BLOCK_N), sms // (groups * row_blocks)))
     cols_per_program = triton.cdiv(triton.cdiv(d_out, splits), _BLOCK_N) * _BLOCK_N
     grid = (row_blocks, triton.cdiv(d_out, cols_per_program), groups)
+    # Without an FFN output the kernel never reads its pointer; the residual stands in for it.
     _forward_kernel[grid](
-        x, w_down, w_up, residual, out,
+        x, w_down, w_up, residual, residual if ffn_out is None else ffn_out, out,
         rows, d_in, d_out, r, cols_per_program, w_down.stride(0), w_up.stride(0),
         BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
+        HAS_FFN=ffn_out is not None,
     )  # fmt: skip
 
 
-def _decode_forward(x, w_down, w_up, residual, out):
+def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
     """Two launches with one short step per program, each sized to give about one program per SM:
     (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
-    (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual.
+    (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
     No program reads more than a slice of the weights, so the latency is two memory round trips, not d_in / step."""
     groups, rows, d_in, r, d_out = _problem(x, w_up)
     sms = _multiprocessor_count(x.device)
@@ -395,8 +427,8 @@ def _decode_forward(x, w_down, w_up, residual, out):
     )
     block_n = _decode_block(d_out, row_programs, sms, 64, _DECODE_TILE // block_r)
     _decode_up_kernel[(triton.cdiv(d_out, block_n), rows, groups)](
-        partial, w_up, residual, out, rows, r, d_out, splits, w_up.stride(0),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n,
+        partial, w_up, residual, residual if ffn_out is None else ffn_out, out, rows, r, d_out, splits, w_up.stride(0),
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n, HAS_FFN=ffn_out is not None,
     )  # fmt: skip
 
 
@@ -408,8 +440,8 @@ def _decode_block(size, row_programs, sms, smallest, largest):
 
 
 @_expert_adapter.register_fake
-def _(x, w_down, w_up, residual):
-    return residual.new_empty(residual.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+def _(x, w_down, w_up, residual, ffn_out):
+    return _new_output(x, residual, ffn_out)
 
 
 @torch.library.custom_op("hyperllava::expert_adapter_backward", mutates_args=())
@@ -453,15 +485,17 @@ def _new_contiguous(*tensors):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_down, w_up, residual = inputs
+    x, w_down, w_up, residual, ffn_out = inputs
     ctx.save_for_backward(x, w_down, w_up)
     ctx.residual_dtype = residual.dtype
+    ctx.ffn_dtype = None if ffn_out is None else ffn_out.dtype
 
 
 def _backward(ctx, grad_out):
     x, w_down, w_up = ctx.saved_tensors
     grad_x, grad_w_down, grad_w_up = torch.ops.hyperllava.expert_adapter_backward(grad_out, x, w_down, w_up)
-    return grad_x, grad_w_down, grad_w_up, grad_out.to(ctx.residual_dtype)
+    grad_ffn = None if ctx.ffn_dtype is None else grad_out.to(ctx.ffn_dtype)
+    return grad_x, grad_w_down, grad_w_up, grad_out.to(ctx.residual_dtype), grad_ffn
 
 
 _expert_adapter.register_autograd(_backward, setup_context=_setup_context)

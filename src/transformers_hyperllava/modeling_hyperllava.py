@@ -46,10 +46,10 @@ from .fused_expert_hyperllava import is_available as fused_kernel_available
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
-def expert_adapter(x, w_down, w_up, residual, kernel="eager"):
-    """Eq. 4 plus the residual: `residual + SwiGLU(x W_d) W_u`, with per-sample (or shared, batch 1) weights.
+def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
+    """Eq. 4 plus the residual: `residual [+ ffn_out] + SwiGLU(x W_d) W_u`, with per-sample (or shared, batch 1) weights.
 
-    x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out).
+    x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual and ffn_out: (B, T, d_out).
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time but more host time to launch, so "auto"
@@ -59,7 +59,9 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager"):
         and fused_kernel_available(x.device)
         and beats_eager(x, w_up)
     ):
-        return fused_expert_adapter(x, w_down, w_up, residual)
+        return fused_expert_adapter(x, w_down, w_up, residual, ffn_out)
+    if ffn_out is not None:
+        residual = residual + ffn_out
     # bmm, not matmul: eager decoding is bound by the number of dispatched ops, and matmul's reshaping and expanding of
     # batched operands makes this 16 per call instead of 6. (Not baddbmm, which would save one more: it computes in
     # the matmul's dtype, and under autocast that would turn the float32 residual stream to bf16.)
@@ -199,10 +201,11 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden_states = residual + hidden_states
         normed = self.post_attention_layernorm(hidden_states)
-        hidden_states = hidden_states + self.mlp(normed)
-        if expert_down is not None:
-            hidden_states = expert_adapter(normed, expert_down, expert_up, hidden_states, self.expert_kernel)
-        return hidden_states
+        if expert_down is None:
+            return hidden_states + self.mlp(normed)
+        # The FFN's output is added inside the adapter call: the fused kernel does both additions, which saves a
+        # compiled step one kernel per expert layer (Inductor cannot fuse an add into a custom op's input).
+        return expert_adapter(normed, expert_down, expert_up, hidden_states, self.expert_kernel, self.mlp(normed))
 
 
 @dataclass
