@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlavaForConditionalGeneration
+from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from conftest import (
     IMAGE_TOKEN,
@@ -590,6 +590,25 @@ def test_a_cache_passed_under_either_name_is_used(name):
     expected = model(input_ids=ids, pixel_values=images(1), language_guidance_mask=guidance_mask).logits[:, -1]
     torch.testing.assert_close(step.logits[:, -1], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-4)  # the guidance mask matters
+
+
+def test_continuous_batching_is_refused_with_a_language_expert():
+    """Instead of requests that come back empty, with the reason only in a log."""
+    config = GenerationConfig(max_new_tokens=2, do_sample=False)
+    with pytest.raises(NotImplementedError, match="continuous batching .* does not support the language expert"):
+        make_model().generate_batch(inputs=[prompt_ids(10, 11)], generation_config=config, warmup=False)
+
+
+def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(tiny_llava):
+    llava, _ = tiny_llava
+    model = randomize_experts(HyperLlavaForConditionalGeneration.from_llava(llava, language_expert_layers=None))
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    prompts = [prompt_ids(10, 11, 12), prompt_ids(13, 14)]
+    results = model.generate_batch(inputs=prompts, generation_config=config, warmup=False)
+    generated = {tuple(result.prompt_ids): result.generated_tokens for result in results.values()}
+    for prompt in prompts:
+        expected = llava.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+        assert generated[tuple(prompt)] == expected.tolist()
 
 
 def test_generate_continues_from_a_supplied_cache_with_the_prefill_weights():

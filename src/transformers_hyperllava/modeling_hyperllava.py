@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -299,6 +300,10 @@ class HyperLlamaModel(LlamaModel):
         # Either name, whatever the release: 5.2x's `cache`, or `past_key_values` (5.17, and a deprecated alias).
         cache, past_key_values = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = past_key_values if cache is None else cache
+        if CACHE_ARG == "past_key_values" and isinstance(cache, PagedAttentionCache):
+            # 5.17's continuous batching hands its paged cache to the attention functions as `cache`, as LlamaModel
+            # passes it on; as `past_key_values` the attention layers would also update it themselves, and fail.
+            kwargs["cache"], cache = cache, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -580,6 +585,18 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             # turns the attention mask into a 4-D one.
             model_inputs["language_guidance_mask"] = attention_mask
         return model_inputs
+
+    def init_continuous_batching(self, *args, **kwargs):
+        # The entry point of `generate_batch` and `continuous_batching_context_manager` too. Refused up front: inside,
+        # the failure would only be logged by the batching thread and the requests would come back empty.
+        if self.model.language_model.language_expert is not None:
+            raise NotImplementedError(
+                "continuous batching (generate_batch, init_continuous_batching) does not support the language expert: "
+                "it packs several requests into one sequence over a paged cache, while the language expert generates "
+                "one set of adapter weights per sequence from that sequence's prompt. Use generate() with a padded "
+                "batch, or a model with language_expert_layers=None."
+            )
+        return super().init_continuous_batching(*args, **kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
