@@ -338,6 +338,42 @@ def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
     torch.testing.assert_close(torch.stack(free.logits, dim=1), logits[:, n - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_mask", [True, False], ids=["attention-mask", "no-mask"])
+def test_assisted_decoding_gives_the_greedy_tokens(tiny_llava, with_mask):
+    """Assisted decoding's first forward appends the candidate tokens to the prompt; the guidance must still pool over
+    the prompt alone, or the verified tokens differ from greedy decoding's. Greedy verification gives exactly the
+    greedy tokens, with candidates from n-grams of the prompt (which repeats some) or from a stock LLaVA assistant."""
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11, 12, 10, 11, 12, 10, 11)])
+    kwargs = {"input_ids": ids, "pixel_values": images(1), "max_new_tokens": 10, "do_sample": False}
+    if with_mask:
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    greedy = model.generate(**kwargs)
+    assistant = tiny_llava[0].float()
+    assert torch.equal(model.generate(**kwargs, prompt_lookup_num_tokens=3), greedy)
+    assert torch.equal(model.generate(**kwargs, assistant_model=assistant), greedy)
+
+
+def test_generation_from_inputs_embeds_matches_generation_from_input_ids():
+    model = make_model()
+    ids = torch.tensor([prompt_ids(10, 11, 12, 13)])
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    from_ids = model.generate(input_ids=ids, **kwargs)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **kwargs)
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, ids.shape[1] :])
+    torch.testing.assert_close(torch.stack(from_embeds.logits), torch.stack(from_ids.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunked_prefill_is_refused_with_a_language_expert():
+    """The guidance pools over the whole prompt before any expert layer runs, which a chunked prefill never holds."""
+    model = make_model()
+    ids = torch.tensor([prompt_ids(10, 11, 12, 13)])
+    kwargs = {"input_ids": ids, "max_new_tokens": 3, "do_sample": False}
+    with pytest.raises(NotImplementedError, match="prefill_chunk_size=2 splits the 5-token prompt"):
+        model.generate(**kwargs, prefill_chunk_size=2)
+    assert torch.equal(model.generate(**kwargs, prefill_chunk_size=ids.shape[1]), model.generate(**kwargs))
+
+
 def test_beam_search_scores_match_full_recompute():
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11), prompt_ids("img", 12, 13)])

@@ -572,18 +572,61 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
 
-    def prepare_inputs_for_generation(self, *args, attention_mask=None, language_expert_weights=None, **kwargs):
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # `generate` calls this once, before the first forward: name the prompt here, as the positions the language
+        # guidance pools over. Later the prefill's input may be longer (assisted decoding appends candidate tokens to
+        # it), and its attention mask may be gone (dropped when all ones) or 4-D (a static cache).
+        if (
+            self.model.language_model.language_expert is not None
+            and model_kwargs.get("language_expert_weights") is None
+            and model_kwargs.get("language_guidance_mask") is None
+        ):
+            attention_mask, inputs = model_kwargs.get("attention_mask"), model_kwargs.get("inputs_embeds")
+            if attention_mask is None:
+                inputs = input_ids if inputs is None else inputs
+                model_kwargs["language_guidance_mask"] = torch.ones(
+                    inputs.shape[:2], dtype=torch.bool, device=inputs.device
+                )
+            elif attention_mask.dim() == 2:  # (a 4-D one does not say which tokens are the prompt: the forward asks)
+                model_kwargs["language_guidance_mask"] = attention_mask
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        chunk = generation_config.prefill_chunk_size
+        if (
+            chunk is not None
+            and input_ids.shape[1] > chunk
+            and self.model.language_model.language_expert is not None
+            and model_kwargs.get("language_expert_weights") is None
+        ):
+            raise NotImplementedError(
+                f"prefill_chunk_size={chunk} splits the {input_ids.shape[1]}-token prompt, but the language expert "
+                "pools its guidance over the whole prompt before any expert layer runs: generate without "
+                "prefill_chunk_size (or with one at least as long as the prompt)"
+            )
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    def _get_candidate_generator(self, *args, model_kwargs, **kwargs):
+        # An assistant model gets a copy of the model kwargs, and it has no use for (nor accepts) this model's guidance.
+        model_kwargs = {key: value for key, value in model_kwargs.items() if key != "language_guidance_mask"}
+        return super()._get_candidate_generator(*args, model_kwargs=model_kwargs, **kwargs)
+
+    # `inputs_embeds` by name: `generate` accepts them only from models whose signature here shows it.
+    def prepare_inputs_for_generation(
+        self, *args, inputs_embeds=None, language_expert_weights=None, language_guidance_mask=None, **kwargs
+    ):
         model_inputs = super().prepare_inputs_for_generation(
-            *args, attention_mask=attention_mask, language_expert_weights=language_expert_weights, **kwargs
+            *args, inputs_embeds=inputs_embeds, language_expert_weights=language_expert_weights, **kwargs
         )
-        # Without a language expert no call generates weights: every step would look like the prefill and get a mask
-        # one token longer than the last (an input LLaVA does not have, and a recompilation of the compiled step).
-        has_expert = self.model.language_model.language_expert is not None
-        prefill = has_expert and language_expert_weights is None and model_inputs.get("language_guidance_mask") is None
-        if prefill and attention_mask is not None and attention_mask.dim() == 2:
-            # The prefill pools the guidance over the prompt's non-padding tokens; name them before a static cache
-            # turns the attention mask into a 4-D one.
-            model_inputs["language_guidance_mask"] = attention_mask
+        # Only the prefill pools the guidance (later steps reuse its weights; without a language expert there is
+        # nothing to pool): passed on to them, the mask would be an input LLaVA does not have.
+        if language_expert_weights is None and self.model.language_model.language_expert is not None:
+            inputs = model_inputs.get("input_ids")
+            length = (inputs if inputs is not None else model_inputs["inputs_embeds"]).shape[1]
+            if language_guidance_mask is not None and language_guidance_mask.shape[1] < length:
+                # Assisted decoding's candidate tokens, after the prompt: not part of the guidance.
+                language_guidance_mask = F.pad(language_guidance_mask, (0, length - language_guidance_mask.shape[1]))
+            model_inputs["language_guidance_mask"] = language_guidance_mask
         return model_inputs
 
     def init_continuous_batching(self, *args, **kwargs):
