@@ -17,7 +17,7 @@ from conftest import (
     training_batch,
 )  # fmt: skip
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
-from transformers_hyperllava.modeling_hyperllava import CACHE_ARG
+from transformers_hyperllava.modeling_hyperllava import CACHE_ARG, IMAGE_OUTPUT
 from transformers_hyperllava.tiny import tiny_config
 
 # --- 1. zero-init equivalence --------------------------------------------------------------------------------------
@@ -49,6 +49,20 @@ def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
     assert model.config.expert_mode == "latent"
     kwargs = {"input_ids": torch.tensor([prompt_ids("img", 9)]), "pixel_values": images(1).double()}
     torch.testing.assert_close(model(**kwargs).logits, llava(**kwargs).logits, atol=1e-8, rtol=0)
+
+
+def test_from_llava_keeps_tied_embeddings_tied_and_copies_the_generation_config():
+    """Tied, the output embedding is the input embedding's parameter: one parameter, one optimizer state, as in LLaVA."""
+    config = tiny_config().to_llava_config()
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config)
+    assert llava.lm_head.weight is llava.get_input_embeddings().weight
+    model = HyperLlavaForConditionalGeneration.from_llava(llava)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.parameter_counts()["total"] - model.parameter_counts()["expert"] == llava.num_parameters()
+    assert model.generation_config is not llava.generation_config
+    assert model.generation_config.to_dict() == llava.generation_config.to_dict()
 
 
 def test_fresh_model_starts_as_identity_but_has_gradients_for_w_up():
@@ -243,9 +257,9 @@ def test_batch_invariance_left_padded():
         alone = model(input_ids=torch.tensor([prompt]), pixel_values=image)
         n = len(prompt)
         torch.testing.assert_close(batch.logits[i, -n:], alone.logits[0], atol=1e-5, rtol=1e-5)
-        alone_gen = model.generate(
-            input_ids=torch.tensor([prompt]), pixel_values=image, max_new_tokens=6, do_sample=False
-        )
+        # (No pixel_values=None: Transformers 5.2x's generate would encode None, for LLaVA too.)
+        image_kwargs = {} if image is None else {"pixel_values": image}
+        alone_gen = model.generate(input_ids=torch.tensor([prompt]), **image_kwargs, max_new_tokens=6, do_sample=False)
         assert batch_gen[i, -6:].tolist() == alone_gen[0, -6:].tolist()
 
 
@@ -645,6 +659,41 @@ def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(t
     for prompt in prompts:
         expected = llava.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
         assert generated[tuple(prompt)] == expected.tolist()
+
+
+def test_precomputed_image_features_give_what_pixel_values_give():
+    """`mm_encoder_outputs`, as Transformers 5.2x's `generate` passes the images (and users may)."""
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11, "img", 12)])
+    pixel_values = images(2)
+    encoded = {"image": model.model.get_image_features(pixel_values=pixel_values, return_dict=True)}
+    from_pixels = model(input_ids=ids, pixel_values=pixel_values).logits
+    assert torch.equal(model(input_ids=ids, mm_encoder_outputs=encoded).logits, from_pixels)
+    assert not torch.allclose(model(input_ids=ids).logits, from_pixels)  # (the images matter)
+    with pytest.raises(ValueError, match="pass the images once"):
+        model(input_ids=ids, pixel_values=pixel_values, mm_encoder_outputs=encoded)
+
+
+def test_outputs_report_the_images_as_llava_does(tiny_llava):
+    """The image field of both models' outputs (5.2x: `image_outputs`; 5.17: `image_hidden_states`), and the tuples of
+    `return_dict=False`: LLaVA's, then the generated weights."""
+    llava, _ = tiny_llava
+    model = HyperLlavaForConditionalGeneration.from_llava(llava)
+    kwargs = {"input_ids": torch.tensor([prompt_ids("img", 10, "img")]), "pixel_values": images(2).double()}
+
+    def same(got, want):
+        assert type(got) is type(want)
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        elif IMAGE_OUTPUT == "image_outputs" and hasattr(want, "pooler_output"):
+            torch.testing.assert_close(torch.cat(got.pooler_output), torch.cat(want.pooler_output), atol=1e-10, rtol=0)
+
+    for ours, llavas in ((model, llava), (model.model, llava.model)):
+        same(getattr(ours(**kwargs), IMAGE_OUTPUT), getattr(llavas(**kwargs), IMAGE_OUTPUT))
+        got, want = ours(**kwargs, return_dict=False), llavas(**kwargs, return_dict=False)
+        assert len(got) == len(want) + 1 and got[-1].shape[:2] == (1, len(model.config.language_expert_layer_indices))
+        for got_item, want_item in zip(got, want):
+            same(got_item, want_item)
 
 
 def test_generate_continues_from_a_supplied_cache_with_the_prefill_weights():
