@@ -152,6 +152,10 @@ def test_collator_pads_right_and_keeps_image_order(processor, image_folder, tmp_
         assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
         assert batch["labels"][row].tolist() == item["labels"].tolist() + [IGNORE_INDEX] * (max(lengths) - n)
+        prompt = (
+            item["labels"].tolist().index(next(label for label in item["labels"].tolist() if label != IGNORE_INDEX))
+        )
+        assert batch["language_guidance_mask"][row].tolist() == [True] * prompt + [False] * (max(lengths) - prompt)
     # The model fills image tokens in batch order: sample 0's image, then sample 2's (sample 1 has none).
     torch.testing.assert_close(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
 

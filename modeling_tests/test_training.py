@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from conftest import randomize_experts
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
-from transformers_hyperllava.data import LlavaJsonDataset
+from transformers_hyperllava.data import LlavaDataCollator, LlavaJsonDataset
 from transformers_hyperllava.demo_data import make_demo_dataset
 from transformers_hyperllava.tiny import tiny_config
 from transformers_hyperllava.tiny_tokenizer import tiny_processor, train_tokenizer
@@ -105,6 +106,33 @@ def test_stage_trains_exactly_its_parameters(setup, tmp_path, stage):
     trainer.train()
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == expected
+
+
+def test_the_guidance_stays_on_the_prompt_when_the_trainer_keeps_the_labels(setup):
+    """With label smoothing or a `compute_loss_func` the Trainer calls the model without labels; the collator's
+    `language_guidance_mask` gives the guidance the prompt that the labels would have given."""
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"]).eval()
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    batch = LlavaDataCollator(setup["processor"].tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    from_labels = model(**{key: value for key, value in batch.items() if key != "language_guidance_mask"}).logits
+    without_labels = {key: value for key, value in batch.items() if key != "labels"}
+    assert torch.equal(model(**without_labels).logits, from_labels)
+    del without_labels["language_guidance_mask"]
+    assert not torch.allclose(model(**without_labels).logits, from_labels)  # the answers in the guidance
+
+
+def test_predict_gives_the_logits_alone(setup, tmp_path):
+    """As for LLaVA: the generated weights, the cache and the images stay out of the predictions."""
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    trainer = build_trainer(model, setup["processor"], dataset, train_args(tmp_path, "experts"))
+    subset = torch.utils.data.Subset(dataset, range(4))
+    predictions = trainer.predict(subset)
+    batch = LlavaDataCollator(setup["processor"].tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    assert isinstance(predictions.predictions, np.ndarray)
+    np.testing.assert_allclose(predictions.predictions, logits.numpy(), rtol=0, atol=1e-10)
 
 
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):

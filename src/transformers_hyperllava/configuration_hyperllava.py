@@ -38,6 +38,15 @@ class HyperLlavaConfig(LlavaConfig):
     """
 
     model_type = "hyperllava"
+    # Outputs the Trainer leaves out of its predictions: the caches (either name), the images (which it cannot gather,
+    # for LLaVA either) and the generated weights, so that `predict` gives the logits as LLaVA's would.
+    keys_to_ignore_at_inference = [
+        "cache",
+        "past_key_values",
+        "image_outputs",
+        "image_hidden_states",
+        "language_expert_weights",
+    ]
 
     visual_expert: str | None = "first"
     language_expert_layers: str | list[int] | None = "posterior"

@@ -3,8 +3,10 @@
 A sample is `{"id", "image" (a file name, a list of them, or absent for text-only), "conversations": [{"from":
 "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`. The prompt is rendered with the
 processor's chat template (LLaVA-1.5's `vicuna_v1` for a `HyperLlavaProcessor`), whose assistant mask marks the
-supervised tokens: every answer and its `</s>`. Everything else is labelled -100. The model needs nothing more: with
-`labels` it pools the language guidance over the non-padding tokens before the first supervised one.
+supervised tokens: every answer and its `</s>`. Everything else is labelled -100. The collator also names the prompt,
+the non-padding tokens before the first supervised one, as `language_guidance_mask`: the model would derive it from
+`labels`, but the Trainer keeps the labels to itself when it computes the loss (label smoothing, `compute_loss_func`),
+and the guidance would then pool over the answers too.
 """
 
 import json
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .modeling_hyperllava import prompt_mask
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +161,8 @@ class LlavaJsonDataset(Dataset):
 
 
 class LlavaDataCollator:
-    """Pads a batch on the right (`pad_token_id` for inputs, -100 for labels) and concatenates the images.
+    """Pads a batch on the right (`pad_token_id` for inputs, -100 for labels), concatenates the images and names the
+    prompt of each sample (`language_guidance_mask`).
 
     Samples the dataset dropped (None) are left out. Images of a batch go in one `pixel_values` tensor, in sample
     order, which is the order the model fills the image tokens in; text-only samples contribute none.
@@ -181,6 +186,7 @@ class LlavaDataCollator:
             batch["input_ids"][row, :n] = feature["input_ids"]
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = feature["labels"]
+        batch["language_guidance_mask"] = prompt_mask(batch["labels"], batch["attention_mask"])
         pixel_values = [f["pixel_values"] for f in features if "pixel_values" in f]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
