@@ -163,8 +163,12 @@ def test_decode_forward_matches_reference(shape, dtype, decode_path_only):
 @needs_kernels
 @pytest.mark.parametrize(
     "dtypes",
-    [(torch.float16, torch.float16, torch.float16), (torch.float16, torch.float32, torch.float16)],
-    ids=["float16", "autocast"],  # (x, residual, FFN output): autocast keeps a float32 residual stream
+    [
+        (torch.float16, torch.float16, torch.float16),
+        (torch.float16, torch.float32, torch.float16),  # autocast keeps a float32 residual stream
+        (torch.float32, torch.float16, torch.float16),  # the sum is rounded to float16, though the output is float32
+    ],
+    ids=["float16", "autocast", "wider-input"],  # (x, residual, FFN output)
 )
 @pytest.mark.parametrize("shape", [SHAPES["decode-batch"], SHAPES["long"]], ids=["decode", "tiled"])
 def test_ffn_output_is_added_as_pytorch_adds_it(shape, dtypes):

@@ -662,7 +662,7 @@ def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(t
 
 
 def test_precomputed_image_features_give_what_pixel_values_give():
-    """`mm_encoder_outputs`, as Transformers 5.2x's `generate` passes the images (and users may)."""
+    """`mm_encoder_outputs`, as Transformers 5.2x's `generate` passes the images to the forward."""
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11, "img", 12)])
     pixel_values = images(2)

@@ -43,10 +43,10 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         w_down: (batch or 1, d_in, 2r) down projection: the first r columns feed the SiLU gate.
         w_up: (batch or 1, r, d_out) up projection. A weight batch of 1 is shared by every sample.
         residual: (batch, length, d_out) what the adapter output is added to.
-        ffn_out: optional (batch, length, d_out), added to the residual first, rounded as PyTorch's
-            `residual + ffn_out` would be: the FFN's output beside which the language expert sits. Adding it here
-            rather than before the call saves a compiled graph one kernel per layer (Inductor cannot fuse an add into
-            a custom op's input, while LLaVA's graph fuses it into the next layer's RMSNorm).
+        ffn_out: optional (batch, length, d_out), added to the residual first and rounded to the dtype of PyTorch's
+            `residual + ffn_out`, as that add rounds: the FFN's output beside which the language expert sits. Adding
+            it here rather than before the call saves a compiled graph one kernel per layer (Inductor cannot fuse an
+            add into a custom op's input, while LLaVA's graph fuses it into the next layer's RMSNorm).
 
     Returns:
         (batch, length, d_out) in the dtype PyTorch's `residual + ffn_out + adapter` would give. The matmuls
@@ -122,14 +122,13 @@ def _down_projection(
 
 
 @_kernel
-def _residual(residual_ptr, ffn_ptr, offsets, mask, HAS_FFN: tl.constexpr, dtype: tl.constexpr):
-    """The residual in float32, plus the FFN's output rounded to the output dtype as PyTorch's add would round it."""
+def _residual(residual_ptr, ffn_ptr, offsets, mask, HAS_FFN: tl.constexpr, SUM_DTYPE: tl.constexpr):
+    """The residual in float32, plus the FFN's output rounded to SUM_DTYPE, the dtype of PyTorch's `residual +
+    ffn_out`, as PyTorch's add rounds it."""
     residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_FFN:
-        residual = (
-            (residual + tl.load(ffn_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-        )
-    return residual
+        residual = (residual + tl.load(ffn_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(SUM_DTYPE)
+    return residual.to(tl.float32)
 
 
 @_kernel
@@ -137,7 +136,7 @@ def _forward_kernel(
     x_ptr, w_down_ptr, w_up_ptr, residual_ptr, ffn_ptr, out_ptr,
     rows, d_in, d_out, r, cols_per_program, w_down_stride, w_up_stride,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_FFN: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_FFN: tl.constexpr, SUM_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """Program (i, j, g): rows [i * BLOCK_M, ...) and output columns [j * cols_per_program, ...) of problem g."""
     group = tl.program_id(2).to(tl.int64)
@@ -168,7 +167,7 @@ def _forward_kernel(
         )
         tile = offs_m[:, None] * d_out + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        out = _residual(residual_ptr, ffn_ptr, tile, mask, HAS_FFN, out_ptr.dtype.element_ty)
+        out = _residual(residual_ptr, ffn_ptr, tile, mask, HAS_FFN, SUM_DTYPE)
         out += tl.dot(hidden, w, input_precision=PRECISION)
         tl.store(out_ptr + tile, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -205,6 +204,7 @@ def _decode_up_kernel(
     partial_ptr, w_up_ptr, residual_ptr, ffn_ptr, out_ptr,
     rows, r, d_out, splits, w_up_stride,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FFN: tl.constexpr,
+    SUM_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """Program (j, m, g): output columns [j * BLOCK_N, ...) of row m of problem g. Sums the row's partial
     pre-activations (every program of the row repeats this: it is a few KiB), applies SiLU(gate) * up and adds
@@ -222,7 +222,7 @@ def _decode_up_kernel(
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     )
-    out = _residual(residual_ptr, ffn_ptr, row * d_out + offs_n, mask_n, HAS_FFN, out_ptr.dtype.element_ty)
+    out = _residual(residual_ptr, ffn_ptr, row * d_out + offs_n, mask_n, HAS_FFN, SUM_DTYPE)
     partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
     mask = (offs_s < splits)[:, None] & mask_r[None, :]
     gate = tl.load(partial, mask=mask, other=0.0)
@@ -400,13 +400,20 @@ def _tiled_forward(x, w_down, w_up, residual, ffn_out, out):
     splits = max(1, min(triton.cdiv(d_out, _BLOCK_N), sms // (groups * row_blocks)))
     cols_per_program = triton.cdiv(triton.cdiv(d_out, splits), _BLOCK_N) * _BLOCK_N
     grid = (row_blocks, triton.cdiv(d_out, cols_per_program), groups)
-    # Without an FFN output the kernel never reads its pointer; the residual stands in for it.
+    ffn, ffn_settings = _ffn_arguments(residual, ffn_out)
     _forward_kernel[grid](
-        x, w_down, w_up, residual, residual if ffn_out is None else ffn_out, out,
+        x, w_down, w_up, residual, ffn, out,
         rows, d_in, d_out, r, cols_per_program, w_down.stride(0), w_up.stride(0),
-        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
-        HAS_FFN=ffn_out is not None,
+        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision, **ffn_settings,
     )  # fmt: skip
+
+
+def _ffn_arguments(residual, ffn_out):
+    """The kernels' FFN output and its settings. Without one they never read its pointer: the residual stands in."""
+    if ffn_out is None:
+        return residual, {"HAS_FFN": False, "SUM_DTYPE": tl.float32}
+    sum_dtype = torch.promote_types(residual.dtype, ffn_out.dtype)
+    return ffn_out, {"HAS_FFN": True, "SUM_DTYPE": getattr(tl, str(sum_dtype).removeprefix("torch."))}
 
 
 def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
@@ -426,9 +433,10 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
         x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), BLOCK_K=block_k, BLOCK_2R=block_2r
     )
     block_n = _decode_block(d_out, row_programs, sms, 64, _DECODE_TILE // block_r)
+    ffn, ffn_settings = _ffn_arguments(residual, ffn_out)
     _decode_up_kernel[(triton.cdiv(d_out, block_n), rows, groups)](
-        partial, w_up, residual, residual if ffn_out is None else ffn_out, out, rows, r, d_out, splits, w_up.stride(0),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n, HAS_FFN=ffn_out is not None,
+        partial, w_up, residual, ffn, out, rows, r, d_out, splits, w_up.stride(0),
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n, **ffn_settings,
     )  # fmt: skip
 
 
