@@ -81,6 +81,26 @@ def run_without_package(script, cwd):
     return result.stdout
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"expert_mode": "bogus"}, r"expert_mode='bogus' is not valid"),
+        ({"visual_expert": "bogus"}, r"visual_expert='bogus' is not valid"),
+        # The saved checkpoint pools its guidance before layer 2: layers 0 and 1 would never get their weights.
+        ({"language_expert_layers": [0, 1]}, r"language_expert_layers \[0, 1\] come before language_guidance_layer=2"),
+    ],
+)
+def test_expert_fields_set_at_load_time_are_checked(saved, override, message):
+    """`from_pretrained` sets these on the loaded config after its own checks ran; the model checks them again."""
+    path, _ = saved
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageTextToText.from_pretrained(path, **override)
+    loaded = AutoModelForImageTextToText.from_pretrained(
+        path, language_expert_layers=[0, 1], language_guidance_layer=0
+    )
+    assert loaded.config.language_expert_layer_indices == [0, 1]
+
+
 def test_remote_code_loads_in_a_fresh_process_without_the_package(saved, tmp_path):
     path, _ = saved
     script = f"""

@@ -171,8 +171,9 @@ def test_chat_template_refuses_unknown_roles(processor):
         processor.apply_chat_template([user("Hi"), {"role": "tool", "content": "x"}])
 
 
+@pytest.mark.parametrize("top_level", [False, True], ids=["processor_kwargs", "top-level"])  # where padding is given
 @pytest.mark.parametrize("batched, padding_side", [(False, "left"), (True, "left"), (True, "right")])
-def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched, padding_side):
+def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched, padding_side, top_level):
     image = random_image(30, 50)
     long = [
         {
@@ -192,12 +193,13 @@ def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched,
     ]
     conversations = [long, short] if batched else [long]
     answers = [["A red square.", "Two."], ["There is a cat next to a green box."]]
+    padding = {"padding": True, "padding_side": padding_side}
     out = processor.apply_chat_template(
         conversations if batched else long,
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
-        processor_kwargs={"padding": True, "padding_side": padding_side},
+        **(padding if top_level else {"processor_kwargs": padding}),
         return_tensors="pt",
     )
     assert out["assistant_masks"].shape == out["input_ids"].shape

@@ -62,6 +62,14 @@ class HyperLlavaConfig(LlavaConfig):
         # `save_pretrained` adds the entry of the class that saves; the base model is named here so that a saved
         # folder also loads with `AutoModel` and `trust_remote_code=True` where the package is not installed.
         self.auto_map = {"AutoModel": "modeling_hyperllava.HyperLlavaModel", **(getattr(self, "auto_map", None) or {})}
+        layers = self.language_expert_layer_indices  # validates language_expert_layers
+        if self.language_guidance_layer is None and layers:
+            self.language_guidance_layer = min(self.text_config.num_hidden_layers // 2, layers[0])
+        self.check_expert_fields()
+
+    def check_expert_fields(self):
+        """Refuse expert settings that the model cannot build or would silently ignore. Run at construction and again
+        by the model: `from_pretrained(..., expert_mode=...)` sets fields on a config built without them."""
         text = self.text_config
         if text.model_type not in SUPPORTED_TEXT_BACKBONES:
             raise ValueError(
@@ -84,8 +92,6 @@ class HyperLlavaConfig(LlavaConfig):
 
         num_layers = text.num_hidden_layers
         layers = self.language_expert_layer_indices  # validates language_expert_layers
-        if self.language_guidance_layer is None and layers:
-            self.language_guidance_layer = min(num_layers // 2, layers[0])
         k = self.language_guidance_layer
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_layers:

@@ -241,6 +241,11 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: HyperLlavaConfig
     _no_split_modules = ["HyperLlamaDecoderLayer", "CLIPEncoderLayer"]
 
+    def __init__(self, config, *args, **kwargs):
+        # The config checked itself when built, but `from_pretrained(..., expert_mode=...)` sets fields afterwards.
+        config.check_expert_fields()
+        super().__init__(config, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, HyperExpert):

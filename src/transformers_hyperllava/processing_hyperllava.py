@@ -44,6 +44,12 @@ CHAT_TEMPLATE = (
 )
 
 
+_NOT_FOR_THE_UNEXPANDED_PROMPT = (
+    "tokenize", "return_dict", "processor_kwargs", "padding", "padding_side", "truncation", "max_length",
+    "pad_to_multiple_of",
+)  # fmt: skip
+
+
 class HyperLlavaProcessor(LlavaProcessor):
     r"""
     Constructs a HyperLLaVA processor: [`LlavaProcessor`] (image processor + tokenizer, each `<image>` expanded to
@@ -113,7 +119,9 @@ class HyperLlavaProcessor(LlavaProcessor):
         out = super().apply_chat_template(
             conversation, chat_template, **{**kwargs, "return_assistant_tokens_mask": False}, return_tensors=None
         )
-        template_kwargs = {k: v for k, v in kwargs.items() if k not in ("tokenize", "return_dict", "processor_kwargs")}
+        # The template's own arguments only: padded or truncated, the unexpanded prompt would no longer match the
+        # expanded one token for token.
+        template_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_THE_UNEXPANDED_PROMPT}
         unexpanded = self.tokenizer.apply_chat_template(
             conversation,
             chat_template=chat_template or self.chat_template,
