@@ -143,7 +143,9 @@ def find_weight_files(path: Path) -> list[Path]:
         return [path]
     for name in WEIGHT_INDEXES:
         if (path / name).is_file():
-            weight_map = json.loads((path / name).read_text())["weight_map"]
+            weight_map = read_json(path / name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{path / name} has no weight_map (tensor name -> shard file)")
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -448,8 +450,9 @@ def load_tokenizer(folders, args):
         tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    # Batched generation pads on the left, so that every prompt ends where its answer starts.
-    tokenizer.padding_side = "left"
+    # Batched generation pads on the left, so that every prompt ends where its answer starts. (The attribute for this
+    # run, the init argument for the saved folder: `save_pretrained` writes the latter.)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     return tokenizer, folder, trained_tokens
 
 
@@ -564,20 +567,29 @@ def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size)
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 def build_processor(config, tokenizer, vision_folder, input_folder, image_aspect_ratio):
-    """LLaVA-1.5's preprocessing: CLIP's resize/crop/normalisation, padded to a square with the mean colour."""
+    """LLaVA-1.5's preprocessing: CLIP's resize/crop/normalisation, padded to a square with the mean colour.
+
+    A folder's own image processor settings are kept; `image_aspect_ratio` (a LLaVA-codebase run's setting, None for
+    a Transformers folder, whose settings say it themselves) decides the padding."""
     image_processor = None
     for folder in (input_folder, vision_folder):
-        if folder is not None and (folder / "preprocessor_config.json").is_file():
+        # Transformers 5 keeps them in processor_config.json, earlier releases and CLIP in preprocessor_config.json.
+        if folder is not None and any((folder / name).is_file() for name in PROCESSOR_FILES):
             # CLIP's (or LLaVA's) settings read into LLaVA's image processor, whatever class the file names.
             image_processor = LlavaImageProcessorPil.from_pretrained(folder)
             break
-    if image_processor is None:  # CLIP's defaults at the tower's resolution
+    if image_processor is None:  # CLIP's defaults at the tower's resolution, padded as LLaVA-1.5 trained
         size = config.vision_config.image_size
         image_processor = LlavaImageProcessorPil(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
-    image_processor.do_pad = image_aspect_ratio == "pad"
+        image_aspect_ratio = image_aspect_ratio or "pad"
+    if image_aspect_ratio is not None:
+        image_processor.do_pad = image_aspect_ratio == "pad"
     return HyperLlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -707,7 +719,10 @@ def write_output(folder: Path, args, plan: Plan, dtype):
     )
     generation.save_pretrained(folder)
 
-    aspect_ratio = plan.source_config.get("image_aspect_ratio", "pad")
+    # A LLaVA-codebase run says how it fed its images (LLaVA-1.5's scripts: padded); a Transformers folder's processor
+    # says it itself.
+    codebase = input_layout(plan.source_config) == "llava_codebase"
+    aspect_ratio = plan.source_config.get("image_aspect_ratio", "pad") if codebase else None
     processor = build_processor(config, tokenizer, plan.vision_folder, plan.input_folder, aspect_ratio)
     processor._auto_class = "AutoProcessor"
     processor.save_pretrained(folder)
@@ -771,7 +786,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument(
-        "--pad-vocab-to-multiple-of", type=int, default=64, help="round the vocabulary up (default 64)"
+        "--pad-vocab-to-multiple-of", type=positive_int, default=64, help="round the vocabulary up (default 64)"
     )
     parser.add_argument("--allow-unused", action="store_true", help="drop input keys HyperLLaVA has no place for")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
@@ -796,9 +811,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def upload_flags(args):
+    """The `hf upload` options that repeat this run's push."""
+    return (f" --revision {args.revision}" if args.revision else "") + (" --private" if args.private else "")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    output = Path(args.output)
+    output = Path(args.output).resolve()  # (`.` has no name to stage beside)
     try:
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
             raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
@@ -813,7 +840,7 @@ def main(argv=None) -> int:
             except Exception as error:  # network, authentication, permissions: the conversion itself is kept
                 raise ConversionError(
                     f"the upload to {args.push_to_hub} failed ({error}); the converted folder is kept at {output}: "
-                    f"retry with `hf upload {args.push_to_hub} {output}`"
+                    f"retry with `hf upload {args.push_to_hub} {output}{upload_flags(args)}`"
                 ) from error
             print(f"Pushed to {commit}")
     except ConversionError as error:

@@ -294,6 +294,7 @@ def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     assert tokenizer.convert_tokens_to_ids("<image>") == old_vocab == config["image_token_index"]
     assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == config["text_config"]["pad_token_id"]
+    assert tokenizer.padding_side == "left"  # saved, not only set: batched generation pads on the left
     # LLaVA-1.5's preprocessing: the CLIP folder's, padded to a square with the mean colour (image_aspect_ratio "pad").
     images = json.loads((out / "processor_config.json").read_text())["image_processor"]
     assert images["do_pad"] is True and images["crop_size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -766,6 +767,39 @@ def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path, capsys, monkeypa
     err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
     assert shard.name in err and "never unpickled" in err
     assert not (tmp_path / "payload-ran").exists()
+
+
+def test_republishing_keeps_the_folders_image_preprocessing(tmp_path):
+    """A HyperLLaVA folder converted again (re-shard, change the dtype) keeps its image processor's settings, which
+    Transformers 5 saves in processor_config.json: here the CLIP folder's normalisation, unpadded ("square")."""
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={"image_aspect_ratio": "square"})
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", first) == 0
+    assert run("--input", first, "--output", again, "--dtype", "bf16") == 0
+    for folder in (first, again):
+        images = json.loads((folder / "processor_config.json").read_text())["image_processor"]
+        assert (images["image_mean"], images["image_std"], images["do_pad"]) == (CLIP_MEAN, CLIP_STD, False)
+
+
+def test_a_broken_shard_index_and_a_zero_vocabulary_multiple_are_named(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
+    with pytest.raises(SystemExit):  # argparse's own error
+        run(
+            "--input",
+            checkpoint,
+            "--vision-tower",
+            clip,
+            "--output",
+            tmp_path / "out",
+            "--pad-vocab-to-multiple-of",
+            "0",
+        )
+    assert "--pad-vocab-to-multiple-of: must be a positive integer, got 0" in capsys.readouterr().err
+    (index,) = checkpoint.glob("*.index.json")
+    index.write_text("{}")
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", tmp_path / "out") != 0
+    assert f"{index} has no weight_map" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):

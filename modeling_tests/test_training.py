@@ -337,6 +337,27 @@ def test_projector_file_must_fit(setup, tmp_path):
     # Stage 1 trained a "second" expert; a "both" model would start with an untrained "first" one.
     with pytest.raises(ValueError, match="visual_expert_first"):
         load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / PROJECTOR_FILE)))
+    # LLaVA's own stage 1 writes a pickle, mm_projector.bin: named as the wrong kind of file, not a header error.
+    torch.save(model.state_dict(), tmp_path / "mm_projector.bin")
+    with pytest.raises(ValueError, match=r"--pretrained_projector .*mm_projector\.bin: cannot read it as safetensors"):
+        load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / "mm_projector.bin")))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('{"visual_expert": "second",}', r"--hyperllava_config is not valid JSON"),
+        ('["second"]', r"--hyperllava_config must be a JSON object"),
+        ('{"expert_mod": "static"}', r"\['expert_mod'\] are not HyperLlavaConfig fields"),  # a misspelt field
+    ],
+)
+def test_hyperllava_config_mistakes_are_named(tmp_path, value, message):
+    LlavaForConditionalGeneration(tiny_config().to_llava_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        load_model(ModelArguments(str(tmp_path), hyperllava_config=value))
+    # A mapping, as a YAML arguments file gives it, works like its JSON text.
+    model = load_model(ModelArguments(str(tmp_path), hyperllava_config={"expert_mode": "static"}))
+    assert model.config.expert_mode == "static"
 
 
 @pytest.mark.parametrize("kind", ["llava", "hyperllava"])

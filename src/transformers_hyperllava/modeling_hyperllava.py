@@ -484,6 +484,9 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             llava = path_or_model
         else:
             llava = LlavaForConditionalGeneration.from_pretrained(path_or_model, **(load_kwargs or {}))
+        unknown = sorted(config_overrides.keys() - HyperLlavaConfig.__dataclass_fields__.keys())
+        if unknown:  # (the config would keep them as unused attributes, and a misspelt field would go unnoticed)
+            raise ValueError(f"{unknown} are not HyperLlavaConfig fields; see docs/model.md for the expert fields")
         llava_config = llava.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             llava_config.pop(key, None)

@@ -97,7 +97,13 @@ def save_trained_weights(state_dict: dict, model, path):
 
 def load_trained_weights(model, path):
     """Load stage 1's projector + visual-expert file into `model`, refusing anything that does not fit exactly."""
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as error:  # not a safetensors file (LLaVA's own mm_projector.bin is a pickle), or missing
+        raise ValueError(
+            f"--pretrained_projector {path}: cannot read it as safetensors ({error}); it takes the "
+            f"{PROJECTOR_FILE} that stage 1 (--stage align) writes"
+        ) from error
     wrong = [name for name in state if parameter_group(name) not in STAGES["align"]]
     if wrong:
         raise ValueError(f"{path}: expected only projector and visual-expert weights, found {wrong[:5]}")
@@ -148,7 +154,9 @@ class HyperLlavaTrainingArguments(TrainingArguments):
     (the Trainer's own defaults), cosine schedule with 3% warm-up, and the stage's learning rate."""
 
     stage: str = field(default="instruct", metadata={"help": "align, instruct or experts", "choices": list(STAGES)})
-    learning_rate: float | None = field(default=None, metadata={"help": "Defaults to 1e-3 (align), 2e-5 (instruct)"})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Defaults to 1e-3 (align), 2e-5 (instruct), 2e-4 (experts)"}
+    )
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.03, metadata={"help": "Steps, or a fraction (< 1) of all steps"})
     # The collator builds exactly the model's inputs; the column filter would choke on dropped samples.
@@ -162,10 +170,23 @@ class HyperLlavaTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+def hyperllava_config_overrides(value) -> dict:
+    """--hyperllava_config: a JSON object on the command line, or a mapping in a YAML/JSON arguments file."""
+    if not value:
+        return {}
+    try:
+        overrides = value if isinstance(value, dict) else json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hyperllava_config is not valid JSON ({error}): {value!r}") from error
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--hyperllava_config must be a JSON object of config fields, got {value!r}")
+    return overrides
+
+
 def load_model(model_args: ModelArguments):
     """The model to train; a half-precision checkpoint is trained in float32 master weights (`--bf16` autocasts)."""
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-    overrides = json.loads(model_args.hyperllava_config) if model_args.hyperllava_config else {}
+    overrides = hyperllava_config_overrides(model_args.hyperllava_config)
     if config.model_type == "hyperllava":
         if overrides:
             raise ValueError("--hyperllava_config applies to LLaVA checkpoints; this one is already HyperLLaVA")
