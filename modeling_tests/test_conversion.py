@@ -783,23 +783,15 @@ def test_republishing_keeps_the_folders_image_preprocessing(tmp_path):
 
 def test_a_broken_shard_index_and_a_zero_vocabulary_multiple_are_named(tmp_path, capsys):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
+    out = tmp_path / "out"
     with pytest.raises(SystemExit):  # argparse's own error
-        run(
-            "--input",
-            checkpoint,
-            "--vision-tower",
-            clip,
-            "--output",
-            tmp_path / "out",
-            "--pad-vocab-to-multiple-of",
-            "0",
-        )
+        run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--pad-vocab-to-multiple-of", "0")
     assert "--pad-vocab-to-multiple-of: must be a positive integer, got 0" in capsys.readouterr().err
     (index,) = checkpoint.glob("*.index.json")
     index.write_text("{}")
-    assert run("--input", checkpoint, "--vision-tower", clip, "--output", tmp_path / "out") != 0
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
     assert f"{index} has no weight_map" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
