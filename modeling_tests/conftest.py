@@ -73,10 +73,22 @@ class DispatchedOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def recorded_compilation(model):
+def compiled_generation(model, backend="inductor"):
     """`generate` with a static cache then compiles its decoding step, as it does on a GPU, on any device (Transformers'
-    `_compile_all_devices` switch) and without a graph break (fullgraph), through a backend that records Dynamo's
-    graphs and runs them as traced. Yields the list of graphs."""
+    `_compile_all_devices` switch) and without a graph break (fullgraph), through `backend`."""
+    model.generation_config.compile_config = CompileConfig(backend=backend, fullgraph=True)
+    model.generation_config.compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def recorded_compilation(model):
+    """`compiled_generation` through a backend that records Dynamo's graphs and runs them as traced. Yields the list of
+    graphs."""
     graphs = []
 
     # A function, not an object: the compile config is deep-copied on its way. The options (`mode` ...) are Inductor's.
@@ -84,13 +96,8 @@ def recorded_compilation(model):
         graphs.append(graph_module)
         return graph_module.forward
 
-    model.generation_config.compile_config = CompileConfig(backend=backend, fullgraph=True)
-    model.generation_config.compile_config._compile_all_devices = True
-    torch._dynamo.reset()
-    try:
+    with compiled_generation(model, backend):
         yield graphs
-    finally:
-        torch._dynamo.reset()
 
 
 @pytest.fixture
@@ -103,5 +110,5 @@ def tiny_llava():
 
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
-    "recorded_compilation", "IMAGE_TOKEN",
+    "compiled_generation", "recorded_compilation", "IMAGE_TOKEN",
 ]  # fmt: skip

@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
-from transformers import CompileConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from conftest import (
     DispatchedOps,
+    compiled_generation,
     images,
     make_model,
     prompt_ids,
@@ -300,16 +301,11 @@ def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
 
 def compiled_decoding_step_code(model):
     """The code Inductor generates for the decoding step that `generate` compiles (static cache; on any device)."""
-    model.generation_config.compile_config = CompileConfig(fullgraph=True)
-    model.generation_config.compile_config._compile_all_devices = True
-    torch._dynamo.reset()
     ids = torch.tensor([prompt_ids(10, 11, 12)], device=DEVICE)
-    try:
+    with compiled_generation(model):
         _, codes = run_and_get_code(
             model.generate, input_ids=ids, max_new_tokens=3, do_sample=False, cache_implementation="static"
         )
-    finally:
-        torch._dynamo.reset()
     (code,) = codes
     return code[code.index("def call(") :]
 

@@ -241,11 +241,6 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: HyperLlavaConfig
     _no_split_modules = ["HyperLlamaDecoderLayer", "CLIPEncoderLayer"]
 
-    def __init__(self, config, *args, **kwargs):
-        # The config checked itself when built, but `from_pretrained(..., expert_mode=...)` sets fields afterwards.
-        config.check_expert_fields()
-        super().__init__(config, *args, **kwargs)
-
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, HyperExpert):
@@ -384,6 +379,8 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
     """LLaVA's vision tower, the projector with the visual expert, and the text model with the language expert."""
 
     def __init__(self, config: HyperLlavaConfig):
+        # The config checked itself when built, but `from_pretrained(..., expert_mode=...)` sets fields afterwards.
+        config.check_expert_fields()
         HyperLlavaPreTrainedModel.__init__(self, config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = HyperLlavaMultiModalProjector(config)
