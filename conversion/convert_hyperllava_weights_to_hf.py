@@ -316,6 +316,7 @@ class Plan:
     entries: list  # (output key, input file, input key), in input-file order
     fresh_experts: list[str]  # expert modules the input has no weights for
     expected: dict  # output key -> shape
+    dtype: torch.dtype  # of the output's floating-point weights
     source_config: dict
     input_folder: Path
     vision_folder: Path | None
@@ -338,6 +339,7 @@ def prepare(args):
     else:
         raise ConversionError(f"no config.json in {input_folder}; a projector-only input needs --base-model")
     layout = input_layout(source_config)
+    dtype = output_dtype(args, source_config)  # checked before the tokenizer, which reads the same config
 
     # The vision tower: its config always, its weights when the checkpoint lacks them.
     vision_folder = None
@@ -358,7 +360,7 @@ def prepare(args):
     if vision_folder is not None:
         sources.append(Source(find_weight_files(vision_folder), "clip"))
 
-    tokenizer, tokenizer_folder, trained_tokens = load_tokenizer([input_folder, base_folder], args)
+    tokenizer, tokenizer_folder, trained_tokens = load_tokenizer([input_folder, base_folder], layout, args)
     source_vocab = (source_config.get("text_config") or source_config).get("vocab_size")
     config = build_config(source_config, layout, vision_folder, tokenizer, source_vocab, args)
 
@@ -413,7 +415,9 @@ def prepare(args):
         raise ConversionError(
             f"{len(mismatched)} weights have the wrong shape for this config: " + _listing(mismatched)
         )
-    return Plan(model, config, tokenizer, entries, fresh_experts, expected, source_config, input_folder, vision_folder)
+    return Plan(
+        model, config, tokenizer, entries, fresh_experts, expected, dtype, source_config, input_folder, vision_folder
+    )
 
 
 def _listing(items, limit=20):
@@ -422,7 +426,7 @@ def _listing(items, limit=20):
     return f"\n  {shown}{more}"
 
 
-def load_tokenizer(folders, args):
+def load_tokenizer(folders, layout, args):
     """(tokenizer, folder, tokens it had): the checkpoint's tokenizer (or the base LLM's), with `<image>` and a pad
     token added when missing."""
     candidates = [Path(args.tokenizer)] if args.tokenizer else [f for f in folders if f is not None]
@@ -438,8 +442,11 @@ def load_tokenizer(folders, args):
                 f"the tokenizer in {folder} is a SentencePiece model (tokenizer.model, no tokenizer.json), which "
                 f"needs {' and '.join(absent)} to be read: pip install {' '.join(absent)}"
             )
+    # Without a config, AutoTokenizer reads the folder's, and the codebase's model_type `llava_llama` is unknown to
+    # Transformers, which then warns that the checkpoint may not fit "a model of type ``". Its tokenizer is Llama's.
+    config = LlamaConfig() if layout == "llava_codebase" else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     except Exception as error:  # e.g. a sentencepiece-only tokenizer without the package that reads it
         raise ConversionError(f"cannot load the tokenizer in {folder}: {error}") from error
     # How this machine loaded it (e.g. offline), which `save_pretrained` would otherwise write into the Hub folder.
@@ -497,10 +504,11 @@ def build_config(source: dict, layout: str, vision_folder, tokenizer, source_voc
 def output_dtype(args, source_config: dict) -> torch.dtype:
     if args.dtype != "auto":
         return DTYPES[args.dtype]
-    name = source_config.get("torch_dtype") or source_config.get("dtype") or "float32"
+    key = next((k for k in ("torch_dtype", "dtype") if source_config.get(k)), None)
+    name = source_config[key] if key else "float32"
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ConversionError(f"the input config's dtype {name!r} is not a torch dtype; pass --dtype")
+        raise ConversionError(f"the input config's {key}={name!r} is not a torch dtype; pass --dtype")
     return dtype
 
 
@@ -699,12 +707,12 @@ This folder was produced by `hyperllava-convert` from `{Path(args.input).name}`.
     ModelCard(card).save(folder / "README.md")
 
 
-def write_output(folder: Path, args, plan: Plan, dtype):
+def write_output(folder: Path, args, plan: Plan):
     model, config, tokenizer = plan.model, plan.config, plan.tokenizer
     fresh = fresh_expert_weights(model, plan.fresh_experts, args.seed)
-    write_weights(folder, plan.entries, fresh, plan.expected, dtype, args.max_shard_size)
+    write_weights(folder, plan.entries, fresh, plan.expected, plan.dtype, args.max_shard_size)
 
-    config.dtype = dtype
+    config.dtype = plan.dtype
     config.architectures = [HyperLlavaForConditionalGeneration.__name__]
     # Ship the model code with the weights (`trust_remote_code`), as Transformers' own `save_pretrained` does for a
     # custom model: the model's module and its relative imports are copied, and the config gets the `auto_map`.
@@ -765,11 +773,12 @@ def push_to_hub(folder: Path, repo_id: str, private: bool, revision, commit_mess
 
 def shard_size(value: str):
     """Bytes, or a size such as "5GB" (what huggingface_hub's sharding accepts)."""
-    if value.isdigit():
-        return int(value)
-    if not re.fullmatch(r"\d+(\.\d+)?(KB|MB|GB|TB)", value.upper()):
+    size = re.fullmatch(r"\d+|(\d+(?:\.\d+)?)(KB|MB|GB|TB)", value.upper())
+    if size is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a size such as 5GB, 500MB or a number of bytes")
-    return value.upper()
+    if float(size[1] or value) == 0:  # huggingface_hub would write every tensor to a shard of its own
+        raise argparse.ArgumentTypeError(f"{value!r}: the largest shard must be more than 0 bytes")
+    return value.upper() if size[2] else int(value)
 
 
 def parse_args(argv=None):
@@ -830,9 +839,8 @@ def main(argv=None) -> int:
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
             raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
         plan = prepare(args)
-        dtype = output_dtype(args, plan.source_config)
         with staging_folder(output) as staging:
-            write_output(staging, args, plan, dtype)
+            write_output(staging, args, plan)
         print(f"Wrote {output}")
         if args.push_to_hub:
             try:

@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers.testing_utils import CaptureLogger, LoggingLevel
+from transformers.utils import logging
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.conversion import convert_hyperllava_weights_to_hf as convert
@@ -275,7 +277,11 @@ def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt):
     checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt=fmt)
     out = tmp_path / "out"
     args = ["--visual-expert", "both", "--language-expert-layers", "all", "--language-guidance-layer", "0"]
-    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--dtype", "fp32", *args) == 0
+    with LoggingLevel(logging.WARNING), CaptureLogger(logging.get_logger("transformers")) as log:
+        assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--dtype", "fp32", *args) == 0
+    # Transformers knows no model_type `llava_llama`: nothing may load the codebase's config.json as a model config
+    # (it warns that the checkpoint may not fit "a model of type ``").
+    assert "llava_llama" not in log.out
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hyperllava"
@@ -718,7 +724,12 @@ def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("mm_projector_type", "linear"), ("image_aspect_ratio", "anyres"), ("mm_vision_select_feature", "cls")],
+    [
+        ("mm_projector_type", "linear"),
+        ("image_aspect_ratio", "anyres"),
+        ("mm_vision_select_feature", "cls"),
+        ("torch_dtype", "bogus"),
+    ],
 )
 def test_config_the_converter_cannot_map_is_refused(tmp_path, capsys, setting, value):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={setting: value})
@@ -781,12 +792,16 @@ def test_republishing_keeps_the_folders_image_preprocessing(tmp_path):
         assert (images["image_mean"], images["image_std"], images["do_pad"]) == (CLIP_MEAN, CLIP_STD, False)
 
 
-def test_a_broken_shard_index_and_a_zero_vocabulary_multiple_are_named(tmp_path, capsys):
+def test_a_broken_shard_index_and_zero_sizes_are_named(tmp_path, capsys):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
     out = tmp_path / "out"
-    with pytest.raises(SystemExit):  # argparse's own error
-        run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--pad-vocab-to-multiple-of", "0")
-    assert "--pad-vocab-to-multiple-of: must be a positive integer, got 0" in capsys.readouterr().err
+    for option, message in [
+        ("--pad-vocab-to-multiple-of", "must be a positive integer, got 0"),
+        ("--max-shard-size", "'0': the largest shard must be more than 0 bytes"),
+    ]:
+        with pytest.raises(SystemExit):  # argparse's own error
+            run("--input", checkpoint, "--vision-tower", clip, "--output", out, option, "0")
+        assert f"{option}: {message}" in capsys.readouterr().err
     (index,) = checkpoint.glob("*.index.json")
     index.write_text("{}")
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
