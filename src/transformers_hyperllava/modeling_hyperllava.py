@@ -413,7 +413,7 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
         if pixel_values is not None:
             if image_outputs is not None:
                 raise ValueError("pass the images once: pixel_values or mm_encoder_outputs['image'], not both")
-            self._check_images(input_ids, pixel_values)
+            self._check_pixel_shape(pixel_values)
             image_outputs = self.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
@@ -440,8 +440,8 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
         images = image_outputs if IMAGE_OUTPUT == "image_outputs" else image_features
         return HyperLlavaModelOutputWithPast(**outputs, **{IMAGE_OUTPUT: images})
 
-    def _check_images(self, input_ids, pixel_values):
-        """Clear errors for the mistakes users make most, before they turn into a shape error deep inside."""
+    def _check_pixel_shape(self, pixel_values):
+        """A clear error before a wrong image size turns into a shape error deep inside the vision tower."""
         vision = self.config.vision_config
         expected = (vision.num_channels, vision.image_size, vision.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -449,16 +449,20 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
                 f"got {tuple(pixel_values.shape)}"
             )
-        if input_ids is None or torch.compiler.is_compiling():
-            return  # counting needs the token ids and a host sync; the placeholder check still runs
-        tokens_per_image = self.config.image_seq_length
-        num_image_tokens = int((input_ids == self.config.image_token_id).sum())
-        if num_image_tokens != pixel_values.shape[0] * tokens_per_image:
-            raise ValueError(
-                f"got {pixel_values.shape[0]} image(s) but {num_image_tokens} image tokens (id "
-                f"{self.config.image_token_id}) in input_ids; each image needs exactly {tokens_per_image} image "
-                f"tokens, i.e. {num_image_tokens / tokens_per_image:g} image(s) for these input_ids"
-            )
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        # LLaVA's own check counts feature elements; this one counts images, for pixels and for images `generate`
+        # encoded beforehand alike. (Counting needs the token ids and a host sync; LLaVA's check still runs after.)
+        if input_ids is not None and not torch.compiler.is_compiling():
+            tokens_per_image = self.config.image_seq_length
+            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_image_tokens != image_features.shape[0]:
+                raise ValueError(
+                    f"got {image_features.shape[0] // tokens_per_image} image(s) but {num_image_tokens} image tokens "
+                    f"(id {self.config.image_token_id}) in input_ids; each image needs exactly {tokens_per_image} "
+                    f"image tokens, i.e. {num_image_tokens / tokens_per_image:g} image(s) for these input_ids"
+                )
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
 
 
 class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForConditionalGeneration):
