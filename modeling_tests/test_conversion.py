@@ -377,7 +377,7 @@ def test_llava_hf_checkpoint_upgrades_with_new_experts(tmp_path, names):
     torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
 
 
-# Expert parameters by the shapes DESIGN.md gives (L layers, m = embedding, g = guidance, h = hypernetwork hidden,
+# Expert parameters by the shapes docs/model.md gives (L layers, m = embedding, g = guidance, h = hypernetwork hidden,
 # P = 2 r d_in + r d_out), under the LLaVA-codebase names the converter documents.
 M, H, R = 8, 8, 4
 

@@ -1,4 +1,4 @@
-"""The model against independent references: stock LLaVA, and a plain-PyTorch evaluation of DESIGN.md's equations."""
+"""The model against independent references: stock LLaVA, and a plain-PyTorch evaluation of the paper's equations."""
 
 import pytest
 import torch

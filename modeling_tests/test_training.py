@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
 
 
 def expected_trainable(name, stage):
-    """The stage presets of DESIGN.md §6, written from the weight names."""
+    """The stage presets of docs/training.md, written from the weight names."""
     projector = name.startswith("model.multi_modal_projector.")
     language_expert = name.startswith("model.language_model.language_expert.")
     llm = name.startswith(("model.language_model.", "lm_head."))

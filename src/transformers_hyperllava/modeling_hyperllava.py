@@ -675,7 +675,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        # The experts see only the prompt (DESIGN.md §4): the prefill's weights serve every later step.
+        # The experts see only the prompt (docs/model.md): the prefill's weights serve every later step.
         if outputs.language_expert_weights is not None:
             model_kwargs["language_expert_weights"] = outputs.language_expert_weights
         return model_kwargs

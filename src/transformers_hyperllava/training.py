@@ -1,6 +1,6 @@
 """Two-stage HyperLLaVA training with the Transformers `Trainer` (`hyperllava-train`).
 
-Stages (paper §4.1, DESIGN.md §6): `align` trains the projector and the visual expert on captions; `instruct` adds
+Stages (paper §4.1, docs/training.md): `align` trains the projector and the visual expert on captions; `instruct` adds
 the LLM and the language expert; `experts` is the parameter-efficient variant (LLM frozen). LoRA on the LLM goes
 through PEFT (`--lora_r`). Everything else (bf16, activation checkpointing, DDP/FSDP/DeepSpeed through `accelerate
 launch` or `torchrun`, `--resume_from_checkpoint`, `--push_to_hub`) is the Trainer's own. See docs/training.md.
