@@ -743,6 +743,7 @@ def staging_folder(output: Path):
     """A temporary folder beside `output`, renamed onto it when the block succeeds and removed when it fails."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    old = None  # where the previous output waits while the new one is moved in
     try:
         yield staging
         # mkdtemp's folder (and safetensors' files) are private to the user; the output gets the usual permissions.
@@ -754,13 +755,15 @@ def staging_folder(output: Path):
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, old / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, output)
-    except BaseException:  # also Ctrl-C: never leave a half-written folder behind
+        os.replace(staging, output)
+    except BaseException:  # also Ctrl-C: never leave a half-written folder behind, nor lose the previous output
+        if old is not None and not output.exists():
+            os.replace(old / output.name, output)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool, revision, commit_message: str):

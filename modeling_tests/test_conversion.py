@@ -809,7 +809,7 @@ def test_a_broken_shard_index_and_zero_sizes_are_named(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
+def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys, monkeypatch):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -818,6 +818,21 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+    # Ctrl-C after the previous output was moved aside, as the new one is moved in: the previous one comes back.
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        if Path(source).name.startswith(".out.partial-"):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    args = ["--input", checkpoint, "--vision-tower", clip, "--output", out, "--overwrite", "--seed", "1"]
+    assert run(*args) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
