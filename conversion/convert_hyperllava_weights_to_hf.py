@@ -213,9 +213,12 @@ def map_key(key: str, table: str):
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise ConversionError(f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConversionError(f"cannot read {path}: a JSON object was expected, got a {type(data).__name__}")
+    return data
 
 
 def input_layout(config: dict) -> str:

@@ -806,6 +806,10 @@ def test_a_broken_shard_index_and_zero_sizes_are_named(tmp_path, capsys):
     index.write_text("{}")
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
     assert f"{index} has no weight_map" in capsys.readouterr().err
+    for content, message in [(b"\xff{}", "can't decode byte 0xff"), (b"[]", "a JSON object was expected, got a list")]:
+        index.write_bytes(content)
+        assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
+        assert f"cannot read {index}: " in (err := capsys.readouterr().err) and message in err
     assert not out.exists()
 
 
