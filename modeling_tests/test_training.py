@@ -1,5 +1,6 @@
 """Training: stage presets, LoRA, two-process DDP against one process, resume, stage chaining, bad input."""
 
+import copy
 import json
 import os
 import socket
@@ -133,6 +134,35 @@ def test_predict_gives_the_logits_alone(setup, tmp_path):
         logits = model.eval()(**batch).logits
     assert isinstance(predictions.predictions, np.ndarray)
     np.testing.assert_allclose(predictions.predictions, logits.numpy(), rtol=0, atol=1e-10)
+
+
+def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypatch):
+    from transformers_hyperllava.training import save_stage
+
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    trainer = build_trainer(model, setup["processor"], dataset, train_args(tmp_path, "experts"))
+    out = tmp_path / "final"
+    save_stage(trainer, setup["processor"], out)
+    saved = {path.name: path.read_bytes() for path in out.iterdir()}
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+
+    def interrupted(*args, **kwargs):  # Ctrl-C once the model's files are written, before the processor's
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(setup["processor"], "save_pretrained", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_stage(trainer, setup["processor"], out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == saved
+
+    # A shard an earlier, larger save left is removed: the new index would not name it, a stale one would be read.
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    save_stage(trainer, setup["processor"], out)
+    assert sorted(path.name for path in out.iterdir()) == sorted(saved)
+    reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float64)
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
@@ -337,10 +367,48 @@ def test_projector_file_must_fit(setup, tmp_path):
     # Stage 1 trained a "second" expert; a "both" model would start with an untrained "first" one.
     with pytest.raises(ValueError, match="visual_expert_first"):
         load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / PROJECTOR_FILE)))
+    # Stage 1 ran with another bottleneck r: every misshapen weight is named with both shapes. The first visual
+    # expert's layer bias holds its P = 2 r d_in + r d_out generated weights (d_in: the vision width, d_out: the LLM's).
+    config = setup["config"]
+    other = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="both", expert_bottleneck_dim=2))
+    apply_stage(other, "align")
+    save_trained_weights(other.state_dict(), other, tmp_path / "other.safetensors")
+    d_in, d_out = config.vision_config.hidden_size, config.text_config.hidden_size
+    file_p, model_p = (2 * r * d_in + r * d_out for r in (2, config.expert_bottleneck_dim))
+    with pytest.raises(
+        ValueError,
+        match=rf"--pretrained_projector .*other\.safetensors does not fit the model .*"
+        rf"visual_expert_first\.layer_bias: \[1, {file_p}\] in the file, \[1, {model_p}\] in the model",
+    ):
+        load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / "other.safetensors")))
     # LLaVA's own stage 1 writes a pickle, mm_projector.bin: named as the wrong kind of file, not a header error.
     torch.save(model.state_dict(), tmp_path / "mm_projector.bin")
     with pytest.raises(ValueError, match=r"--pretrained_projector .*mm_projector\.bin: cannot read it as safetensors"):
         load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / "mm_projector.bin")))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lora_r": -1}, r"--lora_r must be 0 \(no LoRA\) or a positive rank, got -1"),
+        ({"lora_r": 4, "lora_alpha": 0}, r"--lora_alpha must be positive, got 0"),
+    ],
+)
+def test_lora_settings_are_checked_before_anything_loads(setup, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        main(cli_args(setup, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_processor_of_another_model_is_refused(setup, tmp_path):
+    processor = copy.deepcopy(setup["processor"])
+    processor.tokenizer.add_tokens(["<new>"])  # one token more than the model has embeddings for
+    processor.save_pretrained(tmp_path / "bigger")
+    vocab_size = setup["config"].text_config.vocab_size
+    message = rf"its tokenizer has {vocab_size + 1} tokens .* the model has {vocab_size} token embeddings"
+    with pytest.raises(ValueError, match=message):
+        main(cli_args(setup, tmp_path / "out", processor_name_or_path=tmp_path / "bigger"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

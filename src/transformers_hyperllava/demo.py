@@ -27,7 +27,7 @@ from .demo_data import CHANCE, QUESTION_TYPES, make_demo_dataset
 from .modeling_hyperllava import HyperLlavaForConditionalGeneration
 from .tiny import tiny_config
 from .tiny_tokenizer import tiny_processor, train_tokenizer
-from .training import HyperLlavaTrainingArguments, build_trainer
+from .training import HyperLlavaTrainingArguments, build_trainer, staged_save
 
 # Name -> HyperLLaVA config fields of the models `--compare` trains; the default run trains "dynamic" only.
 VARIANTS = {
@@ -164,8 +164,9 @@ def run(args) -> dict[str, dict[str, float]]:
     print_table(results)
 
     model_dir = workdir / "model"
-    models["dynamic"].save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    with staged_save(model_dir) as staging:
+        models["dynamic"].save_pretrained(staging)
+        processor.save_pretrained(staging)
     print(f"\nSaved the HyperLLaVA model and processor in Hub format to {model_dir}")
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     reloaded = AutoProcessor.from_pretrained(model_dir)

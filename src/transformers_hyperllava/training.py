@@ -9,7 +9,9 @@ launch` or `torchrun`, `--resume_from_checkpoint`, `--push_to_hub`) is the Train
 import json
 import logging
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +116,17 @@ def load_trained_weights(model, path):
             f"{path} has no weights for {missing[:5]}: was stage 1 run with the same model config (visual_expert, "
             f"expert sizes)?"
         )
+    params = dict(model.named_parameters())
+    misshapen = [
+        f"{name}: {list(tensor.shape)} in the file, {list(params[name].shape)} in the model"
+        for name, tensor in state.items()
+        if name in params and tensor.shape != params[name].shape
+    ]
+    if misshapen:
+        raise ValueError(
+            f"--pretrained_projector {path} does not fit the model (was stage 1 run with the same config: "
+            f"visual_expert, expert sizes?): {misshapen[:5]}"
+        )
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path}: weights the model does not have: {unexpected[:5]}")
@@ -137,6 +150,14 @@ class ModelArguments:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: no LoRA)"})
     lora_alpha: int = field(default=16)
     lora_dropout: float = field(default=0.05)
+
+    def __post_init__(self):
+        # Checked before anything loads (PEFT would refuse a negative rank only once the model is built).
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be 0 (no LoRA) or a positive rank, got {self.lora_r}")
+        if self.lora_r and self.lora_alpha <= 0:
+            # LoRA scales its update by lora_alpha / lora_r: at 0 the adapters would train and change nothing.
+            raise ValueError(f"--lora_alpha must be positive, got {self.lora_alpha}")
 
 
 @dataclass
@@ -204,6 +225,19 @@ def load_model(model_args: ModelArguments):
     return model
 
 
+def check_processor_fits(processor, config, model_args: ModelArguments):
+    """A processor from another model (--processor_name_or_path) would give the token ids another meaning."""
+    tokenizer, vocab_size = processor.tokenizer, config.text_config.vocab_size
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    if len(tokenizer) > vocab_size or image_token_id != config.image_token_id:
+        raise ValueError(
+            f"the processor of {model_args.processor_name_or_path or model_args.model_name_or_path} does not fit the "
+            f"model {model_args.model_name_or_path}: its tokenizer has {len(tokenizer)} tokens and "
+            f"{processor.image_token} = {image_token_id}; the model has {vocab_size} token embeddings and "
+            f"image_token_id = {config.image_token_id}"
+        )
+
+
 def load_processor(path):
     """The processor of a HyperLLaVA or LLaVA folder as a `HyperLlavaProcessor` with LLaVA-1.5's vicuna_v1 template,
     whose `{% generation %}` block marks the supervised answers (a llava-hf template has none)."""
@@ -241,23 +275,51 @@ def build_trainer(model, processor, dataset, args: HyperLlavaTrainingArguments, 
     )
 
 
+@contextmanager
+def staged_save(folder: Path, main_process=True):
+    """Yields a staging folder inside `folder` for `save_pretrained` calls; their files replace `folder`'s when the
+    block completes. Saved in place, an interrupted save could leave a folder that loads a mix of two runs: Transformers
+    writes the config first and removes the old shards before the new ones exist. The staging path is the same on
+    every process (all take part in gathering sharded weights); the main process writes and moves."""
+    staging = folder / ".saving"
+    if main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier interrupted save's
+    try:
+        yield staging
+    except BaseException:
+        if main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not main_process:
+        return
+    names = {path.name for path in staging.iterdir()}
+    for old in folder.glob("model*.safetensors*"):  # shards of an earlier save would be read with the new index
+        if old.name not in names:
+            old.unlink()
+    last = ("model.safetensors.index.json", "config.json")  # what `from_pretrained` reads first
+    for path in sorted(staging.iterdir(), key=lambda path: path.name in last):
+        os.replace(path, folder / path.name)
+    staging.rmdir()
+
+
 def save_stage(trainer: Trainer, processor, output_dir):
     """Stage align: the trained projector + visual expert only. Others: a Hub-format folder with the processor."""
-    args, model = trainer.args, trainer.model
+    args, model, main_process = trainer.args, trainer.model, trainer.is_world_process_zero()
     if args.stage == "align":
         # Gathered from every rank under FSDP / ZeRO-3; written by the main process only.
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if trainer.is_world_process_zero():
+        if main_process:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_trained_weights(state_dict, model, Path(output_dir) / PROJECTOR_FILE)
         return
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the LLM's weights
-        if trainer.is_world_process_zero():
-            model.merge_and_unload().save_pretrained(output_dir)
-    else:
-        trainer.save_model(output_dir)
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
+    with staged_save(Path(output_dir), main_process) as staging:
+        if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the LLM's weights
+            if main_process:
+                model.merge_and_unload().save_pretrained(staging)
+        else:
+            trainer.save_model(staging)
+        if main_process:
+            processor.save_pretrained(staging)
 
 
 def main(argv=None):
@@ -273,6 +335,7 @@ def main(argv=None):
 
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     model = load_model(model_args)
+    check_processor_fits(processor, model.config, model_args)
     dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
     lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
     if lora and (args.fsdp or args.deepspeed):
