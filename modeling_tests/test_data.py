@@ -95,6 +95,7 @@ def conversation(turns, image_tag=True):
 
 SINGLE = [("what colour is the square ?", "red")]
 MULTI = [("what colour is the square ?", "red"), ("how many shapes are there ?", "two"), ("tell me a joke", "no .")]
+GOOD = {"id": "good", "image": "a.png", "conversations": conversation(SINGLE)}
 
 
 @pytest.mark.parametrize("turns", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
@@ -181,6 +182,10 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
     assert collator([None, item])["input_ids"].tolist() == [item["input_ids"].tolist()]
     with pytest.raises(ValueError, match="dropped"):
         collator([None])
+    # A negative max_length would cut every sample from its end, 0 would drop them all: refused up front.
+    for max_length in (0, -1):
+        with pytest.raises(ValueError, match=f"max_length must be at least 1 token, got {max_length}$"):
+            LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
 
 
 @pytest.mark.parametrize(
@@ -206,15 +211,57 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
         ),
         ({"id": "missing", "image": "nope.png", "conversations": conversation(SINGLE)}, "nope.png"),
         ({"id": "no-turns", "conversations": []}, "non-empty"),
+        (
+            {
+                "id": "null-answer",
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}],
+            },
+            r"turn 1 \(gpt\): 'value' must be a string, got None",
+        ),
+        (
+            {"id": "int-image", "image": 5, "conversations": conversation(SINGLE)},
+            "'image' must be a file name or a list of file names, got 5",
+        ),
+        (
+            {"id": "int-in-images", "image": [5], "conversations": conversation(SINGLE)},
+            r"'image' must be .*, got \[5\]",
+        ),
     ],
     ids=lambda v: v["id"] if isinstance(v, dict) else None,
 )
 def test_bad_samples_name_the_sample(processor, image_folder, tmp_path, sample, message):
-    good = {"id": "good", "image": "a.png", "conversations": conversation(SINGLE)}
-    data = write_json(tmp_path / "d.json", [good, sample])
+    data = write_json(tmp_path / "d.json", [GOOD, sample])
     with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
         LlavaJsonDataset(data, processor, image_folder)
     assert repr(sample["id"]) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("d.jsonl", f"{json.dumps(GOOD)}\n{{bad\n", r"d\.jsonl, line 2, column 2: invalid JSON: Expecting property"),
+        # Line numbers count blank lines, and only "\n" ends a line: JSON strings may hold a raw U+2028.
+        (
+            "d.jsonl",
+            '{"id": "a\u2028b"}\n\n[1, 2]\n',
+            r"d\.jsonl, line 3: a sample must be a JSON object, got list",
+        ),
+        (
+            "d.json",
+            f"{json.dumps(GOOD)}\n{json.dumps(GOOD)}\n",
+            r"d\.json: invalid JSON: Extra data: line 2 .* d\.jsonl",
+        ),
+        ("d.json", "", r"d\.json: the file is empty"),
+        ("d.json", json.dumps([GOOD, [1, 2]]), r"d\.json: sample 1 must be a JSON object, got list"),
+        ("d.json", '["abc"]', r"d\.json: sample 0 must be a JSON object, got str"),
+    ],
+    ids=["jsonl-syntax", "jsonl-list", "jsonl-as-json", "empty", "list-sample", "str-sample"],
+)
+def test_bad_files_name_the_file(processor, image_folder, tmp_path, name, text, message):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises((ValueError, TypeError), match=message) as error:
+        LlavaJsonDataset(tmp_path / name, processor, image_folder)
+    assert str(tmp_path / name) in str(error.value)
 
 
 def test_empty_dataset(processor, image_folder, tmp_path):

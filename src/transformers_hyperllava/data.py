@@ -30,10 +30,34 @@ def load_samples(path) -> list[dict]:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    samples = json.loads(text)
+        samples = []
+        # Split on "\n" alone: str.splitlines also splits on U+2028 and U+0085, which JSON strings may hold raw.
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}, column {error.colno}: invalid JSON: {error.msg}") from error
+            if not isinstance(sample, dict):
+                got = type(sample).__name__
+                raise TypeError(f"{path}, line {number}: a sample must be a JSON object, got {got}")
+            samples.append(sample)
+        return samples
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty")
+    try:
+        samples = json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = ""
+        if error.msg == "Extra data":
+            hint = f" (if it holds one sample a line, JSON Lines, name it {path.stem}.jsonl)"
+        raise ValueError(f"{path}: invalid JSON: {error}{hint}") from error
     if not isinstance(samples, list):
         raise TypeError(f"{path}: expected a JSON list of samples, got {type(samples).__name__}")
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, dict):
+            raise TypeError(f"{path}: sample {index} must be a JSON object, got {type(sample).__name__}")
     return samples
 
 
@@ -41,7 +65,12 @@ def sample_images(sample) -> list[str]:
     image = sample.get("image")
     if image is None:
         return []
-    return [image] if isinstance(image, str) else list(image)
+    if isinstance(image, str):
+        return [image]
+    if not isinstance(image, list) or not all(isinstance(name, str) for name in image):
+        sample_id = sample.get("id", "<no id>")
+        raise ValueError(f"sample {sample_id!r}: 'image' must be a file name or a list of file names, got {image!r}")
+    return image
 
 
 def to_messages(sample, image_token="<image>") -> list[dict]:
@@ -56,11 +85,16 @@ def to_messages(sample, image_token="<image>") -> list[dict]:
     messages, num_tags = [], 0
     for turn_index, turn in enumerate(conversations):
         expected = "human" if turn_index % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+        if not isinstance(turn, dict) or turn.get("from") != expected:
             got = turn.get("from") if isinstance(turn, dict) else turn
             raise ValueError(
                 f"sample {sample_id!r}: turn {turn_index} must be {{'from': {expected!r}, 'value': <text>}} "
                 f"(turns alternate human, gpt), got from={got!r}"
+            )
+        if not isinstance(turn.get("value"), str):
+            raise ValueError(
+                f"sample {sample_id!r}: turn {turn_index} ({expected}): 'value' must be a string, "
+                f"got {turn.get('value')!r}"
             )
         value = turn["value"]
         tags = value.count(image_token)
@@ -93,6 +127,8 @@ class LlavaJsonDataset(Dataset):
     """
 
     def __init__(self, data_path, processor, image_folder=None, max_length: int | None = None):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1 token, got {max_length}")
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.max_length = max_length
