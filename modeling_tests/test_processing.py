@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -226,6 +227,11 @@ def test_bad_inputs_give_clear_errors(processor):
         processor(images=[image, image], text="What is in the image?")
     with pytest.raises(ValueError, match="Empty prompt at batch index \\[1\\]"):
         processor(text=["What is in the image?", "  "])
+    for text in (5, ["What is in the image?", None]):
+        with pytest.raises(
+            TypeError, match=re.escape(f"text must be a prompt string or a list of them, got {text!r}")
+        ):
+            processor(text=text)
     with pytest.raises(ValueError, match="vocab_size"):
         tiny_processor(train_tokenizer([" ".join(f"word{i}" for i in range(80))]))
 

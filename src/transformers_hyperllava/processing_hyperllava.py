@@ -94,14 +94,16 @@ class HyperLlavaProcessor(LlavaProcessor):
     def __call__(self, images=None, text=None, **kwargs):
         # Checked here rather than left to Transformers, whose releases differ (5.17 fails with StopIteration).
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
-            empty = [i for i, t in enumerate(texts) if isinstance(t, str) and not t.strip()]
+            texts = [text] if isinstance(text, str) else text
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"text must be a prompt string or a list of them, got {text!r:.200}")
+            empty = [i for i, t in enumerate(texts) if not t.strip()]
             if empty:
                 raise ValueError(f"Empty prompt at batch index {empty}: every prompt needs some text")
             if images is not None:
                 images = self.image_processor.fetch_images(images)  # URLs and paths become images
             num_images = 0 if images is None else len(make_flat_list_of_images(images))
-            num_placeholders = sum(t.count(self.image_token) for t in texts if isinstance(t, str))
+            num_placeholders = sum(t.count(self.image_token) for t in texts)
             if num_placeholders != num_images:
                 raise ValueError(
                     f"The prompts have {num_placeholders} {self.image_token} placeholder(s) but {num_images} image(s) "
