@@ -2,8 +2,10 @@
 `model.generate` called directly."""
 
 import json
+import os
 import re
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -147,21 +149,42 @@ def test_single_question_errors(saved, capsys, argv, message):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, message",
     [
-        [],  # neither mode
-        ["--prompt", "Hi", "--question-file", "q.jsonl", "--answers-file", "a.jsonl"],
-        ["--question-file", "q.jsonl"],  # no answers file
-        ["--question-file", "does-not-exist.jsonl", "--answers-file", "a.jsonl"],
-        ["--prompt", "Hi", "--max-new-tokens", "0"],
-        ["--prompt", "Hi", "--dtype", "float8"],
-        ["--prompt", "Hi", "--top-p", "1.5"],
+        ([], "give either --prompt"),  # neither mode
+        (["--prompt", "Hi", "--question-file", "q.jsonl", "--answers-file", "a.jsonl"], "give either --prompt"),
+        (["--question-file", "q.jsonl"], "--question-file needs --answers-file"),
+        (["--question-file", "does-not-exist.jsonl", "--answers-file", "a.jsonl"], "question file not found"),
+        (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--prompt", "Hi", "--dtype", "float8"], "argument --dtype: invalid choice"),
+        (["--prompt", "Hi", "--top-p", "1.5"], "--temperature must be >= 0 and --top-p in"),
+        # Batch-mode options that --prompt would ignore.
+        (["--prompt", "Hi", "--answers-file", "a.jsonl"], "--answers-file goes with --question-file, not --prompt"),
+        (["--prompt", "Hi", "--image-folder", "{tmp}"], "--image-folder goes with --question-file"),
+        (["--prompt", "Hi", "--batch-size", "2"], "--batch-size goes with --question-file"),
+        # Answers files that cannot be written, or that would overwrite the questions.
+        (["--question-file", "{tmp}/q.jsonl", "--answers-file", "{tmp}"], "--answers-file .* is a directory"),
+        (
+            ["--question-file", "{tmp}/q.jsonl", "--answers-file", "{tmp}/q.jsonl/a.jsonl"],
+            "--answers-file .*: .*q.jsonl is not a directory",
+        ),
+        (
+            ["--question-file", "{tmp}/q.jsonl", "--answers-file", "{tmp}/q.jsonl/new/a.jsonl"],
+            "--answers-file .*: .*q.jsonl is not a directory",
+        ),
+        (
+            ["--question-file", "{tmp}/q.jsonl", "--answers-file", "{tmp}/./q.jsonl"],
+            "--answers-file .* is the question",
+        ),
     ],
 )
-def test_bad_arguments_are_refused(saved, argv):
+def test_bad_arguments_are_refused(saved, capsys, tmp_path, argv, message):
+    (tmp_path / "q.jsonl").write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(saved[0]), *argv])
+        main(["--model", str(saved[0]), *[a.format(tmp=tmp_path) for a in argv]])
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search("hyperllava-generate: error: " + message, err), err
 
 
 def write_questions(path, lines):
@@ -209,6 +232,10 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
             "{not json",
             {"image": "wide.png", "text": "no id"},
             "",
+            {"question_id": "null-image", "image": None, "text": "What?"},
+            {"question_id": "list-image", "image": ["wide.png"], "text": "What?"},
+            {"question_id": "number-text", "image": "wide.png", "text": 5},
+            "[1, 2]",
             {"question_id": "ok2", "image": "tall.jpg", "text": "Describe the picture in detail."},
         ],
     )
@@ -231,9 +258,63 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
         ("'no-image-key'", "missing key\\(s\\) \\['image'\\]"),
         ("'line 6'", "invalid JSON"),
         ("'line 7'", "missing key 'question_id'"),
+        ("'null-image'", "key 'image' must be a string, got null"),
+        ("'list-image'", "key 'image' must be a string, got an array"),
+        ("'number-text'", "key 'text' must be a string, got a number"),
+        ("'line 12'", "expected a JSON object, got an array"),
     ]:
         assert re.search(f"question {label} failed: {reason}", err), (label, err)
-    assert "6 of 8 questions failed" in err
+    assert "10 of 12 questions failed" in err
+
+
+def test_batch_mode_replaces_the_answers_file_only_at_the_end(saved, capsys, tmp_path, monkeypatch):
+    folder, _, _, images = saved
+    write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
+    answers_file = tmp_path / "answers.jsonl"
+    answers_file.write_text("old answers\n")
+    # The partial file of another run writing the same answers file (under the name partial files once had).
+    other_partial = tmp_path / ".answers.jsonl.partial"
+    other_partial.write_text("another run's answers\n")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    # --image-folder and --batch-size left out: the images are looked up in the current folder, one at a time.
+    monkeypatch.chdir(images)
+    argv = ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
+    argv += ["--answers-file", str(answers_file)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("transformers_hyperllava.generate.generate_answers", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(argv, capsys)
+    assert answers_file.read_text() == "old answers\n"
+    assert other_partial.read_text() == "another run's answers\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # nothing left behind
+
+    umask = os.umask(0o002)
+    try:
+        code, _, err = run(argv, capsys)
+    finally:
+        os.umask(umask)
+    assert code == 0, err
+    assert [json.loads(line)["question_id"] for line in answers_file.read_text().splitlines()] == ["q1"]
+    assert stat.S_IMODE(answers_file.stat().st_mode) == 0o664  # what open(..., "w") gives under that umask
+    assert other_partial.read_text() == "another run's answers\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_batch_mode_refuses_a_question_file_that_is_not_text(saved, capsys, tmp_path, monkeypatch):
+    folder, _, _, images = saved
+    monkeypatch.setattr("transformers_hyperllava.generate.load_model", lambda args: pytest.fail("the model loaded"))
+    answers_file = tmp_path / "answers.jsonl"
+    code, out, err = run(
+        ["--model", str(folder), "--question-file", str(images / "wide.png"), "--answers-file", str(answers_file)],
+        capsys,
+    )
+    assert code == 1 and out == ""
+    assert re.search("error: question file .*wide.png is not UTF-8 text: 'utf-8' codec can't decode", err), err
+    assert not answers_file.exists()
 
 
 def test_pipeline_on_a_saved_folder(saved):

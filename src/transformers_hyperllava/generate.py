@@ -11,9 +11,11 @@ Many questions, in LLaVA's `model_vqa` format (a JSONL of `{"question_id", "imag
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -23,6 +25,16 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names a question file's author knows the values by, for the errors about a line.
+JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 def load_image(path) -> Image.Image:
@@ -87,29 +99,55 @@ def read_questions(path):
             except json.JSONDecodeError as error:
                 yield f"line {number}", ValueError(f"invalid JSON: {error}")
                 continue
-            if not isinstance(question, dict) or "question_id" not in question:
+            if not isinstance(question, dict):
+                yield f"line {number}", ValueError(f"expected a JSON object, got {JSON_TYPES[type(question)]}")
+                continue
+            if "question_id" not in question:
                 yield f"line {number}", ValueError("missing key 'question_id'")
                 continue
             missing = [key for key in ("image", "text") if key not in question]
-            yield question["question_id"], ValueError(f"missing key(s) {missing}") if missing else question
+            if missing:
+                yield question["question_id"], ValueError(f"missing key(s) {missing}")
+                continue
+            wrong = [
+                f"key {key!r} must be a string, got {JSON_TYPES[type(question[key])]}"
+                for key in ("image", "text")
+                if not isinstance(question[key], str)
+            ]
+            yield question["question_id"], ValueError("; ".join(wrong)) if wrong else question
 
 
-def answer_file(args, model, processor) -> int:
-    """Answers every question of `args.question_file`; returns the number of questions that failed."""
+@contextlib.contextmanager
+def atomic_writer(path: Path):
+    """A text file that replaces `path` when the block succeeds; on any error or Ctrl-C it is removed, `path` kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed at the end, so a crash never leaves a half-written file; the unique
+    # name keeps two runs writing the same file out of each other's way.
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with open(fd, "w", encoding="utf-8") as file:
+            yield file
+        # mkstemp makes the file private (0600); give it the mode that open(path, "w") would have.
+        umask = os.umask(0)  # the umask can only be read by setting it
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, path)
+    except BaseException:
+        os.remove(partial)
+        raise
+
+
+def answer_file(args, questions, model, processor) -> int:
+    """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
     model_id = Path(args.model).name
     kwargs = generation_kwargs(args, processor)
-    questions = list(read_questions(args.question_file))
     failures = []
 
     def fail(question_id, error):
         failures.append(question_id)
         tqdm.write(f"question {question_id!r} failed: {error}", file=sys.stderr)
 
-    answers_path = Path(args.answers_file)
-    answers_path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed at the end, so a crash never leaves a half-written answers file.
-    partial_path = answers_path.with_name(f".{answers_path.name}.partial")
-    with open(partial_path, "w", encoding="utf-8") as out, tqdm(total=len(questions), desc="questions") as progress:
+    with atomic_writer(Path(args.answers_file)) as out, tqdm(total=len(questions), desc="questions") as progress:
         for start in range(0, len(questions), args.batch_size):
             batch = []
             for question_id, question in questions[start : start + args.batch_size]:
@@ -141,10 +179,24 @@ def answer_file(args, model, processor) -> int:
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
             progress.update(min(args.batch_size, len(questions) - start))
-    os.replace(partial_path, answers_path)
     if failures:
         print(f"{len(failures)} of {len(questions)} questions failed: {failures}", file=sys.stderr)
     return len(failures)
+
+
+def check_batch_files(parser, args):
+    """Refuses a missing question file, and an answers file that cannot be written or would replace the questions."""
+    if not Path(args.question_file).is_file():
+        parser.error(f"question file not found: {args.question_file}")
+    answers = Path(args.answers_file)
+    if answers.is_dir():
+        parser.error(f"--answers-file {args.answers_file} is a directory")
+    if answers.exists() and answers.samefile(args.question_file):
+        parser.error(f"--answers-file {args.answers_file} is the question file; it would be overwritten")
+    # The answers file's folder is created if missing; the deepest part of its path that exists must be a folder.
+    existing = next(folder for folder in answers.parents if folder.exists())
+    if not existing.is_dir():
+        parser.error(f"--answers-file {args.answers_file}: {existing} is not a directory")
 
 
 def parse_args(argv=None):
@@ -155,9 +207,10 @@ def parse_args(argv=None):
     single.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
     batch = parser.add_argument_group("many questions (LLaVA's model_vqa format)")
     batch.add_argument("--question-file", help="JSONL, one {question_id, image, text} per line")
-    batch.add_argument("--image-folder", default=".", help="folder the questions' `image` paths are relative to")
+    # No defaults here: an option left out is None, so that one given with --prompt can be refused.
+    batch.add_argument("--image-folder", help="folder the questions' `image` paths are relative to (default: .)")
     batch.add_argument("--answers-file", help="JSONL to write the answers to")
-    batch.add_argument("--batch-size", type=int, default=1, help="questions generated together (left-padded)")
+    batch.add_argument("--batch-size", type=int, help="questions generated together, left-padded (default: 1)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--system", help="system line (default: LLaVA-1.5's vicuna_v1 system prompt)")
     gen.add_argument("--max-new-tokens", type=int, default=512)
@@ -174,8 +227,14 @@ def parse_args(argv=None):
         parser.error("give either --prompt (with --image) or --question-file (with --answers-file)")
     if args.question_file is not None and (args.answers_file is None or args.image):
         parser.error("--question-file needs --answers-file, and takes its images from the file, not --image")
-    if args.question_file is not None and not Path(args.question_file).is_file():
-        parser.error(f"question file not found: {args.question_file}")
+    if args.prompt is not None:
+        for name in ("answers_file", "image_folder", "batch_size"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} goes with --question-file, not --prompt")
+    else:
+        check_batch_files(parser, args)
+    args.image_folder = "." if args.image_folder is None else args.image_folder
+    args.batch_size = 1 if args.batch_size is None else args.batch_size
     for name in ("max_new_tokens", "num_beams", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -193,9 +252,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     set_seed(args.seed)
     processor = AutoProcessor.from_pretrained(args.model)
-    if args.question_file is not None:
-        return 1 if answer_file(args, load_model(args), processor) else 0
     # Bad input is reported before the (slow) model load.
+    if args.question_file is not None:
+        try:
+            questions = list(read_questions(args.question_file))
+        except UnicodeDecodeError as error:
+            print(
+                f"hyperllava-generate: error: question file {args.question_file} is not UTF-8 text: {error}",
+                file=sys.stderr,
+            )
+            return 1
+        return 1 if answer_file(args, questions, load_model(args), processor) else 0
     try:
         images = [load_image(path) for path in args.image]
         prompt = build_prompt(processor, args.prompt, len(images), args.system)
