@@ -158,6 +158,7 @@ def test_single_question_errors(saved, capsys, argv, message):
         (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--prompt", "Hi", "--dtype", "float8"], "argument --dtype: invalid choice"),
         (["--prompt", "Hi", "--top-p", "1.5"], "--temperature must be >= 0 and --top-p in"),
+        (["--prompt", "Hi", "--top-p", "0.5"], "--top-p applies to sampling: give a --temperature above 0"),
         # Batch-mode options that --prompt would ignore.
         (["--prompt", "Hi", "--answers-file", "a.jsonl"], "--answers-file goes with --question-file, not --prompt"),
         (["--prompt", "Hi", "--image-folder", "{tmp}"], "--image-folder goes with --question-file"),

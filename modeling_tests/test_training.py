@@ -284,6 +284,13 @@ def test_resume_from_checkpoint_matches_uninterrupted(setup, tmp_path):
     main([str(config)])
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed"), rtol=0, atol=1e-12)
 
+    # "true": the last checkpoint in --output_dir, here the last step's. Nothing is left to train, and the final
+    # weights are that checkpoint's, not the other starting model's.
+    expected = final_weights(tmp_path / "full")
+    other_start = {"model_name_or_path": tmp_path / "other", "resume_from_checkpoint": "true"}
+    main(cli_args(setup, tmp_path / "full", **saving, **other_start))
+    assert_same_weights(expected, final_weights(tmp_path / "full"), rtol=0, atol=0)
+
 
 def test_llava_checkpoint_through_both_stages(setup, tmp_path):
     """A stock LLaVA checkpoint: stage 1 writes only the projector + visual expert, stage 2 starts from them, and
@@ -319,6 +326,9 @@ def test_llava_checkpoint_through_both_stages(setup, tmp_path):
     )
     for name, tensor in projector.items():
         torch.testing.assert_close(start.get_parameter(name), tensor, rtol=0, atol=0)
+    # Stage 1's folder is no model: the mistake of starting stage 2 from it is named with the way to do it.
+    with pytest.raises(ValueError, match=rf"holds stage 1's {PROJECTOR_FILE} only: pass it as --pretrained_projector"):
+        main(cli_args(setup, stage2, model_name_or_path=stage1))
 
     main(
         cli_args(

@@ -240,6 +240,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.top_p < 1 and args.temperature == 0:
+        parser.error("--top-p applies to sampling: give a --temperature above 0 too (0 decodes greedily)")
     return args
 
 

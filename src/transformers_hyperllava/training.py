@@ -204,6 +204,16 @@ def hyperllava_config_overrides(value) -> dict:
     return overrides
 
 
+def check_model_folder(model_args: ModelArguments):
+    """Stage 1's output given as the model: Transformers would only say that it finds no processor or config."""
+    folder = Path(model_args.model_name_or_path)
+    if (folder / PROJECTOR_FILE).is_file() and not (folder / "config.json").is_file():
+        raise ValueError(
+            f"--model_name_or_path {folder} holds stage 1's {PROJECTOR_FILE} only: pass it as --pretrained_projector "
+            f"{folder / PROJECTOR_FILE}, with the model stage 1 started from as --model_name_or_path"
+        )
+
+
 def load_model(model_args: ModelArguments):
     """The model to train; a half-precision checkpoint is trained in float32 master weights (`--bf16` autocasts)."""
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
@@ -333,6 +343,7 @@ def main(argv=None):
         model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
 
+    check_model_folder(model_args)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     model = load_model(model_args)
     check_processor_fits(processor, model.config, model_args)
@@ -342,7 +353,9 @@ def main(argv=None):
         # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
         raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
     trainer = build_trainer(model, processor, dataset, args, lora)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # A checkpoint folder, or "true" for the last one in --output_dir (what the Trainer does with True).
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     if dataset.num_dropped and args.process_index == 0:
         # Counted in this process only: with dataloader workers, each worker's warnings are the full record.
         logger.warning("%d sample(s) were dropped for max_length=%d", dataset.num_dropped, data_args.max_length)
