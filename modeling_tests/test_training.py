@@ -292,6 +292,20 @@ def test_resume_from_checkpoint_matches_uninterrupted(setup, tmp_path):
     assert_same_weights(expected, final_weights(tmp_path / "full"), rtol=0, atol=0)
 
 
+def test_evaluation_reports_the_mean_loss_over_the_eval_samples(setup, tmp_path):
+    settings = {"eval_strategy": "steps", "eval_steps": 4, "save_strategy": "steps", "save_steps": 4}
+    main(cli_args(setup, tmp_path, eval_data_path=setup["qa"], per_device_eval_batch_size=4, **settings))
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    (eval_loss,) = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    # It evaluated at the last step: with the final weights, on batches of 4 from the 16 samples.
+    model = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    collate = LlavaDataCollator(setup["processor"].tokenizer.pad_token_id)
+    with torch.no_grad():
+        losses = [model(**collate([dataset[i + j] for j in range(4)])).loss for i in range(0, len(dataset), 4)]
+    assert eval_loss == pytest.approx(torch.stack(losses).mean().item(), rel=1e-9)
+
+
 def test_llava_checkpoint_through_both_stages(setup, tmp_path):
     """A stock LLaVA checkpoint: stage 1 writes only the projector + visual expert, stage 2 starts from them, and
     the final folder reloads with the Auto classes and generates."""

@@ -163,6 +163,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(metadata={"help": "LLaVA-format JSON (or JSON Lines) file"})
+    eval_data_path: str | None = field(
+        default=None, metadata={"help": "Evaluation samples in the same format (with --eval_strategy steps or epoch)"}
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder the samples' image names are relative to"}
     )
@@ -256,7 +259,9 @@ def load_processor(path):
     return processor
 
 
-def build_trainer(model, processor, dataset, args: HyperLlavaTrainingArguments, lora=None) -> Trainer:
+def build_trainer(
+    model, processor, dataset, args: HyperLlavaTrainingArguments, lora=None, eval_dataset=None
+) -> Trainer:
     """A Trainer for `args.stage`: parameters frozen per the stage (plus LoRA when `lora` = (r, alpha, dropout))."""
     apply_stage(model, args.stage)
     if lora is not None:
@@ -280,6 +285,7 @@ def build_trainer(model, processor, dataset, args: HyperLlavaTrainingArguments, 
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=LlavaDataCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
     )
@@ -347,12 +353,15 @@ def main(argv=None):
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     model = load_model(model_args)
     check_processor_fits(processor, model.config, model_args)
-    dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
+    dataset, eval_dataset = (
+        LlavaJsonDataset(path, processor, data_args.image_folder, data_args.max_length) if path else None
+        for path in (data_args.data_path, data_args.eval_data_path)
+    )
     lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
     if lora and (args.fsdp or args.deepspeed):
         # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
         raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
-    trainer = build_trainer(model, processor, dataset, args, lora)
+    trainer = build_trainer(model, processor, dataset, args, lora, eval_dataset)
     # A checkpoint folder, or "true" for the last one in --output_dir (what the Trainer does with True).
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
