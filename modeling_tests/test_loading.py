@@ -165,3 +165,56 @@ def test_device_map_auto_with_offload_keeps_layers_whole_and_outputs_equal(saved
     for name in placement:  # no decoder layer is split across devices
         assert not name.startswith("model.language_model.layers.") or name.count(".") == 3, name
     torch.testing.assert_close(offloaded(**inputs()).logits, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("num_gpus", [2, 3, 4])
+def test_device_maps_over_several_gpus_keep_experts_and_projector_whole(saved, num_gpus):
+    """Budgets for several GPUs (planned only: accelerate does not allocate) that split the model at various places:
+    an expert, and the projector that applies the visual one, stay on one device each."""
+    from accelerate import infer_auto_device_map
+
+    from transformers_hyperllava.modeling_hyperllava import (
+        HyperExpert,
+        HyperLlamaDecoderLayer,
+        HyperLlavaMultiModalProjector,
+    )
+
+    _, model = saved
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    budgets = {gpu: size // num_gpus + 1 for gpu in range(num_gpus + 2)} | {"cpu": 2 * size}
+    placement = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=model._no_split_modules)
+    assert len(set(placement.values())) > 1
+    kept_whole = (HyperExpert, HyperLlavaMultiModalProjector, HyperLlamaDecoderLayer)
+    whole = [name for name, module in model.named_modules() if isinstance(module, kept_whole)]
+    for name in whole:
+        devices = {device for key, device in placement.items() if key.startswith(name + ".")}
+        assert not devices, f"{name} is split over {devices | {placement.get(name)}}"
+
+
+def test_the_guidance_is_pooled_on_the_device_of_the_hidden_states():
+    """Under a device_map the prompt mask stays where the inputs are while layer k-1 runs elsewhere."""
+    from transformers_hyperllava.modeling_hyperllava import mean_pool
+
+    hidden, mask = torch.randn(2, 5, 8, device="meta"), torch.ones(2, 5, dtype=torch.bool)
+    assert mean_pool(hidden, mask).device == hidden.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: the GPU beside the CPU")
+def test_a_model_split_over_gpu_and_cpu_gives_the_same_logits_and_tokens(saved):
+    path, model = saved
+    layers = model.config.text_config.num_hidden_layers
+    # The guidance layer's output and the language expert on the GPU, the inputs and later layers on the CPU.
+    device_map = {
+        "model.vision_tower": "cpu",
+        "model.multi_modal_projector": 0,
+        "model.language_model.embed_tokens": 0,
+    }
+    device_map |= {f"model.language_model.layers.{i}": 0 if i % 2 else "cpu" for i in range(layers)}
+    device_map |= {name: "cpu" for name in ("model.language_model.norm", "model.language_model.rotary_emb", "lm_head")}
+    device_map["model.language_model.language_expert"] = 0
+    split = AutoModelForImageTextToText.from_pretrained(path, device_map=device_map).eval()
+    expected = torch.load(path.parent / "expected_logits.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(split(**inputs()).logits.cpu(), expected, atol=1e-5, rtol=1e-5)
+    generate = {"max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(split.generate(**inputs(), **generate).cpu(), model.generate(**inputs(), **generate))

@@ -91,7 +91,8 @@ def mean_pool(hidden_states, mask=None):
     """Mean of `hidden_states` (B, T, d) over the positions where `mask` (B, T) is set; all positions without one."""
     if mask is None:
         return hidden_states.mean(dim=1)
-    mask = mask.to(hidden_states.dtype)
+    # (The mask comes with the inputs; under a device_map the hidden states can be on another device.)
+    mask = mask.to(hidden_states.device, hidden_states.dtype)
     # The count is clamped so that an empty prompt gives a zero guidance instead of NaN, without a host sync.
     return torch.einsum("bt,btd->bd", mask, hidden_states) / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
@@ -239,7 +240,10 @@ class HyperLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
 
 class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: HyperLlavaConfig
-    _no_split_modules = ["HyperLlamaDecoderLayer", "CLIPEncoderLayer"]
+    # Each on one device under a device_map (accelerate moves tensors only at the boundaries of the modules it
+    # places): the projector applies the visual expert's generated weights to its own hidden state. Transformers adds
+    # the submodels' lists (HyperLlamaModel's below).
+    _no_split_modules = ["HyperLlamaDecoderLayer", "CLIPEncoderLayer", "HyperLlavaMultiModalProjector"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -251,7 +255,8 @@ class HyperLlamaModel(LlamaModel):
     """The Llama text model with the language expert: guidance after layer k-1, adapters in the later layers."""
 
     _can_record_outputs = {"hidden_states": HyperLlamaDecoderLayer, "attentions": LlamaAttention}
-    _no_split_modules = ["HyperLlamaDecoderLayer"]
+    # An expert adds its own parameters to its linear layers' outputs: on one device.
+    _no_split_modules = ["HyperLlamaDecoderLayer", "HyperExpert"]
 
     def __init__(self, config: HyperLlavaConfig):
         text_config = config.text_config
