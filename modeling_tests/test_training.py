@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from conftest import randomize_experts
+from conftest import images, prompt_ids, randomize_experts
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.data import LlavaDataCollator, LlavaJsonDataset
 from transformers_hyperllava.demo_data import make_demo_dataset
@@ -163,6 +163,27 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
     assert sorted(path.name for path in out.iterdir()) == sorted(saved)
     reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float64)
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt():
+    """PEFT puts its virtual tokens in front of the input after `generate` (or the collator) named the prompt: the
+    guidance pools over them too, as over the rest of the prompt. (Only the prefill: in later steps transformers 5.2x
+    and PEFT prepend them again, for LLaVA too.)"""
+    peft = pytest.importorskip("peft", reason="needs the optional `peft` package (pip install peft)")
+    # (PEFT finds the word embeddings by the vocabulary size, which must differ from the hypernetwork's width, 64.)
+    config = tiny_config(vocab_size=56)
+    torch.manual_seed(0)
+    model = randomize_experts(HyperLlavaForConditionalGeneration(config).double().eval())
+    tuned = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ids, pixel_values = torch.tensor([prompt_ids("img", 10, 11)]), images(1).double()
+    out = tuned.generate(
+        input_ids=ids, pixel_values=pixel_values, max_new_tokens=1, output_logits=True, return_dict_in_generate=True
+    )
+    embeds = torch.cat([tuned.get_prompt(batch_size=1).double(), model.get_input_embeddings()(ids)], dim=1)
+    prompt = torch.ones(embeds.shape[:2], dtype=torch.bool)
+    with torch.no_grad():
+        logits = model(inputs_embeds=embeds, pixel_values=pixel_values, language_guidance_mask=prompt).logits[:, -1]
+    torch.testing.assert_close(out.logits[0], logits.float())  # (generate returns float32 logits)
 
 
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):

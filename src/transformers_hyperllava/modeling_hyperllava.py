@@ -338,6 +338,13 @@ class HyperLlamaModel(LlamaModel):
         }
         if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        elif language_guidance_mask is not None and language_guidance_mask.shape[1] < inputs_embeds.shape[1]:
+            # PEFT's prompt tuning and p-tuning put virtual tokens in front of the embeddings (and ones in front of the
+            # attention mask) after the guidance mask was made, by the collator or `generate`: they are prompt.
+            prefix = language_guidance_mask.new_ones(
+                len(inputs_embeds), inputs_embeds.shape[1] - language_guidance_mask.shape[1]
+            )
+            language_guidance_mask = torch.cat([prefix, language_guidance_mask], dim=1)
         if language_expert_weights is None and self.language_expert is not None:
             self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
@@ -366,7 +373,8 @@ class HyperLlamaModel(LlamaModel):
         if cache is not None and not torch.compiler.is_compiling() and int(cache.get_seq_length()) > 0:
             raise ValueError(
                 f"the cache already holds {int(cache.get_seq_length())} tokens, which the language guidance cannot "
-                "see: a cache filled earlier needs that prefill's language_expert_weights"
+                "see: a cache filled earlier needs that prefill's language_expert_weights (PEFT's prefix tuning "
+                "passes its prefix as such a cache, and is not supported with a language expert)"
             )
         if guidance_mask is None and attention_mask is not None:
             raise ValueError(
