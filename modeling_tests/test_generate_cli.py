@@ -260,9 +260,9 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
         ("'line 6'", "invalid JSON"),
         ("'line 7'", "missing key 'question_id'"),
         ("'null-image'", "key 'image' must be a string, got null"),
-        ("'list-image'", "key 'image' must be a string, got an array"),
-        ("'number-text'", "key 'text' must be a string, got a number"),
-        ("'line 12'", "expected a JSON object, got an array"),
+        ("'list-image'", "key 'image' must be a string, got \\[\"wide.png\"\\]"),
+        ("'number-text'", "key 'text' must be a string, got 5"),
+        ("'line 12'", "expected a JSON object, got \\[1, 2\\]"),
     ]:
         assert re.search(f"question {label} failed: {reason}", err), (label, err)
     assert "10 of 12 questions failed" in err

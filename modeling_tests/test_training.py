@@ -143,6 +143,9 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
     dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
     trainer = build_trainer(model, setup["processor"], dataset, train_args(tmp_path, "experts"))
     out = tmp_path / "final"
+    # With --push_to_hub, `main` uploads the folder once it is complete: saving must not make the Trainer upload it.
+    trainer.args.push_to_hub = True
+    monkeypatch.setattr(trainer, "push_to_hub", lambda *args, **kwargs: pytest.fail("uploaded while saving"))
     save_stage(trainer, setup["processor"], out)
     saved = {path.name: path.read_bytes() for path in out.iterdir()}
     with torch.no_grad():

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -25,16 +24,6 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The names a question file's author knows the values by, for the errors about a line.
-JSON_TYPES = {
-    dict: "an object",
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
 
 
 def load_image(path) -> Image.Image:
@@ -100,7 +89,7 @@ def read_questions(path):
                 yield f"line {number}", ValueError(f"invalid JSON: {error}")
                 continue
             if not isinstance(question, dict):
-                yield f"line {number}", ValueError(f"expected a JSON object, got {JSON_TYPES[type(question)]}")
+                yield f"line {number}", ValueError(f"expected a JSON object, got {json.dumps(question):.80}")
                 continue
             if "question_id" not in question:
                 yield f"line {number}", ValueError("missing key 'question_id'")
@@ -110,7 +99,7 @@ def read_questions(path):
                 yield question["question_id"], ValueError(f"missing key(s) {missing}")
                 continue
             wrong = [
-                f"key {key!r} must be a string, got {JSON_TYPES[type(question[key])]}"
+                f"key {key!r} must be a string, got {json.dumps(question[key]):.80}"
                 for key in ("image", "text")
                 if not isinstance(question[key], str)
             ]
@@ -123,17 +112,13 @@ def atomic_writer(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed at the end, so a crash never leaves a half-written file; the unique
     # name keeps two runs writing the same file out of each other's way.
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
-        with open(fd, "w", encoding="utf-8") as file:
+        with open(partial, "x", encoding="utf-8") as file:
             yield file
-        # mkstemp makes the file private (0600); give it the mode that open(path, "w") would have.
-        umask = os.umask(0)  # the umask can only be read by setting it
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)
         os.replace(partial, path)
     except BaseException:
-        os.remove(partial)
+        partial.unlink(missing_ok=True)
         raise
 
 

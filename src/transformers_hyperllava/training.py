@@ -333,7 +333,9 @@ def save_stage(trainer: Trainer, processor, output_dir):
             if main_process:
                 model.merge_and_unload().save_pretrained(staging)
         else:
-            trainer.save_model(staging)
+            # (As an internal call: with --push_to_hub the Trainer would upload --output_dir, as yet without this save.
+            # `main` uploads the finished folder.)
+            trainer.save_model(staging, _internal_call=True)
         if main_process:
             processor.save_pretrained(staging)
 
