@@ -364,9 +364,12 @@ def test_llava_checkpoint_through_both_stages(setup, tmp_path):
     )
     for name, tensor in projector.items():
         torch.testing.assert_close(start.get_parameter(name), tensor, rtol=0, atol=0)
-    # Stage 1's folder is no model: the mistake of starting stage 2 from it is named with the way to do it.
+    # Stage 1's folder is no model: the mistake of starting stage 2 from it is named with the way to do it. So is a
+    # mistyped folder, which Transformers would take for a malformed Hub id.
     with pytest.raises(ValueError, match=rf"holds stage 1's {PROJECTOR_FILE} only: pass it as --pretrained_projector"):
         main(cli_args(setup, stage2, model_name_or_path=stage1))
+    with pytest.raises(ValueError, match=r"--model_name_or_path .*/stage-1: no such folder, and not a Hub repo id"):
+        main(cli_args(setup, stage2, model_name_or_path=tmp_path / "stage-1"))
 
     main(
         cli_args(

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
@@ -208,6 +209,11 @@ def parse_args(argv=None):
     )
     gen.add_argument("--dtype", choices=list(DTYPES), default="auto", help="default: the checkpoint's dtype")
     args = parser.parse_args(argv)
+    if not Path(args.model).is_dir():
+        try:
+            validate_repo_id(args.model)
+        except HFValidationError:  # (Transformers would report a mistyped folder as a malformed Hub id)
+            parser.error(f"--model {args.model}: no such folder, and not a Hub repo id")
     if (args.prompt is None) == (args.question_file is None):
         parser.error("give either --prompt (with --image) or --question-file (with --answers-file)")
     if args.question_file is not None and (args.answers_file is None or args.image):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
 
@@ -208,7 +209,16 @@ def hyperllava_config_overrides(value) -> dict:
 
 
 def check_model_folder(model_args: ModelArguments):
-    """Stage 1's output given as the model: Transformers would only say that it finds no processor or config."""
+    """A mistyped folder, or stage 1's output given as the model: Transformers would report the one as a malformed Hub
+    id and the other as a folder without a processor."""
+    for option in ("model_name_or_path", "processor_name_or_path"):
+        name = getattr(model_args, option)
+        if name is None or Path(name).is_dir():
+            continue
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise ValueError(f"--{option} {name}: no such folder, and not a Hub repo id") from None
     folder = Path(model_args.model_name_or_path)
     if (folder / PROJECTOR_FILE).is_file() and not (folder / "config.json").is_file():
         raise ValueError(
