@@ -765,7 +765,7 @@ def staging_folder(output: Path):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        if old is not None:
+        if old is not None and output.exists():  # (if putting the previous output back failed, it stays in `old`)
             shutil.rmtree(old, ignore_errors=True)
 
 

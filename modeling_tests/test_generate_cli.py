@@ -152,7 +152,7 @@ def test_single_question_errors(saved, capsys, argv, message):
     "argv, message",
     [
         ([], "give either --prompt"),  # neither mode
-        (["--model", "{tmp}/typo", "--prompt", "Hi"], "--model .*/typo: no such folder, and not a Hub repo id"),
+        (["--model", "{tmp}/typo", "--prompt", "Hi"], "--model .*/typo: not a folder, and not a Hub repo id"),
         (["--prompt", "Hi", "--question-file", "q.jsonl", "--answers-file", "a.jsonl"], "give either --prompt"),
         (["--question-file", "q.jsonl"], "--question-file needs --answers-file"),
         (["--question-file", "does-not-exist.jsonl", "--answers-file", "a.jsonl"], "question file not found"),

@@ -181,6 +181,7 @@ def test_device_maps_over_several_gpus_keep_experts_and_projector_whole(saved, n
 
     _, model = saved
     size = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Each GPU holds a 1/num_gpus share: the plan spreads the model over num_gpus or num_gpus + 1 of them.
     budgets = {gpu: size // num_gpus + 1 for gpu in range(num_gpus + 2)} | {"cpu": 2 * size}
     placement = infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=model._no_split_modules)
     assert len(set(placement.values())) > 1
@@ -203,7 +204,8 @@ def test_the_guidance_is_pooled_on_the_device_of_the_hidden_states():
 def test_a_model_split_over_gpu_and_cpu_gives_the_same_logits_and_tokens(saved):
     path, model = saved
     layers = model.config.text_config.num_hidden_layers
-    # The guidance layer's output and the language expert on the GPU, the inputs and later layers on the CPU.
+    # Layers alternate between CPU and GPU: the guidance's layer (k-1 = 1) runs on the GPU while the prompt mask comes
+    # with the inputs from the CPU, and the language expert's weights go to expert layers on both devices.
     device_map = {
         "model.vision_tower": "cpu",
         "model.multi_modal_projector": 0,

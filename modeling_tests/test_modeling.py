@@ -741,3 +741,13 @@ def test_a_4d_attention_mask_needs_a_guidance_mask():
         model(input_ids=ids, attention_mask=mask)
     guided = model(input_ids=ids, attention_mask=mask, language_guidance_mask=torch.ones_like(ids))
     torch.testing.assert_close(guided.logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_guidance_mask_that_does_not_cover_the_input_is_refused():
+    """Say, one made for the prompt and used with prompt + answer: pooled as given it would not name the prompt."""
+    model = make_model()
+    ids = torch.tensor([prompt_ids(10, 11, 12, 13, 14)])
+    for length in (ids.shape[1] - 2, ids.shape[1] + 1):
+        guidance = torch.ones(1, length, dtype=torch.bool)
+        with pytest.raises(ValueError, match=rf"language_guidance_mask covers {length} positions but the input has 6"):
+            model(input_ids=ids, language_guidance_mask=guidance)

@@ -168,7 +168,7 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
-def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt():
+def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt_and_prefix_tuning_is_refused():
     """PEFT puts its virtual tokens in front of the input after `generate` (or the collator) named the prompt: the
     guidance pools over them too, as over the rest of the prompt. (Only the prefill: in later steps transformers 5.2x
     and PEFT prepend them again, for LLaVA too.)"""
@@ -187,6 +187,14 @@ def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt():
     with torch.no_grad():
         logits = model(inputs_embeds=embeds, pixel_values=pixel_values, language_guidance_mask=prompt).logits[:, -1]
     torch.testing.assert_close(out.logits[0], logits.float())  # (generate returns float32 logits)
+
+    # Prefix tuning passes its prefix as a filled cache, whose tokens have no hidden states to pool: refused by name.
+    prefixed = peft.get_peft_model(
+        HyperLlavaForConditionalGeneration(config),
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    )
+    with pytest.raises(ValueError, match="PEFT's prefix tuning passes its prefix as such a cache"):
+        prefixed(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images(1), labels=ids)
 
 
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
@@ -368,7 +376,7 @@ def test_llava_checkpoint_through_both_stages(setup, tmp_path):
     # mistyped folder, which Transformers would take for a malformed Hub id.
     with pytest.raises(ValueError, match=rf"holds stage 1's {PROJECTOR_FILE} only: pass it as --pretrained_projector"):
         main(cli_args(setup, stage2, model_name_or_path=stage1))
-    with pytest.raises(ValueError, match=r"--model_name_or_path .*/stage-1: no such folder, and not a Hub repo id"):
+    with pytest.raises(ValueError, match=r"--model_name_or_path .*/stage-1: not a folder, and not a Hub repo id"):
         main(cli_args(setup, stage2, model_name_or_path=tmp_path / "stage-1"))
 
     main(

@@ -171,7 +171,8 @@ def answer_file(args, questions, model, processor) -> int:
 
 
 def check_batch_files(parser, args):
-    """Refuses a missing question file, and an answers file that cannot be written or would replace the questions."""
+    """Refuses a missing question file, and an answers file that is a folder, lies under a file or would replace the
+    questions."""
     if not Path(args.question_file).is_file():
         parser.error(f"question file not found: {args.question_file}")
     answers = Path(args.answers_file)
@@ -213,7 +214,7 @@ def parse_args(argv=None):
         try:
             validate_repo_id(args.model)
         except HFValidationError:  # (Transformers would report a mistyped folder as a malformed Hub id)
-            parser.error(f"--model {args.model}: no such folder, and not a Hub repo id")
+            parser.error(f"--model {args.model}: not a folder, and not a Hub repo id")
     if (args.prompt is None) == (args.question_file is None):
         parser.error("give either --prompt (with --image) or --question-file (with --answers-file)")
     if args.question_file is not None and (args.answers_file is None or args.image):
@@ -224,6 +225,7 @@ def parse_args(argv=None):
                 parser.error(f"--{name.replace('_', '-')} goes with --question-file, not --prompt")
     else:
         check_batch_files(parser, args)
+    # The batch options' defaults, once it is known whether they were given.
     args.image_folder = "." if args.image_folder is None else args.image_folder
     args.batch_size = 1 if args.batch_size is None else args.batch_size
     for name in ("max_new_tokens", "num_beams", "batch_size"):

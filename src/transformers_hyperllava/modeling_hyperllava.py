@@ -84,7 +84,8 @@ def prompt_mask(labels, attention_mask=None):
     The language guidance is pooled over this mask only, so that no answer token reaches the weights that predict it.
     """
     mask = (labels != -100).cumsum(dim=-1) == 0
-    return mask if attention_mask is None else mask & attention_mask.bool()
+    # (An attention mask that also covers cached tokens, as with PEFT's prefix tuning, ends with the labels' positions.)
+    return mask if attention_mask is None else mask & attention_mask[:, -labels.shape[1] :].bool()
 
 
 def mean_pool(hidden_states, mask=None):
@@ -338,13 +339,6 @@ class HyperLlamaModel(LlamaModel):
         }
         if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
-        elif language_guidance_mask is not None and language_guidance_mask.shape[1] < inputs_embeds.shape[1]:
-            # PEFT's prompt tuning and p-tuning put virtual tokens in front of the embeddings (and ones in front of the
-            # attention mask) after the guidance mask was made, by the collator or `generate`: they are prompt.
-            prefix = language_guidance_mask.new_ones(
-                len(inputs_embeds), inputs_embeds.shape[1] - language_guidance_mask.shape[1]
-            )
-            language_guidance_mask = torch.cat([prefix, language_guidance_mask], dim=1)
         if language_expert_weights is None and self.language_expert is not None:
             self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
@@ -419,6 +413,13 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
     ) -> HyperLlavaModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None and language_guidance_mask is not None:
+            # PEFT's prompt tuning and p-tuning put virtual tokens in front of the embeddings (and ones in front of the
+            # attention mask) after the guidance mask was made, by the collator or `generate`: they are prompt.
+            prepended = inputs_embeds.shape[1] - language_guidance_mask.shape[1]
+            if prepended > 0:
+                prefix = language_guidance_mask.new_ones(len(inputs_embeds), prepended)
+                language_guidance_mask = torch.cat([prefix, language_guidance_mask], dim=1)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         # The images come as pixels or, as 5.2x's `generate` passes them, already encoded (`get_image_features`).

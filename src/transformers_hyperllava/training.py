@@ -94,8 +94,12 @@ def save_trained_weights(state_dict: dict, model, path):
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
     tensors = {name: tensor.contiguous() for name, tensor in state_dict.items() if name in trained}
     tmp = Path(str(path) + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_trained_weights(model, path):
@@ -218,7 +222,7 @@ def check_model_folder(model_args: ModelArguments):
         try:
             validate_repo_id(name)
         except HFValidationError:
-            raise ValueError(f"--{option} {name}: no such folder, and not a Hub repo id") from None
+            raise ValueError(f"--{option} {name}: not a folder, and not a Hub repo id") from None
     folder = Path(model_args.model_name_or_path)
     if (folder / PROJECTOR_FILE).is_file() and not (folder / "config.json").is_file():
         raise ValueError(
@@ -302,51 +306,57 @@ def build_trainer(
 
 
 @contextmanager
-def staged_save(folder: Path, main_process=True):
+def staged_save(folder: Path, writer=True):
     """Yields a staging folder inside `folder` for `save_pretrained` calls; their files replace `folder`'s when the
     block completes. Saved in place, an interrupted save could leave a folder that loads a mix of two runs: Transformers
     writes the config first and removes the old shards before the new ones exist. The staging path is the same on
-    every process (all take part in gathering sharded weights); the main process writes and moves."""
+    every process (all take part in gathering sharded weights); those that write (`writer`) also move."""
     staging = folder / ".saving"
-    if main_process:
+    if writer:
         shutil.rmtree(staging, ignore_errors=True)  # an earlier interrupted save's
     try:
         yield staging
     except BaseException:
-        if main_process:
+        if writer:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not main_process:
+    if not writer:
         return
+    last = ("model.safetensors.index.json", "config.json")  # what `from_pretrained` reads first: moved in last
     names = {path.name for path in staging.iterdir()}
+    for name in sorted(names - set(last)):
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)  # (os.replace cannot replace a folder that is not empty)
+        os.replace(staging / name, folder / name)
     for old in folder.glob("model*.safetensors*"):  # shards of an earlier save would be read with the new index
         if old.name not in names:
             old.unlink()
-    last = ("model.safetensors.index.json", "config.json")  # what `from_pretrained` reads first
-    for path in sorted(staging.iterdir(), key=lambda path: path.name in last):
-        os.replace(path, folder / path.name)
+    for name in last:
+        if name in names:
+            os.replace(staging / name, folder / name)
     staging.rmdir()
 
 
 def save_stage(trainer: Trainer, processor, output_dir):
     """Stage align: the trained projector + visual expert only. Others: a Hub-format folder with the processor."""
-    args, model, main_process = trainer.args, trainer.model, trainer.is_world_process_zero()
+    # The processes that write: the main one, or one per node with --save_on_each_node (as `Trainer.save_model`).
+    args, model, writer = trainer.args, trainer.model, trainer.args.should_save
     if args.stage == "align":
-        # Gathered from every rank under FSDP / ZeRO-3; written by the main process only.
+        # Gathered from every rank under FSDP / ZeRO-3.
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if main_process:
+        if writer:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_trained_weights(state_dict, model, Path(output_dir) / PROJECTOR_FILE)
         return
-    with staged_save(Path(output_dir), main_process) as staging:
+    with staged_save(Path(output_dir), writer) as staging:
         if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the LLM's weights
-            if main_process:
+            if writer:
                 model.merge_and_unload().save_pretrained(staging)
         else:
             # (As an internal call: with --push_to_hub the Trainer would upload --output_dir, as yet without this save.
             # `main` uploads the finished folder.)
             trainer.save_model(staging, _internal_call=True)
-        if main_process:
+        if writer:
             processor.save_pretrained(staging)
 
 
@@ -363,12 +373,14 @@ def main(argv=None):
 
     check_model_folder(model_args)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
+    check_processor_fits(processor, AutoConfig.from_pretrained(model_args.model_name_or_path), model_args)
     model = load_model(model_args)
-    check_processor_fits(processor, model.config, model_args)
-    dataset, eval_dataset = (
-        LlavaJsonDataset(path, processor, data_args.image_folder, data_args.max_length) if path else None
-        for path in (data_args.data_path, data_args.eval_data_path)
-    )
+    dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = LlavaJsonDataset(
+            data_args.eval_data_path, processor, data_args.image_folder, data_args.max_length
+        )
     lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
     if lora and (args.fsdp or args.deepspeed):
         # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
