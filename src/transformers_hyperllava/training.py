@@ -371,6 +371,10 @@ def main(argv=None):
         model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
 
+    lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
+    if lora and (args.fsdp or args.deepspeed):
+        # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
+        raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
     check_model_folder(model_args)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     check_processor_fits(processor, AutoConfig.from_pretrained(model_args.model_name_or_path), model_args)
@@ -381,10 +385,6 @@ def main(argv=None):
         eval_dataset = LlavaJsonDataset(
             data_args.eval_data_path, processor, data_args.image_folder, data_args.max_length
         )
-    lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
-    if lora and (args.fsdp or args.deepspeed):
-        # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
-        raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
     trainer = build_trainer(model, processor, dataset, args, lora, eval_dataset)
     # A checkpoint folder, or "true" for the last one in --output_dir (what the Trainer does with True).
     resume = args.resume_from_checkpoint
