@@ -51,6 +51,9 @@ def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
     assert model.config.expert_mode == "latent"
     kwargs = {"input_ids": torch.tensor([prompt_ids("img", 9)]), "pixel_values": images(1).double()}
     torch.testing.assert_close(model(**kwargs).logits, llava(**kwargs).logits, atol=1e-8, rtol=0)
+    # `from_pretrained` on it would load none of LLaVA's weights (saved under LLaVA's own names): refused, with the way.
+    with pytest.raises(ValueError, match=r"a 'llava' config is not a HyperLLaVA one: .*from_llava\(path\)"):
+        HyperLlavaForConditionalGeneration.from_pretrained(tmp_path)
 
 
 def test_from_llava_keeps_tied_embeddings_tied_and_copies_the_generation_config():
@@ -368,6 +371,9 @@ def test_assisted_decoding_gives_the_greedy_tokens(tiny_llava, with_mask):
     assistant = tiny_llava[0].float()
     assert torch.equal(model.generate(**kwargs, prompt_lookup_num_tokens=3), greedy)
     assert torch.equal(model.generate(**kwargs, assistant_model=assistant), greedy)
+    # A HyperLLaVA assistant (other experts, so that some candidates are rejected) continues its own cache each round.
+    hyper_assistant = randomize_experts(make_model(), seed=1)
+    assert torch.equal(model.generate(**kwargs, assistant_model=hyper_assistant), greedy)
 
 
 def test_generation_from_inputs_embeds_matches_generation_from_input_ids():
@@ -551,8 +557,11 @@ def test_image_count_mismatch_is_a_clear_error(num_images):
     ids = torch.tensor([prompt_ids("img", 10, "img")])
     generate = functools.partial(model.generate, max_new_tokens=2)  # 5.2x's encodes the images before the forward
     for run in (model, generate):
-        with pytest.raises(ValueError, match=rf"got {num_images} image\(s\) but 8 image tokens"):
+        with pytest.raises(ValueError, match=rf"got {num_images} image\(s\) of 4 features but 8 image tokens"):
             run(input_ids=ids, pixel_values=images(num_images))
+    # The features per image are counted, not taken from the config: "full" keeps the CLS token, 5 per image.
+    with pytest.raises(ValueError, match=r"got 2 image\(s\) of 5 features but 8 image tokens.*needs exactly 5"):
+        model(input_ids=ids, pixel_values=images(2), vision_feature_select_strategy="full")
 
 
 def test_wrong_pixel_shape_is_a_clear_error():
@@ -598,6 +607,8 @@ def test_unsupported_text_backbone_is_refused():
 
     with pytest.raises(ValueError, match=r"text_config.model_type='mistral' is not supported.*\['llama'\]"):
         HyperLlavaConfig(text_config={"model_type": "mistral"})
+    with pytest.raises(ValueError, match=r"vision_config.model_type='siglip_vision_model' is not supported"):
+        HyperLlavaConfig(vision_config={"model_type": "siglip_vision_model"})
 
 
 def test_config_defaults_reproduce_the_paper():
@@ -700,28 +711,101 @@ def test_outputs_report_the_images_as_llava_does(tiny_llava):
             same(got_item, want_item)
 
 
-def test_generate_continues_from_a_supplied_cache_with_the_prefill_weights():
+@pytest.mark.parametrize("case", ["hidden-states", "interpolated-positions"])
+def test_the_vision_towers_arguments_reach_it_as_in_llava(tiny_llava, case):
+    """The forward's other arguments go to the vision tower too, as LLaVA passes them: its hidden states are reported
+    with the images (and the text model's as LLaVA's), and images of another size are encoded at interpolated
+    positions (42 px: 9 patches)."""
+    llava, _ = tiny_llava
+    model = HyperLlavaForConditionalGeneration.from_llava(llava)
+    if case == "hidden-states":
+        kwargs = {"input_ids": torch.tensor([prompt_ids("img", 10)]), "output_hidden_states": True}
+        kwargs["pixel_values"] = images(1).double()
+    else:
+        kwargs = {"input_ids": torch.tensor([[1] + [IMAGE_TOKEN] * 9 + [10]]), "interpolate_pos_encoding": True}
+        kwargs["pixel_values"] = torch.randn(1, 3, 42, 42, dtype=torch.float64)
+    try:
+        want = llava(**kwargs)
+    except ValueError as error:  # 5.17's LLaVA passes nothing on to its vision tower
+        pytest.skip(f"the installed LLaVA cannot: {error}")
+    got = model(**kwargs)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-10, rtol=0)
+    if case == "hidden-states":  # the text model's, one per layer and the embeddings
+        assert len(got.hidden_states) == len(want.hidden_states) == model.config.text_config.num_hidden_layers + 1
+        for got_item, want_item in zip(got.hidden_states, want.hidden_states):
+            torch.testing.assert_close(got_item, want_item, atol=1e-10, rtol=0)
+    if case == "hidden-states" and IMAGE_OUTPUT == "image_outputs":  # (5.17 reports the projected features only)
+        got_states, want_states = got.image_outputs.hidden_states, want.image_outputs.hidden_states
+        assert len(got_states) == len(want_states) == model.config.vision_config.num_hidden_layers + 1
+        for got_item, want_item in zip(got_states, want_states):
+            torch.testing.assert_close(got_item, want_item, atol=1e-10, rtol=0)
+
+
+def test_generate_continues_a_cache_that_a_forward_filled_with_its_weights():
+    """A prefill of one's own, then `generate` on the cache: the tokens are those of a generation given the prefill's
+    weights, and of a full forward whose guidance pools over what the prefill saw."""
     from transformers import DynamicCache
 
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11)])
     cache = DynamicCache(config=model.config.text_config)
-    prefill = model(input_ids=ids[:, :-1], pixel_values=images(1), use_cache=True, past_key_values=cache)
-    with pytest.raises(ValueError, match="a cache filled earlier needs that prefill's language_expert_weights"):
-        model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, **{CACHE_ARG: cache})
-    assert cache.get_seq_length() == ids.shape[1] - 1  # the refused call left the cache as it was
-    continued = model.generate(
-        input_ids=ids,
-        language_expert_weights=prefill.language_expert_weights,
-        **{CACHE_ARG: cache},
-        max_new_tokens=5,
-        do_sample=False,
+    prefill = model(input_ids=ids[:, :-1], pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
+    kwargs = {"max_new_tokens": 5, "do_sample": False}
+    continued = model.generate(input_ids=ids, **{CACHE_ARG: cache}, **kwargs)
+    given = model.generate(
+        input_ids=ids, pixel_values=images(1), language_expert_weights=prefill.language_expert_weights, **kwargs
     )
-    # Same tokens only if the weights were pooled the same way: the prefill pooled all but the last prompt token.
+    assert torch.equal(continued, given)
     guidance_mask = torch.ones_like(ids, dtype=torch.bool)
     guidance_mask[:, -1] = False
     first = model(input_ids=ids, pixel_values=images(1), language_guidance_mask=guidance_mask).logits[0, -1].argmax()
     assert continued[0, ids.shape[1]] == first
+
+
+def test_a_second_turn_continues_the_first_turns_cache_with_its_weights():
+    """Multi-turn chat reusing the cache: turn 2 runs with the weights turn 1's prompt generated, as training does for
+    every turn of a conversation (the guidance is the prompt before the first answer)."""
+    model = make_model()
+    turn1 = torch.tensor([prompt_ids("img", 10, 11)])
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True}
+    first = model.generate(input_ids=turn1, pixel_values=images(1), **kwargs)
+    turn2 = torch.cat([first.sequences, torch.tensor([[12, 13, 14]])], dim=1)
+    second = model.generate(input_ids=turn2, **{CACHE_ARG: getattr(first, CACHE_ARG)}, output_logits=True, **kwargs)
+    weights = model(input_ids=turn1, pixel_values=images(1)).language_expert_weights
+    fresh = model.generate(
+        input_ids=turn2, pixel_values=images(1), language_expert_weights=weights, output_logits=True, **kwargs
+    )
+    assert torch.equal(second.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(second.logits), torch.stack(fresh.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoding_loop_of_ones_own_continues_the_cache():
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11)])
+    prefill = model(input_ids=ids, pixel_values=images(1), use_cache=True)
+    step = model(input_ids=torch.tensor([[12]]), **{CACHE_ARG: getattr(prefill, CACHE_ARG)})
+    assert step.language_expert_weights is prefill.language_expert_weights
+    full = full_recompute_logits(model, torch.cat([ids, torch.tensor([[12]])], dim=1), ids.shape[1], images(1))
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_without_the_experts_weights_is_refused_and_an_emptied_one_starts_anew(tiny_llava):
+    from transformers import DynamicCache, StaticCache
+
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11)])
+    cache = DynamicCache(config=model.config.text_config)
+    tiny_llava[0].float()(input_ids=ids, pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
+    with pytest.raises(ValueError, match="the cache already holds 7 tokens but not the language expert's weights"):
+        model(input_ids=torch.tensor([[12]]), **{CACHE_ARG: cache})
+    # A cache that carries weights but was emptied (`reset()`, as a server reuses a static cache) starts a new
+    # sequence: its prefill generates new weights.
+    other = torch.tensor([prompt_ids(13, 14, 15)])
+    filled = StaticCache(model.config.text_config, 16)
+    model(input_ids=ids, pixel_values=images(1), use_cache=True, **{CACHE_ARG: filled})
+    filled.reset()
+    restarted = model(input_ids=other, use_cache=True, **{CACHE_ARG: filled})
+    torch.testing.assert_close(restarted.logits, model(input_ids=other).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_return_dict_false_gives_tuples():

@@ -8,6 +8,9 @@ EXPERT_MODES = ("dynamic", "latent", "static")
 EXPERT_KERNELS = ("auto", "eager", "triton")
 # Only the backbones we test; others are refused rather than half-working.
 SUPPORTED_TEXT_BACKBONES = ("llama",)
+SUPPORTED_VISION_BACKBONES = ("clip_vision_model",)
+# What a LLaVA config carries that describes its file or class rather than the model.
+NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
 
 
 class HyperLlavaConfig(LlavaConfig):
@@ -58,6 +61,13 @@ class HyperLlavaConfig(LlavaConfig):
     expert_kernel: str = "auto"
 
     def __post_init__(self, **kwargs):
+        if kwargs.get("model_type", self.model_type) != self.model_type:
+            # Transformers would only warn, and the model would then load none of the checkpoint's weights.
+            raise ValueError(
+                f"a {kwargs['model_type']!r} config is not a HyperLLaVA one: upgrade a LLaVA checkpoint with "
+                "HyperLlavaForConditionalGeneration.from_llava(path), convert a LLaVA-codebase one with "
+                "conversion/convert_hyperllava_weights_to_hf.py"
+            )
         super().__post_init__(**kwargs)
         # `save_pretrained` adds the entry of the class that saves; the base model is named here so that a saved
         # folder also loads with `AutoModel` and `trust_remote_code=True` where the package is not installed.
@@ -71,11 +81,15 @@ class HyperLlavaConfig(LlavaConfig):
         """Refuse expert settings that the model cannot build or would silently ignore. Run at construction and again
         by the model: `from_pretrained(..., expert_mode=...)` sets fields on a config built without them."""
         text = self.text_config
-        if text.model_type not in SUPPORTED_TEXT_BACKBONES:
-            raise ValueError(
-                f"text_config.model_type={text.model_type!r} is not supported by HyperLLaVA yet; "
-                f"supported text backbones: {list(SUPPORTED_TEXT_BACKBONES)}"
-            )
+        for name, sub_config, supported in (
+            ("text_config", text, SUPPORTED_TEXT_BACKBONES),
+            ("vision_config", self.vision_config, SUPPORTED_VISION_BACKBONES),
+        ):
+            if sub_config.model_type not in supported:
+                raise ValueError(
+                    f"{name}.model_type={sub_config.model_type!r} is not supported by HyperLLaVA yet; "
+                    f"supported: {list(supported)}"
+                )
         _check_choice("visual_expert", self.visual_expert, (*VISUAL_EXPERTS, None))
         _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)
         _check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
@@ -107,13 +121,22 @@ class HyperLlavaConfig(LlavaConfig):
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` with every field this config shares with it (the experts dropped)."""
         fields = self.to_dict()
-        for key in (
-            "model_type",
-            "auto_map",
-            *self.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys(),
-        ):
+        for key in (*NOT_MODEL_FIELDS, *self.__dataclass_fields__.keys() - LlavaConfig.__dataclass_fields__.keys()):
             fields.pop(key, None)
         return LlavaConfig(**fields)
+
+    @classmethod
+    def from_llava_config(cls, llava_config: LlavaConfig, **fields) -> "HyperLlavaConfig":
+        """A LLaVA config with the experts added; `fields` set this config's fields (the experts' or LLaVA's)."""
+        unknown = sorted(fields.keys() - cls.__dataclass_fields__.keys())
+        if unknown:  # (the config would keep them as unused attributes, and a misspelt field would go unnoticed)
+            raise ValueError(f"{unknown} are not HyperLlavaConfig fields; see docs/model.md for the expert fields")
+        llava_fields = llava_config.to_dict()
+        for key in NOT_MODEL_FIELDS:
+            llava_fields.pop(key, None)
+        config = cls(**{**llava_fields, **fields})
+        config._attn_implementation = llava_config._attn_implementation
+        return config
 
     @property
     def language_expert_layer_indices(self) -> list[int]:

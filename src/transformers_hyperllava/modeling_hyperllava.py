@@ -2,10 +2,11 @@
 
 Where the paper's equations live:
 - Eqs. 2-3 (layer embedding e(n) = Enc_n(g), hypernetwork K(n) = W2 (W1 e(n) + B1) + B2 + b(n)): `HyperExpert.forward`
-- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `HyperExpert.split`, `expert_adapter`
+- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `HyperExpert.split`, `swiglu_adapter`
 - Eq. 5 (visual expert, a shift of the projector): `HyperLlavaMultiModalProjector.forward`
 - Language expert (guidance after layer k-1, adapters beside the FFN of later layers): `HyperLlamaModel.forward`,
-  `HyperLlamaDecoderLayer.forward`, `prompt_mask`
+  `HyperLlamaDecoderLayer.forward`. The prompt the guidance pools over: `prompt_mask` (training, from the labels),
+  `_expand_inputs_for_generation` (generation); the weights continue with the cache they were generated for.
 """
 
 import copy
@@ -21,7 +22,6 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
     LlamaDecoderLayer,
     LlamaModel,
     LlamaRMSNorm,
@@ -53,8 +53,18 @@ IMAGE_OUTPUT = (
 )
 
 
+def swiglu_adapter(x, w_down, w_up):
+    """Eq. 4: E(x) = SwiGLU(x W_d) W_u with per-sample weights. x: (B, T, d_in), w_down: (B, d_in, 2r), w_up: (B, r, d_out).
+
+    bmm, not matmul: eager decoding is bound by the number of dispatched ops, and matmul's reshaping and expanding of
+    batched operands makes the adapter 16 ops instead of 6.
+    """
+    gate, value = torch.bmm(x, w_down).chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * value, w_up)
+
+
 def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
-    """Eq. 4 plus the residual: `residual [+ ffn_out] + SwiGLU(x W_d) W_u`, with per-sample (or shared, batch 1) weights.
+    """`residual [+ ffn_out] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual and ffn_out: (B, T, d_out).
     """
@@ -69,13 +79,25 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
         return fused_expert_adapter(x, w_down, w_up, residual, ffn_out)
     if ffn_out is not None:
         residual = residual + ffn_out
-    # bmm, not matmul: eager decoding is bound by the number of dispatched ops, and matmul's reshaping and expanding of
-    # batched operands makes this 16 per call instead of 6. (Not baddbmm, which would save one more: it computes in
-    # the matmul's dtype, and under autocast that would turn the float32 residual stream to bf16.)
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
-    gate, value = torch.bmm(x, w_down).chunk(2, dim=-1)
-    return residual + torch.bmm(F.silu(gate) * value, w_up)
+    # (Not baddbmm, which would save an op: it computes in the matmul's dtype, and under autocast that would turn the
+    # float32 residual stream to bf16.)
+    return residual + swiglu_adapter(x, w_down, w_up)
+
+
+# The language expert's weights ride on the cache they were generated with, so that whoever continues the cache (a
+# later `generate` call, a decoding loop of one's own, assisted decoding's assistant model) continues with them.
+CACHED_WEIGHTS = "language_expert_weights"
+
+
+def _weights_of(cache):
+    """The language expert's weights that a non-empty `cache`'s tokens were computed with, else None."""
+    weights = getattr(cache, CACHED_WEIGHTS, None)
+    # (A cache emptied by `reset()` keeps the attribute, but it then starts a new sequence.)
+    if weights is None or torch.compiler.is_compiling() or int(cache.get_seq_length()) == 0:
+        return None
+    return weights
 
 
 def prompt_mask(labels, attention_mask=None):
@@ -112,10 +134,10 @@ class HyperExpert(nn.Module):
         self.num_down = 2 * self.rank * in_dim  # W_d holds both SwiGLU halves
         num_params = self.num_down + self.rank * out_dim
         m, h = config.expert_embedding_dim, config.hypernetwork_hidden_dim
-        if self.mode == "dynamic":
+        if self.mode == "dynamic":  # Enc_n: one Linear(d_g, m) per layer
             self.encoder_weight = nn.Parameter(torch.empty(num_layers, m, guidance_dim))
             self.encoder_bias = nn.Parameter(torch.empty(num_layers, m))
-        elif self.mode == "latent":
+        elif self.mode == "latent":  # z(n)
             self.latent = nn.Parameter(torch.empty(num_layers, m))
         if self.mode != "static":
             self.hyper_in = nn.Linear(m, h)  # W1, B1: shared by all layers
@@ -126,7 +148,7 @@ class HyperExpert(nn.Module):
         """Eqs. 2-3: K(n) for every layer, (B, num_layers, P). B is 1 when K does not depend on the input."""
         if self.mode == "static":
             return self.layer_bias.unsqueeze(0)
-        if self.mode == "dynamic":
+        if self.mode == "dynamic":  # e(n) = Enc_n(g), every layer's at once
             embedding = torch.einsum("bg,lmg->blm", guidance, self.encoder_weight) + self.encoder_bias
         else:
             embedding = self.latent.unsqueeze(0)
@@ -142,14 +164,13 @@ class HyperExpert(nn.Module):
     def init_weights(self, std):
         """Everything that produces W_u starts at zero (a new HyperLLaVA computes exactly its LLaVA base); W_d
         starts small and random, like LoRA's A, so that the first step already has a gradient for W_u."""
-        for name in ("encoder_weight", "hyper_in.weight"):
-            if hasattr(self, name.split(".")[0]):
-                init.normal_(self.get_parameter(name), std=std)
-        if hasattr(self, "encoder_bias"):
+        if self.mode == "dynamic":
+            init.normal_(self.encoder_weight, std=std)
             init.zeros_(self.encoder_bias)
-        if hasattr(self, "latent"):
+        elif self.mode == "latent":
             init.normal_(self.latent, std=1.0)
-        if hasattr(self, "hyper_in"):
+        if self.mode != "static":
+            init.normal_(self.hyper_in.weight, std=std)
             init.zeros_(self.hyper_in.bias)
             init.zeros_(self.hyper_out.bias)
             self._init_down_random_up_zero(self.hyper_out.weight, dim=0, std=std)
@@ -166,7 +187,9 @@ class HyperExpert(nn.Module):
 
 
 class HyperLlavaMultiModalProjector(LlavaMultiModalProjector):
-    """LLaVA-1.5's two-layer projector plus the visual expert of Eq. 5, with weights generated per image."""
+    """LLaVA-1.5's two-layer projector plus the visual expert of Eq. 5, with weights generated per image: `"first"`
+    shifts the hidden state inside the GELU, `"second"` the output, `"both"` does both (E_V2 reads the shifted hidden
+    state)."""
 
     def __init__(self, config: HyperLlavaConfig):
         super().__init__(config)
@@ -191,7 +214,8 @@ class HyperLlavaMultiModalProjector(LlavaMultiModalProjector):
         return output
 
     def _shift(self, expert, expert_input, residual):
-        # One set of weights per image, generated from the mean of the expert's input over the image's patches.
+        # One set of weights per image, generated from the mean of the expert's input over the image's patches (the
+        # visual expert is a single "layer": [:, 0]).
         w_down, w_up = expert.split(expert(mean_pool(expert_input))[:, 0])
         return expert_adapter(expert_input, w_down, w_up, residual, self.expert_kernel)
 
@@ -200,7 +224,7 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer that, given adapter weights, adds the language expert beside its FFN:
     `out = h + FFN(norm2(h)) + E_L(norm2(h))` with `h = x + Attn(norm1(x))`."""
 
-    def __init__(self, config, layer_idx: int, expert_kernel: str = "eager"):
+    def __init__(self, config, layer_idx: int, expert_kernel: str):
         super().__init__(config, layer_idx)
         self.expert_kernel = expert_kernel
 
@@ -214,15 +238,17 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
             return hidden_states + self.mlp(normed)
         # The FFN's output is added inside the adapter call: the fused kernel does both additions, which saves a
         # compiled step one kernel per expert layer (Inductor cannot fuse an add into a custom op's input).
-        return expert_adapter(normed, expert_down, expert_up, hidden_states, self.expert_kernel, self.mlp(normed))
+        return expert_adapter(
+            normed, expert_down, expert_up, residual=hidden_states, kernel=self.expert_kernel, ffn_out=self.mlp(normed)
+        )
 
 
 @dataclass
 class HyperLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
     language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
-        The language expert's weights K(n) that this call generated (`None` when they were passed in), to be passed
-        back during generation.
+        The language expert's weights K(n) that this call generated, or took from the cache it continues (`None` when
+        they were passed in), to be passed back during generation.
     """
 
     language_expert_weights: torch.FloatTensor | None = None
@@ -232,8 +258,8 @@ class HyperLlavaModelOutputWithPast(LlavaModelOutputWithPast):
 class HyperLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     r"""
     language_expert_weights (`torch.FloatTensor` of shape `(batch_size or 1, num_expert_layers, P)`, *optional*):
-        The language expert's weights K(n) that this call generated (`None` when they were passed in), to be passed
-        back during generation.
+        The language expert's weights K(n) that this call generated, or took from the cache it continues (`None` when
+        they were passed in), to be passed back during generation.
     """
 
     language_expert_weights: torch.FloatTensor | None = None
@@ -243,8 +269,8 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: HyperLlavaConfig
     # Each on one device under a device_map (accelerate moves tensors only at the boundaries of the modules it
     # places): the projector applies the visual expert's generated weights to its own hidden state. Transformers adds
-    # the submodels' lists (HyperLlamaModel's below).
-    _no_split_modules = ["HyperLlamaDecoderLayer", "CLIPEncoderLayer", "HyperLlavaMultiModalProjector"]
+    # the submodels' lists (CLIP's, and HyperLlamaModel's below).
+    _no_split_modules = ["HyperLlavaMultiModalProjector"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -255,7 +281,6 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
 class HyperLlamaModel(LlamaModel):
     """The Llama text model with the language expert: guidance after layer k-1, adapters in the later layers."""
 
-    _can_record_outputs = {"hidden_states": HyperLlamaDecoderLayer, "attentions": LlamaAttention}
     # An expert adds its own parameters to its linear layers' outputs: on one device.
     _no_split_modules = ["HyperLlamaDecoderLayer", "HyperExpert"]
 
@@ -339,16 +364,23 @@ class HyperLlamaModel(LlamaModel):
         }
         if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+        found = None
         if language_expert_weights is None and self.language_expert is not None:
-            self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
+            # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
+            # continues with the weights that the cache's tokens were computed with.
+            found = language_expert_weights = _weights_of(cache)
+            if found is None:
+                self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
         hidden_states = inputs_embeds
         layer_weights, generated = {}, None
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if idx == self.guidance_layer and self.language_expert is not None:
                 if language_expert_weights is None:  # the prefill: generate once, reused at every decode step
-                    guidance = mean_pool(hidden_states, language_guidance_mask)
-                    generated = language_expert_weights = self.language_expert(guidance)
+                    g_L = mean_pool(hidden_states, language_guidance_mask)  # the input of layer k, over the prompt
+                    generated = language_expert_weights = self.language_expert(g_L)
+                    if cache is not None:
+                        setattr(cache, CACHED_WEIGHTS, generated)
                 expert_down, expert_up = self.language_expert.split(language_expert_weights)
                 # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
                 layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
@@ -356,8 +388,8 @@ class HyperLlamaModel(LlamaModel):
 
         return HyperLlavaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            # Only what this call generated (None when the weights were passed in): the caller keeps the ones it has.
-            language_expert_weights=generated,
+            # The weights this call did not get as an argument (None otherwise): the caller keeps the ones it has.
+            language_expert_weights=generated if found is None else found,
             **{CACHE_ARG: cache},
         )
 
@@ -366,9 +398,10 @@ class HyperLlamaModel(LlamaModel):
         """Refuse what would pool the guidance over the wrong tokens instead of silently doing it."""
         if cache is not None and not torch.compiler.is_compiling() and int(cache.get_seq_length()) > 0:
             raise ValueError(
-                f"the cache already holds {int(cache.get_seq_length())} tokens, which the language guidance cannot "
-                "see: a cache filled earlier needs that prefill's language_expert_weights (PEFT's prefix tuning "
-                "passes its prefix as such a cache, and is not supported with a language expert)"
+                f"the cache already holds {int(cache.get_seq_length())} tokens but not the language expert's weights "
+                "that they were computed with (a cache filled by this model carries them): pass them as "
+                "language_expert_weights. The guidance cannot be pooled over tokens the cache holds. (PEFT's prefix "
+                "tuning passes its prefix as such a cache, and is not supported with a language expert.)"
             )
         if guidance_mask is None and attention_mask is not None:
             raise ValueError(
@@ -427,15 +460,18 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
         if pixel_values is not None:
             if image_outputs is not None:
                 raise ValueError("pass the images once: pixel_values or mm_encoder_outputs['image'], not both")
-            self._check_pixel_shape(pixel_values)
+            if not kwargs.get("interpolate_pos_encoding"):
+                self._check_pixel_shape(pixel_values)
             image_outputs = self.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 return_dict=True,
+                **kwargs,
             )
         image_features = None
         if image_outputs is not None:
+            self._check_image_count(input_ids, image_outputs.pooler_output)
             image_features = torch.cat(image_outputs.pooler_output, dim=0).to(
                 inputs_embeds.device, inputs_embeds.dtype
             )
@@ -464,19 +500,20 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
                 f"got {tuple(pixel_values.shape)}"
             )
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
-        # LLaVA's own check counts feature elements; this one counts images, for pixels and for images `generate`
-        # encoded beforehand alike. (Counting needs the token ids and a host sync; LLaVA's check still runs after.)
-        if input_ids is not None and not torch.compiler.is_compiling():
-            tokens_per_image = self.config.image_seq_length
-            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
-            if num_image_tokens != image_features.shape[0]:
-                raise ValueError(
-                    f"got {image_features.shape[0] // tokens_per_image} image(s) but {num_image_tokens} image tokens "
-                    f"(id {self.config.image_token_id}) in input_ids; each image needs exactly {tokens_per_image} "
-                    f"image tokens, i.e. {num_image_tokens / tokens_per_image:g} image(s) for these input_ids"
-                )
-        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
+    def _check_image_count(self, input_ids, features_per_image):
+        """LLaVA's own check counts feature elements; this one names images and image tokens. (Counting needs the
+        token ids and a host sync; LLaVA's check still runs after.)"""
+        if input_ids is None or torch.compiler.is_compiling():
+            return
+        num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+        num_features = sum(len(features) for features in features_per_image)
+        if num_image_tokens != num_features:
+            per_image = len(features_per_image[0])
+            raise ValueError(
+                f"got {len(features_per_image)} image(s) of {per_image} features but {num_image_tokens} image tokens "
+                f"(id {self.config.image_token_id}) in input_ids; each image needs exactly {per_image} image tokens, "
+                f"i.e. {num_image_tokens / per_image:g} image(s) for these input_ids"
+            )
 
 
 class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForConditionalGeneration):
@@ -499,14 +536,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             llava = path_or_model
         else:
             llava = LlavaForConditionalGeneration.from_pretrained(path_or_model, **(load_kwargs or {}))
-        unknown = sorted(config_overrides.keys() - HyperLlavaConfig.__dataclass_fields__.keys())
-        if unknown:  # (the config would keep them as unused attributes, and a misspelt field would go unnoticed)
-            raise ValueError(f"{unknown} are not HyperLlavaConfig fields; see docs/model.md for the expert fields")
-        llava_config = llava.config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-            llava_config.pop(key, None)
-        config = HyperLlavaConfig(**{**llava_config, **config_overrides})
-        config._attn_implementation = llava.config._attn_implementation
+        config = HyperLlavaConfig.from_llava_config(llava.config, **config_overrides)
         # Built on the meta device and given LLaVA's own tensors: a 7B model upgrades in seconds, with no second copy.
         with torch.device("meta"):
             model = cls(config)
@@ -543,8 +573,8 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             return sum(p.numel() for m in modules for p in m.parameters())
 
         counts = {
-            "total": sum(p.numel() for p in self.parameters()),
-            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "total": self.num_parameters(),
+            "trainable": self.num_parameters(only_trainable=True),
             "visual_expert": count(visual),
             "language_expert": count(language),
         }
