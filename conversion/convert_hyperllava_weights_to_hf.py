@@ -718,11 +718,9 @@ def write_output(folder: Path, args, plan: Plan):
     config.dtype = plan.dtype
     config.architectures = [HyperLlavaForConditionalGeneration.__name__]
     # Ship the model code with the weights (`trust_remote_code`), as Transformers' own `save_pretrained` does for a
-    # custom model: the model's module and its relative imports are copied, and the config gets the `auto_map`.
-    model._auto_class = "AutoModelForImageTextToText"
+    # custom model (the package registered its classes for that): the model's module and its relative imports are
+    # copied, and the config gets the `auto_map`.
     custom_object_save(model, folder, config=config)
-    config.auto_map["AutoModel"] = "modeling_hyperllava.HyperLlavaModel"
-    config._auto_class = "AutoConfig"
     config.save_pretrained(folder)
 
     generation = GenerationConfig(
@@ -735,7 +733,6 @@ def write_output(folder: Path, args, plan: Plan):
     codebase = input_layout(plan.source_config) == "llava_codebase"
     aspect_ratio = plan.source_config.get("image_aspect_ratio", "pad") if codebase else None
     processor = build_processor(config, tokenizer, plan.vision_folder, plan.input_folder, aspect_ratio)
-    processor._auto_class = "AutoProcessor"
     processor.save_pretrained(folder)
 
     write_model_card(folder, config, model.parameter_counts(), args)

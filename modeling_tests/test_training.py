@@ -436,8 +436,9 @@ def test_projector_file_must_fit(setup, tmp_path):
     file_p, model_p = (2 * r * d_in + r * d_out for r in (2, config.expert_bottleneck_dim))
     with pytest.raises(
         ValueError,
-        match=rf"--pretrained_projector .*other\.safetensors does not fit the model .*"
-        rf"visual_expert_first\.layer_bias: \[1, {file_p}\] in the file, \[1, {model_p}\] in the model",
+        match=rf"(?s)--pretrained_projector .*other\.safetensors does not fit the model .*"
+        rf"visual_expert_first\.layer_bias: copying a param with shape torch\.Size\(\[1, {file_p}\]\) from checkpoint, "
+        rf"the shape in current model is torch\.Size\(\[1, {model_p}\]\)",
     ):
         load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / "other.safetensors")))
     # LLaVA's own stage 1 writes a pickle, mm_projector.bin: named as the wrong kind of file, not a header error.

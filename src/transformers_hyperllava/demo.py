@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
 from .data import LlavaJsonDataset
 from .demo_data import CHANCE, QUESTION_TYPES, make_demo_dataset
+from .generate import build_prompt, generate_answers, load_image
 from .modeling_hyperllava import HyperLlavaForConditionalGeneration
 from .tiny import tiny_config
 from .tiny_tokenizer import tiny_processor, train_tokenizer
@@ -67,25 +67,17 @@ def training_args(output_dir, stage, steps, batch_size, learning_rate, seed):
     )
 
 
-@torch.no_grad()
 def answer(model, processor, questions, image_folder, batch_size=64, progress=None):
-    """Greedy answers to `questions` (dicts with "image" and "question"), batched with left padding."""
+    """Greedy answers to `questions` (dicts with "image" and "question"), batched with left padding, as
+    `hyperllava-generate` answers a question file."""
     model.eval()
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), desc=progress, disable=progress is None):
         batch = questions[start : start + batch_size]
-        images = [Image.open(Path(image_folder) / q["image"]).convert("RGB") for q in batch]
-        prompts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}],
-                add_generation_prompt=True,
-            )
-            for q in batch
-        ]
-        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
-        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        images = [load_image(Path(image_folder) / q["image"]) for q in batch]
+        prompts = [build_prompt(processor, q["question"], num_images=1) for q in batch]
+        answers += generate_answers(model, processor, prompts, images, max_new_tokens=4, do_sample=False)
+    return answers
 
 
 def accuracy_by_type(questions, answers) -> dict[str, float]:

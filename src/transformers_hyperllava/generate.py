@@ -24,8 +24,6 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_image(path) -> Image.Image:
     """An image file as RGB, like LLaVA-1.5 (grayscale, palette and RGBA images are converted)."""
@@ -208,7 +206,9 @@ def parse_args(argv=None):
     gen.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help='e.g. cpu, cuda, cuda:1, or "auto"'
     )
-    gen.add_argument("--dtype", choices=list(DTYPES), default="auto", help="default: the checkpoint's dtype")
+    gen.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="default: the checkpoint's"
+    )
     args = parser.parse_args(argv)
     if not Path(args.model).is_dir():
         try:
@@ -239,7 +239,7 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=DTYPES[args.dtype], device_map=args.device)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype, device_map=args.device)
     return model.eval()
 
 

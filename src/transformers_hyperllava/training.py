@@ -121,18 +121,13 @@ def load_trained_weights(model, path):
             f"{path} has no weights for {missing[:5]}: was stage 1 run with the same model config (visual_expert, "
             f"expert sizes)?"
         )
-    params = dict(model.named_parameters())
-    misshapen = [
-        f"{name}: {list(tensor.shape)} in the file, {list(params[name].shape)} in the model"
-        for name, tensor in state.items()
-        if name in params and tensor.shape != params[name].shape
-    ]
-    if misshapen:
+    try:
+        _, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # PyTorch names each misshapen weight with both shapes
         raise ValueError(
             f"--pretrained_projector {path} does not fit the model (was stage 1 run with the same config: "
-            f"visual_expert, expert sizes?): {misshapen[:5]}"
-        )
-    _, unexpected = model.load_state_dict(state, strict=False)
+            f"visual_expert, expert sizes?): {error}"
+        ) from error
     if unexpected:
         raise ValueError(f"{path}: weights the model does not have: {unexpected[:5]}")
 
@@ -405,8 +400,7 @@ def main(argv=None):
     # Every process waits for the save, then leaves the process group: a gloo process that exits with it still open
     # can abort ("terminate called without an active exception") and fail the whole launch.
     trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
