@@ -417,6 +417,29 @@ def test_bad_sample_stops_before_training(setup, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_an_interrupted_save_of_the_trained_weights_keeps_the_previous_file(tmp_path, monkeypatch):
+    from transformers_hyperllava.training import save_trained_weights
+
+    model = HyperLlavaForConditionalGeneration(tiny_config())
+    apply_stage(model, "align")
+    path = tmp_path / PROJECTOR_FILE
+    path.write_bytes(b"the previous run's weights")
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers_hyperllava.training.save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        save_trained_weights(model.state_dict(), model, path)
+    assert path.read_bytes() == b"the previous run's weights"
+    assert list(tmp_path.iterdir()) == [path]  # and no partial file left beside it
+    monkeypatch.undo()
+    save_trained_weights(model.state_dict(), model, path)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert load_file(path).keys() == trained and list(tmp_path.iterdir()) == [path]
+
+
 def test_projector_file_must_fit(setup, tmp_path):
     model = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="second"))
     from transformers_hyperllava.training import save_trained_weights

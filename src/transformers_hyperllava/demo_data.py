@@ -8,13 +8,14 @@ training image shows: a fixed tenth of all layouts, chosen by a hash, is reserve
 """
 
 import json
-import os
 import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .files import replaced_when_done
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -150,15 +151,13 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 
 
 def _write_json(path: Path, data):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with replaced_when_done(path) as partial:
+        partial.write_text(json.dumps(data, indent=1))
 
 
 def _save_image(image: Image.Image, path: Path):
-    tmp = path.with_name(path.stem + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with replaced_when_done(path) as partial:
+        image.save(partial, format="PNG")
 
 
 def make_demo_dataset(

@@ -11,9 +11,7 @@ Many questions, in LLaVA's `model_vqa` format (a JSONL of `{"question_id", "imag
 """
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -23,6 +21,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
+
+from .files import replaced_when_done
 
 
 def load_image(path) -> Image.Image:
@@ -105,22 +105,6 @@ def read_questions(path):
             yield question["question_id"], ValueError("; ".join(wrong)) if wrong else question
 
 
-@contextlib.contextmanager
-def atomic_writer(path: Path):
-    """A text file that replaces `path` when the block succeeds; on any error or Ctrl-C it is removed, `path` kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed at the end, so a crash never leaves a half-written file; the unique
-    # name keeps two runs writing the same file out of each other's way.
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open(partial, "x", encoding="utf-8") as file:
-            yield file
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 def answer_file(args, questions, model, processor) -> int:
     """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
     model_id = Path(args.model).name
@@ -131,7 +115,13 @@ def answer_file(args, questions, model, processor) -> int:
         failures.append(question_id)
         tqdm.write(f"question {question_id!r} failed: {error}", file=sys.stderr)
 
-    with atomic_writer(Path(args.answers_file)) as out, tqdm(total=len(questions), desc="questions") as progress:
+    answers_file = Path(args.answers_file)
+    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        replaced_when_done(answers_file) as partial,
+        open(partial, "x", encoding="utf-8") as out,
+        tqdm(total=len(questions), desc="questions") as progress,
+    ):
         for start in range(0, len(questions), args.batch_size):
             batch = []
             for question_id, question in questions[start : start + args.batch_size]:

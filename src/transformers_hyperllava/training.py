@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
 
 from .data import LlavaDataCollator, LlavaJsonDataset
+from .files import replaced_when_done
 from .modeling_hyperllava import HyperLlavaForConditionalGeneration
 from .processing_hyperllava import CHAT_TEMPLATE, HyperLlavaProcessor
 
@@ -93,13 +94,8 @@ def save_trained_weights(state_dict: dict, model, path):
     """Write the weights `model` trains (from the full, gathered `state_dict`) to a safetensors file."""
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
     tensors = {name: tensor.contiguous() for name, tensor in state_dict.items() if name in trained}
-    tmp = Path(str(path) + ".tmp")
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_when_done(path) as partial:
+        save_file(tensors, partial, metadata={"format": "pt"})
 
 
 def load_trained_weights(model, path):
