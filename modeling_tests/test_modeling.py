@@ -777,6 +777,14 @@ def test_a_second_turn_continues_the_first_turns_cache_with_its_weights():
     )
     assert torch.equal(second.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(second.logits), torch.stack(fresh.logits), atol=1e-5, rtol=1e-5)
+    # The whole conversation as one prompt, without the cache: the guidance mask names the first turn's prompt.
+    first_prompt = torch.zeros_like(turn2, dtype=torch.bool)
+    first_prompt[:, : turn1.shape[1]] = True
+    masked = model.generate(
+        input_ids=turn2, pixel_values=images(1), language_guidance_mask=first_prompt, output_logits=True, **kwargs
+    )
+    assert torch.equal(masked.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(masked.logits), torch.stack(fresh.logits), atol=1e-5, rtol=1e-5)
 
 
 def test_a_decoding_loop_of_ones_own_continues_the_cache():
