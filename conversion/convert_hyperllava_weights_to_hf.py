@@ -372,26 +372,8 @@ def prepare(args):
     tied = set(model.all_tied_weights_keys)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
 
-    # Map every input key; the first source that provides an output key wins (the input over --base-model over
-    # --vision-tower), so a full checkpoint's own vision tower is kept. Tied copies (lm_head) are not saved.
-    entries, unexpected, shapes = [], [], {}
-    for source in sources:
-        for path in source.files:
-            for key, shape in read_shapes(path).items():
-                matched, target = map_key(key, source.table)
-                if target in tied:
-                    continue
-                if not matched or (target is not None and target not in expected):
-                    unexpected.append(f"{key} ({path.name})")
-                elif target is not None and target not in shapes:
-                    shapes[target] = shape
-                    entries.append((target, path, key))
-    if unexpected and not args.allow_unused:
-        raise ConversionError(
-            f"{len(unexpected)} input keys have no place in HyperLLaVA (pass --allow-unused to drop them): "
-            + _listing(unexpected)
-        )
-
+    entries = map_inputs(sources, expected, tied, args.allow_unused)
+    shapes = {target: shape for target, _, _, shape in entries}
     fresh_experts = [
         name
         for name in EXPERT_MODULES
@@ -400,11 +382,43 @@ def prepare(args):
     missing = [k for k in expected if k not in shapes and not k.startswith(tuple(f"{n}." for n in fresh_experts))]
     if missing:
         raise ConversionError(f"{len(missing)} weights are missing from the inputs: " + _listing(missing))
+    check_shapes(entries, expected, trained_tokens, tokenizer_folder)
+    entries = [(target, path, key) for target, path, key, _ in entries]
+    return Plan(
+        model, config, tokenizer, entries, fresh_experts, expected, dtype, source_config, input_folder, vision_folder
+    )
 
+
+def map_inputs(sources, expected, tied, allow_unused):
+    """(output key, file, input key, shape) for every input weight HyperLLaVA takes. The first source that provides an
+    output key wins (the input over --base-model over --vision-tower), so a full checkpoint's own vision tower is kept.
+    Tied copies (lm_head) are not saved."""
+    entries, unexpected, taken = [], [], set()
+    for source in sources:
+        for path in source.files:
+            for key, shape in read_shapes(path).items():
+                matched, target = map_key(key, source.table)
+                if target in tied:
+                    continue
+                if not matched or (target is not None and target not in expected):
+                    unexpected.append(f"{key} ({path.name})")
+                elif target is not None and target not in taken:
+                    taken.add(target)
+                    entries.append((target, path, key, shape))
+    if unexpected and not allow_unused:
+        raise ConversionError(
+            f"{len(unexpected)} input keys have no place in HyperLLaVA (pass --allow-unused to drop them): "
+            + _listing(unexpected)
+        )
+    return entries
+
+
+def check_shapes(entries, expected, trained_tokens, tokenizer_folder):
+    """Every input weight has the config's shape; the embedding rows may be fewer (padded), but not fewer than the
+    tokenizer's trained tokens."""
     mismatched = []
-    input_keys = {target: key for target, _, key in entries}
-    for target, shape in shapes.items():
-        want, key = expected[target], input_keys[target]
+    for target, _, key, shape in entries:
+        want = expected[target]
         resizable = target in VOCAB_KEYS and len(shape) == 2 and shape[1] == want[1] and shape[0] <= want[0]
         if shape != want and not resizable:
             mismatched.append(f"{key} -> {target}: expected {list(want)}, found {list(shape)}")
@@ -418,9 +432,6 @@ def prepare(args):
         raise ConversionError(
             f"{len(mismatched)} weights have the wrong shape for this config: " + _listing(mismatched)
         )
-    return Plan(
-        model, config, tokenizer, entries, fresh_experts, expected, dtype, source_config, input_folder, vision_folder
-    )
 
 
 def _listing(items, limit=20):
