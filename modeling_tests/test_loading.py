@@ -70,6 +70,18 @@ def test_round_trip_with_auto_classes(saved):
     assert type(AutoConfig.from_pretrained(path)).__name__ == "HyperLlavaConfig"
 
 
+def test_loaded_expert_weights_are_never_initialised_again(tmp_path):
+    """Loading a "static" checkpoint as "dynamic" initialises the new encoder, and keeps the loaded layer biases: part
+    of them would otherwise be re-drawn (W_d) and part zeroed (W_u)."""
+    static = make_model(expert_mode="static")
+    static.save_pretrained(tmp_path)
+    dynamic = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path, expert_mode="dynamic")
+    assert dynamic.config.expert_mode == "dynamic"
+    for name, param in static.named_parameters():
+        if name.endswith("layer_bias"):
+            torch.testing.assert_close(dynamic.get_parameter(name), param, atol=0, rtol=0)
+
+
 def run_without_package(script, cwd):
     """Runs `script` in a fresh interpreter where `import transformers_hyperllava` fails."""
     blocker = "import sys; sys.modules['transformers_hyperllava'] = None\n"

@@ -110,8 +110,9 @@ def expert_params(model, prefix):
     return {name[len(prefix) + 1 :]: p for name, p in model.named_parameters() if name.startswith(prefix + ".")}
 
 
-def reference_logits(llava, model, input_ids, pixel_values, guidance_mask):
-    """Stock LLaVA's modules, with the experts added by hooks that evaluate the equations sample by sample."""
+def reference_logits(llava, model, input_ids, pixel_values, guidance_mask, expert_layers, k):
+    """Stock LLaVA's modules, with the experts added by hooks that evaluate the equations sample by sample: the
+    language expert in `expert_layers`, its guidance entering layer `k`."""
     config = model.config
     mode, r = config.expert_mode, config.expert_bottleneck_dim
     hooks = []
@@ -137,12 +138,10 @@ def reference_logits(llava, model, input_ids, pixel_values, guidance_mask):
         # E_V2 reads the (possibly shifted) hidden a = GELU(...) that linear_2 reads.
         hooks.append(projector.linear_2.register_forward_hook(lambda m, args, out: shift_second(args[0], out)))
 
-    expert_layers = config.language_expert_layer_indices
     if expert_layers:
         params = expert_params(model, "model.language_model.language_expert")
         generated = {}
         text = llava.model.language_model
-        k = config.language_guidance_layer
 
         def make_weights(hidden):
             mask = guidance_mask.double()
@@ -167,24 +166,39 @@ def reference_logits(llava, model, input_ids, pixel_values, guidance_mask):
             hook.remove()
 
 
+# The tiny model has 4 decoder layers: "posterior" is layers 2-3 with the guidance entering layer 2 (L // 2); "all"
+# and "anterior" start at layer 0, and so does their guidance (the input embeddings).
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, expert_layers, k",
     [
-        {"visual_expert": "first", "expert_mode": "dynamic"},
-        {
-            "visual_expert": "second",
-            "expert_mode": "dynamic",
-            "language_expert_layers": [2, 3],
-            "language_guidance_layer": 1,
-        },
-        {"visual_expert": "both", "expert_mode": "dynamic", "language_expert_layers": "all"},
-        {"visual_expert": "both", "expert_mode": "latent"},
-        {"visual_expert": "first", "expert_mode": "static", "language_expert_layers": "anterior"},
-        {"visual_expert": None, "expert_mode": "dynamic", "language_expert_layers": [3], "language_guidance_layer": 3},
+        ({"visual_expert": "first", "expert_mode": "dynamic"}, [2, 3], 2),
+        (
+            {
+                "visual_expert": "second",
+                "expert_mode": "dynamic",
+                "language_expert_layers": [2, 3],
+                "language_guidance_layer": 1,
+            },
+            [2, 3],
+            1,
+        ),
+        ({"visual_expert": "both", "expert_mode": "dynamic", "language_expert_layers": "all"}, [0, 1, 2, 3], 0),
+        ({"visual_expert": "both", "expert_mode": "latent"}, [2, 3], 2),
+        ({"visual_expert": "first", "expert_mode": "static", "language_expert_layers": "anterior"}, [0, 1], 0),
+        (
+            {
+                "visual_expert": None,
+                "expert_mode": "dynamic",
+                "language_expert_layers": [3],
+                "language_guidance_layer": 3,
+            },
+            [3],
+            3,
+        ),
     ],
     ids=["first-dynamic", "second-k1", "both-all-k0", "both-latent", "static-anterior", "language-only"],
 )
-def test_model_matches_reference_equations(overrides):
+def test_model_matches_reference_equations(overrides, expert_layers, k):
     model = make_model(torch.float64, **overrides)
     llava = LlavaForConditionalGeneration(model.config.to_llava_config()).double().eval()
     llava.load_state_dict(model.state_dict(), strict=False)
@@ -193,7 +207,7 @@ def test_model_matches_reference_equations(overrides):
     # The second sample's last two tokens are not prompt: they must not reach the guidance.
     guidance_mask = torch.ones_like(input_ids, dtype=torch.bool)
     guidance_mask[1, -2:] = False
-    expected = reference_logits(llava, model, input_ids, pixel_values, guidance_mask)
+    expected = reference_logits(llava, model, input_ids, pixel_values, guidance_mask, expert_layers, k)
     actual = model(input_ids=input_ids, pixel_values=pixel_values, language_guidance_mask=guidance_mask).logits
     torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
     # The experts matter here: without them the logits differ, so the comparison above is a real one.
@@ -212,7 +226,7 @@ def test_parameter_counts_follow_the_formula():
     d, dv = c.text_config.hidden_size, c.vision_config.hidden_size
     counts = model.parameter_counts()
     assert counts["visual_expert"] == expert_size(dv, dv, d, 1) + expert_size(d, d, d, 1)
-    assert counts["language_expert"] == expert_size(d, d, d, len(c.language_expert_layer_indices))
+    assert counts["language_expert"] == expert_size(d, d, d, 2)  # "posterior": layers 2 and 3 of 4
     llava = LlavaForConditionalGeneration(c.to_llava_config())
     assert counts["total"] == sum(p.numel() for p in llava.parameters()) + counts["expert"]
     model.requires_grad_(False)
@@ -243,6 +257,44 @@ def test_answer_tokens_do_not_reach_the_expert_weights():
     prompt_changed = ids.clone()
     prompt_changed[0, first - 1] = 40
     assert not torch.equal(run(prompt_changed)[0], weights)
+
+
+def test_the_prompt_is_what_comes_before_the_first_supervised_token_and_not_padding():
+    from transformers_hyperllava.modeling_hyperllava import prompt_mask
+
+    labels = torch.tensor(
+        [[-100, -100, -100, 7, -100, 8], [-100, -100, -100, -100, -100, 9], [5, 6, -100, -100, 1, 1]]
+    )
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    want = torch.tensor([[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(prompt_mask(labels, attention_mask), want)
+
+
+def test_training_guidance_of_a_left_padded_batch_is_each_samples_own():
+    """With labels, each row's weights are those of the sample alone, unpadded: padding stays out of the prompt."""
+    model = make_model()
+    batch = training_batch()
+    together = model(**batch).language_expert_weights
+    pixel_values = iter(batch["pixel_values"].split(1))
+    for row, (ids, mask, labels) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["labels"])):
+        keep = mask.bool()
+        alone = model(
+            input_ids=ids[keep][None],
+            labels=labels[keep][None],
+            pixel_values=next(pixel_values) if (ids == IMAGE_TOKEN).any() else None,
+        ).language_expert_weights
+        torch.testing.assert_close(together[row], alone[0], atol=1e-6, rtol=1e-5)
+
+
+def test_an_empty_prompt_gives_a_zero_guidance_not_nan():
+    """Labels that supervise every token leave the guidance no prompt: it is zero (documented), not 0/0."""
+    model = make_model()
+    ids = torch.tensor([prompt_ids(10, 11, 12)])
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    expert = model.model.language_model.language_expert
+    zero_guidance = torch.zeros(1, model.config.text_config.hidden_size)
+    torch.testing.assert_close(out.language_expert_weights, expert(zero_guidance), atol=0, rtol=0)
 
 
 # --- 4. batch invariance --------------------------------------------------------------------------------------------
@@ -609,6 +661,24 @@ def test_unsupported_text_backbone_is_refused():
         HyperLlavaConfig(text_config={"model_type": "mistral"})
     with pytest.raises(ValueError, match=r"vision_config.model_type='siglip_vision_model' is not supported"):
         HyperLlavaConfig(vision_config={"model_type": "siglip_vision_model"})
+
+
+@pytest.mark.parametrize(
+    "num_layers, spec, layers, k",
+    [
+        (4, "posterior", [2, 3], 2),
+        (5, "posterior", [2, 3, 4], 2),
+        (5, "anterior", [0, 1], 0),
+        (5, "all", [0, 1, 2, 3, 4], 0),
+        (4, [3], [3], 2),  # k defaults to L // 2 when the experts start later
+        (4, [3, 1], [1, 3], 1),  # ... and is lowered to the first expert layer when they start earlier
+        (4, None, [], None),
+    ],
+)
+def test_language_expert_presets_and_the_default_guidance_layer(num_layers, spec, layers, k):
+    config = tiny_config(num_hidden_layers=num_layers, language_expert_layers=spec)
+    assert config.language_expert_layer_indices == layers
+    assert config.language_guidance_layer == k
 
 
 def test_config_defaults_reproduce_the_paper():
