@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import CLIPConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast, SiglipVisionConfig
 from transformers.testing_utils import CaptureLogger, LoggingLevel
 from transformers.utils import logging
 
@@ -484,6 +484,69 @@ def test_trained_expert_weights_equal_the_expert_equations(tmp_path):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def expert_modules(folder):
+    """{expert module: number of layers it generates weights for} of a converted folder, read from its shards."""
+    modules = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                parts = key.split(".")
+                at = next((i for i, part in enumerate(parts) if "expert" in part), None)
+                if at is not None:
+                    module = ".".join(parts[: at + 1])
+                    if parts[at + 1 :] == ["layer_bias"]:  # (layers, P): one row per layer
+                        modules[module] = f.get_slice(key).get_shape()[0]
+                    else:
+                        modules.setdefault(module, None)
+    return modules
+
+
+@pytest.mark.parametrize(
+    "cli, expected, experts",
+    [
+        (
+            ["--visual-expert", "none", "--language-expert-layers", "1,3", "--language-guidance-layer", "1"],
+            {"visual_expert": None, "language_expert_layers": [1, 3], "language_guidance_layer": 1},
+            {"model.language_model.language_expert": 2},
+        ),
+        (
+            ["--visual-expert", "first", "--language-expert-layers", "none"],
+            # (the guidance layer, not given here, is the input config's)
+            {"visual_expert": "first", "language_expert_layers": None, "language_guidance_layer": 0},
+            {"model.multi_modal_projector.visual_expert_first": 1},
+        ),
+    ],
+    ids=["no-visual-expert-layer-list", "no-language-expert"],
+)
+def test_expert_options_none_and_layer_list_override_the_input_config(tmp_path, cli, expected, experts):
+    # The input config asks for other experts (both visual ones, every layer, guidance 0): the command line wins.
+    settings = {"visual_expert": "both", "language_expert_layers": "all", "language_guidance_layer": 0}
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt="safetensors", config_overrides=settings)
+    out = tmp_path / "out"
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, *cli) == 0
+
+    config = json.loads((out / "config.json").read_text())
+    assert {field: config[field] for field in expected} == expected
+    assert expert_modules(out) == experts
+
+    # The folder loads with those experts only, and (new experts: W_u zero) computes what stock LLaVA computes.
+    old_vocab = len(codebase_tokenizer())
+    batch = inputs(old_vocab, image_token_id=old_vocab)
+    logits, model = converted_logits(out, batch)
+    projector, text = model.model.multi_modal_projector, model.model.language_model
+    assert {
+        name
+        for name, module in [
+            ("model.multi_modal_projector.visual_expert_first", projector.visual_expert_first),
+            ("model.multi_modal_projector.visual_expert_second", projector.visual_expert_second),
+            ("model.language_model.language_expert", text.language_expert),
+        ]
+        if module is not None
+    } == set(experts)
+    assert model.config.language_expert_layer_indices == (expected["language_expert_layers"] or [])
+    torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
+
+
 def test_vision_tower_named_by_mm_vision_tower_comes_from_the_hub_cache(tmp_path, monkeypatch):
     # The usual stage-2 run: the config names "openai/clip-vit-large-patch14-336", the checkpoint holds the weights.
     checkpoint, clip, reference = codebase_checkpoint(tmp_path)
@@ -735,6 +798,63 @@ def test_config_the_converter_cannot_map_is_refused(tmp_path, capsys, setting, v
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={setting: value})
     err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
     assert setting in err and repr(value) in err
+
+
+def _projector_width_mismatch(tmp_path, checkpoint, clip):
+    # The tower's hidden size is 24: a projector trained on another tower's features.
+    return [], ["mm_hidden_size=16 does not match the vision tower's hidden_size 24", str(clip)]
+
+
+def _unknown_model_type(tmp_path, checkpoint, clip):
+    return [], ["model_type='qwen2_vl'", "Qwen2VLForConditionalGeneration"]
+
+
+def _siglip_vision_tower(tmp_path, checkpoint, clip):
+    siglip = tmp_path / "siglip"
+    vision = {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4}
+    SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, **vision).save_pretrained(siglip)
+    return ["--vision-tower", siglip], [f"the vision tower in {siglip} is a 'siglip_vision_model'", "maps CLIP only"]
+
+
+def _index_lists_a_missing_shard(tmp_path, checkpoint, clip):
+    (checkpoint / "model-00002-of-00003.safetensors").unlink()
+    index = checkpoint / "model.safetensors.index.json"
+    return [], [f"{index} lists shards that do not exist: ['model-00002-of-00003.safetensors']"]
+
+
+def _base_model_without_config(tmp_path, checkpoint, clip):
+    base = tmp_path / "vicuna"  # an LLM folder whose config.json did not come along
+    codebase_tokenizer().save_pretrained(base)
+    return ["--base-model", base], [f"--base-model {base} has no config.json"]
+
+
+def _no_tokenizer(tmp_path, checkpoint, clip):
+    for path in checkpoint.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map")):
+            path.unlink()
+    return [], [f"no tokenizer in [{str(checkpoint)!r}]; pass --tokenizer"]
+
+
+@pytest.mark.parametrize(
+    "config_overrides, problem",
+    [
+        pytest.param(overrides, problem, id=problem.__name__.strip("_"))
+        for overrides, problem in [
+            ({"mm_hidden_size": 16}, _projector_width_mismatch),
+            ({"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]}, _unknown_model_type),
+            ({}, _siglip_vision_tower),
+            ({}, _index_lists_a_missing_shard),
+            ({}, _base_model_without_config),
+            ({}, _no_tokenizer),
+        ]
+    ],
+)
+def test_inputs_the_converter_cannot_use_are_named(tmp_path, capsys, config_overrides, problem):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors", config_overrides=config_overrides)
+    argv, messages = problem(tmp_path, checkpoint, clip)
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip, *argv)
+    for message in messages:
+        assert message in err
 
 
 def test_sentencepiece_tokenizer_problems_are_named(tmp_path, capsys, monkeypatch):
