@@ -1,6 +1,8 @@
 """The LLaVA-JSON dataset and collator: labels against a hand-written vicuna_v1 rendering, truncation, bad input."""
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -161,7 +163,7 @@ def test_collator_pads_right_and_keeps_image_order(processor, image_folder, tmp_
     torch.testing.assert_close(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
 
 
-def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder, tmp_path):
+def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder, tmp_path, caplog):
     samples = [{"id": "s", "image": "a.png", "conversations": conversation(MULTI)}]
     data = write_json(tmp_path / "d.json", samples)
     full = LlavaJsonDataset(data, processor, image_folder)[0]
@@ -175,12 +177,21 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
     assert item["labels"].tolist() == full["labels"][: first_answer + 2].tolist()
     assert kept.num_dropped == 0
     # A cut inside the image tokens, or one that leaves no answer, drops the sample and counts it.
-    for max_length in (image_end - 1, first_answer):
+    # The warning names the sample, its length, the limit and what the cut would have removed.
+    for max_length, reason in ((image_end - 1, "image tokens"), (first_answer, "every answer")):
         dropped = LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
-        assert dropped[0] is None and dropped.num_dropped == 1
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="transformers_hyperllava.data"):
+            assert dropped[0] is None and dropped.num_dropped == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            f"Dropped sample 's': {len(full['input_ids'])} tokens do not fit max_length={max_length} without cutting "
+            f"{reason} (1 dropped so far)"
+        ]
     collator = LlavaDataCollator(processor.tokenizer.pad_token_id)
     assert collator([None, item])["input_ids"].tolist() == [item["input_ids"].tolist()]
-    with pytest.raises(ValueError, match="dropped"):
+    with pytest.raises(
+        ValueError, match=re.escape("every sample of this batch was dropped (see the warnings): raise max_length")
+    ):
         collator([None])
     # A negative max_length would cut every sample from its end, 0 would drop them all: refused up front.
     for max_length in (0, -1):
@@ -191,49 +202,87 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
 @pytest.mark.parametrize(
     "sample, message",
     [
-        (
-            {
-                "id": "bad-role",
-                "image": "a.png",
-                "conversations": [{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "red"}],
-            },
-            "turn 0",
-        ),
-        ({"id": "bad-end", "conversations": [{"from": "human", "value": "hi"}]}, "last turn"),
-        ({"id": "no-tag", "image": "a.png", "conversations": conversation(SINGLE, image_tag=False)}, "0 <image> tag"),
-        (
-            {
-                "id": "two-tags",
-                "image": "a.png",
-                "conversations": [{"from": "human", "value": "<image>\n<image>\nq"}, {"from": "gpt", "value": "a"}],
-            },
-            "2 <image> tag",
-        ),
-        ({"id": "missing", "image": "nope.png", "conversations": conversation(SINGLE)}, "nope.png"),
-        ({"id": "no-turns", "conversations": []}, "non-empty"),
-        (
-            {
-                "id": "null-answer",
-                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}],
-            },
-            r"turn 1 \(gpt\): 'value' must be a string, got None",
-        ),
-        (
-            {"id": "int-image", "image": 5, "conversations": conversation(SINGLE)},
-            "'image' must be a file name or a list of file names, got 5",
-        ),
-        (
-            {"id": "int-in-images", "image": [5], "conversations": conversation(SINGLE)},
-            r"'image' must be .*, got \[5\]",
-        ),
+        pytest.param(sample, message, id=sample["id"])
+        for sample, message in [
+            (
+                {
+                    "id": "bad-role",
+                    "image": "a.png",
+                    "conversations": [{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "red"}],
+                },
+                r"turn 0 must be \{'from': 'human', 'value': <text>\} \(turns alternate human, gpt\), got from='gpt'",
+            ),
+            (
+                {"id": "bad-end", "conversations": [{"from": "human", "value": "hi"}]},
+                r"the last turn must be an answer \(from 'gpt'\), got 'human'",
+            ),
+            (
+                {"id": "no-tag", "image": "a.png", "conversations": conversation(SINGLE, image_tag=False)},
+                "0 <image> tag",
+            ),
+            (
+                {
+                    "id": "two-tags",
+                    "image": "a.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n<image>\nq"},
+                        {"from": "gpt", "value": "a"},
+                    ],
+                },
+                "2 <image> tag",
+            ),
+            ({"id": "missing", "image": "nope.png", "conversations": conversation(SINGLE)}, "nope.png"),
+            ({"id": "no-turns", "conversations": []}, "'conversations' must be a non-empty list of turns"),
+            (
+                {
+                    "id": "gpt-tag",
+                    "image": ["a.png", "b.png"],
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nq"},
+                        {"from": "gpt", "value": "<image>\na"},
+                    ],
+                },
+                r"turn 1 \(gpt\) contains <image>",
+            ),
+            # x.png exists (the test writes random bytes to it) but is no image: found when the sample is read.
+            (
+                {"id": "corrupt", "image": "x.png", "conversations": conversation(SINGLE)},
+                r"cannot read image .*x\.png: ",
+            ),
+            (
+                {
+                    "id": "null-answer",
+                    "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}],
+                },
+                r"turn 1 \(gpt\): 'value' must be a string, got None",
+            ),
+            (
+                {"id": "int-image", "image": 5, "conversations": conversation(SINGLE)},
+                "'image' must be a file name or a list of file names, got 5",
+            ),
+            (
+                {"id": "int-in-images", "image": [5], "conversations": conversation(SINGLE)},
+                r"'image' must be .*, got \[5\]",
+            ),
+        ]
     ],
-    ids=lambda v: v["id"] if isinstance(v, dict) else None,
 )
 def test_bad_samples_name_the_sample(processor, image_folder, tmp_path, sample, message):
+    (image_folder / "x.png").write_bytes(np.random.default_rng(0).bytes(256))
     data = write_json(tmp_path / "d.json", [GOOD, sample])
     with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
-        LlavaJsonDataset(data, processor, image_folder)
+        LlavaJsonDataset(data, processor, image_folder)[1]
     assert repr(sample["id"]) in str(error.value)
+
+
+def test_image_without_image_folder_names_the_sample(processor, tmp_path):
+    text_only = {"id": "text", "conversations": conversation(SINGLE, image_tag=False)}
+    # Text-only samples need no image folder...
+    assert "pixel_values" not in LlavaJsonDataset(write_json(tmp_path / "t.json", [text_only]), processor)[0]
+    # ...a sample with an image does.
+    data = write_json(tmp_path / "d.json", [text_only, GOOD])
+    with pytest.raises(ValueError, match=re.escape("sample 'good' has an image but no image folder was given")):
+        LlavaJsonDataset(data, processor)
 
 
 @pytest.mark.parametrize(
@@ -254,8 +303,9 @@ def test_bad_samples_name_the_sample(processor, image_folder, tmp_path, sample, 
         ("d.json", "", r"d\.json: the file is empty"),
         ("d.json", json.dumps([GOOD, [1, 2]]), r"d\.json: sample 1 must be a JSON object, got list"),
         ("d.json", '["abc"]', r"d\.json: sample 0 must be a JSON object, got str"),
+        ("d.json", json.dumps(GOOD), r"d\.json: expected a JSON list of samples, got dict"),
     ],
-    ids=["jsonl-syntax", "jsonl-list", "jsonl-as-json", "empty", "list-sample", "str-sample"],
+    ids=["jsonl-syntax", "jsonl-list", "jsonl-as-json", "empty", "list-sample", "str-sample", "object-not-list"],
 )
 def test_bad_files_name_the_file(processor, image_folder, tmp_path, name, text, message):
     (tmp_path / name).write_text(text, encoding="utf-8")
@@ -264,6 +314,9 @@ def test_bad_files_name_the_file(processor, image_folder, tmp_path, name, text, 
     assert str(tmp_path / name) in str(error.value)
 
 
-def test_empty_dataset(processor, image_folder, tmp_path):
-    with pytest.raises(ValueError, match="empty"):
-        LlavaJsonDataset(write_json(tmp_path / "d.json", []), processor, image_folder)
+@pytest.mark.parametrize("name, text", [("d.json", "[]"), ("d.jsonl", "\n\n")], ids=["json", "jsonl"])
+def test_empty_dataset(processor, image_folder, tmp_path, name, text):
+    # Valid but sampleless files (an empty list, a JSON Lines file of blank lines), unlike a file with no text.
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))}: the dataset is empty$"):
+        LlavaJsonDataset(tmp_path / name, processor, image_folder)

@@ -216,6 +216,41 @@ def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched,
         assert not mask[out["attention_mask"][row] == 0].any()
 
 
+@pytest.mark.parametrize(
+    "top_level", [False, True], ids=["processor_kwargs", "top-level"]
+)  # where truncation is given
+@pytest.mark.parametrize("with_image", [False, True], ids=["text-only", "image"])
+def test_assistant_mask_refuses_a_truncated_prompt(processor, tokenizer, with_image, top_level):
+    question = {"type": "text", "text": "What is in the image?"}
+    first = [{"type": "image", "image": random_image(30, 50)}, question] if with_image else [question]
+    conversation = [{"role": "user", "content": first}, assistant("A red square.")]
+
+    def apply(**truncation):
+        return processor.apply_chat_template(
+            conversation,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            **(truncation if top_level else {"processor_kwargs": truncation}),
+        )
+
+    full = apply()
+    length = len(full["input_ids"][0])
+    # Room for the whole prompt: truncation changes nothing and the mask is the answer and its </s>.
+    fits = apply(truncation=True, max_length=length)
+    assert fits["input_ids"] == full["input_ids"] and fits["assistant_masks"] == full["assistant_masks"]
+    ids, mask = full["input_ids"][0], full["assistant_masks"][0]
+    assert [t for t, m in zip(ids, mask) if m] == tokenizer("A red square.", add_special_tokens=False).input_ids + [2]
+    # A cut prompt no longer holds the whole conversation: refused rather than given a wrong or empty mask. (With an
+    # image, a cut before the end of its tokens is refused by Transformers itself, on 5.17 and 5.24 alike.)
+    for max_length in (length - 1,) if with_image else (5, length - 1):
+        with pytest.raises(
+            ValueError,
+            match=re.escape("Could not place the assistant mask on the processed prompt (was it truncated?)"),
+        ):
+            apply(truncation=True, max_length=max_length)
+
+
 def test_bad_inputs_give_clear_errors(processor):
     image = random_image(28, 28)
     prompt = vicuna_v1_prompt(["<image>\n<image>\nWhat is in the image?", None])
