@@ -1,6 +1,7 @@
 """`hyperllava-generate` and `pipeline("image-text-to-text")` on a saved tiny HyperLLaVA folder, checked against
 `model.generate` called directly."""
 
+import copy
 import json
 import os
 import re
@@ -58,6 +59,8 @@ def reference_answer(model, processor, question, image_files, system=None, seed=
     placeholders = "<image>\n" * len(images)
     prompt = f"{system} USER: {placeholders}{question} ASSISTANT:"
     inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    if images:  # the pixels in the model's dtype (a bfloat16 model's, say)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     generate_kwargs = {"do_sample": False, **generate_kwargs}
     set_seed(seed)
     with torch.no_grad():
@@ -101,22 +104,37 @@ def test_system_line_and_placeholders_in_the_prompt(saved, capsys):
 
 
 @pytest.mark.parametrize(
-    "options, seed, generate_kwargs",
+    "options, seed, generate_kwargs, without",
     [
-        (["--num-beams", "3"], 0, {"num_beams": 3}),
+        (["--num-beams", "3"], 0, {"num_beams": 3}, {"num_beams": 1}),
         (
-            ["--temperature", "1.5", "--top-p", "0.9", "--seed", "3"],
+            ["--temperature", "1.5", "--top-p", "0.5", "--seed", "3"],
             3,
-            {"do_sample": True, "temperature": 1.5, "top_p": 0.9},
+            {"do_sample": True, "temperature": 1.5, "top_p": 0.5},
+            {"top_p": 1.0},
         ),
     ],
 )
-def test_beam_search_and_sampling_options(saved, capsys, options, seed, generate_kwargs):
+def test_beam_search_and_sampling_options(saved, capsys, options, seed, generate_kwargs, without):
     folder, model, processor, images = saved
     question, paths = "What is in the image?", [images / "wide.png"]
     code, out, err = run(["--model", str(folder), "--prompt", question, "--image", str(paths[0]), *options], capsys)
     assert code == 0, err
-    assert out.strip() == reference_answer(model, processor, question, paths, seed=seed, **generate_kwargs)
+    expected = reference_answer(model, processor, question, paths, seed=seed, **generate_kwargs)
+    # The option changes the answer here (`without` is its default), so an option left unused would be seen.
+    assert expected != reference_answer(model, processor, question, paths, seed=seed, **{**generate_kwargs, **without})
+    assert out.strip() == expected
+
+
+def test_bfloat16_option_generates_in_bfloat16(saved, capsys):
+    folder, model, processor, images = saved
+    question, paths = "How many objects are there?", [images / "wide.png"]
+    argv = ["--model", str(folder), "--prompt", question, "--image", str(paths[0]), "--dtype", "bfloat16"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    expected = reference_answer(copy.deepcopy(model).to(torch.bfloat16), processor, question, paths)
+    assert expected != reference_answer(model, processor, question, paths)  # bfloat16 shows in this answer
+    assert out.strip() == expected
 
 
 @pytest.mark.parametrize("name", ["gray.png", "alpha.png"])

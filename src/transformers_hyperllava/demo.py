@@ -135,8 +135,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run(args) -> dict[str, dict[str, float]]:
-    """The demo with parsed `args`; returns the held-out accuracy by model and question type."""
+def run(args) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+    """The demo with parsed `args`; returns the held-out accuracy by model and question type, and each trained
+    model's answers to the held-out questions (in the held-out file's order)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_warning()
@@ -147,12 +148,12 @@ def run(args) -> dict[str, dict[str, float]]:
     processor = tiny_processor(tokenizer, demo_config(len(tokenizer)))
     heldout = json.loads(data.heldout.read_text())
 
-    results, models = {}, {}
+    results, models, answers = {}, {}, {}
     for name in VARIANTS if args.compare else ("dynamic",):
         config = demo_config(len(tokenizer), **VARIANTS[name])
         models[name] = train_variant(name, config, processor, data, args, workdir / "checkpoints")
-        answers = answer(models[name], processor, heldout, data.image_folder, progress=f"[{name}] evaluating")
-        results[name] = accuracy_by_type(heldout, answers)
+        answers[name] = answer(models[name], processor, heldout, data.image_folder, progress=f"[{name}] evaluating")
+        results[name] = accuracy_by_type(heldout, answers[name])
     print_table(results)
 
     model_dir = workdir / "model"
@@ -166,7 +167,7 @@ def run(args) -> dict[str, dict[str, float]]:
     for q, a in zip(samples, answer(model, reloaded, samples, data.image_folder), strict=True):
         print(f"  {q['image']}: {q['question']!r} -> {a!r} (expected {q['answer']!r})")
     print(f"\nDone in {time.time() - start:.0f} s")
-    return results
+    return results, answers
 
 
 def main(argv=None):
