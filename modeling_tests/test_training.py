@@ -3,6 +3,8 @@
 import copy
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,8 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    LlavaForConditionalGeneration,
+)
 
 from conftest import images, prompt_ids, randomize_experts
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
@@ -25,9 +32,12 @@ from transformers_hyperllava.training import (
     PROJECTOR_FILE,
     HyperLlavaTrainingArguments,
     ModelArguments,
+    add_lora,
     apply_stage,
     build_trainer,
+    check_processor_fits,
     load_model,
+    load_trained_weights,
     main,
 )
 
@@ -83,10 +93,14 @@ def train_args(output_dir, stage, **overrides):
 
 
 def test_stage_defaults_are_the_papers(tmp_path):
-    align = HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage="align", use_cpu=True)
-    instruct = HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage="instruct", use_cpu=True)
-    assert (align.learning_rate, instruct.learning_rate) == (1e-3, 2e-5)
-    for args in (align, instruct):
+    align, instruct, experts = (
+        HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage=stage, use_cpu=True)
+        for stage in ("align", "instruct", "experts")
+    )
+    # The paper's (§4.1): 1e-3 for stage 1, 2e-5 for stage 2. The `experts` stage is not in the paper: its 2e-4 is
+    # LLaVA's LoRA learning rate, the default docs/training.md's table gives it.
+    assert (align.learning_rate, instruct.learning_rate, experts.learning_rate) == (1e-3, 2e-5, 2e-4)
+    for args in (align, instruct, experts):
         assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay) == (0.9, 0.999, 1e-8, 0.0)
         assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03
     with pytest.raises(ValueError, match="stage='pretrain'"):
@@ -270,6 +284,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_ranks(command, env, timeout):
+    """Runs `torchrun` `command`; its exit status and stderr. On a timeout it fails the test, once torchrun and its
+    ranks are killed: the ranks run in sessions of their own, and killing torchrun alone would leave a hung rank
+    running for ever."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = [
+            int(pid)
+            for path in Path(f"/proc/{process.pid}/task").glob("*/children")
+            for pid in path.read_text().split()
+        ]
+        for pid in [*ranks, process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s; its ranks {ranks} were killed. stderr: {stderr[-3000:]}")
+    return process.returncode, stderr
+
+
 def test_two_process_ddp_matches_one_process(setup, tmp_path):
     """Two gloo processes with batch 2 each take the same steps as one process with batch 4 (sequential order)."""
     common = {"train_sampling_strategy": "sequential", "max_steps": 3}
@@ -285,8 +322,8 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path):
         "transformers_hyperllava.training",
         *cli_args(setup, tmp_path / "ddp", per_device_train_batch_size=2, ddp_backend="gloo", **common),
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    returncode, stderr = run_ranks(command, env, timeout=300)
+    assert returncode == 0, stderr[-3000:]
     single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     assert_same_weights(single, ddp, rtol=1e-9, atol=1e-9)
     base = final_weights(setup["base"])
@@ -339,8 +376,8 @@ def test_evaluation_reports_the_mean_loss_over_the_eval_samples(setup, tmp_path)
 
 
 def test_llava_checkpoint_through_both_stages(setup, tmp_path):
-    """A stock LLaVA checkpoint: stage 1 writes only the projector + visual expert, stage 2 starts from them, and
-    the final folder reloads with the Auto classes and generates."""
+    """A stock LLaVA checkpoint: stage 1 writes only the projector + visual expert, stage 2 starts from them (and
+    trains the LLM, not the vision tower), and the final folder reloads with the Auto classes and generates."""
     torch.manual_seed(1)
     llava = LlavaForConditionalGeneration(setup["config"].to_llava_config()).double()
     llava.save_pretrained(tmp_path / "llava")
@@ -388,6 +425,24 @@ def test_llava_checkpoint_through_both_stages(setup, tmp_path):
             pretrained_projector=stage1 / PROJECTOR_FILE,
         )
     )
+    # Adam (no weight decay) moves a weight by at most about lr per step (|m_hat / sqrt(v_hat)| <= 1.007 in the first 4
+    # steps, by Cauchy-Schwarz): stage 2's 4 steps at lr <= 1e-3 move none by more than `reach`. Its projector and
+    # visual expert are within that of stage 1's file, and further than that from LLaVA's projector (which stage 1
+    # moved as well): stage 2 started from stage 1's weights, not LLaVA's.
+    final, start_llava = load_file(stage2 / "model.safetensors"), llava.state_dict()
+    reach = 4 * 1e-3 * 1.01
+    for name, tensor in projector.items():
+        assert (final[name] - tensor).abs().max() <= reach, name
+    assert max((final[name] - start_llava[name]).abs().max() for name in projector if name in start_llava) > reach
+    # Stage 2 trained every LLM weight; the vision tower stayed LLaVA's, bit for bit.
+    llm = [name for name in start_llava if name.startswith(("model.language_model.", "lm_head."))]
+    vision = [name for name in start_llava if name.startswith("model.vision_tower.")]
+    assert llm and vision and len(llm) + len(vision) + 4 == len(start_llava)  # + the projector's two linear layers
+    for name in llm:
+        assert not torch.equal(final[name], start_llava[name]), name
+    for name in vision:
+        assert torch.equal(final[name], start_llava[name]), name
+
     model = AutoModelForImageTextToText.from_pretrained(stage2).eval()
     processor = AutoProcessor.from_pretrained(stage2)
     assert isinstance(model, HyperLlavaForConditionalGeneration)
@@ -400,11 +455,25 @@ def test_llava_checkpoint_through_both_stages(setup, tmp_path):
         add_generation_prompt=True,
     )
     inputs = processor(images=image, text=prompt, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert output.shape[1] == inputs["input_ids"].shape[1] + 3 or output[0, -1] == processor.tokenizer.eos_token_id
-    with torch.no_grad():
-        first = model(**inputs).logits[0, -1].argmax()
-    assert output[0, inputs["input_ids"].shape[1]] == first
+    # This model (4 steps from random weights) says the end-of-sequence token first: min_new_tokens keeps it going, so
+    # that the steps after the prefill (with the cache and the prompt's language-expert weights) are checked too.
+    eos, length = processor.tokenizer.eos_token_id, inputs["input_ids"].shape[1]
+    kwargs = {"output_logits": True, "return_dict_in_generate": True}
+    output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, **kwargs)
+    assert output.sequences.shape[1] == length + 3
+    # Each step's logits as full forward passes (no cache) over the tokens so far give them, the guidance on the prompt
+    # alone; each token is their argmax, the end-of-sequence token excluded.
+    for step in range(3):
+        guidance = torch.arange(length + step) < length
+        with torch.no_grad():
+            logits = model(
+                input_ids=output.sequences[:, : length + step],
+                pixel_values=inputs["pixel_values"],
+                language_guidance_mask=guidance[None],
+            ).logits[0, -1]
+        torch.testing.assert_close(output.logits[step][0], logits.float())  # (generate gives float32 logits)
+        logits[eos] = -torch.inf
+        assert output.sequences[0, length + step] == logits.argmax()
 
 
 def test_bad_sample_stops_before_training(setup, tmp_path):
@@ -470,17 +539,104 @@ def test_projector_file_must_fit(setup, tmp_path):
         load_model(ModelArguments(str(setup["base"]), pretrained_projector=str(tmp_path / "mm_projector.bin")))
 
 
+SHARDED = r"--lora_r is not supported with --fsdp or --deepspeed"
+
+
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, flags, parsed, message",
     [
-        ({"lora_r": -1}, r"--lora_r must be 0 \(no LoRA\) or a positive rank, got -1"),
-        ({"lora_r": 4, "lora_alpha": 0}, r"--lora_alpha must be positive, got 0"),
+        ({"lora_r": -1}, [], {}, r"--lora_r must be 0 \(no LoRA\) or a positive rank, got -1"),
+        ({"lora_r": 4, "lora_alpha": 0}, [], {}, r"--lora_alpha must be positive, got 0"),
+        # LoRA's weights are merged on one process when saved: sharded parameters would save partial.
+        ({"lora_r": 4}, ["--fsdp"], {}, SHARDED),
+        # (TrainingArguments checks a --deepspeed config with the deepspeed package, not installed here: it is set on
+        # the parsed arguments instead.)
+        ({"lora_r": 4}, [], {"deepspeed": "zero2.json"}, SHARDED),
+    ],
+    ids=["negative-rank", "zero-alpha", "fsdp", "deepspeed"],
+)
+def test_lora_settings_are_checked_before_anything_loads(
+    setup, tmp_path, monkeypatch, overrides, flags, parsed, message
+):
+    class Parser(HfArgumentParser):
+        def parse_args_into_dataclasses(self, *args, **kwargs):
+            model_args, data_args, training_args = super().parse_args_into_dataclasses(*args, **kwargs)
+            for key, value in parsed.items():
+                setattr(training_args, key, value)
+            return model_args, data_args, training_args
+
+    def loads(*args, **kwargs):
+        pytest.fail("the model or processor was read before the LoRA settings were checked")
+
+    monkeypatch.setattr("transformers_hyperllava.training.HfArgumentParser", Parser)
+    for name in ("check_model_folder", "load_processor", "load_model"):
+        monkeypatch.setattr(f"transformers_hyperllava.training.{name}", loads)
+    with pytest.raises(ValueError, match=message):
+        main(cli_args(setup, tmp_path / "out", **overrides) + flags)
+    assert not (tmp_path / "out").exists()
+
+
+def projector_weights(model):
+    apply_stage(model, "align")
+    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def mistake(case, setup, tmp_path):
+    """A call that makes mistake `case`, and the part of its error message that names the problem."""
+    if case == "hyperllava_config-for-hyperllava":
+        overrides = '{"visual_expert": "first"}'
+        message = r"--hyperllava_config applies to LLaVA checkpoints; this one is already HyperLLaVA"
+        return lambda: load_model(ModelArguments(str(setup["base"]), hyperllava_config=overrides)), message
+    if case == "neither-llava-nor-hyperllava":
+        folder = tmp_path / "llama"
+        setup["config"].text_config.save_pretrained(folder)  # a Llama config.json
+        message = rf"{re.escape(str(folder))}: model_type 'llama' is neither hyperllava nor llava"
+        return lambda: load_model(ModelArguments(str(folder))), message
+    if case in ("projector-file-with-llm-weights", "projector-file-with-weights-the-model-lacks"):
+        model = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="second"))
+        if case == "projector-file-with-llm-weights":
+            llm_weight = "model.language_model.norm.weight"
+            weights = {**projector_weights(model), llm_weight: model.get_parameter(llm_weight).detach().clone()}
+            message = rf"expected only projector and visual-expert weights, found \['{re.escape(llm_weight)}'\]"
+        else:  # stage 1 trained both visual experts, stage 2's model has the second only
+            weights = projector_weights(HyperLlavaForConditionalGeneration(tiny_config(visual_expert="both")))
+            message = r"weights the model does not have: \['model\.multi_modal_projector\.visual_expert_first\."
+        save_file(weights, tmp_path / PROJECTOR_FILE)
+        return lambda: load_trained_weights(model, tmp_path / PROJECTOR_FILE), message
+    if case == "lora-in-align":
+        model = HyperLlavaForConditionalGeneration(tiny_config())
+        message = r"LoRA adapts the LLM, which the align stage does not train: use --stage instruct or experts"
+        return lambda: add_lora(model, "align", r=4, alpha=8, dropout=0.0), message
+    if case == "processor-image-token":
+        # A model whose <image> placeholder is another token than the processor's (the tokenizer fits its vocabulary).
+        config = copy.deepcopy(setup["config"])
+        processor_id = setup["processor"].tokenizer.convert_tokens_to_ids("<image>")
+        assert (
+            processor_id == config.image_token_id
+            and len(setup["processor"].tokenizer) <= config.text_config.vocab_size
+        )
+        config.image_token_id = processor_id + 1
+        args = ModelArguments(str(setup["base"]))
+        message = rf"<image> = {processor_id}; the model has .* image_token_id = {processor_id + 1}"
+        return lambda: check_processor_fits(setup["processor"], config, args), message
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "hyperllava_config-for-hyperllava",
+        "neither-llava-nor-hyperllava",
+        "projector-file-with-llm-weights",
+        "projector-file-with-weights-the-model-lacks",
+        "lora-in-align",
+        "processor-image-token",
     ],
 )
-def test_lora_settings_are_checked_before_anything_loads(setup, tmp_path, overrides, message):
+def test_mistakes_are_named(setup, tmp_path, case):
+    call, message = mistake(case, setup, tmp_path)
     with pytest.raises(ValueError, match=message):
-        main(cli_args(setup, tmp_path / "out", **overrides))
-    assert not (tmp_path / "out").exists()
+        call()
 
 
 def test_a_processor_of_another_model_is_refused(setup, tmp_path):
