@@ -394,8 +394,12 @@ def main(argv=None):
             repo_id=repo.repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"]
         )
     # Every process waits for the save, then leaves the process group: a gloo process that exits with it still open
-    # can abort ("terminate called without an active exception") and fail the whole launch.
+    # can abort ("terminate called without an active exception") and fail the whole launch. The DDP wrapper is freed
+    # first: freed later (at exit), its reducer drops the last reference to the gloo group while holding the GIL, and
+    # the group's destructor waits for a gloo thread that needs the GIL: a hang (pytorch/pytorch#56297).
     trainer.accelerator.wait_for_everyone()
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
     trainer.accelerator.end_training()
 
 
