@@ -59,6 +59,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration
+from transformers_hyperllava.configuration_hyperllava import NOT_MODEL_FIELDS
 from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
 
 # Input key -> output key, per input layout: the first rule whose pattern matches the whole key wins; a `None` target
@@ -106,10 +107,7 @@ EXPERT_FIELDS = (
     "expert_mode",
 )
 # Fields of an input Transformers config that describe the file rather than the model, or are set anew.
-NOT_CARRIED_OVER = (
-    "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "torch_dtype",
-    "image_token_id", "image_token_index",
-)  # fmt: skip
+NOT_CARRIED_OVER = (*NOT_MODEL_FIELDS, "_name_or_path", "dtype", "torch_dtype", "image_token_id", "image_token_index")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # `mm_vision_select_feature` -> LlavaConfig.vision_feature_select_strategy
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}

@@ -196,9 +196,8 @@ def parse_args(argv=None):
     gen.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help='e.g. cpu, cuda, cuda:1, or "auto"'
     )
-    gen.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="default: the checkpoint's"
-    )
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    gen.add_argument("--dtype", choices=dtypes, default="auto", help="default: the checkpoint's dtype")
     args = parser.parse_args(argv)
     if not Path(args.model).is_dir():
         try:

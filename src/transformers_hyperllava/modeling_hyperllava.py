@@ -365,23 +365,23 @@ class HyperLlamaModel(LlamaModel):
         }
         if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
             language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
-        found = None
-        if language_expert_weights is None and self.language_expert is not None:
+        given = language_expert_weights is not None
+        if not given and self.language_expert is not None:
             # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
             # continues with the weights that the cache's tokens were computed with.
-            found = language_expert_weights = _weights_of(cache)
-            if found is None:
+            language_expert_weights = _weights_of(cache)
+            if language_expert_weights is None:
                 self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
         hidden_states = inputs_embeds
-        layer_weights, generated = {}, None
+        layer_weights = {}
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if idx == self.guidance_layer and self.language_expert is not None:
                 if language_expert_weights is None:  # the prefill: generate once, reused at every decode step
                     g_L = mean_pool(hidden_states, language_guidance_mask)  # the input of layer k, over the prompt
-                    generated = language_expert_weights = self.language_expert(g_L)
+                    language_expert_weights = self.language_expert(g_L)
                     if cache is not None:
-                        setattr(cache, CACHED_WEIGHTS, generated)
+                        setattr(cache, CACHED_WEIGHTS, language_expert_weights)
                 expert_down, expert_up = self.language_expert.split(language_expert_weights)
                 # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
                 layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
@@ -390,7 +390,7 @@ class HyperLlamaModel(LlamaModel):
         return HyperLlavaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             # The weights this call did not get as an argument (None otherwise): the caller keeps the ones it has.
-            language_expert_weights=generated if found is None else found,
+            language_expert_weights=None if given else language_expert_weights,
             **{CACHE_ARG: cache},
         )
 
