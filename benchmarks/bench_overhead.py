@@ -210,7 +210,7 @@ def train_step(model, batch, device):
 
 
 def set_checkpointing(model, enabled):
-    # Transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*; 5.17 has only the old names.
+    # Transformers 5.23 renamed gradient_checkpointing_* to activation_checkpointing_*; earlier releases have only the old names.
     new_names = hasattr(model, "activation_checkpointing_enable")
     if not enabled:
         (model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable)()

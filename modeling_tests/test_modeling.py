@@ -314,7 +314,7 @@ def test_batch_invariance_left_padded():
         alone = model(input_ids=torch.tensor([prompt]), pixel_values=image)
         n = len(prompt)
         torch.testing.assert_close(batch.logits[i, -n:], alone.logits[0], atol=1e-5, rtol=1e-5)
-        # (No pixel_values=None: Transformers 5.2x's generate would encode None, for LLaVA too.)
+        # (No pixel_values=None: since 5.18 Transformers' generate would encode None, for LLaVA too.)
         image_kwargs = {} if image is None else {"pixel_values": image}
         alone_gen = model.generate(input_ids=torch.tensor([prompt]), **image_kwargs, max_new_tokens=6, do_sample=False)
         assert batch_gen[i, -6:].tolist() == alone_gen[0, -6:].tolist()
@@ -607,7 +607,9 @@ def test_a_decoding_step_adds_six_ops_per_expert_layer(batch, expert_mode):
 def test_image_count_mismatch_is_a_clear_error(num_images):
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, "img")])
-    generate = functools.partial(model.generate, max_new_tokens=2)  # 5.2x's encodes the images before the forward
+    generate = functools.partial(
+        model.generate, max_new_tokens=2
+    )  # since 5.18 it encodes the images before the forward
     for run in (model, generate):
         with pytest.raises(ValueError, match=rf"got {num_images} image\(s\) of 4 features but 8 image tokens"):
             run(input_ids=ids, pixel_values=images(num_images))
@@ -747,7 +749,7 @@ def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(t
 
 
 def test_precomputed_image_features_give_what_pixel_values_give():
-    """`mm_encoder_outputs`, as Transformers 5.2x's `generate` passes the images to the forward."""
+    """`mm_encoder_outputs`, as Transformers' `generate` (5.18 on) passes the images to the forward."""
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11, "img", 12)])
     pixel_values = images(2)
@@ -760,7 +762,7 @@ def test_precomputed_image_features_give_what_pixel_values_give():
 
 
 def test_outputs_report_the_images_as_llava_does(tiny_llava):
-    """The image field of both models' outputs (5.2x: `image_outputs`; 5.17: `image_hidden_states`), and the tuples of
+    """The image field of both models' outputs (5.24: `image_outputs`; earlier: `image_hidden_states`), and the tuples of
     `return_dict=False`: LLaVA's, then the generated weights."""
     llava, _ = tiny_llava
     model = HyperLlavaForConditionalGeneration.from_llava(llava)
@@ -795,14 +797,18 @@ def test_the_vision_towers_arguments_reach_it_as_in_llava(tiny_llava, case):
         kwargs = {"input_ids": torch.tensor([[1] + [IMAGE_TOKEN] * 9 + [10]]), "interpolate_pos_encoding": True}
         kwargs["pixel_values"] = torch.randn(1, 3, 42, 42, dtype=torch.float64)
     if case == "interpolated-positions" and IMAGE_OUTPUT == "image_hidden_states":
-        pytest.skip("5.17's LLaVA passes nothing on to its vision tower, so it is no reference for other image sizes")
+        pytest.skip(
+            "LLaVA before 5.24 passes nothing on to its vision tower, so it is no reference for other image sizes"
+        )
     want, got = llava(**kwargs), model(**kwargs)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-10, rtol=0)
     if case == "hidden-states":  # the text model's, one per layer and the embeddings
         assert len(got.hidden_states) == len(want.hidden_states) == model.config.text_config.num_hidden_layers + 1
         for got_item, want_item in zip(got.hidden_states, want.hidden_states):
             torch.testing.assert_close(got_item, want_item, atol=1e-10, rtol=0)
-    if case == "hidden-states" and IMAGE_OUTPUT == "image_outputs":  # (5.17 reports the projected features only)
+    if (
+        case == "hidden-states" and IMAGE_OUTPUT == "image_outputs"
+    ):  # (earlier releases report the projected features only)
         got_states, want_states = got.image_outputs.hidden_states, want.image_outputs.hidden_states
         assert len(got_states) == len(want_states) == model.config.vision_config.num_hidden_layers + 1
         for got_item, want_item in zip(got_states, want_states):

@@ -184,7 +184,7 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
 
 def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt_and_prefix_tuning_is_refused():
     """PEFT puts its virtual tokens in front of the input after `generate` (or the collator) named the prompt: the
-    guidance pools over them too, as over the rest of the prompt. (Only the prefill: in later steps transformers 5.2x
+    guidance pools over them too, as over the rest of the prompt. (Only the prefill: in later steps transformers 5.24
     and PEFT prepend them again, for LLaVA too.)"""
     peft = pytest.importorskip("peft", reason="needs the optional `peft` package (pip install peft)")
     # (PEFT finds the word embeddings by the vocabulary size, which must differ from the hypernetwork's width, 64.)
