@@ -344,6 +344,65 @@ def test_cuda_graph_replay():
     assert_close(out, expert_adapter_reference(*(t.double() for t in fresh)), TOLERANCE[torch.bfloat16], "replay")
 
 
+class RecordedLaunches:
+    """Stands in for the module's kernels: `kernel[grid](*args, **constexprs)` records the launch instead of running."""
+
+    KERNELS = ("_forward_kernel", "_decode_down_kernel", "_decode_up_kernel", "_backward_rows_kernel")
+    KERNELS += ("_rows_reduction_kernel",)
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.KERNELS:
+            monkeypatch.setattr(fused, name, self._recorder(getattr(fused, name)))
+
+    def _recorder(self, kernel):
+        class Launch:
+            def __getitem__(_, grid):
+                return lambda *args, **constexprs: self.calls.append((kernel, args, constexprs))
+
+        return Launch()
+
+
+def compile_for(arch, kernel, args, constexprs):
+    """Compile a launch's kernel for a CUDA architecture, as Triton would at the launch, with no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+
+    runtime_names = [name for name in kernel.arg_names if name not in constexprs]
+    triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    signature = {name: "constexpr" for name in constexprs}
+    for name, value in zip(runtime_names, args, strict=True):
+        is_tensor = isinstance(value, torch.Tensor)
+        signature[name] = "*" + triton_type[value.dtype] if is_tensor else "i64" if abs(value) >= 2**31 else "i32"
+    source = fused.triton.compiler.ASTSource(kernel, signature, constexprs)
+    return fused.triton.compile(source, target=GPUTarget("cuda", arch, 32))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU what the interpreter runs as Python")
+@pytest.mark.parametrize("arch", [80, 90], ids=["A100", "H100-H200"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
+    """Triton's interpreter runs the kernels as Python, so it accepts what the compiler refuses: a loop-carried
+    variable that changes dtype, a tl.dot under 16 wide, Python the compiler does not know. Every launch that the op
+    makes, forward (with and without the FFN's output) and backward, at the tested shapes and 7B's prefill and decode,
+    with the block sizes the launchers pick for 132 SMs, is compiled here for the GPU, whether or not there is one."""
+    monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
+    launches = RecordedLaunches(monkeypatch)
+    prefill_7b = (8, 640, 4096, 4096, 16, 8)
+    for batch, length, d_in, d_out, r, weight_batch in [*SHAPES.values(), *DECODE_SHAPES.values(), prefill_7b]:
+        x = torch.empty(batch, length, d_in, dtype=dtype)
+        w_down, w_up = (
+            torch.empty(weight_batch, d_in, 2 * r, dtype=dtype),
+            torch.empty(weight_batch, r, d_out, dtype=dtype),
+        )
+        residual = torch.empty(batch, length, d_out, dtype=torch.float32)
+        for ffn_out in (None, residual.to(dtype)):
+            fused._expert_adapter(x, w_down, w_up, residual, ffn_out)
+        fused._expert_adapter_backward(residual.to(dtype), x, w_down, w_up)
+    assert {kernel.__name__ for kernel, _, _ in launches.calls} == set(RecordedLaunches.KERNELS)
+    for kernel, args, constexprs in launches.calls:
+        assert compile_for(arch, kernel, args, constexprs).asm["cubin"], kernel.__name__
+
+
 def test_is_available():
     assert not fused.is_available("cpu")
     assert fused.is_available("cuda") == ON_CUDA
