@@ -345,7 +345,7 @@ def test_cuda_graph_replay():
 
 
 class RecordedLaunches:
-    """Stands in for the module's kernels: `kernel[grid](*args, **constexprs)` records the launch instead of running."""
+    """Stands in for the module's kernels: `kernel[grid](*args, **keywords)` records the launch instead of running."""
 
     KERNELS = ("_forward_kernel", "_decode_down_kernel", "_decode_up_kernel", "_backward_rows_kernel")
     KERNELS += ("_rows_reduction_kernel",)
@@ -358,15 +358,18 @@ class RecordedLaunches:
     def _recorder(self, kernel):
         class Launch:
             def __getitem__(_, grid):
-                return lambda *args, **constexprs: self.calls.append((kernel, args, constexprs))
+                return lambda *args, **keywords: self.calls.append((kernel, args, keywords))
 
         return Launch()
 
 
-def compile_for(arch, kernel, args, constexprs):
-    """Compile a launch's kernel for a CUDA architecture, as Triton would at the launch, with no GPU needed."""
+def compile_for(arch, kernel, args, keywords):
+    """Compile a launch's kernel for a CUDA architecture, as Triton would at the launch, with no GPU needed. The
+    launch's keywords are the kernel's constexpr arguments and compiler options."""
     from triton.backends.compiler import GPUTarget
 
+    constexprs = {name: value for name, value in keywords.items() if name in kernel.arg_names}
+    options = {name: value for name, value in keywords.items() if name not in kernel.arg_names}
     runtime_names = [name for name in kernel.arg_names if name not in constexprs]
     triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     signature = {name: "constexpr" for name in constexprs}
@@ -374,7 +377,7 @@ def compile_for(arch, kernel, args, constexprs):
         is_tensor = isinstance(value, torch.Tensor)
         signature[name] = "*" + triton_type[value.dtype] if is_tensor else "i64" if abs(value) >= 2**31 else "i32"
     source = fused.triton.compiler.ASTSource(kernel, signature, constexprs)
-    return fused.triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    return fused.triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU what the interpreter runs as Python")
@@ -399,8 +402,8 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
             fused._expert_adapter(x, w_down, w_up, residual, ffn_out)
         fused._expert_adapter_backward(residual.to(dtype), x, w_down, w_up)
     assert {kernel.__name__ for kernel, _, _ in launches.calls} == set(RecordedLaunches.KERNELS)
-    for kernel, args, constexprs in launches.calls:
-        assert compile_for(arch, kernel, args, constexprs).asm["cubin"], kernel.__name__
+    for kernel, args, keywords in launches.calls:
+        assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
 
 
 def test_is_available():

@@ -328,6 +328,9 @@ def _rows_reduction_kernel(
 # Launchers, registered as custom ops so that torch.compile keeps them whole (with shapes from the fake kernels).
 # ----------------------------------------------------------------------------------------------------------------
 
+# Fused multiply-adds, as Triton has compiled them so far: Triton 3.9 warns that its default turns to none in 3.10,
+# which would change the kernels' rounding and speed with the installed version. Options, not kernel arguments.
+_OPTIONS = {"enable_fp_fusion": True}
 _BLOCK_K = 128  # d_in per step of the tiled kernels
 _BLOCK_N = 64  # d_out per step
 _BLOCK_REDUCE = 64  # rows per step of the weight-gradient reduction
@@ -405,6 +408,7 @@ def _tiled_forward(x, w_down, w_up, residual, ffn_out, out):
         x, w_down, w_up, residual, ffn, out,
         rows, d_in, d_out, r, cols_per_program, w_down.stride(0), w_up.stride(0),
         BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision, **ffn_settings,
+        **_OPTIONS,
     )  # fmt: skip
 
 
@@ -430,13 +434,13 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
     splits = triton.cdiv(d_in, block_k)
     partial = torch.empty(groups, rows, splits, 2 * r, dtype=torch.float32, device=x.device)
     _decode_down_kernel[(splits, rows, groups)](
-        x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), BLOCK_K=block_k, BLOCK_2R=block_2r
+        x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), BLOCK_K=block_k, BLOCK_2R=block_2r, **_OPTIONS
     )
     block_n = _decode_block(d_out, row_programs, sms, 64, _DECODE_TILE // block_r)
     ffn, ffn_settings = _ffn_arguments(residual, ffn_out)
     _decode_up_kernel[(triton.cdiv(d_out, block_n), rows, groups)](
         partial, w_up, residual, ffn, out, rows, r, d_out, splits, w_up.stride(0),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n, **ffn_settings,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n, **ffn_settings, **_OPTIONS,
     )  # fmt: skip
 
 
@@ -468,16 +472,16 @@ def _expert_adapter_backward(
     _backward_rows_kernel[(triton.cdiv(rows, 16), groups)](
         x, w_down, w_up, grad_out, grad_x, grad_pre, hidden,
         rows, d_in, d_out, r, w_down.stride(0), w_up.stride(0),
-        BLOCK_M=16, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision,
+        BLOCK_M=16, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, PRECISION=precision, **_OPTIONS,
     )  # fmt: skip
     block_2r = max(16, triton.next_power_of_2(2 * r))
     _rows_reduction_kernel[(triton.cdiv(d_in, 64), triton.cdiv(2 * r, block_2r), groups)](
         x, grad_pre, grad_w_down, rows, d_in, 2 * r,
-        BLOCK_M=_BLOCK_REDUCE, BLOCK_P=64, BLOCK_Q=block_2r, PRECISION=precision,
+        BLOCK_M=_BLOCK_REDUCE, BLOCK_P=64, BLOCK_Q=block_2r, PRECISION=precision, **_OPTIONS,
     )  # fmt: skip
     _rows_reduction_kernel[(triton.cdiv(r, block_r), triton.cdiv(d_out, _BLOCK_N), groups)](
         hidden, grad_out, grad_w_up, rows, r, d_out,
-        BLOCK_M=_BLOCK_REDUCE, BLOCK_P=block_r, BLOCK_Q=_BLOCK_N, PRECISION=precision,
+        BLOCK_M=_BLOCK_REDUCE, BLOCK_P=block_r, BLOCK_Q=_BLOCK_N, PRECISION=precision, **_OPTIONS,
     )  # fmt: skip
     return grad_x, grad_w_down, grad_w_up
 
