@@ -116,7 +116,9 @@ class HyperLlavaProcessor(LlavaProcessor):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
         # Transformers 5.17 maps the answer spans onto the prompt *after* each "<image>" was expanded to many
         # tokens, which misplaces the mask. An "<image>" is one token before expansion, so the tokenizer's mask of
-        # the unexpanded prompt, with each image position repeated as the processor expanded it, is exact.
+        # the unexpanded prompt, with each image position repeated as the processor expanded it, is exact. Kept on
+        # 5.18 and later, which map the spans right, because it refuses a truncated prompt, for which they return a
+        # partial or empty mask without a word (a sample that would train on part of its answer, or on nothing).
         return_tensors = kwargs.pop("return_tensors", None)
         out = super().apply_chat_template(
             conversation, chat_template, **{**kwargs, "return_assistant_tokens_mask": False}, return_tensors=None
