@@ -210,7 +210,8 @@ def train_step(model, batch, device):
 
 
 def set_checkpointing(model, enabled):
-    # Transformers 5.23 renamed gradient_checkpointing_* to activation_checkpointing_*; earlier releases have only the old names.
+    # Transformers 5.23 renamed gradient_checkpointing_* to activation_checkpointing_*; earlier releases have only the
+    # old names.
     new_names = hasattr(model, "activation_checkpointing_enable")
     if not enabled:
         (model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable)()

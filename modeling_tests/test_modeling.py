@@ -762,8 +762,8 @@ def test_precomputed_image_features_give_what_pixel_values_give():
 
 
 def test_outputs_report_the_images_as_llava_does(tiny_llava):
-    """The image field of both models' outputs (5.24: `image_outputs`; earlier: `image_hidden_states`), and the tuples of
-    `return_dict=False`: LLaVA's, then the generated weights."""
+    """The image field of both models' outputs (5.24: `image_outputs`; earlier: `image_hidden_states`), and the tuples
+    of `return_dict=False`: LLaVA's, then the generated weights."""
     llava, _ = tiny_llava
     model = HyperLlavaForConditionalGeneration.from_llava(llava)
     kwargs = {"input_ids": torch.tensor([prompt_ids("img", 10, "img")]), "pixel_values": images(2).double()}

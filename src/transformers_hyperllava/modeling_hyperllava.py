@@ -335,12 +335,14 @@ class HyperLlamaModel(LlamaModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        # Either name, whatever the release: 5.24's `cache`, or `past_key_values` (earlier releases, and a deprecated alias).
+        # Either name, whatever the release: 5.24's `cache`, or `past_key_values` (earlier releases, and a deprecated
+        # alias).
         cache, past_key_values = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
         cache = past_key_values if cache is None else cache
         if CACHE_ARG == "past_key_values" and isinstance(cache, PagedAttentionCache):
-            # Before 5.24 continuous batching hands its paged cache to the attention functions as `cache`, as LlamaModel
-            # passes it on; as `past_key_values` the attention layers would also update it themselves, and fail.
+            # Before 5.24 continuous batching hands its paged cache to the attention functions as `cache`, as
+            # LlamaModel passes it on; as `past_key_values` the attention layers would also update it themselves, and
+            # fail.
             kwargs["cache"], cache = cache, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
