@@ -344,28 +344,25 @@ def test_cuda_graph_replay():
     assert_close(out, expert_adapter_reference(*(t.double() for t in fresh)), TOLERANCE[torch.bfloat16], "replay")
 
 
-class RecordedLaunches:
-    """Stands in for the module's kernels: `kernel[grid](*args, **keywords)` records the launch instead of running."""
+LAUNCHED_KERNELS = (
+    "_forward_kernel", "_decode_down_kernel", "_decode_up_kernel", "_backward_rows_kernel", "_rows_reduction_kernel",
+)  # fmt: skip
 
-    KERNELS = ("_forward_kernel", "_decode_down_kernel", "_decode_up_kernel", "_backward_rows_kernel")
-    KERNELS += ("_rows_reduction_kernel",)
 
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for name in self.KERNELS:
-            monkeypatch.setattr(fused, name, self._recorder(getattr(fused, name)))
+class RecordedLaunch:
+    """Stands in for a kernel: `kernel[grid](*args, **keywords)` records the launch instead of running it."""
 
-    def _recorder(self, kernel):
-        class Launch:
-            def __getitem__(_, grid):
-                return lambda *args, **keywords: self.calls.append((kernel, args, keywords))
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
 
-        return Launch()
+    def __getitem__(self, grid):
+        return lambda *args, **keywords: self.calls.append((self.kernel, args, keywords))
 
 
 def compile_for(arch, kernel, args, keywords):
     """Compile a launch's kernel for a CUDA architecture, as Triton would at the launch, with no GPU needed. The
     launch's keywords are the kernel's constexpr arguments and compiler options."""
+    import triton
     from triton.backends.compiler import GPUTarget
 
     constexprs = {name: value for name, value in keywords.items() if name in kernel.arg_names}
@@ -376,8 +373,8 @@ def compile_for(arch, kernel, args, keywords):
     for name, value in zip(runtime_names, args, strict=True):
         is_tensor = isinstance(value, torch.Tensor)
         signature[name] = "*" + triton_type[value.dtype] if is_tensor else "i64" if abs(value) >= 2**31 else "i32"
-    source = fused.triton.compiler.ASTSource(kernel, signature, constexprs)
-    return fused.triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    source = triton.compiler.ASTSource(kernel, signature, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU what the interpreter runs as Python")
@@ -389,7 +386,9 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
     makes, forward (with and without the FFN's output) and backward, at the tested shapes and 7B's prefill and decode,
     with the block sizes the launchers pick for 132 SMs, is compiled here for the GPU, whether or not there is one."""
     monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
-    launches = RecordedLaunches(monkeypatch)
+    launches = []
+    for name in LAUNCHED_KERNELS:
+        monkeypatch.setattr(fused, name, RecordedLaunch(getattr(fused, name), launches))
     prefill_7b = (8, 640, 4096, 4096, 16, 8)
     for batch, length, d_in, d_out, r, weight_batch in [*SHAPES.values(), *DECODE_SHAPES.values(), prefill_7b]:
         x = torch.empty(batch, length, d_in, dtype=dtype)
@@ -401,8 +400,8 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
         for ffn_out in (None, residual.to(dtype)):
             fused._expert_adapter(x, w_down, w_up, residual, ffn_out)
         fused._expert_adapter_backward(residual.to(dtype), x, w_down, w_up)
-    assert {kernel.__name__ for kernel, _, _ in launches.calls} == set(RecordedLaunches.KERNELS)
-    for kernel, args, keywords in launches.calls:
+    assert {kernel.__name__ for kernel, _, _ in launches} == set(LAUNCHED_KERNELS)
+    for kernel, args, keywords in launches:
         assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
 
 
