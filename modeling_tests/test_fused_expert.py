@@ -364,20 +364,20 @@ def compile_for(arch, kernel, args, keywords):
     launch's keywords are the kernel's constexpr arguments and compiler options."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import mangle_type  # how a launch types its arguments: "*bf16", "i32", ...
 
     constexprs = {name: value for name, value in keywords.items() if name in kernel.arg_names}
     options = {name: value for name, value in keywords.items() if name not in kernel.arg_names}
     runtime_names = [name for name in kernel.arg_names if name not in constexprs]
-    triton_type = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    signature = {name: "constexpr" for name in constexprs}
-    for name, value in zip(runtime_names, args, strict=True):
-        is_tensor = isinstance(value, torch.Tensor)
-        signature[name] = "*" + triton_type[value.dtype] if is_tensor else "i64" if abs(value) >= 2**31 else "i32"
+    signature = {name: mangle_type(value) for name, value in zip(runtime_names, args, strict=True)}
+    signature.update({name: "constexpr" for name in constexprs})
     source = triton.compiler.ASTSource(kernel, signature, constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU what the interpreter runs as Python")
+@pytest.mark.skipif(
+    INTERPRETED, reason="the parent process runs it: under TRITON_INTERPRET the kernels are interpreted, not compiled"
+)
 @pytest.mark.parametrize("arch", [80, 90], ids=["A100", "H100-H200"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
