@@ -68,6 +68,7 @@ KEY_MAPPINGS = {
     "llava_codebase": [  # LLaVA's LlavaLlamaForCausalLM; also a plain LlamaForCausalLM (`--base-model`)
         (r"model\.embed_tokens\.(.+)", r"model.language_model.embed_tokens.\1"),
         (r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),  # recomputed from the config
+        (r"model\.vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids", None),  # see "clip"
         (r"model\.layers\.(\d+)\.(.+)", r"model.language_model.layers.\1.\2"),
         (r"model\.norm\.(.+)", r"model.language_model.norm.\1"),
         (r"lm_head\.(.+)", r"lm_head.\1"),
@@ -78,12 +79,15 @@ KEY_MAPPINGS = {
         (r"model\.vision_tower\.vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
     ],
     "clip": [  # a CLIPModel or CLIPVisionModel folder: only the vision tower is kept
+        # A buffer older CLIP checkpoints (openai/clip-vit-large-patch14-336) saved; now built from the config.
+        (r"vision_model\.embeddings\.position_ids", None),
         (r"vision_model\.(.+)", r"model.vision_tower.\1"),
         (r"text_model\..+|text_projection\..+|visual_projection\..+|logit_scale", None),
     ],
     "llava_hf": [  # Transformers LLaVA / HyperLLaVA: v4 names (first rules) and v5 names (last rule)
         (r"language_model\.lm_head\.(.+)", r"lm_head.\1"),
         (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+        (r"(?:model\.)?vision_tower\.vision_model\.embeddings\.position_ids", None),  # see "clip"
         (r"(?:model\.)?vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
         (r"(vision_tower|multi_modal_projector)\.(.+)", r"model.\1.\2"),
         (r"(model\.(?:vision_tower|multi_modal_projector|language_model)\..+|lm_head\..+)", r"\1"),

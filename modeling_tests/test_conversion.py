@@ -32,6 +32,8 @@ from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, TEMPLATE_TEXT,
 
 IMAGE_SIZE, PATCH = 28, 14
 CLIP_MEAN, CLIP_STD = [0.25, 0.5, 0.75], [0.2, 0.3, 0.4]
+# The position-ids buffer that CLIP checkpoints saved before Transformers stopped saving it (non-persistent now).
+CLIP_POSITION_IDS = torch.arange((IMAGE_SIZE // PATCH) ** 2 + 1)[None]
 VOCAB_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # grow with the tokens the converter adds
 CODEBASE_ONLY_TOKENS = ("<unk>", "<s>", "</s>")  # LLaVA's Llama tokenizer knows neither <image> nor a pad token
 
@@ -197,6 +199,7 @@ def write_clip(folder, llava, layout="CLIPModel", with_weights=True):
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessing))
     if with_weights:
         tower = {f"vision_model.{k}": v for k, v in llava.model.vision_tower.state_dict().items()}
+        tower["vision_model.embeddings.position_ids"] = CLIP_POSITION_IDS  # saved by older CLIP checkpoints
         if layout == "CLIPModel":  # the text tower and heads, which the converter must leave out
             tower.update(
                 {
@@ -232,6 +235,7 @@ def codebase_checkpoint(
         tensors[codebase_key(key)] = value
     # Old LLaVA checkpoints also hold the rotary buffers; they are recomputed from the config.
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    tensors["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = CLIP_POSITION_IDS
     tensors.update(experts or {})
     checkpoint = tmp_path / "llava-run"
     write_shards(checkpoint, tensors, 3, fmt)
@@ -367,6 +371,7 @@ def test_llava_hf_checkpoint_upgrades_with_new_experts(tmp_path, names):
         for path in source.glob("*.safetensors"):
             path.unlink()
         state = {v4_llava_hf_key(k): v for k, v in reference.state_dict().items()}
+        state["vision_tower.vision_model.embeddings.position_ids"] = CLIP_POSITION_IDS  # as 4.x saved it
         save_file(state, source / "model.safetensors", {"format": "pt"})
 
     out = tmp_path / "out"
