@@ -223,9 +223,18 @@ def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     lora = {name for name in trainable if "lora_" in name}
     assert lora and all(".language_model.layers." in name for name in lora)
-    others = {name.removeprefix("base_model.model.") for name in trainable - lora}
-    assert others == {name for name in base if expected_trainable(name, "experts")}
+    # The projector and the experts train as PEFT's `modules_to_save`: a copy each, saved in PEFT's checkpoints.
+    copy = ".modules_to_save.default."
+    assert all(copy in name for name in trainable - lora)
+
+    def model_name(name):
+        return name.removeprefix("base_model.model.").replace(copy, ".")
+
+    assert {model_name(name) for name in trainable - lora} == {
+        name for name in base if expected_trainable(name, "experts")
+    }
     trainer.train()
+    trained = {model_name(n): p.detach().clone() for n, p in peft_model.named_parameters() if n in trainable - lora}
 
     q_proj = "model.language_model.layers.0.self_attn.q_proj"
     params = dict(peft_model.named_parameters())
@@ -242,6 +251,11 @@ def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
     for name, weight in base.items():  # the frozen parts saved as they were
         if name.startswith("model.vision_tower.") or name == "lm_head.weight":
             torch.testing.assert_close(merged_state[name], weight, rtol=0, atol=0)
+    for name, weight in trained.items():  # the trained copies saved in place of the originals
+        torch.testing.assert_close(merged_state[name], weight, rtol=0, atol=0)
+    assert not torch.equal(
+        trained["model.multi_modal_projector.linear_1.weight"], base["model.multi_modal_projector.linear_1.weight"]
+    )
 
 
 def run_settings(setup, output_dir, **overrides):
@@ -359,6 +373,20 @@ def test_resume_from_checkpoint_matches_uninterrupted(setup, tmp_path):
     other_start = {"model_name_or_path": tmp_path / "other", "resume_from_checkpoint": "true"}
     main(cli_args(setup, tmp_path / "full", **saving, **other_start))
     assert_same_weights(expected, final_weights(tmp_path / "full"), rtol=0, atol=0)
+
+
+def test_lora_resume_restores_the_trained_projector_and_experts(setup, tmp_path):
+    """With LoRA the projector and the experts train beside the adapters; a run resumed from a checkpoint must get
+    them back from it, not from the starting model."""
+    pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    lora = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "save_strategy": "steps", "save_steps": 2}
+    main(cli_args(setup, tmp_path / "full", **lora))
+    main(cli_args(setup, tmp_path / "resumed", **lora, resume_from_checkpoint=tmp_path / "full" / "checkpoint-2"))
+    full = final_weights(tmp_path / "full")
+    assert_same_weights(full, final_weights(tmp_path / "resumed"), rtol=0, atol=1e-12)
+    base = final_weights(setup["base"])
+    for name in ("model.multi_modal_projector.linear_1.weight", "model.language_model.language_expert.layer_bias"):
+        assert not torch.equal(full[name], base[name])  # they did train
 
 
 def test_evaluation_reports_the_mean_loss_over_the_eval_samples(setup, tmp_path):

@@ -44,7 +44,9 @@ LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.
 
 def parameter_group(name: str) -> str:
     """The group of a parameter name: vision_tower, projector, visual_expert, llm, language_expert or lora."""
-    name = name.removeprefix("base_model.model.")  # PEFT's wrapper
+    # PEFT's wrapper, and its trained copy of a module in `modules_to_save` (the copy's frozen original, under
+    # `original_module`, falls in the same group).
+    name = name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
     if "lora_" in name:
         return "lora"
     if "multi_modal_projector.visual_expert" in name:
@@ -69,12 +71,11 @@ def trainable_counts(model) -> dict[str, int]:
 
 
 def apply_stage(model, stage: str) -> dict[str, int]:
-    """Set `requires_grad` for `stage` (LoRA weights, when present, always train); returns trainable counts."""
+    """Set `requires_grad` for `stage` (before `add_lora`, which sets its own); returns trainable counts."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not valid; allowed values: {list(STAGES)}")
     for name, param in model.named_parameters():
-        group = parameter_group(name)
-        param.requires_grad_(group in STAGES[stage] or group == "lora")
+        param.requires_grad_(parameter_group(name) in STAGES[stage])
     return trainable_counts(model)
 
 
@@ -84,10 +85,16 @@ def add_lora(model, stage: str, r: int, alpha: int, dropout: float):
         raise ValueError("LoRA adapts the LLM, which the align stage does not train: use --stage instruct or experts")
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS))
-    # PEFT freezes everything but the adapters; the stage's other groups (never the LLM itself) train as well.
-    apply_stage(model, "experts" if stage == "instruct" else stage)
-    return model
+    # Beside the adapters train the stage's other groups, never the LLM itself: the projector, the visual expert
+    # (inside the projector) and the language expert, as PEFT's `modules_to_save`. PEFT then trains copies of them and
+    # saves those with the adapters in every checkpoint, so that resuming or loading the best checkpoint restores them
+    # (trained only through `requires_grad`, they were left out and silently reset); `merge_and_unload` puts the
+    # trained copies in place.
+    trained = ["multi_modal_projector", "language_expert"]
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, modules_to_save=trained
+    )
+    return get_peft_model(model, config)
 
 
 def save_trained_weights(state_dict: dict, model, path):
