@@ -871,6 +871,32 @@ def test_a_decoding_loop_of_ones_own_continues_the_cache():
     torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_compiled_decoding_loop_continues_the_cache_with_its_weights(kind):
+    """Transformers' recipe for compiled decoding (an eager prefill, then a compiled forward per token, no graph break)
+    gives the eager loop's logits: the compiled steps take the weights the prefill left on the cache."""
+    from transformers import DynamicCache, StaticCache
+
+    model = randomize_experts(make_model(), std=0.5)
+    ids = torch.tensor([prompt_ids("img", 10, 11)])
+    text_config = model.config.text_config
+    new_cache = {"dynamic": lambda: DynamicCache(config=text_config), "static": lambda: StaticCache(text_config, 16)}
+
+    def decode(forward):
+        cache = new_cache[kind]()
+        model(input_ids=ids, pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
+        steps = []
+        for position, token in enumerate([12, 13, 14], start=ids.shape[1]):
+            inputs = {"input_ids": torch.tensor([[token]]), "position_ids": torch.tensor([[position]])}
+            steps.append(forward(**inputs, use_cache=True, **{CACHE_ARG: cache}).logits[:, -1])
+        return torch.cat(steps)
+
+    expected = decode(model.forward)
+    torch._dynamo.reset()
+    compiled = decode(torch.compile(model.forward, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_cache_without_the_experts_weights_is_refused_and_an_emptied_one_starts_anew(tiny_llava):
     from transformers import DynamicCache, StaticCache
 

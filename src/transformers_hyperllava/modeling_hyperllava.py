@@ -91,11 +91,21 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
 CACHED_WEIGHTS = "language_expert_weights"
 
 
+def _known_length(cache):
+    """How many tokens `cache` holds; None inside a compiled graph when that is a tensor (a static cache's), where
+    reading it would break the graph (and, run, sync with the device)."""
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor) and torch.compiler.is_compiling():
+        return None
+    return int(length)
+
+
 def _weights_of(cache):
     """The language expert's weights that a non-empty `cache`'s tokens were computed with, else None."""
     weights = getattr(cache, CACHED_WEIGHTS, None)
-    # (A cache emptied by `reset()` keeps the attribute, but it then starts a new sequence.)
-    if weights is None or torch.compiler.is_compiling() or int(cache.get_seq_length()) == 0:
+    # A cache emptied by `reset()` keeps the attribute, but it then starts a new sequence. (A compiled graph cannot
+    # tell an emptied static cache from a filled one: there the weights it carries are taken, docs/model.md.)
+    if weights is None or _known_length(cache) == 0:
         return None
     return weights
 
@@ -399,9 +409,9 @@ class HyperLlamaModel(LlamaModel):
     @staticmethod
     def _check_guidance_inputs(guidance_mask, attention_mask, length, cache):
         """Refuse what would pool the guidance over the wrong tokens instead of silently doing it."""
-        if cache is not None and not torch.compiler.is_compiling() and int(cache.get_seq_length()) > 0:
+        if cache is not None and (_known_length(cache) or 0) > 0:
             raise ValueError(
-                f"the cache already holds {int(cache.get_seq_length())} tokens but not the language expert's weights "
+                f"the cache already holds {_known_length(cache)} tokens but not the language expert's weights "
                 "that they were computed with (a cache filled by this model carries them): pass them as "
                 "language_expert_weights. The guidance cannot be pooled over tokens the cache holds. (PEFT's prefix "
                 "tuning passes its prefix as such a cache, and is not supported with a language expert.)"
