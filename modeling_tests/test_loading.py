@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from conftest import images, make_model, prompt_ids
 from transformers_hyperllava import HyperLlavaForConditionalGeneration, HyperLlavaModel
+from transformers_hyperllava.tiny import tiny_config
 
 REMOTE_CODE_FILES = {"configuration_hyperllava.py", "modeling_hyperllava.py", "fused_expert_hyperllava.py"}
 
@@ -80,6 +81,16 @@ def test_loaded_expert_weights_are_never_initialised_again(tmp_path):
     for name, param in static.named_parameters():
         if name.endswith("layer_bias"):
             torch.testing.assert_close(dynamic.get_parameter(name), param, atol=0, rtol=0)
+
+
+def test_a_language_expert_added_at_load_time_gets_the_default_guidance_layer(tmp_path):
+    """A checkpoint saved without a language expert has no guidance layer; loaded with expert layers, the model must
+    pool its guidance where a config built with them would, not silently skip the expert."""
+    make_model(language_expert_layers=None).save_pretrained(tmp_path)
+    loaded = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path, language_expert_layers="posterior")
+    fresh = tiny_config(language_expert_layers="posterior")
+    assert loaded.config.language_guidance_layer == fresh.language_guidance_layer is not None
+    assert loaded(**inputs()).language_expert_weights is not None
 
 
 def run_without_package(script, cwd):

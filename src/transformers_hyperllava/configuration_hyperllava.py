@@ -72,14 +72,12 @@ class HyperLlavaConfig(LlavaConfig):
         # `save_pretrained` adds the entry of the class that saves; the base model is named here so that a saved
         # folder also loads with `AutoModel` and `trust_remote_code=True` where the package is not installed.
         self.auto_map = {"AutoModel": "modeling_hyperllava.HyperLlavaModel", **(getattr(self, "auto_map", None) or {})}
-        layers = self.language_expert_layer_indices  # validates language_expert_layers
-        if self.language_guidance_layer is None and layers:
-            self.language_guidance_layer = min(self.text_config.num_hidden_layers // 2, layers[0])
         self.check_expert_fields()
 
     def check_expert_fields(self):
-        """Refuse expert settings that the model cannot build or would silently ignore. Run at construction and again
-        by the model: `from_pretrained(..., expert_mode=...)` sets fields on a config built without them."""
+        """Refuse expert settings that the model cannot build or would silently ignore, and fill in the default
+        `language_guidance_layer`. Run at construction and again by the model: `from_pretrained(..., expert_mode=...)`
+        sets fields on a config built without them (a config saved without a language expert has no guidance layer)."""
         text = self.text_config
         for name, sub_config, supported in (
             ("text_config", text, SUPPORTED_TEXT_BACKBONES),
@@ -106,6 +104,8 @@ class HyperLlavaConfig(LlavaConfig):
 
         num_layers = text.num_hidden_layers
         layers = self.language_expert_layer_indices  # validates language_expert_layers
+        if self.language_guidance_layer is None and layers:
+            self.language_guidance_layer = min(num_layers // 2, layers[0])
         k = self.language_guidance_layer
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_layers:
