@@ -19,7 +19,7 @@ from conftest import (
     training_batch,
 )  # fmt: skip
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
-from transformers_hyperllava.modeling_hyperllava import CACHE_ARG, IMAGE_OUTPUT
+from transformers_hyperllava.modeling_hyperllava import CACHE_ARG, CACHED_WEIGHTS, IMAGE_OUTPUT
 from transformers_hyperllava.tiny import tiny_config
 
 # --- 1. zero-init equivalence --------------------------------------------------------------------------------------
@@ -736,6 +736,18 @@ def test_continuous_batching_is_refused_with_a_language_expert():
         make_model().generate_batch(inputs=[prompt_ids(10, 11)], generation_config=config, warmup=False)
 
 
+@pytest.mark.parametrize("mode", ["static", "latent"])
+def test_continuous_batching_matches_generate_where_the_weights_ignore_the_input(mode):
+    model = make_model(expert_mode=mode)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    prompts = [prompt_ids(10, 11, 12), prompt_ids(13, 14)]
+    results = model.generate_batch(inputs=prompts, generation_config=config, warmup=False)
+    generated = {tuple(result.prompt_ids): result.generated_tokens for result in results.values()}
+    for prompt in prompts:
+        expected = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+        assert generated[tuple(prompt)] == expected.tolist()
+
+
 def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(tiny_llava):
     llava, _ = tiny_llava
     model = randomize_experts(HyperLlavaForConditionalGeneration.from_llava(llava, language_expert_layers=None))
@@ -931,8 +943,33 @@ def test_a_4d_attention_mask_needs_a_guidance_mask():
     mask = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="a 4-D attention_mask does not say which tokens are the prompt"):
         model(input_ids=ids, attention_mask=mask)
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    with pytest.raises(ValueError, match="a 4-D attention_mask does not say which tokens are padding"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
     guided = model(input_ids=ids, attention_mask=mask, language_guidance_mask=torch.ones_like(ids))
     torch.testing.assert_close(guided.logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["static", "latent"])
+def test_modes_whose_weights_ignore_the_input_need_no_prompt(mode):
+    """Their weights do not depend on the input: a 4-D mask with labels, and a cache that holds tokens but not the
+    weights (as another model or PEFT's prefix tuning leaves it), which "dynamic" mode refuses, are fine there."""
+    from transformers import DynamicCache
+
+    model = make_model(expert_mode=mode)
+    ids = torch.tensor([prompt_ids(10, 11, 12)])
+    mask = torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    labels = ids.clone()
+    expected = model(input_ids=ids, labels=labels)
+    with_4d = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(with_4d.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_4d.loss, expected.loss, atol=1e-5, rtol=1e-5)
+    cache = DynamicCache(config=model.config.text_config)
+    model(input_ids=ids[:, :-1], use_cache=True, **{CACHE_ARG: cache})
+    delattr(cache, CACHED_WEIGHTS)
+    step = model(input_ids=ids[:, -1:], **{CACHE_ARG: cache})
+    torch.testing.assert_close(step.logits[:, -1], expected.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_a_guidance_mask_that_does_not_cover_the_input_is_refused():

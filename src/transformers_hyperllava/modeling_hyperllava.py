@@ -102,6 +102,10 @@ def _known_length(cache):
 
 def _weights_of(cache):
     """The language expert's weights that a non-empty `cache`'s tokens were computed with, else None."""
+    if isinstance(cache, PagedAttentionCache):
+        # Continuous batching's cache holds many requests and no length: every step generates the weights (only
+        # outside "dynamic" mode, where they do not depend on the input; `init_continuous_batching` refuses it).
+        return None
     weights = getattr(cache, CACHED_WEIGHTS, None)
     # A cache emptied by `reset()` keeps the attribute, but it then starts a new sequence. (A compiled graph cannot
     # tell an emptied static cache from a filled one: there the weights it carries are taken, docs/model.md.)
@@ -116,8 +120,16 @@ def prompt_mask(labels, attention_mask=None):
     The language guidance is pooled over this mask only, so that no answer token reaches the weights that predict it.
     """
     mask = (labels != -100).cumsum(dim=-1) == 0
+    if attention_mask is None:
+        return mask
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"a {attention_mask.dim()}-D attention_mask does not say which tokens are padding, so the labels alone "
+            "cannot name the prompt: pass language_guidance_mask (batch, sequence_length) to pool the language "
+            "guidance over"
+        )
     # (An attention mask that also covers cached tokens, as with PEFT's prefix tuning, ends with the labels' positions.)
-    return mask if attention_mask is None else mask & attention_mask[:, -labels.shape[1] :].bool()
+    return mask & attention_mask[:, -labels.shape[1] :].bool()
 
 
 def mean_pool(hidden_states, mask=None):
@@ -314,6 +326,8 @@ class HyperLlamaModel(LlamaModel):
         self.guidance_layer = config.language_guidance_layer
         d = text_config.hidden_size
         self.language_expert = HyperExpert(config, d, d, d, len(expert_layers)) if expert_layers else None
+        # Only the "dynamic" mode generates its weights from the prompt; the others' do not depend on the input.
+        self.pools_guidance = bool(expert_layers) and config.expert_mode == "dynamic"
         self.post_init()
 
     def _init_weights(self, module):
@@ -382,7 +396,7 @@ class HyperLlamaModel(LlamaModel):
             # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
             # continues with the weights that the cache's tokens were computed with.
             language_expert_weights = _weights_of(cache)
-            if language_expert_weights is None:
+            if language_expert_weights is None and self.pools_guidance:
                 self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
         hidden_states = inputs_embeds
@@ -390,7 +404,8 @@ class HyperLlamaModel(LlamaModel):
         for idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if idx == self.guidance_layer and self.language_expert is not None:
                 if language_expert_weights is None:  # the prefill: generate once, reused at every decode step
-                    g_L = mean_pool(hidden_states, language_guidance_mask)  # the input of layer k, over the prompt
+                    # g_L: the input of layer k, pooled over the prompt
+                    g_L = mean_pool(hidden_states, language_guidance_mask) if self.pools_guidance else None
                     language_expert_weights = self.language_expert(g_L)
                     if cache is not None:
                         setattr(cache, CACHED_WEIGHTS, language_expert_weights)
@@ -629,7 +644,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             place of `pixel_values` (Transformers' `generate` passes them so since 5.18; 5.17's cannot).
         """
         # LlavaForConditionalGeneration.forward, plus: the prompt named by the labels, the generated weights returned.
-        if language_guidance_mask is None and labels is not None:
+        if language_guidance_mask is None and labels is not None and self.model.language_model.pools_guidance:
             language_guidance_mask = prompt_mask(labels, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
@@ -668,7 +683,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         # guidance pools over. Later the prefill's input may be longer (assisted decoding appends candidate tokens to
         # it), and its attention mask may be gone (dropped when all ones) or 4-D (a static cache).
         if (
-            self.model.language_model.language_expert is not None
+            self.model.language_model.pools_guidance
             and model_kwargs.get("language_expert_weights") is None
             and model_kwargs.get("language_guidance_mask") is None
         ):
@@ -687,7 +702,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         if (
             chunk is not None
             and input_ids.shape[1] > chunk
-            and self.model.language_model.language_expert is not None
+            and self.model.language_model.pools_guidance
             and model_kwargs.get("language_expert_weights") is None
         ):
             raise NotImplementedError(
@@ -709,9 +724,9 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         model_inputs = super().prepare_inputs_for_generation(
             *args, inputs_embeds=inputs_embeds, language_expert_weights=language_expert_weights, **kwargs
         )
-        # Only the prefill pools the guidance (later steps reuse its weights; without a language expert there is
-        # nothing to pool): passed on to them, the mask would be an input LLaVA does not have.
-        if language_expert_weights is None and self.model.language_model.language_expert is not None:
+        # Only the prefill pools the guidance (later steps reuse its weights; without a language expert in "dynamic"
+        # mode there is nothing to pool): passed on to them, the mask would be an input LLaVA does not have.
+        if language_expert_weights is None and self.model.language_model.pools_guidance:
             inputs = model_inputs.get("input_ids")
             length = (inputs if inputs is not None else model_inputs["inputs_embeds"]).shape[1]
             if language_guidance_mask is not None and language_guidance_mask.shape[1] < length:
@@ -723,7 +738,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
     def init_continuous_batching(self, *args, **kwargs):
         # The entry point of `generate_batch` and `continuous_batching_context_manager` too. Refused up front: inside,
         # the failure would only be logged by the batching thread and the requests would come back empty.
-        if self.model.language_model.language_expert is not None:
+        if self.model.language_model.pools_guidance:
             raise NotImplementedError(
                 "continuous batching (generate_batch, init_continuous_batching) does not support the language expert: "
                 "it packs several requests into one sequence over a paged cache, while the language expert generates "
