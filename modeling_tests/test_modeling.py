@@ -736,28 +736,27 @@ def test_continuous_batching_is_refused_with_a_language_expert():
         make_model().generate_batch(inputs=[prompt_ids(10, 11)], generation_config=config, warmup=False)
 
 
-@pytest.mark.parametrize("mode", ["static", "latent"])
-def test_continuous_batching_matches_generate_where_the_weights_ignore_the_input(mode):
-    model = make_model(expert_mode=mode)
+def assert_continuous_batching_matches(model, reference):
+    """`model.generate_batch`'s tokens are those of `reference.generate` on each prompt alone."""
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
     prompts = [prompt_ids(10, 11, 12), prompt_ids(13, 14)]
     results = model.generate_batch(inputs=prompts, generation_config=config, warmup=False)
     generated = {tuple(result.prompt_ids): result.generated_tokens for result in results.values()}
     for prompt in prompts:
-        expected = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
+        expected = reference.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
         assert generated[tuple(prompt)] == expected.tolist()
+
+
+@pytest.mark.parametrize("mode", ["static", "latent"])
+def test_continuous_batching_matches_generate_where_the_weights_ignore_the_input(mode):
+    model = make_model(expert_mode=mode)
+    assert_continuous_batching_matches(model, model)
 
 
 def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(tiny_llava):
     llava, _ = tiny_llava
     model = randomize_experts(HyperLlavaForConditionalGeneration.from_llava(llava, language_expert_layers=None))
-    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    prompts = [prompt_ids(10, 11, 12), prompt_ids(13, 14)]
-    results = model.generate_batch(inputs=prompts, generation_config=config, warmup=False)
-    generated = {tuple(result.prompt_ids): result.generated_tokens for result in results.values()}
-    for prompt in prompts:
-        expected = llava.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :]
-        assert generated[tuple(prompt)] == expected.tolist()
+    assert_continuous_batching_matches(model, llava)
 
 
 def test_precomputed_image_features_give_what_pixel_values_give():
