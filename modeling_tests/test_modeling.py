@@ -54,6 +54,14 @@ def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
     # `from_pretrained` on it would load none of LLaVA's weights (saved under LLaVA's own names): refused, with the way.
     with pytest.raises(ValueError, match=r"a 'llava' config is not a HyperLLaVA one: .*from_llava\(path\)"):
         HyperLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    # One device through a device_map is fine; a model spread over several, or offloaded to disk, is refused.
+    on_cpu = HyperLlavaForConditionalGeneration.from_llava(tmp_path, load_kwargs={"device_map": "cpu"})
+    torch.testing.assert_close(on_cpu(**kwargs).logits, llava(**kwargs).logits, atol=1e-8, rtol=0)
+    offload = {"offload_folder": str(tmp_path / "offload")}
+    split = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model": "disk"}
+    for device_map, placement in (({**split, "lm_head": "cpu"}, r"\['cpu', 'disk'\]"), ({"": "disk"}, r"\['disk'\]")):
+        with pytest.raises(ValueError, match=rf"from_llava needs the LLaVA model whole on one device, .* {placement}"):
+            HyperLlavaForConditionalGeneration.from_llava(tmp_path, load_kwargs={"device_map": device_map, **offload})
 
 
 def test_from_llava_keeps_tied_embeddings_tied_and_copies_the_generation_config():

@@ -565,6 +565,15 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             llava = path_or_model
         else:
             llava = LlavaForConditionalGeneration.from_pretrained(path_or_model, **(load_kwargs or {}))
+        placement = {str(device) for device in (getattr(llava, "hf_device_map", None) or {}).values()}
+        if len(placement) > 1 or "disk" in placement:
+            # Its state dict would hold offloaded weights as meta tensors, and the new model would lack accelerate's
+            # hooks that move activations between devices.
+            raise ValueError(
+                f"from_llava needs the LLaVA model whole on one device, but its device_map places it on "
+                f"{sorted(placement)}: upgrade it on one device (e.g. the CPU), save_pretrained the result, and load "
+                "that with HyperLlavaForConditionalGeneration.from_pretrained(..., device_map=...)"
+            )
         config = HyperLlavaConfig.from_llava_config(llava.config, **config_overrides)
         # Built on the meta device and given LLaVA's own tensors: a 7B model upgrades in seconds, with no second copy.
         with torch.device("meta"):
