@@ -245,7 +245,9 @@ def codebase_checkpoint(
         tokenizer.save_pretrained(checkpoint)
     else:
         write_sentencepiece_tokenizer(checkpoint, sentencepiece_model)
-    clip = write_clip(tmp_path / "clip", reference, with_weights=False)
+    # The CLIP folder holds a tower of its own, as a real one does: the checkpoint's own (fine-tuned or not) must win.
+    other = reference_llava(vocab, image_token_id=old_vocab, pad_token_id=old_vocab + 1, seed=1)
+    clip = write_clip(tmp_path / "clip", other)
     return checkpoint, clip, reference
 
 
@@ -487,6 +489,21 @@ def test_trained_expert_weights_equal_the_expert_equations(tmp_path):
     expected = llava_plus_expert_equations(reference, experts, expert_layers, k, batch)
     assert (expected - reference_logits(reference, batch)).abs().max() > 1e-2  # the experts matter here
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_new_experts_depend_on_seed_only(tmp_path):
+    """`--seed` makes new experts reproducible, whatever the global random state; another seed gives others."""
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    experts = {}
+    for seed, global_seed in ((1, 123), (1, 456), (2, 123)):
+        torch.manual_seed(global_seed)
+        out = tmp_path / f"out-{seed}-{global_seed}"
+        assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--seed", seed) == 0
+        experts[seed, global_seed] = HyperLlavaForConditionalGeneration.from_pretrained(out).model.state_dict()
+    names = [name for name in experts[1, 123] if "expert" in name]
+    assert names
+    assert all(torch.equal(experts[1, 123][name], experts[1, 456][name]) for name in names)
+    assert not all(torch.equal(experts[1, 123][name], experts[2, 123][name]) for name in names)
 
 
 def expert_modules(folder):

@@ -83,6 +83,13 @@ def test_fresh_model_starts_as_identity_but_has_gradients_for_w_up():
     expert = model.model.language_model.language_expert
     w_down, w_up = expert.split(expert(torch.randn(2, 32)))
     assert torch.count_nonzero(w_up) == 0 and torch.count_nonzero(w_down) > 0
+    # docs/model.md's scales: W_d's layer bias like LoRA's A (std 1/sqrt(d_in), so x W_d keeps the size of x), the
+    # hypernetwork's biases zero.
+    for module in (expert, model.model.multi_modal_projector.visual_expert_first):
+        for bias in (module.encoder_bias, module.hyper_in.bias, module.hyper_out.bias):
+            assert torch.count_nonzero(bias) == 0
+        down_std = module.layer_bias[:, : module.num_down].std().item()
+        assert abs(down_std * module.in_dim**0.5 - 1) < 0.15, down_std
     model.train()
     ids = torch.tensor([prompt_ids("img", 10, 11, 12)])
     labels = torch.where(torch.arange(ids.shape[1]) >= ids.shape[1] - 2, ids, -100)

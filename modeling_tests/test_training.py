@@ -211,6 +211,14 @@ def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt_and_prefix_tunin
         prefixed(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images(1), labels=ids)
 
 
+def test_trainable_counts_name_the_visual_expert_apart_from_the_projector(setup):
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    projector = model.model.multi_modal_projector
+    linears = sum(p.numel() for linear in (projector.linear_1, projector.linear_2) for p in linear.parameters())
+    counts = apply_stage(model, "align")
+    assert counts == {"projector": linears, "visual_expert": model.parameter_counts()["visual_expert"]}
+
+
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
     pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
     from transformers_hyperllava.training import save_stage
