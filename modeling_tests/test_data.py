@@ -183,6 +183,7 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="transformers_hyperllava.data"):
             assert dropped[0] is None and dropped.num_dropped == 1
+            assert dropped[0] is None and dropped.num_dropped == 1  # read again (the next epoch): counted once
         assert [r.getMessage() for r in caplog.records] == [
             f"Dropped sample 's': {len(full['input_ids'])} tokens do not fit max_length={max_length} without cutting "
             f"{reason} (1 dropped so far)"

@@ -144,10 +144,14 @@ class LlavaJsonDataset(Dataset):
                     raise FileNotFoundError(
                         f"sample {sample.get('id')!r}: image file {self.image_folder / name} not found"
                     )
-        self.num_dropped = 0
+        self.dropped: set[int] = set()  # indices: read again in every epoch, a sample is dropped (and logged) once
 
     def __len__(self):
         return len(self.samples)
+
+    @property
+    def num_dropped(self) -> int:
+        return len(self.dropped)
 
     def _open_image(self, sample_id, name):
         try:
@@ -179,15 +183,16 @@ class LlavaJsonDataset(Dataset):
             image_tokens = input_ids == self.processor.image_token_id
             cuts_image = bool(image_tokens[self.max_length :].any())
             if cuts_image or (labels[: self.max_length] == IGNORE_INDEX).all():
-                self.num_dropped += 1
-                logger.warning(
-                    "Dropped sample %r: %d tokens do not fit max_length=%d without cutting %s (%d dropped so far)",
-                    sample_id,
-                    len(input_ids),
-                    self.max_length,
-                    "image tokens" if cuts_image else "every answer",
-                    self.num_dropped,
-                )
+                if index not in self.dropped:
+                    self.dropped.add(index)
+                    logger.warning(
+                        "Dropped sample %r: %d tokens do not fit max_length=%d without cutting %s (%d dropped so far)",
+                        sample_id,
+                        len(input_ids),
+                        self.max_length,
+                        "image tokens" if cuts_image else "every answer",
+                        self.num_dropped,
+                    )
                 return None
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         item = {"input_ids": input_ids, "labels": labels}
