@@ -293,6 +293,11 @@ def build_trainer(
     if args.gradient_checkpointing:
         # With a frozen embedding nothing before the first checkpointed layer needs a gradient; this keeps one.
         model.enable_input_require_grads()
+    if args.ddp_find_unused_parameters is None and getattr(dataset, "has_text_only_samples", False):
+        # A process whose batch has no image computes no gradient for the projector and the visual expert. Under
+        # activation checkpointing the Trainer tells DDP that every parameter gets one, and DDP would wait for them
+        # for ever. (The LLaVA codebase runs its projector on a blank image for them and uses none of its features.)
+        args.ddp_find_unused_parameters = True
     return Trainer(
         model=model,
         args=args,
