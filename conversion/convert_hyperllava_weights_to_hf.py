@@ -361,7 +361,8 @@ def prepare(args):
     if not sources[0].files:
         raise ConversionError(f"no weight files in {input_path}")
     if base_folder is not None:
-        sources.append(Source(find_weight_files(base_folder), "llava_codebase"))
+        # A Vicuna/Llama folder (LLaVA's stage 1), or a LLaVA/HyperLLaVA one (this package's stage 1 starts from one).
+        sources.append(Source(find_weight_files(base_folder), input_layout(read_json(base_folder / "config.json"))))
     if vision_folder is not None:
         sources.append(Source(find_weight_files(vision_folder), "clip"))
 

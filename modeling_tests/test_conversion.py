@@ -384,6 +384,38 @@ def test_llava_hf_checkpoint_upgrades_with_new_experts(tmp_path, names):
     torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
 
 
+def test_this_packages_stage1_output_with_the_model_it_started_from(tmp_path):
+    """`hyperllava-train --stage align` writes the projector and visual expert only (`mm_projector.safetensors`, the
+    model's own names); with the HyperLLaVA folder it started from as --base-model it makes a whole model."""
+    from transformers_hyperllava.training import PROJECTOR_FILE, load_trained_weights, save_trained_weights
+
+    tokenizer = train_tokenizer(DEFAULT_TEXTS)
+    config = tiny_config(vocab_size=len(tokenizer), visual_expert="both")
+    torch.manual_seed(0)
+    base = HyperLlavaForConditionalGeneration(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    tiny_processor(tokenizer, config).save_pretrained(tmp_path / "base")
+    # Stage 1's result: the projector and the visual experts trained (here: changed), saved as stage 1 saves them.
+    trained = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            param.requires_grad_(name.startswith("model.multi_modal_projector."))
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    (tmp_path / "align").mkdir()
+    save_trained_weights(trained.state_dict(), trained, tmp_path / "align" / PROJECTOR_FILE)
+
+    out = tmp_path / "out"
+    assert run("--input", tmp_path / "align" / PROJECTOR_FILE, "--base-model", tmp_path / "base", "--output", out) == 0
+    expected = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    load_trained_weights(expected, tmp_path / "align" / PROJECTOR_FILE)  # as stage 2 loads --pretrained_projector
+    batch = inputs(len(tokenizer), image_token_id=config.image_token_id)
+    logits, _ = converted_logits(out, batch)
+    logits = logits[..., : config.text_config.vocab_size]  # (the converter pads the vocabulary to a multiple of 64)
+    torch.testing.assert_close(logits, reference_logits(expected, batch), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, reference_logits(base, batch), atol=1e-3)  # (stage 1's weights matter)
+
+
 # Expert parameters by the shapes docs/model.md gives (L layers, m = embedding, g = guidance, h = hypernetwork hidden,
 # P = 2 r d_in + r d_out), under the LLaVA-codebase names the converter documents.
 M, H, R = 8, 8, 4
