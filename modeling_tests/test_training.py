@@ -136,6 +136,27 @@ def test_the_guidance_stays_on_the_prompt_when_the_trainer_keeps_the_labels(setu
     assert not torch.allclose(model(**without_labels).logits, from_labels)  # the answers in the guidance
 
 
+def test_label_smoothing_scores_each_token_against_the_next(setup, tmp_path):
+    """The Trainer's loss with --label_smoothing_factor, against the formula written out: (1 - eps) times the
+    cross-entropy of the next token plus eps times the mean of -log p over the vocabulary, over supervised tokens."""
+    eps = 0.1
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"]).eval()
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    trainer = build_trainer(
+        model, setup["processor"], dataset, train_args(tmp_path, "instruct", label_smoothing_factor=eps)
+    )
+    batch = LlavaDataCollator(setup["processor"].tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        logits = model(**batch).logits
+    log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["labels"][:, 1:]
+    supervised = targets != -100
+    nll = -log_p[supervised].gather(-1, targets[supervised][:, None]).mean()
+    uniform = -log_p[supervised].mean()
+    torch.testing.assert_close(loss, (1 - eps) * nll + eps * uniform)
+
+
 def test_predict_gives_the_logits_alone(setup, tmp_path):
     """As for LLaVA: the generated weights, the cache and the images stay out of the predictions."""
     model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])

@@ -6,6 +6,7 @@ through PEFT (`--lora_r`). Everything else (bf16, activation checkpointing, DDP/
 launch` or `torchrun`, `--resume_from_checkpoint`, `--push_to_hub`) is the Trainer's own. See docs/training.md.
 """
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LabelSmoother
 
 from .data import LlavaDataCollator, LlavaJsonDataset
 from .files import replaced_when_done
@@ -298,6 +300,9 @@ def build_trainer(
         # activation checkpointing the Trainer tells DDP that every parameter gets one, and DDP would wait for them
         # for ever. (The LLaVA codebase runs its projector on a blank image for them and uses none of its features.)
         args.ddp_find_unused_parameters = True
+    # The Trainer's label smoothing shifts the labels only for the causal LMs it knows, not LLaVA-like models: each
+    # token would be scored against itself instead of the next one.
+    smoothing = args.label_smoothing_factor
     return Trainer(
         model=model,
         args=args,
@@ -305,6 +310,7 @@ def build_trainer(
         eval_dataset=eval_dataset,
         data_collator=LlavaDataCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
+        compute_loss_func=functools.partial(LabelSmoother(smoothing), shift_labels=True) if smoothing else None,
     )
 
 
