@@ -107,6 +107,13 @@ def test_stage_defaults_are_the_papers(tmp_path):
         HyperLlavaTrainingArguments(output_dir=str(tmp_path), stage="pretrain", use_cpu=True)
 
 
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_samplers_that_would_measure_samples_by_their_images_are_refused(tmp_path, strategy):
+    # (The Trainer measures a sample by the processor's first input: `pixel_values` for LLaVA's processor and ours.)
+    with pytest.raises(ValueError, match=f"--train_sampling_strategy {strategy} is not supported"):
+        HyperLlavaTrainingArguments(output_dir=str(tmp_path), train_sampling_strategy=strategy, use_cpu=True)
+
+
 @pytest.mark.parametrize("stage", ["align", "instruct", "experts"])
 def test_stage_trains_exactly_its_parameters(setup, tmp_path, stage):
     model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])

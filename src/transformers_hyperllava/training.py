@@ -196,6 +196,14 @@ class HyperLlavaTrainingArguments(TrainingArguments):
             raise ValueError(f"stage={self.stage!r} is not valid; allowed values: {list(STAGES)}")
         if self.learning_rate is None:
             self.learning_rate = LEARNING_RATES[self.stage]
+        if self.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+            # The Trainer would measure each sample by the processor's first input, here `pixel_values` (its number of
+            # images; a text-only sample has none and fails), after reading every sample, images included.
+            raise ValueError(
+                f"--train_sampling_strategy {self.train_sampling_strategy} is not supported: the Trainer measures "
+                "samples by the processor's first input, which is the images here. Use random (the default) or "
+                "sequential"
+            )
         super().__post_init__()
 
 
