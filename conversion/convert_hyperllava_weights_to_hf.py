@@ -35,6 +35,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download, split_torch_state_dict_into_shards
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken
@@ -855,6 +857,11 @@ def main(argv=None) -> int:
     try:
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
             raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+        if args.push_to_hub:
+            try:  # (before the conversion, which can take minutes)
+                validate_repo_id(args.push_to_hub)
+            except HFValidationError as error:
+                raise ConversionError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id: {error}") from None
         plan = prepare(args)
         with staging_folder(output) as staging:
             write_output(staging, args, plan)
@@ -865,7 +872,7 @@ def main(argv=None) -> int:
             except Exception as error:  # network, authentication, permissions: the conversion itself is kept
                 raise ConversionError(
                     f"the upload to {args.push_to_hub} failed ({error}); the converted folder is kept at {output}: "
-                    f"retry with `hf upload {args.push_to_hub} {output}{upload_flags(args)}`"
+                    f"retry with `hf upload {args.push_to_hub} {shlex.quote(str(output))}{upload_flags(args)}`"
                 ) from error
             print(f"Pushed to {commit}")
     except ConversionError as error:

@@ -1084,6 +1084,12 @@ def test_push_to_hub_uploads_the_folder_in_one_commit(tmp_path, monkeypatch):
         assert needle in card
 
 
+def test_a_malformed_hub_id_is_refused_before_converting(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip, "--push-to-hub", "bad id!")
+    assert "--push-to-hub 'bad id!' is not a Hub repo id" in err
+
+
 def test_failed_upload_keeps_the_converted_folder_and_says_how_to_retry(tmp_path, monkeypatch, capsys):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path)
 
