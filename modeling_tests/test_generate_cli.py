@@ -171,6 +171,11 @@ def test_single_question_errors(saved, capsys, argv, message):
     [
         ([], "give either --prompt"),  # neither mode
         (["--model", "{tmp}/typo", "--prompt", "Hi"], "--model .*/typo: not a folder, and not a Hub repo id"),
+        (["--model", "{tmp}", "--prompt", "Hi"], "--model .*: a folder without config.json, not a model$"),
+        (
+            ["--model", "{tmp}/align", "--prompt", "Hi"],
+            "--model .*/align: .* stage 1's projector alone; .* --base-model",
+        ),
         (["--prompt", "Hi", "--question-file", "q.jsonl", "--answers-file", "a.jsonl"], "give either --prompt"),
         (["--question-file", "q.jsonl"], "--question-file needs --answers-file"),
         (["--question-file", "does-not-exist.jsonl", "--answers-file", "a.jsonl"], "question file not found"),
@@ -200,6 +205,8 @@ def test_single_question_errors(saved, capsys, argv, message):
 )
 def test_bad_arguments_are_refused(saved, capsys, tmp_path, argv, message):
     (tmp_path / "q.jsonl").write_text("")
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "mm_projector.safetensors").write_text("")  # what `hyperllava-train --stage align` writes
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(saved[0]), *[a.format(tmp=tmp_path) for a in argv]])
     assert exit_info.value.code == 2

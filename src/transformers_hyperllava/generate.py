@@ -199,11 +199,22 @@ def parse_args(argv=None):
     dtypes = ["auto", "float32", "bfloat16", "float16"]
     gen.add_argument("--dtype", choices=dtypes, default="auto", help="default: the checkpoint's dtype")
     args = parser.parse_args(argv)
-    if not Path(args.model).is_dir():
+    model_folder = Path(args.model)
+    if not model_folder.is_dir():
         try:
             validate_repo_id(args.model)
         except HFValidationError:  # (Transformers would report a mistyped folder as a malformed Hub id)
             parser.error(f"--model {args.model}: not a folder, and not a Hub repo id")
+    elif not (model_folder / "config.json").is_file():  # (Transformers would blame the processor)
+        stage1 = (model_folder / "mm_projector.safetensors").is_file()
+        parser.error(
+            f"--model {args.model}: a folder without config.json, not a model"
+            + (
+                ": stage 1's projector alone; make a model of it with hyperllava-convert --base-model"
+                if stage1
+                else ""
+            )
+        )
     if (args.prompt is None) == (args.question_file is None):
         parser.error("give either --prompt (with --image) or --question-file (with --answers-file)")
     if args.question_file is not None and (args.answers_file is None or args.image):
