@@ -339,6 +339,12 @@ def prepare(args):
     if base_folder is not None and not (base_folder / "config.json").is_file():
         raise ConversionError(f"--base-model {base_folder} has no config.json")
 
+    if (input_folder / "adapter_config.json").is_file():
+        raise ConversionError(
+            f"{input_folder} is a PEFT adapter checkpoint (a checkpoint of training with --lora_r): it holds the "
+            "adapters and the trained modules only. Convert the run's final folder (saved merged), or merge it first: "
+            "PeftModel.from_pretrained(base_model, checkpoint).merge_and_unload().save_pretrained(folder)"
+        )
     if (input_folder / "config.json").is_file():
         source_config = read_json(input_folder / "config.json")
     elif base_folder is not None:

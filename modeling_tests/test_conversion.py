@@ -889,6 +889,11 @@ def _no_tokenizer(tmp_path, checkpoint, clip):
     return [], [f"no tokenizer in [{str(checkpoint)!r}]; pass --tokenizer"]
 
 
+def _peft_adapter_checkpoint(tmp_path, checkpoint, clip):
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    return [], [f"{checkpoint} is a PEFT adapter checkpoint", "merge_and_unload()"]
+
+
 @pytest.mark.parametrize(
     "config_overrides, problem",
     [
@@ -900,6 +905,7 @@ def _no_tokenizer(tmp_path, checkpoint, clip):
             ({}, _index_lists_a_missing_shard),
             ({}, _base_model_without_config),
             ({}, _no_tokenizer),
+            ({}, _peft_adapter_checkpoint),
         ]
     ],
 )
