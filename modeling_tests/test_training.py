@@ -394,7 +394,7 @@ def test_two_process_ddp_matches_one_process(setup, tmp_path, data):
         "transformers_hyperllava.training",
         *cli_args(setup, tmp_path / "ddp", per_device_train_batch_size=per_device, ddp_backend="gloo", **common),
     ]
-    returncode, stderr = run_ranks(command, env, timeout=120)
+    returncode, stderr = run_ranks(command, env, timeout=300)
     assert returncode == 0, stderr[-3000:]
     single, ddp = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     assert_same_weights(single, ddp, rtol=1e-9, atol=1e-9)
