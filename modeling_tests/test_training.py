@@ -705,12 +705,21 @@ def mistake(case, setup, tmp_path):
         args = ModelArguments(str(setup["base"]))
         message = rf"<image> = {processor_id}; the model has .* image_token_id = {processor_id + 1}"
         return lambda: check_processor_fits(setup["processor"], config, args), message
+    if case == "text-only-samples-in-align":
+        samples = json.loads(setup["qa"].read_text())[:4]
+        (tmp_path / "mixed.json").write_text(json.dumps(list(text_only_every_other(samples))))
+        dataset = LlavaJsonDataset(tmp_path / "mixed.json", setup["processor"], setup["data"].image_folder)
+        model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+        ids = [samples[1]["id"], samples[3]["id"]]
+        message = rf"stage align trains only what the images reach .* 2 sample\(s\) have no image, e.g. {re.escape(repr(ids))}"
+        return lambda: build_trainer(model, setup["processor"], dataset, train_args(tmp_path, "align")), message
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize(
     "case",
     [
+        "text-only-samples-in-align",
         "hyperllava_config-for-hyperllava",
         "neither-llava-nor-hyperllava",
         "projector-file-with-llm-weights",

@@ -145,8 +145,10 @@ class LlavaJsonDataset(Dataset):
                         f"sample {sample.get('id')!r}: image file {self.image_folder / name} not found"
                     )
         self.dropped: set[int] = set()  # indices: read again in every epoch, a sample is dropped (and logged) once
-        # A batch of these leaves the projector and the visual expert without a gradient (the Trainer reads this).
-        self.has_text_only_samples = any(not sample_images(sample) for sample in self.samples)
+        # A batch of these leaves the projector and the visual expert without a gradient (`build_trainer` reads this).
+        self.text_only_ids = [
+            sample.get("id", i) for i, sample in enumerate(self.samples) if not sample_images(sample)
+        ]
 
     def __len__(self):
         return len(self.samples)

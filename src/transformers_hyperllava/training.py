@@ -303,7 +303,13 @@ def build_trainer(
     if args.gradient_checkpointing:
         # With a frozen embedding nothing before the first checkpointed layer needs a gradient; this keeps one.
         model.enable_input_require_grads()
-    if args.ddp_find_unused_parameters is None and getattr(dataset, "has_text_only_samples", False):
+    text_only = getattr(dataset, "text_only_ids", [])
+    if args.stage == "align" and text_only:  # (a batch of them would have no gradient at all: a failed backward)
+        raise ValueError(
+            f"stage align trains only what the images reach (the projector and the visual expert), but "
+            f"{len(text_only)} sample(s) have no image, e.g. {text_only[:3]}: leave them out of stage 1's data"
+        )
+    if args.ddp_find_unused_parameters is None and text_only:
         # A process whose batch has no image computes no gradient for the projector and the visual expert. Under
         # activation checkpointing the Trainer tells DDP that every parameter gets one, and DDP would wait for them
         # for ever. (The LLaVA codebase runs its projector on a blank image for them and uses none of its features.)
