@@ -139,6 +139,22 @@ def test_text_only_and_two_image_samples(processor, image_folder, tmp_path):
     assert two["pixel_values"].shape == (2, 3, 28, 28)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA"])
+def test_images_are_converted_to_rgb_as_llava_does(processor, tmp_path, mode):
+    """LLaVA-1.5 reads `Image.open(path).convert("RGB")`: an RGBA image's transparent pixels keep their colour (the
+    processor's own conversion would put them on white)."""
+    rng = np.random.RandomState(0)
+    rgba = rng.randint(0, 256, (30, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.rand(30, 50) < 0.5, 0, 255)
+    image = Image.fromarray(rgba, mode="RGBA")
+    {"RGBA": image, "P": image.convert("RGB").convert("P"), "LA": image.convert("LA")}[mode].save(tmp_path / "x.png")
+    sample = {"id": "s", "image": "x.png", "conversations": conversation([("what is it ?", "a square")])}
+    item = LlavaJsonDataset(write_json(tmp_path / "d.json", [sample]), processor, tmp_path)[0]
+    with Image.open(tmp_path / "x.png") as opened:
+        expected = processor.image_processor(opened.convert("RGB"), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(item["pixel_values"], expected)
+
+
 def test_collator_pads_right_and_keeps_image_order(processor, image_folder, tmp_path):
     samples = [
         {"id": "long", "image": "a.png", "conversations": conversation(MULTI)},

@@ -62,6 +62,13 @@ def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
     for device_map, placement in (({**split, "lm_head": "cpu"}, r"\['cpu', 'disk'\]"), ({"": "disk"}, r"\['disk'\]")):
         with pytest.raises(ValueError, match=rf"from_llava needs the LLaVA model whole on one device, .* {placement}"):
             HyperLlavaForConditionalGeneration.from_llava(tmp_path, load_kwargs={"device_map": device_map, **offload})
+    # Two devices without offload, as accelerate records them (a GPU's index, here only written down).
+    llava.hf_device_map = {**split, "model.language_model": 0, "lm_head": 0}
+    try:
+        with pytest.raises(ValueError, match=r"whole on one device, .* \['0', 'cpu'\]"):
+            HyperLlavaForConditionalGeneration.from_llava(llava)
+    finally:
+        del llava.hf_device_map
 
 
 def test_from_llava_keeps_tied_embeddings_tied_and_copies_the_generation_config():
@@ -921,6 +928,27 @@ def test_a_compiled_decoding_loop_continues_the_cache_with_its_weights(kind):
     torch._dynamo.reset()
     compiled = decode(torch.compile(model.forward, fullgraph=True, backend="aot_eager"))
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_forward_on_an_emptied_dynamic_cache_starts_anew():
+    """Inside a graph a DynamicCache's length is still known (a Python int): emptied, it must not hand its stale
+    weights to a new prompt."""
+    from transformers import DynamicCache
+
+    model = make_model()
+    other = torch.tensor([prompt_ids(13, 14, 15)])
+    cache = DynamicCache(config=model.config.text_config)
+    model(
+        input_ids=torch.tensor([prompt_ids("img", 10, 11)]),
+        pixel_values=images(1),
+        use_cache=True,
+        **{CACHE_ARG: cache},
+    )
+    cache.reset()
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    restarted = compiled(input_ids=other, use_cache=True, **{CACHE_ARG: cache})
+    torch.testing.assert_close(restarted.logits, model(input_ids=other).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_a_cache_without_the_experts_weights_is_refused_and_an_emptied_one_starts_anew(tiny_llava):

@@ -39,6 +39,7 @@ from transformers_hyperllava.training import (
     load_model,
     load_trained_weights,
     main,
+    trainable_counts,
 )
 
 
@@ -245,6 +246,17 @@ def test_trainable_counts_name_the_visual_expert_apart_from_the_projector(setup)
     linears = sum(p.numel() for linear in (projector.linear_1, projector.linear_2) for p in linear.parameters())
     counts = apply_stage(model, "align")
     assert counts == {"projector": linears, "visual_expert": model.parameter_counts()["visual_expert"]}
+
+
+def test_lora_counts_its_trained_copies_in_their_own_groups(setup):
+    """The trainable counts by group under LoRA are those of the stage without it (PEFT's copies of the projector and
+    the experts renamed back), plus the adapters."""
+    pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    expected = apply_stage(model, "experts")
+    counts = trainable_counts(add_lora(model, "instruct", r=4, alpha=8, dropout=0.0))
+    assert counts.pop("lora") > 0 and expected["visual_expert"] > 0
+    assert counts == expected
 
 
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
