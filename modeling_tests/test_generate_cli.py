@@ -294,6 +294,26 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
     assert "10 of 12 questions failed" in err
 
 
+def test_a_batch_whose_generation_fails_reports_each_of_its_questions(saved, capsys, tmp_path, monkeypatch):
+    folder, model, _, images = saved
+
+    def out_of_memory(self, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(type(model), "generate", out_of_memory)
+    questions = [{"question_id": f"q{i}", "image": "wide.png", "text": "What is in the image?"} for i in (1, 2, 3)]
+    write_questions(tmp_path / "questions.jsonl", questions)
+    code, _, err = run(
+        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
+        + ["--answers-file", str(tmp_path / "answers.jsonl"), "--batch-size", "2"],
+        capsys,
+    )
+    assert code == 1
+    for question_id in ("q1", "q2", "q3"):
+        assert f"question '{question_id}' failed: CUDA out of memory" in err
+    assert "3 of 3 questions failed" in err
+
+
 def test_batch_mode_replaces_the_answers_file_only_at_the_end(saved, capsys, tmp_path, monkeypatch):
     folder, _, _, images = saved
     write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
