@@ -24,6 +24,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import CompileConfig, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration  # noqa: E402
@@ -188,25 +190,53 @@ def compile_on_any_device(*models):
         model.generation_config.compile_config._compile_all_devices = True  # the switch Transformers provides
 
 
-def train_step(model, batch, device):
-    """Forward + backward with activation checkpointing; returns (seconds, peak bytes as if alone on the device)."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def step():
-        model(**batch).loss.backward()
-
-    seconds = wall_time(step, device)
-    peak = None
-    if cuda:
-        # The other model is resident too: count only this step's memory plus this model's own weights.
-        own = sum(p.numel() * p.element_size() for p in model.parameters())
-        peak = torch.cuda.max_memory_allocated(device) - before + own
+def train_step(model, batch):
+    model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
-    return seconds, peak
+
+
+def train_seconds(model, batch, device):
+    """One forward + backward with activation checkpointing, as a training loop runs it: on a warm caching allocator
+    (a step after `empty_cache()` pays for cudaMalloc calls of ~26 GB at 7B, which varies from run to run)."""
+    return wall_time(lambda: train_step(model, batch), device)
+
+
+def is_device_activity(event):
+    """A kernel, copy or memset on the GPU. Not a user annotation: the profiler gives the GPU span of an annotated
+    range (a compiled region, a graph call) a CUDA device type too, and such a span covers many kernels and gaps."""
+    return event.device_type == DeviceType.CUDA and not event.is_user_annotation
+
+
+def device_busy_us(profiler):
+    """Count of device activities and the time (us) during which at least one ran: the union of their intervals."""
+    intervals = sorted(
+        (event.time_range.start, event.time_range.end) for event in profiler.events() if is_device_activity(event)
+    )
+    busy, current_end = 0.0, float("-inf")
+    for start, end in intervals:
+        busy += max(0.0, end - max(start, current_end))
+        current_end = max(current_end, end)
+    return len(intervals), busy
+
+
+def train_busy_seconds(model, batch):
+    """The GPU's busy time in one training step, from the profiler. Unlike the wall clock it does not move with the
+    host's load: on the shared H200 machine LLaVA's step took 500 to 545 ms between runs."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        train_step(model, batch)
+        torch.cuda.synchronize()
+    return device_busy_us(profiler)[1] * 1e-6
+
+
+def train_peak_bytes(model, batch, device):
+    """The peak memory of one training step, as if the model were alone on the device."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    train_step(model, batch)
+    # The other model is resident too: count only this step's memory plus this model's own weights.
+    own = sum(p.numel() * p.element_size() for p in model.parameters())
+    return torch.cuda.max_memory_allocated(device) - before + own
 
 
 def set_checkpointing(model, enabled):
@@ -399,7 +429,7 @@ def main(argv=None):
     labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in kernels})
     header = ["workload", *labels.values()]
-    rounds = {"prefill": repeats, "decode": max(3, repeats // 2), "train": max(2, repeats // 2)}
+    rounds = {"prefill": repeats, "decode": max(3, repeats // 2), "train": repeats}
     rounds["compiled decode"] = max(3, repeats // 3)
 
     def record(workload, values, unit=1e3, suffix=" ms"):
@@ -439,24 +469,21 @@ def main(argv=None):
             record(name, medians)
 
     name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
-    peaks = {}
     with section(report, name):
         train = training_batch(config, settings)
         for model in (llava, hyper):
             prepare_training(model)
 
-        def train_time(candidate, get_model):
-            seconds, peaks[candidate] = train_step(get_model(), train, device)
-            return seconds
-
-        record(name, interleaved(candidates, train_time, rounds["train"]))
+        record(name, interleaved(candidates, lambda _, get: train_seconds(get(), train, device), rounds["train"]))
         if device == "cuda":
+            busy = {candidate: train_busy_seconds(get(), train) for candidate, get in candidates.items()}
+            record("train step, GPU busy time (profiler, one step)", busy)
+            peaks = {candidate: train_peak_bytes(get(), train, device) for candidate, get in candidates.items()}
             record("train peak memory (GiB), each model as if alone on the device", peaks, 2**-30, " GiB")
         else:
             report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
     variants.use(kernels[0])
     for model in (llava, hyper):
-        model.zero_grad(set_to_none=True)
         set_checkpointing(model, False)
         model.eval()
 

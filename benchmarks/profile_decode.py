@@ -23,7 +23,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
-from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
@@ -34,6 +33,8 @@ from bench_overhead import (  # noqa: E402
     compile_on_any_device,
     decode_seconds_per_token,
     decode_step_seconds,
+    device_busy_us,
+    is_device_activity,
     make_batch,
     synchronize,
 )
@@ -90,24 +91,6 @@ def profile_decoding(model, batch, new_tokens, device):
     synchronize(device)
     profiler.stop()
     return profiler
-
-
-def is_device_activity(event):
-    """A kernel, copy or memset on the GPU. Not a user annotation: the profiler gives the GPU span of an annotated
-    range (a compiled region, a graph call) a CUDA device type too, and such a span covers many kernels and gaps."""
-    return event.device_type == DeviceType.CUDA and not event.is_user_annotation
-
-
-def device_busy_us(profiler):
-    """Count of device activities and the time (us) during which at least one ran: the union of their intervals."""
-    intervals = sorted(
-        (event.time_range.start, event.time_range.end) for event in profiler.events() if is_device_activity(event)
-    )
-    busy, current_end = 0.0, float("-inf")
-    for start, end in intervals:
-        busy += max(0.0, end - max(start, current_end))
-        current_end = max(current_end, end)
-    return len(intervals), busy
 
 
 def per_key(profiler, device):
