@@ -39,7 +39,7 @@ tail -n 15 "$OUT/test_fused_expert.log"
 
 # Two 7B models in bf16 (~28 GB) plus a training step's gradients. The static-cache decode comes last and compiles
 # LLaVA, the control and the default adapter at batch 1, then at batch 16, so a run cut short by the timeout still
-# leaves every other number in bench_7b.md (136 s on an H200 with three compilations; about 250 s expected with six).
+# leaves every other number in bench_7b.md (218 s on an H200 in run 4, before the training rows' GPU busy time).
 echo "== 7B overhead benchmark"
 timeout -s INT -k 10 285 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
     >"$OUT/bench_7b.log" 2>&1 || failed=1
