@@ -4,6 +4,7 @@ LLaVA and a plain-PyTorch evaluation of the expert equations; loading the output
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1103,8 +1104,10 @@ def test_failed_upload_keeps_the_converted_folder_and_says_how_to_retry(tmp_path
         raise ConnectionError("no route to the Hub")
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    out = tmp_path / "out"
+    out = tmp_path / "converted model's folder"  # a path that a shell needs quoted
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--push-to-hub", "org/x") == 1
     err = capsys.readouterr().err
-    assert "no route to the Hub" in err and f"hf upload org/x {out}" in err
+    assert "no route to the Hub" in err
+    command = err.split("retry with `", 1)[1].split("`", 1)[0]
+    assert shlex.split(command)[:4] == ["hf", "upload", "org/x", str(out)]
     assert (out / "config.json").is_file()

@@ -90,6 +90,42 @@ def test_single_question_streams_the_answer(saved, capsys, files):
     assert out.strip() == expected
 
 
+@pytest.mark.parametrize("beams, streamed", [("1", True), ("2", False)])
+def test_one_question_streams_its_answer_unless_beam_search(saved, capsys, monkeypatch, beams, streamed):
+    """Greedy answers go out through a streamer as they are generated; beam search knows its answer only at the end
+    (and Transformers refuses a streamer with it), so it prints the answer whole."""
+    from transformers import TextStreamer
+
+    from transformers_hyperllava import generate
+
+    folder, model, processor, images = saved
+    texts = []
+
+    class RecordingStreamer(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            texts.append(text)
+            super().on_finalized_text(text, stream_end)
+
+    monkeypatch.setattr(generate, "TextStreamer", RecordingStreamer)
+    question, paths = "What is in the image?", [images / "wide.png"]
+    code, out, err = run(
+        ["--model", str(folder), "--prompt", question, "--image", str(paths[0]), "--num-beams", beams], capsys
+    )
+    assert code == 0, err
+    assert out.strip() == reference_answer(model, processor, question, paths, num_beams=int(beams))
+    assert ("".join(texts).strip() == out.strip()) if streamed else texts == []
+
+
+def test_answers_are_stripped_like_llavas(saved, monkeypatch):
+    """LLaVA-1.5's model_vqa writes `outputs.strip()`: no whitespace the decoder leaves around an answer."""
+    from transformers_hyperllava import generate
+
+    folder, model, processor, images = saved
+    monkeypatch.setattr(processor, "batch_decode", lambda ids, **kwargs: [" red square \n", "\tblue "])
+    prompts = [generate.build_prompt(processor, "What is in the image?", 0)] * 2
+    assert generate.generate_answers(model, processor, prompts, [], max_new_tokens=1) == ["red square", "blue"]
+
+
 def test_system_line_and_placeholders_in_the_prompt(saved, capsys):
     folder, model, processor, images = saved
     paths = [images / "wide.png", images / "tall.jpg"]

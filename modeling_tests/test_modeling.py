@@ -957,6 +957,10 @@ def test_a_cache_without_the_experts_weights_is_refused_and_an_emptied_one_start
     tiny_llava[0].float()(input_ids=ids, pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
     with pytest.raises(ValueError, match="the cache already holds 7 tokens but not the language expert's weights"):
         model(input_ids=torch.tensor([[12]]), **{CACHE_ARG: cache})
+    one_token = DynamicCache(config=model.config.text_config)
+    tiny_llava[0](input_ids=torch.tensor([[1]]), use_cache=True, **{CACHE_ARG: one_token})
+    with pytest.raises(ValueError, match="the cache already holds 1 tokens but not the language expert's weights"):
+        model(input_ids=torch.tensor([[12]]), **{CACHE_ARG: one_token})
     # A cache that carries weights but was emptied (`reset()`, as a server reuses a static cache) starts a new
     # sequence: its prefill generates new weights.
     other = torch.tensor([prompt_ids(13, 14, 15)])

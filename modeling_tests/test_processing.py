@@ -165,6 +165,14 @@ def test_chat_template_multi_turn_and_system(processor):
         ["<image>\nWhat is in the image?", "A red square.", "How many objects are there?", "Two."],
         system="Answer briefly.",
     )
+    # A system message of several text items: their texts, joined by spaces as a user turn's are.
+    system = {
+        "role": "system",
+        "content": [{"type": "text", "text": "Answer briefly."}, {"type": "text", "text": "Be kind."}],
+    }
+    assert processor.apply_chat_template([system, user("Why?")], add_generation_prompt=True) == vicuna_v1_prompt(
+        ["Why?", None], system="Answer briefly. Be kind."
+    )
 
 
 def test_chat_template_refuses_unknown_roles(processor):

@@ -369,6 +369,27 @@ def run_ranks(command, env, timeout):
     return process.returncode, stderr
 
 
+@pytest.mark.parametrize("given, text_only, expected", [(None, True, True), (None, False, None), (False, True, False)])
+def test_ddp_finds_unused_parameters_only_for_text_only_data_and_never_over_the_users_choice(
+    setup, tmp_path, given, text_only, expected
+):
+    """Text-only samples leave the projector without a gradient on some ranks: DDP must be told, unless the user
+    chose; with images everywhere the Trainer's default (None) stays."""
+
+    class Data(torch.utils.data.Dataset):
+        text_only_ids = ["s1"] if text_only else []
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise AssertionError("not read")
+
+    args = train_args(tmp_path, "instruct", ddp_find_unused_parameters=given)
+    build_trainer(HyperLlavaForConditionalGeneration(setup["config"]), setup["processor"], Data(), args)
+    assert args.ddp_find_unused_parameters is expected
+
+
 def text_only_every_other(samples):
     """The samples with every other one's image taken out: its question without the image."""
     for i, sample in enumerate(samples):
