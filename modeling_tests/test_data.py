@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_hyperllava.data import IGNORE_INDEX, LlavaDataCollator, LlavaJsonDataset
+from transformers_hyperllava.data import IGNORE_INDEX, LlavaDataCollator, LlavaJsonDataset, to_messages
 from transformers_hyperllava.tiny import tiny_config
 from transformers_hyperllava.tiny_tokenizer import tiny_processor, train_tokenizer
 
@@ -137,6 +137,25 @@ def test_text_only_and_two_image_samples(processor, image_folder, tmp_path):
     ids, labels = reference(processor, [("what colour is the square ?", "blue")], num_images=2)
     assert two["input_ids"].tolist() == ids and two["labels"].tolist() == labels
     assert two["pixel_values"].shape == (2, 3, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["<image>\nwhat is\nthis ?", "what is\nthis ?\n<image>", "what is\n<image>\nthis ?", " what <image> is ? "],
+)
+def test_image_tags_leave_the_text_as_llava_leaves_it(value):
+    """Reference: LLaVA-1.5's preprocess_multimodal (llava/train/train.py) moves the tag to the front, written out:
+    `DEFAULT_IMAGE_TOKEN + "\\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()`; the template puts the image
+    item and its newline first, so the text item is the rest."""
+    sample = {
+        "id": "s",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "a"}],
+    }
+    llava = "<image>\n" + value.replace("<image>", "").strip()
+    question = to_messages(sample)[0]["content"]
+    assert question[0] == {"type": "image"}
+    assert "<image>\n" + question[1]["text"] == llava
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "LA"])
