@@ -406,6 +406,41 @@ def test_static_cache_generation_equals_dynamic_cache_generation():
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=1e-5)
 
 
+def test_a_static_cache_keeps_the_weights_at_a_fixed_address_for_the_decoding_steps():
+    """Compiled decoding's CUDA graphs copy every input not marked as a static address in before each replay, as
+    they would the cache's keys and values if Transformers did not mark them. A static cache therefore keeps its own
+    marked copy of the weights, which `generate` passes to every decoding step; a new sequence on the same cache
+    refills it in place, and the caller's weights are never that copy."""
+    from transformers import StaticCache
+
+    model = make_model()
+    cache = StaticCache(model.config.text_config, 16)
+    first_ids, second_ids = torch.tensor([prompt_ids("img", 10, 11)]), torch.tensor([prompt_ids("img", 13)])
+    with torch.no_grad():
+        first = model(input_ids=first_ids, pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
+        first_weights = first.language_expert_weights.clone()
+        buffer = getattr(cache, CACHED_WEIGHTS)
+        assert buffer._dynamo_static_input_type == "unguarded"  # what torch._dynamo.mark_static_address sets
+        assert buffer.data_ptr() != first.language_expert_weights.data_ptr()
+        assert torch.equal(buffer, first_weights)
+        cache.reset()
+        second = model(input_ids=second_ids, pixel_values=images(1, seed=1), use_cache=True, **{CACHE_ARG: cache})
+    assert getattr(cache, CACHED_WEIGHTS) is buffer and torch.equal(buffer, second.language_expert_weights)
+    assert not torch.equal(first_weights, buffer)  # (the images differ, so do the weights)
+    assert torch.equal(first.language_expert_weights, first_weights)  # the caller's weights are untouched
+
+    steps = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: steps.append((kwargs.get("language_expert_weights"), kwargs.get(CACHE_ARG))),
+        with_kwargs=True,
+    )
+    model.generate(input_ids=first_ids, pixel_values=images(1), max_new_tokens=3, cache_implementation="static")
+    (prefill_weights, used_cache), *decoding = steps
+    assert prefill_weights is None and len(decoding) == 2
+    assert all(weights is getattr(used_cache, CACHED_WEIGHTS) for weights, _ in decoding)
+    assert getattr(used_cache, CACHED_WEIGHTS)._dynamo_static_input_type == "unguarded"
+
+
 def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11)])
