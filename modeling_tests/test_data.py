@@ -139,23 +139,34 @@ def test_text_only_and_two_image_samples(processor, image_folder, tmp_path):
     assert two["pixel_values"].shape == (2, 3, 28, 28)
 
 
+def llava_v1_prompt(conversations):
+    """LLaVA-1.5's training prompt, written out from its code: `preprocess_multimodal` (llava/train/train.py) moves
+    the tag of a turn that has one to the front, `"<image>\\n" + text without the tag, stripped`, then strips again;
+    `conv_vicuna_v1.get_prompt()` (llava/conversation.py) joins "ROLE: message" with " " after a question and "</s>"
+    after an answer, messages otherwise as they are."""
+    prompt = SYSTEM + " "
+    for index, turn in enumerate(conversations):
+        value = turn["value"]
+        if "<image>" in value:
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        prompt += f"USER: {value} " if index % 2 == 0 else f"ASSISTANT: {value}</s>"
+    return prompt
+
+
 @pytest.mark.parametrize(
-    "value",
+    "first",
     ["<image>\nwhat is\nthis ?", "what is\nthis ?\n<image>", "what is\n<image>\nthis ?", " what <image> is ? "],
 )
-def test_image_tags_leave_the_text_as_llava_leaves_it(value):
-    """Reference: LLaVA-1.5's preprocess_multimodal (llava/train/train.py) moves the tag to the front, written out:
-    `DEFAULT_IMAGE_TOKEN + "\\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()`; the template puts the image
-    item and its newline first, so the text item is the rest."""
-    sample = {
-        "id": "s",
-        "image": "a.png",
-        "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "a"}],
-    }
-    llava = "<image>\n" + value.replace("<image>", "").strip()
-    question = to_messages(sample)[0]["content"]
-    assert question[0] == {"type": "image"}
-    assert "<image>\n" + question[1]["text"] == llava
+def test_conversations_render_as_llavas_training_prompt(processor, first):
+    """Tags anywhere in a question; an answer and a later question with spaces around them, which LLaVA keeps."""
+    conversations = [
+        {"from": "human", "value": first},
+        {"from": "gpt", "value": " a red square \n"},
+        {"from": "human", "value": "  how many ?"},
+        {"from": "gpt", "value": "two"},
+    ]
+    sample = {"id": "s", "image": "a.png", "conversations": conversations}
+    assert processor.apply_chat_template(to_messages(sample)) == llava_v1_prompt(conversations)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "LA"])

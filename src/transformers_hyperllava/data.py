@@ -101,9 +101,9 @@ def to_messages(sample, image_token="<image>") -> list[dict]:
         if tags and expected == "gpt":
             raise ValueError(f"sample {sample_id!r}: turn {turn_index} (gpt) contains {image_token}")
         num_tags += tags
-        # The template puts a turn's images first, each followed by a newline. LLaVA-1.5's preprocess_multimodal
-        # likewise removes the tags and strips the text, and its data has them at the start or end of the turn.
-        text = value.replace(image_token, "").strip()
+        # The template puts a turn's images first, each followed by a newline. So does LLaVA-1.5's
+        # preprocess_multimodal: it removes the tags and strips what is left, in the turns that have tags only.
+        text = value.replace(image_token, "").strip() if tags else value
         content = [{"type": "image"}] * tags + [{"type": "text", "text": text}]
         messages.append({"role": ROLES[expected], "content": content})
     if len(conversations) % 2:
