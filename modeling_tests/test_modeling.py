@@ -406,39 +406,46 @@ def test_static_cache_generation_equals_dynamic_cache_generation():
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=1e-5)
 
 
-def test_a_static_cache_keeps_the_weights_at_a_fixed_address_for_the_decoding_steps():
+def test_generate_gives_the_decoding_steps_the_weights_at_a_fixed_address_with_a_static_cache():
     """Compiled decoding's CUDA graphs copy every input not marked as a static address in before each replay, as
-    they would the cache's keys and values if Transformers did not mark them. A static cache therefore keeps its own
-    marked copy of the weights, which `generate` passes to every decoding step; a new sequence on the same cache
-    refills it in place, and the caller's weights are never that copy."""
+    they would the cache's keys and values if Transformers did not mark them. With a static cache, `generate` gives
+    the decoding steps a marked copy of the weights that the cache keeps: the same for every step, refilled in place
+    when the cache starts a new sequence. No one else gets that copy: the prefill's weights, which the cache carries
+    for whoever continues it, stay the caller's."""
     from transformers import StaticCache
 
     model = make_model()
-    cache = StaticCache(model.config.text_config, 16)
-    first_ids, second_ids = torch.tensor([prompt_ids("img", 10, 11)]), torch.tensor([prompt_ids("img", 13)])
-    with torch.no_grad():
-        first = model(input_ids=first_ids, pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
-        first_weights = first.language_expert_weights.clone()
-        buffer = getattr(cache, CACHED_WEIGHTS)
-        assert buffer._dynamo_static_input_type == "unguarded"  # what torch._dynamo.mark_static_address sets
-        assert buffer.data_ptr() != first.language_expert_weights.data_ptr()
-        assert torch.equal(buffer, first_weights)
-        cache.reset()
-        second = model(input_ids=second_ids, pixel_values=images(1, seed=1), use_cache=True, **{CACHE_ARG: cache})
-    assert getattr(cache, CACHED_WEIGHTS) is buffer and torch.equal(buffer, second.language_expert_weights)
-    assert not torch.equal(first_weights, buffer)  # (the images differ, so do the weights)
-    assert torch.equal(first.language_expert_weights, first_weights)  # the caller's weights are untouched
-
     steps = []
     model.register_forward_pre_hook(
-        lambda module, args, kwargs: steps.append((kwargs.get("language_expert_weights"), kwargs.get(CACHE_ARG))),
-        with_kwargs=True,
+        lambda module, args, kwargs: steps.append(kwargs.get("language_expert_weights")), with_kwargs=True
     )
-    model.generate(input_ids=first_ids, pixel_values=images(1), max_new_tokens=3, cache_implementation="static")
-    (prefill_weights, used_cache), *decoding = steps
-    assert prefill_weights is None and len(decoding) == 2
-    assert all(weights is getattr(used_cache, CACHED_WEIGHTS) for weights, _ in decoding)
-    assert getattr(used_cache, CACHED_WEIGHTS)._dynamo_static_input_type == "unguarded"
+    cache = StaticCache(model.config.text_config, 16)
+
+    def generate(ids, pixels):
+        steps.clear()
+        tokens = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, **{CACHE_ARG: cache})
+        prefill, *decoding = steps
+        assert prefill is None and len(decoding) == 2 and decoding[0] is decoding[1]
+        return tokens, decoding[0], getattr(cache, CACHED_WEIGHTS)
+
+    first_ids, second_ids = torch.tensor([prompt_ids("img", 10, 11)]), torch.tensor([prompt_ids("img", 13)])
+    first_tokens, buffer, first_weights = generate(first_ids, images(1))
+    assert buffer._dynamo_static_input_type == "unguarded"  # what torch._dynamo.mark_static_address sets
+    assert buffer is not first_weights and torch.equal(buffer, first_weights)
+    kept = first_weights.clone()
+    assert torch.equal(first_tokens, model.generate(input_ids=first_ids, pixel_values=images(1), max_new_tokens=3))
+
+    cache.reset()
+    second_tokens, refilled, second_weights = generate(second_ids, images(1, seed=1))
+    assert refilled is buffer and torch.equal(buffer, second_weights)
+    assert not torch.equal(kept, second_weights)  # (other images, other weights)
+    assert torch.equal(first_weights, kept)  # the first call's weights are untouched
+    expected = model.generate(input_ids=second_ids, pixel_values=images(1, seed=1), max_new_tokens=3)
+    assert torch.equal(second_tokens, expected)
+    # A call of one's own that continues the cache gets the weights the cache carries, not the decoding steps' copy.
+    with torch.no_grad():
+        out = model(input_ids=second_tokens[:, -1:], use_cache=True, **{CACHE_ARG: cache})
+    assert out.language_expert_weights is second_weights
 
 
 def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():

@@ -89,7 +89,7 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
 # The language expert's weights ride on the cache they were generated with, so that whoever continues the cache (a
 # later `generate` call, a decoding loop of one's own, assisted decoding's assistant model) continues with them.
 CACHED_WEIGHTS = "language_expert_weights"
-WEIGHTS_BUFFER = "language_expert_weights_buffer"  # a static cache's own copy (`_attach_weights`)
+WEIGHTS_BUFFER = "language_expert_weights_buffer"  # a static cache's copy for generate's decoding steps
 
 
 def _known_length(cache):
@@ -115,29 +115,23 @@ def _weights_of(cache):
     return weights
 
 
-def _attach_weights(cache, weights):
-    """Lets `cache` carry the weights its tokens are computed with. A compileable (static) cache keeps a copy in a
-    buffer of its own, marked as a static address as Transformers marks its keys and values: the CUDA graphs of
-    compiled decoding then read the weights in place instead of copying them in before every step (6 MiB per token at
-    batch 1, 96 MiB at batch 16 for 7B; docs/performance.md). A new sequence on the same cache refills the buffer,
-    so that the graphs recorded for the cache stay valid; the caller never gets the buffer, which a later prefill
-    would overwrite."""
-    if getattr(cache, "is_compileable", False) and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        buffer = getattr(cache, WEIGHTS_BUFFER, None)
-        reusable = (
-            buffer is not None
-            and (buffer.shape, buffer.dtype, buffer.device) == (weights.shape, weights.dtype, weights.device)
-            and buffer.is_inference()
-            == torch.is_inference_mode_enabled()  # (an inference tensor is read-only outside)
-        )
-        if reusable:
-            buffer.copy_(weights)
-        else:
-            buffer = weights.clone()
-            torch._dynamo.mark_static_address(buffer)
-            setattr(cache, WEIGHTS_BUFFER, buffer)
-        weights = buffer
-    setattr(cache, CACHED_WEIGHTS, weights)
+def _static_copy(cache, weights):
+    """The weights in a buffer that `cache` keeps for `generate`'s decoding steps, marked as a static address as
+    Transformers marks a static cache's keys and values: compiled decoding's CUDA graphs then read them in place
+    instead of copying them in before every step (6 MiB per token at batch 1, 96 MiB at batch 16 for 7B;
+    docs/performance.md). A new sequence on the same cache refills the buffer, so that the graphs recorded for the
+    cache stay valid. Only the decoding steps get it: a refill would change the tensor under anyone who kept it."""
+    buffer = getattr(cache, WEIGHTS_BUFFER, None)
+    if (
+        buffer is not None
+        and (buffer.shape, buffer.dtype, buffer.device) == (weights.shape, weights.dtype, weights.device)
+        and (not buffer.is_inference() or torch.is_inference_mode_enabled())  # (read-only outside inference mode)
+    ):
+        return buffer.copy_(weights)
+    buffer = weights.clone()
+    torch._dynamo.mark_static_address(buffer)
+    setattr(cache, WEIGHTS_BUFFER, buffer)
+    return buffer
 
 
 def prompt_mask(labels, attention_mask=None):
@@ -434,7 +428,7 @@ class HyperLlamaModel(LlamaModel):
                     g_L = mean_pool(hidden_states, language_guidance_mask) if self.pools_guidance else None
                     language_expert_weights = self.language_expert(g_L)
                     if cache is not None:
-                        _attach_weights(cache, language_expert_weights)
+                        setattr(cache, CACHED_WEIGHTS, language_expert_weights)
                 expert_down, expert_up = self.language_expert.split(language_expert_weights)
                 # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
                 layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
@@ -784,11 +778,14 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        # The experts see only the prompt (docs/model.md): the prefill's weights serve every later step, in the copy
-        # that a static cache keeps at a fixed address for compiled decoding where there is one.
-        if outputs.language_expert_weights is not None:
-            carried = getattr(getattr(outputs, CACHE_ARG, None), CACHED_WEIGHTS, None)
-            model_kwargs["language_expert_weights"] = outputs.language_expert_weights if carried is None else carried
+        # The experts see only the prompt (docs/model.md): the prefill's weights serve every later step, from a fixed
+        # address with a static cache (the one `generate` compiles the decoding step for).
+        weights = outputs.language_expert_weights
+        if weights is not None:
+            cache = getattr(outputs, CACHE_ARG, None)
+            if getattr(cache, "is_compileable", False) and not torch.is_grad_enabled():
+                weights = _static_copy(cache, weights)
+            model_kwargs["language_expert_weights"] = weights
         return model_kwargs
 
 
