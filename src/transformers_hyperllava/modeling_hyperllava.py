@@ -783,7 +783,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         weights = outputs.language_expert_weights
         if weights is not None:
             cache = getattr(outputs, CACHE_ARG, None)
-            if getattr(cache, "is_compileable", False) and not torch.is_grad_enabled():
+            if getattr(cache, "is_compileable", False):  # (generate runs without autograd)
                 weights = _static_copy(cache, weights)
             model_kwargs["language_expert_weights"] = weights
         return model_kwargs
