@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download, split_torch_state_dict_into_shards
+from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -522,7 +523,7 @@ def build_config(source: dict, layout: str, vision_folder, tokenizer, source_voc
     )
     try:
         return HyperLlavaConfig(**llava, **experts)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, StrictDataclassError) as error:
         raise ConversionError(f"cannot build a HyperLLaVA config from {args.input}: {error}") from error
 
 

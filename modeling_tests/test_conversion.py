@@ -895,6 +895,11 @@ def _peft_adapter_checkpoint(tmp_path, checkpoint, clip):
     return [], [f"{checkpoint} is a PEFT adapter checkpoint", "merge_and_unload()"]
 
 
+def _bad_expert_field(tmp_path, checkpoint, clip):
+    # A field the input's config carries (a HyperLLaVA-codebase checkpoint): refused by HyperLlavaConfig's own check.
+    return [], [f"cannot build a HyperLLaVA config from {checkpoint}", "'expert_bottleneck_dim'", "got 0"]
+
+
 @pytest.mark.parametrize(
     "config_overrides, problem",
     [
@@ -907,6 +912,7 @@ def _peft_adapter_checkpoint(tmp_path, checkpoint, clip):
             ({}, _base_model_without_config),
             ({}, _no_tokenizer),
             ({}, _peft_adapter_checkpoint),
+            ({"expert_bottleneck_dim": 0}, _bad_expert_field),
         ]
     ],
 )

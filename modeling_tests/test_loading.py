@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from conftest import images, make_model, prompt_ids
@@ -107,16 +108,17 @@ def run_without_package(script, cwd):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"expert_mode": "bogus"}, r"expert_mode='bogus' is not valid"),
-        ({"visual_expert": "bogus"}, r"visual_expert='bogus' is not valid"),
+        ({"expert_mode": "bogus"}, r"'expert_mode' expected one of \('dynamic', 'latent', 'static'\), got bogus"),
+        ({"visual_expert": "bogus"}, r"'visual_expert' expected one of \('first', 'second', 'both'\), got bogus"),
         # The saved checkpoint pools its guidance before layer 2: layers 0 and 1 would never get their weights.
         ({"language_expert_layers": [0, 1]}, r"language_expert_layers \[0, 1\] come before language_guidance_layer=2"),
     ],
 )
 def test_expert_fields_set_at_load_time_are_checked(saved, override, message):
-    """`from_pretrained` sets these on the loaded config after its own checks ran; the model checks them again."""
+    """`from_pretrained` sets these on the loaded config after its own checks ran: each field is checked as it is set
+    (a strict dataclass, as LlavaConfig), and the model checks how they go together again."""
     path, _ = saved
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, StrictDataclassFieldValidationError), match=message):
         AutoModelForImageTextToText.from_pretrained(path, **override)
     loaded = AutoModelForImageTextToText.from_pretrained(
         path, language_expert_layers=[0, 1], language_guidance_layer=0

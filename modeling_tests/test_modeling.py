@@ -698,26 +698,42 @@ def test_wrong_pixel_shape_is_a_clear_error():
             r"language_expert_layers \[0\] come before language_guidance_layer=2",
         ),
         ({"language_expert_layers": [1, 7]}, r"language_expert_layers \[7\] are out of range.*0\.\.3"),
-        (
-            {"language_expert_layers": "middle"},
-            r"language_expert_layers must be one of \['posterior', 'anterior', 'all'\]",
-        ),
         ({"expert_bottleneck_dim": 64}, r"expert_bottleneck_dim=64 is larger than .* allowed values: 1\.\.24"),
-        (
-            {"expert_mode": "hyper"},
-            r"expert_mode='hyper' is not valid; allowed values: \['dynamic', 'latent', 'static'\]",
-        ),
-        (
-            {"visual_expert": "third"},
-            r"visual_expert='third' is not valid; allowed values: \['first', 'second', 'both', None\]",
-        ),
         ({"language_guidance_layer": 9}, r"language_guidance_layer must be an integer in 0\.\.3, got 9"),
-        ({"expert_embedding_dim": 0}, r"expert_embedding_dim must be a positive integer, got 0"),
+        ({"language_expert_layers": []}, r"language_expert_layers must be one of .* or a non-empty list"),
     ],
 )
 def test_invalid_config_fields_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("expert_mode", "hyper", r"'expert_mode' expected one of \('dynamic', 'latent', 'static'\), got hyper"),
+        ("visual_expert", "third", r"'visual_expert' expected one of \('first', 'second', 'both'\), got third"),
+        ("expert_kernel", "cuda", r"'expert_kernel' expected one of \('auto', 'eager', 'triton'\), got cuda"),
+        ("expert_embedding_dim", 0, r"'expert_embedding_dim':\s+ValueError: must be a positive integer, got 0"),
+        ("expert_bottleneck_dim", True, r"'expert_bottleneck_dim' expected int, got bool"),
+        ("language_expert_layers", "middle", r"'language_expert_layers' expected one of \('posterior', 'anterior'"),
+        ("language_expert_layers", (2, 3), r"'language_expert_layers' expected a list, got tuple"),
+        ("language_expert_layers", [2, True], r"Invalid item at index 1 in list 'language_expert_layers'"),
+        ("language_guidance_layer", 1.0, r"'language_guidance_layer' expected int, got float"),
+    ],
+)
+def test_config_fields_are_checked_when_set(field, value, message):
+    """As LlavaConfig's fields are (a strict dataclass): in the constructor and on assignment, which leaves the
+    config as it was."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises(StrictDataclassFieldValidationError, match=message):
+        tiny_config(**{field: value})
+    config = tiny_config()
+    before = config.to_dict()
+    with pytest.raises(StrictDataclassFieldValidationError, match=message):
+        setattr(config, field, value)
+    assert config.to_dict() == before
 
 
 def test_unsupported_text_backbone_is_refused():

@@ -1,5 +1,8 @@
 """HyperLLaVA configuration: a LLaVA-1.5 config plus the two hypernetwork experts (arXiv 2403.13447)."""
 
+from typing import Literal
+
+from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import LlavaConfig
 
 VISUAL_EXPERTS = ("first", "second", "both")
@@ -13,6 +16,16 @@ SUPPORTED_VISION_BACKBONES = ("clip_vision_model",)
 NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
 
 
+@as_validated_field
+def positive_int(value):
+    if value < 1:  # (the type, int and not bool, is checked first)
+        raise ValueError(f"must be a positive integer, got {value!r}")
+
+
+# Strict, as LlavaConfig is: each field's type (and choices) is checked when set, in the constructor, by
+# `from_pretrained(path, field=...)` or by an assignment afterwards. What involves several fields (layers against the
+# depth, the guidance layer against the experts) is checked by `check_expert_fields`.
+@strict
 class HyperLlavaConfig(LlavaConfig):
     r"""
     Configuration of a [`HyperLlavaForConditionalGeneration`]: every field of [`LlavaConfig`] plus the experts.
@@ -51,14 +64,14 @@ class HyperLlavaConfig(LlavaConfig):
         "language_expert_weights",
     ]
 
-    visual_expert: str | None = "first"
-    language_expert_layers: str | list[int] | None = "posterior"
+    visual_expert: Literal[VISUAL_EXPERTS] | None = "first"
+    language_expert_layers: Literal[LANGUAGE_EXPERT_PRESETS] | list[int] | None = "posterior"
     language_guidance_layer: int | None = None
-    expert_embedding_dim: int = 64
-    expert_bottleneck_dim: int = 16
-    hypernetwork_hidden_dim: int = 64
-    expert_mode: str = "dynamic"
-    expert_kernel: str = "auto"
+    expert_embedding_dim: int = positive_int(default=64)
+    expert_bottleneck_dim: int = positive_int(default=16)
+    hypernetwork_hidden_dim: int = positive_int(default=64)
+    expert_mode: Literal[EXPERT_MODES] = "dynamic"
+    expert_kernel: Literal[EXPERT_KERNELS] = "auto"
 
     def __post_init__(self, **kwargs):
         if kwargs.get("model_type", self.model_type) != self.model_type:
@@ -75,9 +88,10 @@ class HyperLlavaConfig(LlavaConfig):
         self.check_expert_fields()
 
     def check_expert_fields(self):
-        """Refuse expert settings that the model cannot build or would silently ignore, and fill in the default
-        `language_guidance_layer`. Run at construction and again by the model: `from_pretrained(..., expert_mode=...)`
-        sets fields on a config built without them (a config saved without a language expert has no guidance layer)."""
+        """Refuse combinations of settings that the model cannot build or would silently ignore, and fill in the
+        default `language_guidance_layer`. Run at construction and again by the model: `from_pretrained(...,
+        language_expert_layers=...)` sets fields one by one on a config built without them (a config saved without a
+        language expert has no guidance layer)."""
         text = self.text_config
         for name, sub_config, supported in (
             ("text_config", text, SUPPORTED_TEXT_BACKBONES),
@@ -88,13 +102,6 @@ class HyperLlavaConfig(LlavaConfig):
                     f"{name}.model_type={sub_config.model_type!r} is not supported by HyperLLaVA yet; "
                     f"supported: {list(supported)}"
                 )
-        _check_choice("visual_expert", self.visual_expert, (*VISUAL_EXPERTS, None))
-        _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)
-        _check_choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
-        for name in ("expert_embedding_dim", "expert_bottleneck_dim", "hypernetwork_hidden_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         smallest_width = min(text.hidden_size, self.vision_config.hidden_size)
         if self.expert_bottleneck_dim > smallest_width:
             raise ValueError(
@@ -108,7 +115,7 @@ class HyperLlavaConfig(LlavaConfig):
             self.language_guidance_layer = min(num_layers // 2, layers[0])
         k = self.language_guidance_layer
         if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_layers:
+            if not 0 <= k < num_layers:
                 raise ValueError(f"language_guidance_layer must be an integer in 0..{num_layers - 1}, got {k!r}")
             early = [i for i in layers if i < k]
             if early:
@@ -151,11 +158,7 @@ class HyperLlavaConfig(LlavaConfig):
             return list(range(num_layers // 2))
         if spec == "all":
             return list(range(num_layers))
-        if (
-            isinstance(spec, (list, tuple))
-            and spec
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
-        ):
+        if isinstance(spec, list) and spec:  # (a list of ints: the field's type)
             bad = [i for i in spec if not 0 <= i < num_layers]
             if bad:
                 raise ValueError(
@@ -168,11 +171,6 @@ class HyperLlavaConfig(LlavaConfig):
             f"language_expert_layers must be one of {list(LANGUAGE_EXPERT_PRESETS)}, None, or a non-empty list of "
             f"layer indices; got {spec!r}"
         )
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not valid; allowed values: {list(allowed)}")
 
 
 __all__ = ["HyperLlavaConfig"]
