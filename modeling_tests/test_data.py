@@ -222,28 +222,56 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
     assert item["input_ids"].tolist() == full["input_ids"][: first_answer + 2].tolist()
     assert item["labels"].tolist() == full["labels"][: first_answer + 2].tolist()
     assert kept.num_dropped == 0
-    # A cut inside the image tokens, or one that leaves no answer, drops the sample and counts it.
-    # The warning names the sample, its length, the limit and what the cut would have removed.
+    # A cut inside the image tokens, or one that leaves no answer, drops the sample and counts it (here the only one:
+    # nothing can take its place). The warning names the sample, its length, the limit and what the cut would have
+    # removed.
     for max_length, reason in ((image_end - 1, "image tokens"), (first_answer, "every answer")):
         dropped = LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="transformers_hyperllava.data"):
-            assert dropped[0] is None and dropped.num_dropped == 1
-            assert dropped[0] is None and dropped.num_dropped == 1  # read again (the next epoch): counted once
+            for _ in range(2):  # read again (the next epoch): counted and logged once
+                with pytest.raises(ValueError, match=rf"no sample fits max_length={max_length} \(see the warnings\)"):
+                    dropped[0]
+                assert dropped.num_dropped == 1
         assert [r.getMessage() for r in caplog.records] == [
             f"Dropped sample 's': {len(full['input_ids'])} tokens do not fit max_length={max_length} without cutting "
             f"{reason} (1 dropped so far)"
         ]
-    collator = LlavaDataCollator(processor.tokenizer.pad_token_id)
-    assert collator([None, item])["input_ids"].tolist() == [item["input_ids"].tolist()]
-    with pytest.raises(
-        ValueError, match=re.escape("every sample of this batch was dropped (see the warnings): raise max_length")
-    ):
-        collator([None])
     # A negative max_length would cut every sample from its end, 0 would drop them all: refused up front.
     for max_length in (0, -1):
         with pytest.raises(ValueError, match=f"max_length must be at least 1 token, got {max_length}$"):
             LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
+
+
+def test_a_dropped_sample_gives_its_place_to_the_next_that_fits(processor, image_folder, tmp_path):
+    """So that no batch comes out empty: with one sample per batch, an empty one would stop the run."""
+    long = [("what " * 40 + "colour is the square ?", "red")]  # its answer starts past max_length
+    samples = [
+        {"id": "a", "image": "a.png", "conversations": conversation(SINGLE)},
+        {"id": "long", "image": "a.png", "conversations": conversation(long)},
+        {"id": "b", "image": "b.png", "conversations": conversation(MULTI[1:2])},
+    ]
+    full = [
+        LlavaJsonDataset(write_json(tmp_path / f"{i}.json", [sample]), processor, image_folder)[0]
+        for i, sample in enumerate(samples)
+    ]
+    max_length = max(len(full[0]["input_ids"]), len(full[2]["input_ids"]))
+    assert int((full[1]["labels"] != IGNORE_INDEX).nonzero().min()) >= max_length  # (the test's premise)
+
+    dataset = LlavaJsonDataset(
+        write_json(tmp_path / "d.json", samples), processor, image_folder, max_length=max_length
+    )
+    for index, expected in ((0, full[0]), (1, full[2]), (2, full[2])):
+        item = dataset[index]
+        assert item.keys() == expected.keys()
+        for key in item:
+            assert torch.equal(item[key], expected[key]), (index, key)
+    assert dataset.num_dropped == 1
+    # The last sample's place goes to the first.
+    wrapped = LlavaJsonDataset(
+        write_json(tmp_path / "w.json", samples[:2]), processor, image_folder, max_length=max_length
+    )
+    assert torch.equal(wrapped[1]["input_ids"], full[0]["input_ids"])
 
 
 @pytest.mark.parametrize(

@@ -595,6 +595,27 @@ def test_llava_checkpoint_through_both_stages(setup, tmp_path):
         assert output.sequences[0, length + step] == logits.argmax()
 
 
+def test_the_same_arguments_and_seed_give_the_same_weights(setup, tmp_path):
+    """The experts that `from_llava` adds to a LLaVA checkpoint and LoRA's matrices are drawn before the Trainer
+    seeds anything: `main` seeds first. The global generator is set apart before each run, as a new process's is."""
+    pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    torch.manual_seed(1)
+    llava = LlavaForConditionalGeneration(setup["config"].to_llava_config()).double()
+    llava.save_pretrained(tmp_path / "llava")
+    setup["processor"].save_pretrained(tmp_path / "llava")
+
+    def run(name, seed):
+        torch.manual_seed(len(name) * 7919)
+        settings = {"model_name_or_path": tmp_path / "llava", "max_steps": 1, "seed": seed}
+        main(cli_args(setup, tmp_path / name, **settings, lora_r=4, lora_alpha=8, lora_dropout=0.0))
+        return final_weights(tmp_path / name)
+
+    first, again, other_seed = run("a", 0), run("bb", 0), run("ccc", 1)
+    assert_same_weights(first, again, rtol=0, atol=0)
+    changed = [name for name in first if not torch.equal(first[name], other_seed[name])]
+    assert any("expert" in name for name in changed) and any(".layers.0.self_attn" in name for name in changed)
+
+
 def test_bad_sample_stops_before_training(setup, tmp_path):
     samples = json.loads(setup["qa"].read_text())
     samples[3]["conversations"][0]["value"] = samples[3]["conversations"][0]["value"].replace("<image>\n", "")

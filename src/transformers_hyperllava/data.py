@@ -123,8 +123,8 @@ class LlavaJsonDataset(Dataset):
     Every sample is checked when the dataset is built (turn roles, `<image>` tags against images, image files
     present), so that a bad sample stops training before it starts, with its id in the error. A sample longer than
     `max_length` is truncated unless the cut falls inside its image tokens or removes every supervised token: such
-    a sample is dropped (`__getitem__` returns None, which [`LlavaDataCollator`] leaves out), counted in
-    `num_dropped` and logged with its id.
+    a sample is dropped, counted in `num_dropped` and logged with its id, and the next sample that fits takes its
+    place.
     """
 
     def __init__(self, data_path, processor, image_folder=None, max_length: int | None = None):
@@ -165,7 +165,17 @@ class LlavaJsonDataset(Dataset):
         except OSError as error:
             raise ValueError(f"sample {sample_id!r}: cannot read image {self.image_folder / name}: {error}") from error
 
-    def __getitem__(self, index) -> dict | None:
+    def __getitem__(self, index) -> dict:
+        # A dropped sample's place goes to the next one that fits, so that no batch comes out empty: with one sample
+        # per batch, a single over-long sample would otherwise stop the run at its step, hours in.
+        for offset in range(len(self)):
+            item = self._read((index + offset) % len(self))
+            if item is not None:
+                return item
+        raise ValueError(f"no sample fits max_length={self.max_length} (see the warnings): raise max_length")
+
+    def _read(self, index) -> dict | None:
+        """Sample `index` tokenised, truncated to `max_length`; None when it cannot be cut (dropped)."""
         sample = self.samples[index]
         sample_id = sample.get("id", index)
         images = iter([self._open_image(sample_id, name) for name in sample_images(sample)])
@@ -210,17 +220,14 @@ class LlavaDataCollator:
     """Pads a batch on the right (`pad_token_id` for inputs, -100 for labels), concatenates the images and names the
     prompt of each sample (`language_guidance_mask`).
 
-    Samples the dataset dropped (None) are left out. Images of a batch go in one `pixel_values` tensor, in sample
-    order, which is the order the model fills the image tokens in; text-only samples contribute none.
+    Images of a batch go in one `pixel_values` tensor, in sample order, which is the order the model fills the image
+    tokens in; text-only samples contribute none.
     """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, features):
-        features = [f for f in features if f is not None]
-        if not features:
-            raise ValueError("every sample of this batch was dropped (see the warnings): raise max_length")
         length = max(len(f["input_ids"]) for f in features)
         batch = {
             "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),

@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LabelSmoother
 
 from .data import LlavaDataCollator, LlavaJsonDataset
@@ -188,7 +188,7 @@ class HyperLlavaTrainingArguments(TrainingArguments):
     )
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.03, metadata={"help": "Steps, or a fraction (< 1) of all steps"})
-    # The collator builds exactly the model's inputs; the column filter would choke on dropped samples.
+    # The samples hold only model inputs, and the collator builds exactly the model's inputs: nothing to filter.
     remove_unused_columns: bool = field(default=False)
 
     def __post_init__(self):
@@ -401,6 +401,9 @@ def main(argv=None):
     check_model_folder(model_args)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     check_processor_fits(processor, AutoConfig.from_pretrained(model_args.model_name_or_path), model_args)
+    # Seeded before anything random is drawn, as Transformers' example scripts do: the experts added to a LLaVA
+    # checkpoint and LoRA's matrices are drawn before the Trainer seeds (with --seed alone, each run would differ).
+    set_seed(args.seed)
     model = load_model(model_args)
     dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
     eval_dataset = None
