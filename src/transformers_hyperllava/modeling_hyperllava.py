@@ -90,6 +90,7 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
 # later `generate` call, a decoding loop of one's own, assisted decoding's assistant model) continues with them.
 CACHED_WEIGHTS = "language_expert_weights"
 WEIGHTS_BUFFER = "language_expert_weights_buffer"  # a static cache's copy for generate's decoding steps
+LAYER_WEIGHTS = "language_expert_layer_weights"  # the weights a cache continues with, with each layer's views of them
 
 
 def _known_length(cache):
@@ -409,14 +410,14 @@ class HyperLlamaModel(LlamaModel):
             CACHE_ARG: cache,
             **kwargs,
         }
-        if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
-            language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         given = language_expert_weights is not None
         if not given and self.language_expert is not None:
             # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
             # continues with the weights that the cache's tokens were computed with.
             language_expert_weights = _weights_of(cache)
             if language_expert_weights is None and self.pools_guidance:
+                if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
+                    language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
                 self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
         hidden_states = inputs_embeds
@@ -429,9 +430,7 @@ class HyperLlamaModel(LlamaModel):
                     language_expert_weights = self.language_expert(g_L)
                     if cache is not None:
                         setattr(cache, CACHED_WEIGHTS, language_expert_weights)
-                expert_down, expert_up = self.language_expert.split(language_expert_weights)
-                # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
-                layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
+                layer_weights = self._layer_weights(language_expert_weights, cache)
             hidden_states = decoder_layer(hidden_states, *layer_weights.get(idx, (None, None)), **layer_kwargs)
 
         return HyperLlavaModelOutputWithPast(
@@ -440,6 +439,23 @@ class HyperLlamaModel(LlamaModel):
             language_expert_weights=None if given else language_expert_weights,
             **{CACHE_ARG: cache},
         )
+
+    def _layer_weights(self, weights, cache):
+        """Each expert layer's (W_d, W_u), views into `weights`. Made once per sequence: kept on `cache` for the
+        decoding steps that continue it with the same weights, as making them (a split and two unbinds: 36 views) cost
+        eager decoding about 1% of its step. Kept and reused only without autograd (views made under it would carry
+        one forward's graph into the next; views made without it would drop the gradient of a forward under it), and
+        not inside a compiled graph, where views cost nothing."""
+        keep = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        kept = getattr(cache, LAYER_WEIGHTS, None) if keep else None
+        if kept is not None and kept[0] is weights:
+            return kept[1]
+        expert_down, expert_up = self.language_expert.split(weights)
+        # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
+        layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
+        if keep:
+            setattr(cache, LAYER_WEIGHTS, (weights, layer_weights))
+        return layer_weights
 
     @staticmethod
     def _check_guidance_inputs(guidance_mask, attention_mask, length, cache):
