@@ -16,6 +16,7 @@ import pytest
 import sentencepiece
 import torch
 import torch.nn.functional as F
+import transformers
 import yaml
 from huggingface_hub import HfApi, constants
 from PIL import Image
@@ -744,7 +745,9 @@ LOAD_AND_GENERATE = textwrap.dedent(
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     batch = processor(images=image, text=prompt, return_tensors="pt")
     generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    import transformers
     print(json.dumps({"module": type(model).__module__, "processor": type(processor).__name__,
+                      "transformers": transformers.__version__,
                       "input_ids": batch["input_ids"].tolist(), "pixel_values": batch["pixel_values"].tolist(),
                       "generated": generated.tolist()}))
     """
@@ -773,7 +776,6 @@ def test_output_loads_with_remote_code_from_folder_and_offline_hub_cache(tmp_pat
         "HF_HUB_CACHE": str(cache),
         "HF_MODULES_CACHE": str(tmp_path / "modules"),
     }
-    env.pop("PYTHONPATH", None)
     results = []
     for name in (str(out), "org/hyperllava-7b"):
         done = subprocess.run(
@@ -789,6 +791,7 @@ def test_output_loads_with_remote_code_from_folder_and_offline_hub_cache(tmp_pat
     for result in results:
         assert result["module"].startswith("transformers_modules.")
         assert result["processor"] == "HyperLlavaProcessor"
+        assert result["transformers"] == transformers.__version__  # (the release under test, in CI's 5.17 run too)
     assert results[0]["generated"] == results[1]["generated"]
 
     # The same prompt through the installed package's model gives the same tokens.

@@ -243,35 +243,43 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
             LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
 
 
-def test_a_dropped_sample_gives_its_place_to_the_next_that_fits(processor, image_folder, tmp_path):
-    """So that no batch comes out empty: with one sample per batch, an empty one would stop the run."""
-    long = [("what " * 40 + "colour is the square ?", "red")]  # its answer starts past max_length
-    samples = [
+def test_a_dropped_sample_gives_its_place_to_another_that_fits(processor, image_folder, tmp_path):
+    """So that no batch comes out empty: with one sample per batch, an empty one would stop the run. The replacement
+    is drawn at random, the same in every epoch, so that a run of over-long samples does not give all its places to
+    one sample, and a sample known to be dropped is not read again."""
+    long = {"id": "long", "image": "a.png", "conversations": conversation([("what " * 40 + "is it ?", "red")])}
+    fitting = [
         {"id": "a", "image": "a.png", "conversations": conversation(SINGLE)},
-        {"id": "long", "image": "a.png", "conversations": conversation(long)},
         {"id": "b", "image": "b.png", "conversations": conversation(MULTI[1:2])},
+        {"id": "c", "image": "a.png", "conversations": conversation(MULTI[2:3])},
     ]
-    full = [
-        LlavaJsonDataset(write_json(tmp_path / f"{i}.json", [sample]), processor, image_folder)[0]
-        for i, sample in enumerate(samples)
+    alone = [
+        LlavaJsonDataset(write_json(tmp_path / f"{s['id']}.json", [s]), processor, image_folder)[0] for s in fitting
     ]
-    max_length = max(len(full[0]["input_ids"]), len(full[2]["input_ids"]))
-    assert int((full[1]["labels"] != IGNORE_INDEX).nonzero().min()) >= max_length  # (the test's premise)
+    max_length = max(len(item["input_ids"]) for item in alone)
+    full_long = LlavaJsonDataset(write_json(tmp_path / "long.json", [long]), processor, image_folder)[0]
+    assert int((full_long["labels"] != IGNORE_INDEX).nonzero().min()) >= max_length  # (the test's premise)
 
+    def which(item):  # the fitting sample an item is
+        matches = [i for i, a in enumerate(alone) if all(torch.equal(item[k], a[k]) for k in a)]
+        assert len(matches) == 1 and item.keys() == alone[matches[0]].keys()
+        return matches[0]
+
+    samples = [long] * 8 + fitting  # (LLaVA's mix keeps its long conversations together too)
     dataset = LlavaJsonDataset(
         write_json(tmp_path / "d.json", samples), processor, image_folder, max_length=max_length
     )
-    for index, expected in ((0, full[0]), (1, full[2]), (2, full[2])):
-        item = dataset[index]
-        assert item.keys() == expected.keys()
-        for key in item:
-            assert torch.equal(item[key], expected[key]), (index, key)
-    assert dataset.num_dropped == 1
-    # The last sample's place goes to the first.
-    wrapped = LlavaJsonDataset(
-        write_json(tmp_path / "w.json", samples[:2]), processor, image_folder, max_length=max_length
-    )
-    assert torch.equal(wrapped[1]["input_ids"], full[0]["input_ids"])
+    first = [which(dataset[i]) for i in range(len(dataset))]
+    assert first[8:] == [0, 1, 2] and dataset.num_dropped == 8
+    assert len(set(first[:8])) > 1  # spread over the fitting samples
+    reads = []
+    read = dataset._read
+    dataset._read = lambda index: reads.append(index) or read(index)
+    assert [which(item) for item in dataset] == first  # the next epoch: the same places; iteration ends at the end
+    assert all(index >= 8 for index in reads)  # the dropped samples were not read again
+    assert which(dataset[-1]) == 2
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
 
 
 @pytest.mark.parametrize(

@@ -473,6 +473,26 @@ def test_each_layers_view_of_the_weights_is_made_once_per_sequence_and_never_und
     assert expert.hyper_out.weight.grad.abs().sum() > 0
 
 
+def test_a_new_sequence_on_an_emptied_cache_gets_views_of_its_own_weights():
+    """The views kept on a cache serve only the weights they were made of: a cache emptied by `reset()` and filled
+    with another prompt continues with that prompt's weights. (A static cache: Transformers 5.17's `DynamicCache`
+    keeps its length through `reset()`.)"""
+    from transformers import StaticCache
+
+    model = make_model()
+    first, second, next_token = prompt_ids("img", 10, 11), prompt_ids("img", 13, 12, 9), [7]
+    cache = StaticCache(model.config.text_config, 16)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([first]), pixel_values=images(1), use_cache=True, **{CACHE_ARG: cache})
+        cache.reset()
+        model(input_ids=torch.tensor([second]), pixel_values=images(1, seed=1), use_cache=True, **{CACHE_ARG: cache})
+        continued = model(input_ids=torch.tensor([next_token]), use_cache=True, **{CACHE_ARG: cache}).logits[:, -1]
+        whole = torch.tensor([second + next_token])
+        prompt = (torch.arange(whole.shape[1]) < len(second))[None]
+        expected = model(input_ids=whole, pixel_values=images(1, seed=1), language_guidance_mask=prompt).logits[:, -1]
+    torch.testing.assert_close(continued, expected)
+
+
 def test_sampling_and_several_return_sequences_reuse_the_prompt_weights():
     model = make_model()
     ids = torch.tensor([prompt_ids("img", 10, 11)])

@@ -11,6 +11,7 @@ and the guidance would then pool over the answers too.
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import torch
@@ -123,8 +124,8 @@ class LlavaJsonDataset(Dataset):
     Every sample is checked when the dataset is built (turn roles, `<image>` tags against images, image files
     present), so that a bad sample stops training before it starts, with its id in the error. A sample longer than
     `max_length` is truncated unless the cut falls inside its image tokens or removes every supervised token: such
-    a sample is dropped, counted in `num_dropped` and logged with its id, and the next sample that fits takes its
-    place.
+    a sample is dropped, counted in `num_dropped` and logged with its id, and another sample that fits, drawn at
+    random (seeded by the index), takes its place.
     """
 
     def __init__(self, data_path, processor, image_folder=None, max_length: int | None = None):
@@ -166,13 +167,20 @@ class LlavaJsonDataset(Dataset):
             raise ValueError(f"sample {sample_id!r}: cannot read image {self.image_folder / name}: {error}") from error
 
     def __getitem__(self, index) -> dict:
-        # A dropped sample's place goes to the next one that fits, so that no batch comes out empty: with one sample
-        # per batch, a single over-long sample would otherwise stop the run at its step, hours in.
-        for offset in range(len(self)):
-            item = self._read((index + offset) % len(self))
-            if item is not None:
-                return item
-        raise ValueError(f"no sample fits max_length={self.max_length} (see the warnings): raise max_length")
+        index = range(len(self))[index]  # (an IndexError past the end is what ends iterating over the dataset)
+        item = None if index in self.dropped else self._read(index)
+        # A dropped sample's place goes to another that fits, so that no batch comes out empty: with one sample per
+        # batch, a single over-long sample would otherwise stop the run at its step, hours in. Drawn at random (the
+        # same in every epoch and process), not the next one: LLaVA's mix keeps its long text-only conversations
+        # together, and a run of them would all give their places to one sample.
+        draws = random.Random(index)
+        while item is None:
+            if len(self.dropped) == len(self):
+                raise ValueError(f"no sample fits max_length={self.max_length} (see the warnings): raise max_length")
+            candidate = draws.randrange(len(self))
+            if candidate not in self.dropped:
+                item = self._read(candidate)
+        return item
 
     def _read(self, index) -> dict | None:
         """Sample `index` tokenised, truncated to `max_length`; None when it cannot be cut (dropped)."""
