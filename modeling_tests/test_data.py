@@ -230,7 +230,9 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="transformers_hyperllava.data"):
             for _ in range(2):  # read again (the next epoch): counted and logged once
-                with pytest.raises(ValueError, match=rf"no sample fits max_length={max_length} \(see the warnings\)"):
+                with pytest.raises(
+                    ValueError, match=rf"every sample was dropped \(max_length={max_length}; see the warnings\)"
+                ):
                     dropped[0]
                 assert dropped.num_dropped == 1
         assert [r.getMessage() for r in caplog.records] == [
@@ -241,6 +243,30 @@ def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder
     for max_length in (0, -1):
         with pytest.raises(ValueError, match=f"max_length must be at least 1 token, got {max_length}$"):
             LlavaJsonDataset(data, processor, image_folder, max_length=max_length)
+
+
+def test_a_sample_that_supervises_no_token_is_dropped(processor, image_folder, tmp_path, monkeypatch, caplog):
+    """Trained, it would add nothing but its place in the batch. (Transformers 5.17 gives an empty assistant mask to an
+    answer that starts with a character no token covers; here the mask is emptied by hand.)"""
+    samples = [{"id": "empty", "image": "b.png", "conversations": conversation(MULTI[1:2])}, GOOD]
+    dataset = LlavaJsonDataset(write_json(tmp_path / "d.json", samples), processor, image_folder)
+    expected = dataset[1]
+    render = processor.apply_chat_template
+
+    def without_answers_for_the_first(messages, **kwargs):
+        out = render(messages, **kwargs)
+        if messages[1]["content"][0]["text"] == MULTI[1][1]:
+            out["assistant_masks"] = [[0] * len(out["input_ids"][0])]
+        return out
+
+    monkeypatch.setattr(processor, "apply_chat_template", without_answers_for_the_first)
+    with caplog.at_level(logging.WARNING, logger="transformers_hyperllava.data"):
+        item = dataset[0]
+    assert dataset.num_dropped == 1 and torch.equal(item["input_ids"], expected["input_ids"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "Dropped sample 'empty': none of its tokens is an answer's (the tokenizer's assistant mask is empty) "
+        "(1 dropped so far)"
+    ]
 
 
 def test_a_dropped_sample_gives_its_place_to_another_that_fits(processor, image_folder, tmp_path):

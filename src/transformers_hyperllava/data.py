@@ -125,7 +125,8 @@ class LlavaJsonDataset(Dataset):
     present), so that a bad sample stops training before it starts, with its id in the error. A sample longer than
     `max_length` is truncated unless the cut falls inside its image tokens or removes every supervised token: such
     a sample is dropped, counted in `num_dropped` and logged with its id, and another sample that fits, drawn at
-    random (seeded by the index), takes its place.
+    random (seeded by the index), takes its place. So is a sample none of whose tokens the processor marks as an
+    answer's.
     """
 
     def __init__(self, data_path, processor, image_folder=None, max_length: int | None = None):
@@ -176,14 +177,15 @@ class LlavaJsonDataset(Dataset):
         draws = random.Random(index)
         while item is None:
             if len(self.dropped) == len(self):
-                raise ValueError(f"no sample fits max_length={self.max_length} (see the warnings): raise max_length")
+                raise ValueError(f"every sample was dropped (max_length={self.max_length}; see the warnings)")
             candidate = draws.randrange(len(self))
             if candidate not in self.dropped:
                 item = self._read(candidate)
         return item
 
     def _read(self, index) -> dict | None:
-        """Sample `index` tokenised, truncated to `max_length`; None when it cannot be cut (dropped)."""
+        """Sample `index` tokenised, truncated to `max_length`; None when it is dropped: it cannot be cut, or it
+        supervises no token."""
         sample = self.samples[index]
         sample_id = sample.get("id", index)
         images = iter([self._open_image(sample_id, name) for name in sample_images(sample)])
@@ -202,22 +204,23 @@ class LlavaJsonDataset(Dataset):
         )
         input_ids = torch.tensor(out["input_ids"][0])
         labels = torch.where(torch.tensor(out["assistant_masks"][0]).bool(), input_ids, IGNORE_INDEX)
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            image_tokens = input_ids == self.processor.image_token_id
-            cuts_image = bool(image_tokens[self.max_length :].any())
+        problem = None
+        if (labels == IGNORE_INDEX).all():
+            # Trained, it would add nothing but its place in the batch. (Transformers 5.17's mask stops at an answer
+            # that starts with a character no token covers, e.g. a space that the tokenizer drops: none follow.)
+            problem = "none of its tokens is an answer's (the tokenizer's assistant mask is empty)"
+        elif self.max_length is not None and len(input_ids) > self.max_length:
+            cuts_image = bool((input_ids[self.max_length :] == self.processor.image_token_id).any())
             if cuts_image or (labels[: self.max_length] == IGNORE_INDEX).all():
-                if index not in self.dropped:
-                    self.dropped.add(index)
-                    logger.warning(
-                        "Dropped sample %r: %d tokens do not fit max_length=%d without cutting %s (%d dropped so far)",
-                        sample_id,
-                        len(input_ids),
-                        self.max_length,
-                        "image tokens" if cuts_image else "every answer",
-                        self.num_dropped,
-                    )
-                return None
+                problem = f"{len(input_ids)} tokens do not fit max_length={self.max_length} without cutting " + (
+                    "image tokens" if cuts_image else "every answer"
+                )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        if problem is not None:
+            if index not in self.dropped:
+                self.dropped.add(index)
+                logger.warning("Dropped sample %r: %s (%d dropped so far)", sample_id, problem, self.num_dropped)
+            return None
         item = {"input_ids": input_ids, "labels": labels}
         if "pixel_values" in out:
             item["pixel_values"] = torch.stack([torch.as_tensor(p) for p in out["pixel_values"]])

@@ -116,7 +116,9 @@ class HyperLlavaProcessor(LlavaProcessor):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
         # Transformers 5.17 maps the answer spans onto the prompt *after* each "<image>" was expanded to many
         # tokens, which misplaces the mask. An "<image>" is one token before expansion, so the tokenizer's mask of
-        # the unexpanded prompt, with each image position repeated as the processor expanded it, is exact. Kept on
+        # the unexpanded prompt, with each image position repeated as the processor expanded it, is the tokenizer's
+        # own mask, expanded. (5.17's tokenizer ends its mask at an answer that starts with a character no token
+        # covers, e.g. a space its pre-tokenizer drops; LlavaJsonDataset drops a sample left with no answer token.) Kept on
         # 5.18 and later, which map the spans right, because it refuses a truncated prompt, for which they return a
         # partial or empty mask without a word (a sample that would train on part of its answer, or on nothing).
         return_tensors = kwargs.pop("return_tensors", None)
