@@ -147,7 +147,7 @@ class LlavaJsonDataset(Dataset):
                     raise FileNotFoundError(
                         f"sample {sample.get('id')!r}: image file {self.image_folder / name} not found"
                     )
-        self.dropped: set[int] = set()  # indices: read again in every epoch, a sample is dropped (and logged) once
+        self.dropped: set[int] = set()  # indices of the samples dropped: each logged once, and not read again
         # A batch of these leaves the projector and the visual expert without a gradient (`build_trainer` reads this).
         self.text_only_ids = [
             sample.get("id", i) for i, sample in enumerate(self.samples) if not sample_images(sample)
