@@ -170,6 +170,8 @@ class LlavaJsonDataset(Dataset):
     def __getitem__(self, index) -> dict:
         index = range(len(self))[index]  # (an IndexError past the end is what ends iterating over the dataset)
         item = None if index in self.dropped else self._read(index)
+        if item is not None:
+            return item
         # A dropped sample's place goes to another that fits, so that no batch comes out empty: with one sample per
         # batch, a single over-long sample would otherwise stop the run at its step, hours in. Drawn at random (the
         # same in every epoch and process), not the next one: LLaVA's mix keeps its long text-only conversations
