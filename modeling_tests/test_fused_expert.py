@@ -162,6 +162,22 @@ def test_decode_forward_matches_reference(shape, dtype, decode_path_only):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [SHAPES["decode-batch"], SHAPES["long"]], ids=["decode", "tiled"])
+def test_without_autograd_the_kernels_launch_without_the_custom_op(shape):
+    """Eager decoding runs without autograd, where the custom op's dispatch would add only host time: the launcher is
+    called directly there, with the same result. With autograd on, the call goes through the op (and its backward)."""
+    inputs = make_inputs(*shape, torch.float32, ffn_dtype=torch.float32)
+    op = torch.ops.hyperllava.expert_adapter.default
+    with torch.no_grad(), DispatchedOps() as ops:
+        out = fused.fused_expert_adapter(*inputs)
+    assert op not in ops.calls and ops.calls, "the direct launch's own ops are seen, the custom op is not"
+    assert_close(out, expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[torch.float32], "output")
+    with DispatchedOps() as ops:
+        assert torch.equal(fused.fused_expert_adapter(*inputs), out)
+    assert ops.calls[op] == 1
+
+
+@needs_kernels
 @pytest.mark.parametrize(
     "dtypes",
     [

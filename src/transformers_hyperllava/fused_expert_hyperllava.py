@@ -6,7 +6,9 @@
 
 in one kernel launch (the (rows, 2r) bottleneck never leaves the chip) or, for decoding (a few rows per weight
 set), in two short launches that spread the reduction over d_in across the GPU; its backward takes three launches.
-It is a `torch.library` custom op, so `torch.compile(fullgraph=True)` and CUDA graphs treat it as one opaque call.
+It is a `torch.library` custom op, so `torch.compile(fullgraph=True)` and CUDA graphs treat it as one opaque call
+(without autograd, outside a compiled graph, its launcher is called directly: the op's dispatch would only add host
+time).
 This file ships as Hub remote code: it imports only torch, triton and the standard library, and imports fine
 without Triton (then `is_available()` is False and the model uses its eager path).
 """
@@ -53,7 +55,12 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast).
     """
     _check_inputs(x, w_down, w_up, residual, ffn_out)
-    return torch.ops.hyperllava.expert_adapter(x, w_down.to(x.dtype), w_up.to(x.dtype), residual, ffn_out)
+    w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
+    # Without autograd, outside a compiled graph and on plain tensors, the custom op's dispatch would only add host
+    # time, which bounds eager decoding (docs/performance.md): the launcher is called directly.
+    return _forward(x, w_down, w_up, residual, ffn_out)
 
 
 def _check_inputs(x, w_down, w_up, residual, ffn_out=None):
@@ -362,8 +369,7 @@ def _multiprocessor_count(device) -> int:
     return 4  # Triton's interpreter: any value is correct; a few exercise the d_in and column splits in the tests.
 
 
-@torch.library.custom_op("hyperllava::expert_adapter", mutates_args=())
-def _expert_adapter(
+def _forward(
     x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor, ffn_out: torch.Tensor | None
 ) -> torch.Tensor:
     rows = _problem(x, w_up)[1]
@@ -377,6 +383,9 @@ def _expert_adapter(
         x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), ffn_out, out
     )
     return out
+
+
+_expert_adapter = torch.library.custom_op("hyperllava::expert_adapter", _forward, mutates_args=())
 
 
 def _new_output(x, residual, ffn_out):
@@ -426,22 +435,31 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
     (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
     No program reads more than a slice of the weights, so the latency is two memory round trips, not d_in / step."""
     groups, rows, d_in, r, d_out = _problem(x, w_up)
-    sms = _multiprocessor_count(x.device)
+    splits, down, up = _decode_launches(groups, rows, d_in, r, d_out, _multiprocessor_count(x.device))
+    partial = torch.empty(groups, rows, splits, 2 * r, dtype=torch.float32, device=x.device)
+    _decode_down_kernel[down["grid"]](
+        x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), **down["blocks"], **_OPTIONS
+    )
+    ffn, ffn_settings = _ffn_arguments(residual, ffn_out)
+    _decode_up_kernel[up["grid"]](
+        partial, w_up, residual, ffn, out, rows, r, d_out, splits, w_up.stride(0),
+        **up["blocks"], **ffn_settings, **_OPTIONS,
+    )  # fmt: skip
+
+
+@functools.cache
+def _decode_launches(groups, rows, d_in, r, d_out, sms):
+    """The decode kernels' grids and block sizes for one shape, worked out once: eager decoding makes the same
+    launches at every step and layer, and its time is host time."""
     row_programs = groups * rows
     block_2r, block_r = triton.next_power_of_2(2 * r), triton.next_power_of_2(r)
     fewest_k = max(16, triton.next_power_of_2(triton.cdiv(d_in, _DECODE_MAX_SPLITS)))
     block_k = _decode_block(d_in, row_programs, sms, fewest_k, _DECODE_TILE // block_2r)
     splits = triton.cdiv(d_in, block_k)
-    partial = torch.empty(groups, rows, splits, 2 * r, dtype=torch.float32, device=x.device)
-    _decode_down_kernel[(splits, rows, groups)](
-        x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), BLOCK_K=block_k, BLOCK_2R=block_2r, **_OPTIONS
-    )
     block_n = _decode_block(d_out, row_programs, sms, 64, _DECODE_TILE // block_r)
-    ffn, ffn_settings = _ffn_arguments(residual, ffn_out)
-    _decode_up_kernel[(triton.cdiv(d_out, block_n), rows, groups)](
-        partial, w_up, residual, ffn, out, rows, r, d_out, splits, w_up.stride(0),
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_N=block_n, **ffn_settings, **_OPTIONS,
-    )  # fmt: skip
+    down = {"grid": (splits, rows, groups), "blocks": {"BLOCK_K": block_k, "BLOCK_2R": block_2r}}
+    up_blocks = {"BLOCK_S": triton.next_power_of_2(splits), "BLOCK_R": block_r, "BLOCK_N": block_n}
+    return splits, down, {"grid": (triton.cdiv(d_out, block_n), rows, groups), "blocks": up_blocks}
 
 
 def _decode_block(size, row_programs, sms, smallest, largest):
