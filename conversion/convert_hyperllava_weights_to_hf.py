@@ -559,7 +559,7 @@ def convert_tensor(tensor, target, expected_shape, dtype):
         # New tokens (<image>, <pad>, rounding) start as an average token; <image>'s row is never read.
         mean = tensor.mean(dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
         return torch.cat([tensor, mean.expand(expected_shape[0] - tensor.shape[0], -1)]).to(dtype)
-    return tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True).contiguous()
+    return tensor.to(dtype=dtype, copy=True).contiguous()
 
 
 def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size):
@@ -592,6 +592,11 @@ def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size)
                         tensor = weights[key]
                     except Exception as error:
                         raise ConversionError(f"cannot read {key} from {path}: corrupted file ({error})") from error
+                    if not tensor.is_floating_point():  # every HyperLLaVA weight is; a quantized one cannot be cast
+                        raise ConversionError(
+                            f"{key} in {path} has dtype {tensor.dtype}; {target} takes floating-point weights "
+                            "(a quantized checkpoint? convert it from its unquantized weights)"
+                        )
                     add(target, convert_tensor(tensor, target, expected[target], dtype))
                     del tensor
         for target, tensor in fresh.items():

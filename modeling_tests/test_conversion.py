@@ -954,6 +954,20 @@ def test_truncated_shard_is_named(tmp_path, capsys, fmt):
     assert shard.name in err and "truncated or corrupted" in err
 
 
+def test_integer_weights_are_refused_and_nothing_is_written(tmp_path, capsys):
+    """A quantized (integer) tensor with the right shape would otherwise be stored as integers, and loaded cast to
+    float as if it were the weight."""
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
+    shard = sorted(checkpoint.glob("*.safetensors"))[1]
+    with safe_open(shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].to(torch.int8)
+    save_file(tensors, shard, {"format": "pt"})
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert f"{key} in {shard}" in err and "torch.int8" in err and "floating-point" in err
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned > payload-ran",))

@@ -649,6 +649,35 @@ def test_an_interrupted_save_of_the_trained_weights_keeps_the_previous_file(tmp_
     assert load_file(path).keys() == trained and list(tmp_path.iterdir()) == [path]
 
 
+def test_a_compiled_stage_1_saves_its_trained_weights_under_their_names(setup, tmp_path):
+    """With --torch_compile the Trainer's wrapped model is the compiled module, whose state dict names every weight
+    `_orig_mod.<name>`: stage 1's file must still hold the trained weights, under the model's own names."""
+    from transformers_hyperllava.training import save_stage
+
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    args = train_args(tmp_path / "run", "align", torch_compile=True, torch_compile_backend="aot_eager")
+    trainer = build_trainer(model, setup["processor"], dataset, args)
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # what the test is about
+    save_stage(trainer, setup["processor"], tmp_path / "stage1")
+    saved = load_file(tmp_path / "stage1" / PROJECTOR_FILE)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert saved.keys() == trained.keys()
+    assert all(torch.equal(saved[name], trained[name].detach()) for name in trained)
+
+
+def test_trained_weights_missing_from_the_state_dict_are_refused(tmp_path):
+    from transformers_hyperllava.training import save_trained_weights
+
+    model = HyperLlavaForConditionalGeneration(tiny_config())
+    apply_stage(model, "align")
+    state = {f"_orig_mod.{name}": tensor for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.multi_modal_projector\.linear_1\.weight"):
+        save_trained_weights(state, model, tmp_path / PROJECTOR_FILE)
+    assert not any(tmp_path.iterdir())
+
+
 def test_projector_file_must_fit(setup, tmp_path):
     model = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="second"))
     from transformers_hyperllava.training import save_trained_weights
@@ -732,9 +761,15 @@ def mistake(case, setup, tmp_path):
         setup["config"].text_config.save_pretrained(folder)  # a Llama config.json
         message = rf"{re.escape(str(folder))}: model_type 'llama' is neither hyperllava nor llava"
         return lambda: load_model(ModelArguments(str(folder))), message
-    if case in ("projector-file-with-llm-weights", "projector-file-with-weights-the-model-lacks"):
+    if case in (
+        "projector-file-with-llm-weights",
+        "projector-file-with-weights-the-model-lacks",
+        "empty-projector-file",
+    ):
         model = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="second"))
-        if case == "projector-file-with-llm-weights":
+        if case == "empty-projector-file":
+            weights, message = {}, rf"{re.escape(str(tmp_path / PROJECTOR_FILE))} holds no tensors"
+        elif case == "projector-file-with-llm-weights":
             llm_weight = "model.language_model.norm.weight"
             weights = {**projector_weights(model), llm_weight: model.get_parameter(llm_weight).detach().clone()}
             message = rf"expected only projector and visual-expert weights, found \['{re.escape(llm_weight)}'\]"
@@ -778,6 +813,7 @@ def mistake(case, setup, tmp_path):
         "neither-llava-nor-hyperllava",
         "projector-file-with-llm-weights",
         "projector-file-with-weights-the-model-lacks",
+        "empty-projector-file",
         "lora-in-align",
         "processor-image-token",
     ],

@@ -20,6 +20,7 @@ import torch
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -102,6 +103,9 @@ def add_lora(model, stage: str, r: int, alpha: int, dropout: float):
 def save_trained_weights(state_dict: dict, model, path):
     """Write the weights `model` trains (from the full, gathered `state_dict`) to a safetensors file."""
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(trained - state_dict.keys())
+    if missing:
+        raise ValueError(f"the state dict to save {path} from has no weights named {missing[:3]} (of {len(missing)})")
     tensors = {name: tensor.contiguous() for name, tensor in state_dict.items() if name in trained}
     with replaced_when_done(path) as partial:
         save_file(tensors, partial, metadata={"format": "pt"})
@@ -116,6 +120,8 @@ def load_trained_weights(model, path):
             f"--pretrained_projector {path}: cannot read it as safetensors ({error}); it takes the "
             f"{PROJECTOR_FILE} that stage 1 (--stage align) writes"
         ) from error
+    if not state:  # (as a compiled stage 1 wrote it before this was fixed)
+        raise ValueError(f"--pretrained_projector {path} holds no tensors: run stage 1 (--stage align) again")
     wrong = [name for name in state if parameter_group(name) not in STAGES["align"]]
     if wrong:
         raise ValueError(f"{path}: expected only projector and visual-expert weights, found {wrong[:5]}")
@@ -365,8 +371,10 @@ def save_stage(trainer: Trainer, processor, output_dir):
     # The processes that write: the main one, or one per node with --save_on_each_node (as `Trainer.save_model`).
     args, model, writer = trainer.args, trainer.model, trainer.args.should_save
     if args.stage == "align":
-        # Gathered from every rank under FSDP / ZeRO-3.
+        # Gathered from every rank under FSDP / ZeRO-3. With --torch_compile the wrapped model is the compiled module,
+        # whose state dict prefixes every name with `_orig_mod.`.
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")
         if writer:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_trained_weights(state_dict, model, Path(output_dir) / PROJECTOR_FILE)
