@@ -19,7 +19,7 @@ from conftest import (
     training_batch,
 )  # fmt: skip
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
-from transformers_hyperllava.modeling_hyperllava import CACHE_ARG, CACHED_WEIGHTS, IMAGE_OUTPUT
+from transformers_hyperllava.modeling_hyperllava import CACHE_ARG, CACHED_WEIGHTS, IMAGE_OUTPUT, HyperExpert
 from transformers_hyperllava.tiny import tiny_config
 
 # --- 1. zero-init equivalence --------------------------------------------------------------------------------------
@@ -746,11 +746,28 @@ def test_wrong_pixel_shape_is_a_clear_error():
         ({"expert_bottleneck_dim": 64}, r"expert_bottleneck_dim=64 is larger than .* allowed values: 1\.\.24"),
         ({"language_guidance_layer": 9}, r"language_guidance_layer must be an integer in 0\.\.3, got 9"),
         ({"language_expert_layers": []}, r"language_expert_layers must be one of .* or a non-empty list"),
+        (
+            {"num_hidden_layers": 1, "language_expert_layers": "anterior"},
+            r"language_expert_layers='anterior' \(the first half\) names no layer of a 1-layer text model",
+        ),
     ],
 )
 def test_invalid_config_fields_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "visual_expert, feature_layer, widest",
+    [(None, -2, 32), ("second", -2, 32), ("first", -2, 24), ("both", [-2, -1], 32)],
+)
+def test_the_bottleneck_may_be_as_wide_as_the_narrowest_width_an_expert_adapts(visual_expert, feature_layer, widest):
+    """The LLM's width (32 here), and for the first visual expert its input: the vision width (24) per feature layer."""
+    config = tiny_config(visual_expert=visual_expert, vision_feature_layer=feature_layer, expert_bottleneck_dim=widest)
+    model = HyperLlavaForConditionalGeneration(config)
+    assert all(expert.rank == widest for expert in model.modules() if isinstance(expert, HyperExpert))
+    with pytest.raises(ValueError, match=rf"expert_bottleneck_dim={widest + 1} .* allowed values: 1\.\.{widest}$"):
+        tiny_config(visual_expert=visual_expert, vision_feature_layer=feature_layer, expert_bottleneck_dim=widest + 1)
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,8 @@ class HyperLlavaConfig(LlavaConfig):
 
     Args:
         visual_expert (`str` or `None`, defaults to `"first"`):
-            Where the visual expert shifts the projector (paper Eq. 5): `"first"` inside the GELU after `linear_1`,
+            Where the visual expert shifts the projector (paper Eq. 5): `"first"` inside the activation (LLaVA-1.5's
+            GELU, `projector_hidden_act`) after `linear_1`,
             `"second"` after `linear_2`, `"both"`, or `None` for no visual expert.
         language_expert_layers (`str`, `list[int]` or `None`, defaults to `"posterior"`):
             Decoder layers that get a language expert beside their FFN: `"posterior"` (the second half, the
@@ -88,8 +89,8 @@ class HyperLlavaConfig(LlavaConfig):
         self.check_expert_fields()
 
     def check_expert_fields(self):
-        """Refuse combinations of settings that the model cannot build or would silently ignore, and fill in the
-        default `language_guidance_layer`. Run at construction and again by the model: `from_pretrained(...,
+        """Refuse combinations of settings that the model cannot build, and fill in the default
+        `language_guidance_layer`. Run at construction and again by the model: `from_pretrained(...,
         language_expert_layers=...)` sets fields one by one on a config built without them (a config saved without a
         language expert has no guidance layer)."""
         text = self.text_config
@@ -102,7 +103,15 @@ class HyperLlavaConfig(LlavaConfig):
                     f"{name}.model_type={sub_config.model_type!r} is not supported by HyperLLaVA yet; "
                     f"supported: {list(supported)}"
                 )
-        smallest_width = min(text.hidden_size, self.vision_config.hidden_size)
+        # r is a bottleneck: no wider than what an expert adapts, the LLM's width, and for the first visual expert also
+        # its input, the vision features (one vision width per layer of a vision_feature_layer list).
+        widths = [text.hidden_size]
+        if self.visual_expert in ("first", "both"):
+            feature_layers = self.vision_feature_layer
+            widths.append(
+                self.vision_config.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
+            )
+        smallest_width = min(widths)
         if self.expert_bottleneck_dim > smallest_width:
             raise ValueError(
                 f"expert_bottleneck_dim={self.expert_bottleneck_dim} is larger than the smallest hidden size an "
@@ -155,6 +164,11 @@ class HyperLlavaConfig(LlavaConfig):
         if spec == "posterior":
             return list(range(num_layers // 2, num_layers))
         if spec == "anterior":
+            if num_layers < 2:
+                raise ValueError(
+                    "language_expert_layers='anterior' (the first half) names no layer of a 1-layer text model: use "
+                    "'posterior', 'all' or a list of layer indices"
+                )
             return list(range(num_layers // 2))
         if spec == "all":
             return list(range(num_layers))

@@ -149,7 +149,8 @@ def prompt_mask(labels, attention_mask=None):
             "cannot name the prompt: pass language_guidance_mask (batch, sequence_length) to pool the language "
             "guidance over"
         )
-    # (An attention mask that also covers cached tokens, as with PEFT's prefix tuning, ends with the labels' positions.)
+    # (An attention mask that also covers cached tokens, as PEFT's prefix tuning passes it, ends with the labels'
+    # positions: sliced so, it reaches the model's own refusal of such a cache instead of failing on shapes here.)
     return mask & attention_mask[:, -labels.shape[1] :].bool()
 
 

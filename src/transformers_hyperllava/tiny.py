@@ -41,13 +41,13 @@ def tiny_config(
     overrides.setdefault("expert_embedding_dim", 8)
     overrides.setdefault("expert_bottleneck_dim", 4)
     overrides.setdefault("hypernetwork_hidden_dim", 8)
+    overrides.setdefault("vision_feature_layer", -2)
+    overrides.setdefault("vision_feature_select_strategy", "default")
     return HyperLlavaConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_index=image_token_id,
         image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
         pad_token_id=pad_token_id,
         **overrides,
     )
