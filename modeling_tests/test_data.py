@@ -384,6 +384,15 @@ def test_bad_samples_name_the_sample(processor, image_folder, tmp_path, sample, 
     assert repr(sample["id"]) in str(error.value)
 
 
+def test_an_image_over_pillows_pixel_limit_names_the_sample(processor, image_folder, tmp_path, monkeypatch):
+    """Pillow refuses an image over twice its pixel limit (a possible decompression bomb) with an error that is not an
+    OSError; the limit is lowered here so that the 28 x 28 test image is one."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    data = write_json(tmp_path / "d.json", [GOOD])
+    with pytest.raises(ValueError, match=r"sample 'good': cannot read image .*a\.png: .*exceeds limit"):
+        LlavaJsonDataset(data, processor, image_folder)[0]
+
+
 def test_image_without_image_folder_names_the_sample(processor, tmp_path):
     text_only = {"id": "text", "conversations": conversation(SINGLE, image_tag=False)}
     # Text-only samples need no image folder...

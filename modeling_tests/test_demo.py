@@ -1,6 +1,7 @@
 """The built-in demo: the rendered data says what its answers say, and a shortened demo run learns it."""
 
 import json
+import re
 from collections import deque
 
 import numpy as np
@@ -133,3 +134,32 @@ def test_shortened_demo_learns_every_question_type(tmp_path, capsys):
     assert results["count"] >= 2 * CHANCE["count"]
     assert results["yes/no"] >= 0.9
     assert results["position"] >= 1.5 * CHANCE["position"]
+
+
+def test_a_demo_with_fewer_than_five_heldout_questions_shows_them_all(tmp_path, capsys):
+    """One held-out image gives 4 questions: the closing sample shows those, rather than fail after the whole run."""
+    threads = torch.get_num_threads()
+    argv = ["--output_dir", str(tmp_path), "--train_images", "8", "--heldout_images", "1", "--batch_size", "4"]
+    try:
+        demo.run(demo.parse_args([*argv, "--align_steps", "1", "--instruct_steps", "1"]))
+    finally:
+        torch.set_num_threads(threads)
+    heldout = json.loads((tmp_path / "data" / "heldout.json").read_text())
+    printed = [line for line in capsys.readouterr().out.splitlines() if "(expected" in line]
+    assert len(heldout) == 4 and len(printed) == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--heldout_images", "0"], "--heldout_images must be at least 1, got 0"),
+        (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--instruct_steps", "-3"], "--instruct_steps must be at least 1, got -3"),
+        (["--threads", "-1"], r"--threads must be 0 \(PyTorch's default\) or more, got -1"),
+    ],
+)
+def test_bad_demo_arguments_are_refused_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

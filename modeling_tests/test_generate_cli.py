@@ -213,6 +213,7 @@ def test_single_question_errors(saved, capsys, argv, message):
             "--model .*/align: .* stage 1's projector alone; .* --base-model",
         ),
         (["--prompt", "Hi", "--question-file", "q.jsonl", "--answers-file", "a.jsonl"], "give either --prompt"),
+        (["--prompt", "Hi", "--device", "bogus"], "--device bogus: .*device type"),
         (["--question-file", "q.jsonl"], "--question-file needs --answers-file"),
         (["--question-file", "does-not-exist.jsonl", "--answers-file", "a.jsonl"], "question file not found"),
         (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
@@ -248,6 +249,26 @@ def test_bad_arguments_are_refused(saved, capsys, tmp_path, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search("hyperllava-generate: error: " + message, err), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine whose torch sees no CUDA device")
+def test_a_cuda_device_without_one_is_refused(saved, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(saved[0]), "--prompt", "Hi", "--device", "cuda:1"])
+    assert exit_info.value.code == 2
+    assert (
+        "hyperllava-generate: error: --device cuda:1: this machine's torch sees no CUDA device"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_hub_id_that_cannot_be_found_is_named(capsys, monkeypatch):
+    """A mistyped local path that looks like a Hub id is taken for one; the error names it (offline here)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run(["--model", "hyperllava-demo/modle", "--prompt", "Hi"], capsys)
+    assert code == 1 and out == ""
+    assert re.search(r"^hyperllava-generate: error: --model hyperllava-demo/modle: ", err, re.MULTILINE), err
+    assert "Traceback" not in err
 
 
 def write_questions(path, lines):
@@ -385,6 +406,46 @@ def test_batch_mode_replaces_the_answers_file_only_at_the_end(saved, capsys, tmp
     assert stat.S_IMODE(answers_file.stat().st_mode) == 0o664  # what open(..., "w") gives under that umask
     assert other_partial.read_text() == "another run's answers\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_an_image_over_pillows_pixel_limit_is_reported_and_the_others_answered(saved, capsys, tmp_path, monkeypatch):
+    """Pillow refuses an image over twice its pixel limit (a possible decompression bomb) with an error that is not an
+    OSError; lowered here so that wide.png (1500 px) is one and tall.jpg (960 px) is not."""
+    folder, model, processor, images = saved
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)
+    code, out, err = run(["--model", str(folder), "--image", str(images / "wide.png"), "--prompt", "What?"], capsys)
+    assert code == 1 and out == ""
+    assert re.search(r"hyperllava-generate: error: Cannot read image file .*wide\.png: .*exceeds limit", err), err
+
+    questions = [
+        {"question_id": "bomb", "image": "wide.png", "text": "What?"},
+        {"question_id": "fine", "image": "tall.jpg", "text": "What?"},
+    ]
+    write_questions(tmp_path / "questions.jsonl", questions)
+    answers_file = tmp_path / "answers.jsonl"
+    code, _, err = run(
+        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
+        + ["--answers-file", str(answers_file)],
+        capsys,
+    )
+    assert code == 1 and "question 'bomb' failed: Cannot read image file" in err
+    assert [json.loads(line)["question_id"] for line in answers_file.read_text().splitlines()] == ["fine"]
+
+
+def test_a_run_that_answers_nothing_keeps_the_previous_answers(saved, capsys, tmp_path):
+    folder, _, _, images = saved
+    write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
+    answers_file = tmp_path / "answers.jsonl"
+    answers_file.write_text("old answers\n")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run(
+        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
+        + ["--image-folder", str(tmp_path / "typo"), "--answers-file", str(answers_file)],
+        capsys,
+    )
+    assert code == 1 and f"no question was answered: {answers_file} is left as it was" in err
+    assert answers_file.read_text() == "old answers\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no partial file left behind
 
 
 def test_batch_mode_refuses_a_question_file_that_is_not_text(saved, capsys, tmp_path, monkeypatch):

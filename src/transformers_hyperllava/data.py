@@ -164,7 +164,7 @@ class LlavaJsonDataset(Dataset):
         try:
             with Image.open(self.image_folder / name) as image:
                 return image.convert("RGB")
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:  # (the latter: an image over Pillow's pixel limit)
             raise ValueError(f"sample {sample_id!r}: cannot read image {self.image_folder / name}: {error}") from error
 
     def __getitem__(self, index) -> dict:

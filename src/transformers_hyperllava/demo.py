@@ -132,7 +132,13 @@ def parse_args(argv=None):
     # The demo's matrices are too small to gain from a second thread, and on a busy machine two threads that wait
     # on each other were ten times slower than one.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: PyTorch's default)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("train_images", "heldout_images", "align_steps", "instruct_steps", "batch_size"):
+        if getattr(args, name) < 1:  # (found here, not after a training run)
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 (PyTorch's default) or more, got {args.threads}")
+    return args
 
 
 def run(args) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
@@ -163,7 +169,7 @@ def run(args) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     print(f"\nSaved the HyperLLaVA model and processor in Hub format to {model_dir}")
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     reloaded = AutoProcessor.from_pretrained(model_dir)
-    samples = random.Random(args.seed).sample(heldout, 5)
+    samples = random.Random(args.seed).sample(heldout, min(5, len(heldout)))
     for q, a in zip(samples, answer(model, reloaded, samples, data.image_folder), strict=True):
         print(f"  {q['image']}: {q['question']!r} -> {a!r} (expected {q['answer']!r})")
     print(f"\nDone in {time.time() - start:.0f} s")

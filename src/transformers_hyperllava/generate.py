@@ -32,7 +32,8 @@ def load_image(path) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    # (Pillow refuses an image over its pixel limit, a possible decompression bomb, with an error of its own.)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"Cannot read image file {path}: {error}") from error
 
 
@@ -105,6 +106,11 @@ def read_questions(path):
             yield question["question_id"], ValueError("; ".join(wrong)) if wrong else question
 
 
+class _NothingAnswered(Exception):
+    """Every question failed (a wrong --image-folder, say). Raised inside `replaced_when_done`, which then keeps the
+    previous answers file rather than replace it with an empty one."""
+
+
 def answer_file(args, questions, model, processor) -> int:
     """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
     model_id = Path(args.model).name
@@ -117,42 +123,47 @@ def answer_file(args, questions, model, processor) -> int:
 
     answers_file = Path(args.answers_file)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        replaced_when_done(answers_file) as partial,
-        open(partial, "x", encoding="utf-8") as out,
-        tqdm(total=len(questions), desc="questions") as progress,
-    ):
-        for start in range(0, len(questions), args.batch_size):
-            batch = []
-            for question_id, question in questions[start : start + args.batch_size]:
-                try:
-                    if isinstance(question, Exception):
-                        raise question
-                    image = load_image(Path(args.image_folder) / question["image"])
-                    prompt = build_prompt(processor, question["text"], 1, args.system)
-                    batch.append((question_id, question["text"], prompt, image))
-                except (OSError, ValueError, TypeError) as error:
-                    fail(question_id, error)
-            if batch:
-                ids, texts, prompts, images = zip(*batch)
-                try:
-                    answers = generate_answers(model, processor, list(prompts), list(images), **kwargs)
-                except (RuntimeError, ValueError) as error:
-                    for question_id in ids:
+    try:
+        with (
+            replaced_when_done(answers_file) as partial,
+            open(partial, "x", encoding="utf-8") as out,
+            tqdm(total=len(questions), desc="questions") as progress,
+        ):
+            for start in range(0, len(questions), args.batch_size):
+                batch = []
+                for question_id, question in questions[start : start + args.batch_size]:
+                    try:
+                        if isinstance(question, Exception):
+                            raise question
+                        image = load_image(Path(args.image_folder) / question["image"])
+                        prompt = build_prompt(processor, question["text"], 1, args.system)
+                        batch.append((question_id, question["text"], prompt, image))
+                    except (OSError, ValueError, TypeError) as error:
                         fail(question_id, error)
-                    answers = []
-                for question_id, text, answer in zip(ids, texts, answers):
-                    record = {
-                        "question_id": question_id,
-                        "prompt": text,
-                        "text": answer,
-                        "answer_id": uuid.uuid4().hex,
-                        "model_id": model_id,
-                        "metadata": {},
-                    }
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-            progress.update(min(args.batch_size, len(questions) - start))
+                if batch:
+                    ids, texts, prompts, images = zip(*batch)
+                    try:
+                        answers = generate_answers(model, processor, list(prompts), list(images), **kwargs)
+                    except (RuntimeError, ValueError) as error:
+                        for question_id in ids:
+                            fail(question_id, error)
+                        answers = []
+                    for question_id, text, answer in zip(ids, texts, answers):
+                        record = {
+                            "question_id": question_id,
+                            "prompt": text,
+                            "text": answer,
+                            "answer_id": uuid.uuid4().hex,
+                            "model_id": model_id,
+                            "metadata": {},
+                        }
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()
+                progress.update(min(args.batch_size, len(questions) - start))
+            if questions and len(failures) == len(questions):
+                raise _NothingAnswered
+    except _NothingAnswered:
+        print(f"no question was answered: {answers_file} is left as it was", file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(questions)} questions failed: {failures}", file=sys.stderr)
     return len(failures)
@@ -215,6 +226,13 @@ def parse_args(argv=None):
                 else ""
             )
         )
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            parser.error(f"--device {args.device}: {error}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this machine's torch sees no CUDA device (use --device cpu)")
     if (args.prompt is None) == (args.question_file is None):
         parser.error("give either --prompt (with --image) or --question-file (with --answers-file)")
     if args.question_file is not None and (args.answers_file is None or args.image):
@@ -246,7 +264,11 @@ def load_model(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_seed(args.seed)
-    processor = AutoProcessor.from_pretrained(args.model)
+    try:
+        processor = AutoProcessor.from_pretrained(args.model)
+    except OSError as error:  # a Hub id that is not there (or a mistyped local path, taken for one): say which
+        print(f"hyperllava-generate: error: --model {args.model}: {error}", file=sys.stderr)
+        return 1
     # Bad input is reported before the (slow) model load.
     if args.question_file is not None:
         try:
