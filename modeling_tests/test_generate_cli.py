@@ -275,6 +275,18 @@ def write_questions(path, lines):
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
 
 
+def run_batch(model_folder, questions, image_folder, tmp_path, capsys, *options):
+    """Batch mode on `questions` (written to tmp_path/questions.jsonl): the exit code, stderr and the answers file."""
+    write_questions(tmp_path / "questions.jsonl", questions)
+    answers_file = tmp_path / "answers.jsonl"
+    code, _, err = run(
+        ["--model", str(model_folder), "--question-file", str(tmp_path / "questions.jsonl")]
+        + ["--image-folder", str(image_folder), "--answers-file", str(answers_file), *options],
+        capsys,
+    )
+    return code, err, answers_file
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, batch_size):
     folder, model, processor, images = saved
@@ -421,28 +433,18 @@ def test_an_image_over_pillows_pixel_limit_is_reported_and_the_others_answered(s
         {"question_id": "bomb", "image": "wide.png", "text": "What?"},
         {"question_id": "fine", "image": "tall.jpg", "text": "What?"},
     ]
-    write_questions(tmp_path / "questions.jsonl", questions)
-    answers_file = tmp_path / "answers.jsonl"
-    code, _, err = run(
-        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
-        + ["--answers-file", str(answers_file)],
-        capsys,
-    )
+    code, err, answers_file = run_batch(folder, questions, images, tmp_path, capsys)
     assert code == 1 and "question 'bomb' failed: Cannot read image file" in err
     assert [json.loads(line)["question_id"] for line in answers_file.read_text().splitlines()] == ["fine"]
 
 
 def test_a_run_that_answers_nothing_keeps_the_previous_answers(saved, capsys, tmp_path):
     folder, _, _, images = saved
-    write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
-    answers_file = tmp_path / "answers.jsonl"
-    answers_file.write_text("old answers\n")
+    (tmp_path / "answers.jsonl").write_text("old answers\n")
+    (tmp_path / "questions.jsonl").write_text("")
     files = sorted(p.name for p in tmp_path.iterdir())
-    code, _, err = run(
-        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
-        + ["--image-folder", str(tmp_path / "typo"), "--answers-file", str(answers_file)],
-        capsys,
-    )
+    questions = [{"question_id": "q1", "image": "wide.png", "text": "What?"}]
+    code, err, answers_file = run_batch(folder, questions, tmp_path / "typo", tmp_path, capsys)
     assert code == 1 and f"no question was answered: {answers_file} is left as it was" in err
     assert answers_file.read_text() == "old answers\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == files  # no partial file left behind
@@ -489,13 +491,7 @@ def test_batch_mode_pads_left_even_if_the_saved_tokenizer_pads_right(saved, caps
         {"question_id": "short", "image": "wide.png", "text": "What?"},
         {"question_id": "long", "image": "tall.jpg", "text": "Describe the picture in detail."},
     ]
-    write_questions(tmp_path / "questions.jsonl", questions)
-    answers_file = tmp_path / "answers.jsonl"
-    code, _, err = run(
-        ["--model", str(right), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
-        + ["--answers-file", str(answers_file), "--batch-size", "2"],
-        capsys,
-    )
+    code, err, answers_file = run_batch(right, questions, images, tmp_path, capsys, "--batch-size", "2")
     assert code == 0, err
     for question, line in zip(questions, answers_file.read_text().splitlines()):
         expected = reference_answer(model, processor, question["text"], [images / question["image"]])
