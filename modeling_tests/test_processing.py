@@ -180,14 +180,22 @@ def test_chat_template_refuses_unknown_roles(processor):
         processor.apply_chat_template([user("Hi"), {"role": "tool", "content": "x"}])
 
 
-@pytest.mark.parametrize("top_level", [False, True], ids=["processor_kwargs", "top-level"])  # where padding is given
+# Where padding and return_tensors are given; how the images are given (OpenAI's image_url blocks, as a file path).
+@pytest.mark.parametrize("top_level", [False, True], ids=["processor_kwargs", "top-level"])
+@pytest.mark.parametrize("block", ["image", "image_url"])
 @pytest.mark.parametrize("batched, padding_side", [(False, "left"), (True, "left"), (True, "right")])
-def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched, padding_side, top_level):
-    image = random_image(30, 50)
+def test_assistant_mask_marks_exactly_the_answers(
+    processor, tokenizer, tmp_path, batched, padding_side, top_level, block
+):
+    random_image(30, 50).save(tmp_path / "image.png")
+    if block == "image":
+        image = {"type": "image", "image": Image.open(tmp_path / "image.png")}
+    else:
+        image = {"type": "image_url", "image_url": {"url": str(tmp_path / "image.png")}}
     long = [
         {
             "role": "user",
-            "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is in the image?"}],
+            "content": [image, {"type": "text", "text": "What is in the image?"}],
         },
         assistant("A red square."),
         user("How many objects are there?"),
@@ -196,21 +204,21 @@ def test_assistant_mask_marks_exactly_the_answers(processor, tokenizer, batched,
     short = [
         {
             "role": "user",
-            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe the picture."}],
+            "content": [image, {"type": "text", "text": "Describe the picture."}],
         },
         assistant("There is a cat next to a green box."),
     ]
     conversations = [long, short] if batched else [long]
     answers = [["A red square.", "Two."], ["There is a cat next to a green box."]]
-    padding = {"padding": True, "padding_side": padding_side}
+    processing = {"padding": True, "padding_side": padding_side, "return_tensors": "pt"}
     out = processor.apply_chat_template(
         conversations if batched else long,
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
-        **(padding if top_level else {"processor_kwargs": padding}),
-        return_tensors="pt",
+        **(processing if top_level else {"processor_kwargs": processing}),
     )
+    assert all(isinstance(value, torch.Tensor) for value in out.values())
     assert out["assistant_masks"].shape == out["input_ids"].shape
     for row, conversation_answers in enumerate(answers[: len(conversations)]):
         ids, mask = out["input_ids"][row], out["assistant_masks"][row].bool()

@@ -121,23 +121,33 @@ class HyperLlavaProcessor(LlavaProcessor):
         # covers, e.g. a space its pre-tokenizer drops; LlavaJsonDataset drops a sample left with no answer token.) Kept on
         # 5.18 and later, which map the spans right, because it refuses a truncated prompt, for which they return a
         # partial or empty mask without a word (a sample that would train on part of its answer, or on nothing).
-        return_tensors = kwargs.pop("return_tensors", None)
+        # Lists until the mask is placed, then tensors of the type asked for, at the top level or in processor_kwargs.
+        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        return_tensors = kwargs.pop("return_tensors", None) or processor_kwargs.pop("return_tensors", None)
+        processor_kwargs.pop("return_tensors", None)
         out = super().apply_chat_template(
-            conversation, chat_template, **{**kwargs, "return_assistant_tokens_mask": False}, return_tensors=None
+            conversation,
+            chat_template,
+            **{**kwargs, "return_assistant_tokens_mask": False},
+            processor_kwargs=processor_kwargs,
+            return_tensors=None,
         )
+        # The conversations as the call above rendered them (OpenAI-style image_url blocks as image blocks): 5.23 and
+        # later normalise a copy; earlier releases rewrote the caller's conversation in place, in that call.
+        if hasattr(self, "_normalize_conversations"):
+            conversations, _ = self._normalize_conversations(conversation)
+        else:
+            conversations = conversation if isinstance(conversation[0], (list, tuple)) else [conversation]
         # The template's own arguments only: padded or truncated, the unexpanded prompt would no longer match the
         # expanded one token for token.
         template_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_THE_UNEXPANDED_PROMPT}
         unexpanded = self.tokenizer.apply_chat_template(
-            conversation,
+            conversations,
             chat_template=chat_template or self.chat_template,
             tokenize=True,
             return_dict=True,
             **template_kwargs,
         )
-        is_batched = isinstance(conversation[0], (list, tuple))
-        if not is_batched:
-            unexpanded = {key: [value] for key, value in unexpanded.items()}
         out["assistant_masks"] = [
             self._expand_assistant_mask(ids, mask, expanded)
             for ids, mask, expanded in zip(
