@@ -21,6 +21,7 @@ import functools
 import os
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 try:
     import triton
@@ -56,11 +57,21 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
     """
     _check_inputs(x, w_down, w_up, residual, ffn_out)
     w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
-        return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
-    # Without autograd, outside a compiled graph and on plain tensors, the custom op's dispatch would only add host
-    # time, which bounds eager decoding (docs/performance.md): the launcher is called directly.
-    return _forward(x, w_down, w_up, residual, ffn_out)
+    if _plain_eager_call(x, w_down, w_up, residual, ffn_out):
+        # The custom op's dispatch would only add host time, which bounds eager decoding (docs/performance.md).
+        return _forward(x, w_down, w_up, residual, ffn_out)
+    return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
+
+
+def _plain_eager_call(*tensors) -> bool:
+    """No autograd, no compiler, tracer or dispatch mode, and plain tensors: nothing that needs to see the op."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not is_in_torch_dispatch_mode()
+        and all(type(tensor) is torch.Tensor for tensor in tensors if tensor is not None)
+    )
 
 
 def _check_inputs(x, w_down, w_up, residual, ffn_out=None):
