@@ -327,6 +327,7 @@ class Plan:
     dtype: torch.dtype  # of the output's floating-point weights
     source_config: dict
     input_folder: Path
+    base_folder: Path | None
     vision_folder: Path | None
 
 
@@ -397,7 +398,17 @@ def prepare(args):
     check_shapes(entries, expected, trained_tokens, tokenizer_folder)
     entries = [(target, path, key) for target, path, key, _ in entries]
     return Plan(
-        model, config, tokenizer, entries, fresh_experts, expected, dtype, source_config, input_folder, vision_folder
+        model,
+        config,
+        tokenizer,
+        entries,
+        fresh_experts,
+        expected,
+        dtype,
+        source_config,
+        input_folder,
+        base_folder,
+        vision_folder,
     )
 
 
@@ -609,13 +620,14 @@ def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-def build_processor(config, tokenizer, vision_folder, input_folder, image_aspect_ratio):
+def build_processor(config, tokenizer, folders, image_aspect_ratio):
     """LLaVA-1.5's preprocessing: CLIP's resize/crop/normalisation, padded to a square with the mean colour.
 
-    A folder's own image processor settings are kept; `image_aspect_ratio` (a LLaVA-codebase run's setting, None for
-    a Transformers folder, whose settings say it themselves) decides the padding."""
+    The first of `folders` (input, base model, vision tower) with image processor settings gives them: a stage 1
+    output keeps those of the model it started from. `image_aspect_ratio` (a LLaVA-codebase run's setting, None for a
+    Transformers folder, whose settings say it themselves) decides the padding."""
     image_processor = None
-    for folder in (input_folder, vision_folder):
+    for folder in folders:
         # Transformers 5 keeps them in processor_config.json, earlier releases and CLIP in preprocessor_config.json.
         if folder is not None and any((folder / name).is_file() for name in PROCESSOR_FILES):
             # CLIP's (or LLaVA's) settings read into LLaVA's image processor, whatever class the file names.
@@ -760,7 +772,8 @@ def write_output(folder: Path, args, plan: Plan):
     # says it itself.
     codebase = input_layout(plan.source_config) == "llava_codebase"
     aspect_ratio = plan.source_config.get("image_aspect_ratio", "pad") if codebase else None
-    processor = build_processor(config, tokenizer, plan.vision_folder, plan.input_folder, aspect_ratio)
+    folders = (plan.input_folder, plan.base_folder, plan.vision_folder)
+    processor = build_processor(config, tokenizer, folders, aspect_ratio)
     processor.save_pretrained(folder)
 
     write_model_card(folder, config, model.parameter_counts(), args)

@@ -23,7 +23,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast, SiglipVisionConfig
+from transformers import (
+    AutoProcessor,
+    CLIPConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
 from transformers.testing_utils import CaptureLogger, LoggingLevel
 from transformers.utils import logging
 
@@ -396,7 +402,10 @@ def test_this_packages_stage1_output_with_the_model_it_started_from(tmp_path):
     torch.manual_seed(0)
     base = HyperLlavaForConditionalGeneration(config).eval()
     base.save_pretrained(tmp_path / "base")
-    tiny_processor(tokenizer, config).save_pretrained(tmp_path / "base")
+    processor = tiny_processor(tokenizer, config)
+    # Image preprocessing of the base's own (not CLIP's defaults, not padded): the output keeps it.
+    processor.image_processor.image_mean, processor.image_processor.do_pad = [0.1, 0.2, 0.3], False
+    processor.save_pretrained(tmp_path / "base")
     # Stage 1's result: the projector and the visual experts trained (here: changed), saved as stage 1 saves them.
     trained = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
     with torch.no_grad():
@@ -416,6 +425,8 @@ def test_this_packages_stage1_output_with_the_model_it_started_from(tmp_path):
     logits = logits[..., : config.text_config.vocab_size]  # (the converter pads the vocabulary to a multiple of 64)
     torch.testing.assert_close(logits, reference_logits(expected, batch), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits, reference_logits(base, batch), atol=1e-3)  # (stage 1's weights matter)
+    image_processor = AutoProcessor.from_pretrained(out).image_processor
+    assert list(image_processor.image_mean) == [0.1, 0.2, 0.3] and image_processor.do_pad is False
 
 
 # Expert parameters by the shapes docs/model.md gives (L layers, m = embedding, g = guidance, h = hypernetwork hidden,

@@ -84,6 +84,23 @@ def test_loaded_expert_weights_are_never_initialised_again(tmp_path):
             torch.testing.assert_close(dynamic.get_parameter(name), param, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "latent"])
+def test_a_new_hypernetwork_width_starts_the_experts_as_the_identity(tiny_llava, tmp_path, mode):
+    """Reloaded with another hypernetwork_hidden_dim, only the experts' hyper_in and hyper_out are new: Transformers
+    re-initialises those linear layers without their expert (whose own parameters all loaded), and W_u's rows of
+    hyper_out must still start at zero, so that the untrained experts leave LLaVA's logits as they are."""
+    llava, _ = tiny_llava
+    HyperLlavaForConditionalGeneration.from_llava(llava, expert_mode=mode, visual_expert="both").save_pretrained(
+        tmp_path
+    )
+    wider = HyperLlavaForConditionalGeneration.from_pretrained(
+        tmp_path, hypernetwork_hidden_dim=16, ignore_mismatched_sizes=True
+    )
+    assert wider.model.language_model.language_expert.hyper_out.in_features == 16
+    batch = inputs()
+    torch.testing.assert_close(wider(**batch).logits, llava(**batch).logits, atol=1e-12, rtol=0)
+
+
 def test_a_language_expert_added_at_load_time_gets_the_default_guidance_layer(tmp_path):
     """A checkpoint saved without a language expert has no guidance layer; loaded with expert layers, the model must
     pool its guidance where a config built with them would, not silently skip the expert."""

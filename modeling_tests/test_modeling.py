@@ -71,6 +71,16 @@ def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
         del llava.hf_device_map
 
 
+def test_from_llava_keeps_what_the_llava_model_froze_frozen(tiny_llava):
+    """The two models share tensors, but a state dict carries no requires_grad: it is copied, the experts train."""
+    llava, _ = tiny_llava
+    llava.model.vision_tower.requires_grad_(False)
+    model = HyperLlavaForConditionalGeneration.from_llava(llava)
+    for name, param in model.named_parameters():
+        assert param.requires_grad == ("expert" in name or llava.get_parameter(name).requires_grad), name
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+
+
 def test_from_llava_keeps_tied_embeddings_tied_and_copies_the_generation_config():
     """Tied, the output embedding is the input embedding's parameter: one parameter, one optimizer state, as in LLaVA."""
     config = tiny_config().to_llava_config()

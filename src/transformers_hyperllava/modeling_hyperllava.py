@@ -186,6 +186,8 @@ class HyperExpert(nn.Module):
         if self.mode != "static":
             self.hyper_in = nn.Linear(m, h)  # W1, B1: shared by all layers
             self.hyper_out = nn.Linear(h, num_params)  # W2, B2: shared by all layers
+            # Its rows from num_down on produce W_u: tagged for the model's initialisation, which zeroes them.
+            self.hyper_out.num_down = self.num_down
         self.layer_bias = nn.Parameter(torch.empty(num_layers, num_params))  # b(n)
 
     def forward(self, guidance=None):
@@ -228,6 +230,19 @@ class HyperExpert(nn.Module):
         with torch.no_grad():
             param.normal_(std=std)
             param.narrow(dim, self.num_down, param.shape[dim] - self.num_down).zero_()
+
+
+def init_expert_weights(module, std):
+    """HyperLLaVA's part of `_init_weights`, which Transformers calls for each module, children first. Also for an
+    expert's `hyper_out` on its own: Transformers skips an expert whose own parameters all loaded, so one whose
+    hypernetwork alone is new (another hypernetwork_hidden_dim) gets only its linear layers initialised, and their W_u
+    rows must start at zero all the same. (Zeroed without a random draw: a model built from a seed keeps its values.)"""
+    if isinstance(module, HyperExpert):
+        module.init_weights(std)
+    elif isinstance(module, nn.Linear) and hasattr(module, "num_down"):
+        if not getattr(module.weight, "_is_hf_initialized", False):
+            with torch.no_grad():
+                module.weight[module.num_down :].zero_()
 
 
 class HyperLlavaMultiModalProjector(LlavaMultiModalProjector):
@@ -318,8 +333,7 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, HyperExpert):
-            module.init_weights(self.config.text_config.initializer_range)
+        init_expert_weights(module, self.config.text_config.initializer_range)
 
 
 class HyperLlamaModel(LlamaModel):
@@ -354,8 +368,7 @@ class HyperLlamaModel(LlamaModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, HyperExpert):
-            module.init_weights(self.config.initializer_range)
+        init_expert_weights(module, self.config.initializer_range)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -634,6 +647,9 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
                 module.to(llava.dtype)
         # Assigning LLaVA's state dict gave a tied lm_head a parameter of its own (sharing the tensor): tie it again.
         model.tie_weights()
+        # A state dict carries no requires_grad: a part frozen in the LLaVA model passed in stays frozen.
+        for name, param in llava.named_parameters():
+            model.get_parameter(name).requires_grad_(param.requires_grad)
         if llava.generation_config is not None:
             model.generation_config = copy.deepcopy(llava.generation_config)
         return model.train(llava.training)
