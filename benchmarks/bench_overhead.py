@@ -443,7 +443,6 @@ def main(argv=None):
     # LLaVA, HyperLLaVA without its experts (the control), then with them, once per adapter implementation.
     candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
-    use_compiled_kernel = {compiled_kernel: lambda: variants.use(compiled_kernel)}
     labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in [*kernels, compiled_kernel]})
     header = ["workload", *(labels[name] for name in candidates)]
@@ -525,7 +524,8 @@ def main(argv=None):
         capture = " + CUDA graph capture" if device == "cuda" else ""
         # The default adapter only: compiling takes most of this section's time, and the eager adapter inside the
         # graph was measured in the H200 runs (docs/performance.md).
-        compiled = {"llava": candidates["llava"], "no experts": candidates["no experts"], **use_compiled_kernel}
+        compiled = {name: candidates[name] for name in ("llava", "no experts")}
+        compiled[compiled_kernel] = lambda: variants.use(compiled_kernel)
 
         def compiled_decode(candidate, get_model, decode, first_call):
             call_started = time.perf_counter()

@@ -123,8 +123,8 @@ class HyperLlavaProcessor(LlavaProcessor):
         # partial or empty mask without a word (a sample that would train on part of its answer, or on nothing).
         # Lists until the mask is placed, then tensors of the type asked for, at the top level or in processor_kwargs.
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
-        return_tensors = kwargs.pop("return_tensors", None) or processor_kwargs.pop("return_tensors", None)
-        processor_kwargs.pop("return_tensors", None)
+        inner_return_tensors = processor_kwargs.pop("return_tensors", None)
+        return_tensors = kwargs.pop("return_tensors", None) or inner_return_tensors
         out = super().apply_chat_template(
             conversation,
             chat_template,
