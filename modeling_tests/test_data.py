@@ -14,8 +14,8 @@ from transformers_hyperllava.tiny import tiny_config
 from transformers_hyperllava.tiny_tokenizer import tiny_processor, train_tokenizer
 
 SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 TOKENS_PER_IMAGE = 4  # tiny_config: 28 px images in 14 px patches
 WORDS = [
@@ -207,6 +207,13 @@ def test_collator_pads_right_and_keeps_image_order(processor, image_folder, tmp_
         assert batch["language_guidance_mask"][row].tolist() == [True] * prompt + [False] * (max(lengths) - prompt)
     # The model fills image tokens in batch order: sample 0's image, then sample 2's (sample 1 has none).
     torch.testing.assert_close(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
+
+
+def test_a_tokenizer_without_a_pad_token_is_named_before_the_first_batch():
+    tokenizer = train_tokenizer(["a b c"])
+    tokenizer.pad_token = None  # as a Vicuna tokenizer comes
+    with pytest.raises(ValueError, match="the tokenizer has no pad token"):
+        LlavaDataCollator(pad_token_id=tokenizer.pad_token_id)
 
 
 def test_truncation_inside_image_tokens_drops_and_counts(processor, image_folder, tmp_path, caplog):

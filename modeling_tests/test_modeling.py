@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers.models.llava import modeling_llava
 
 from conftest import (
     IMAGE_TOKEN,
@@ -69,6 +70,20 @@ def test_from_llava_loads_a_saved_llava_folder(tiny_llava, tmp_path):
             HyperLlavaForConditionalGeneration.from_llava(llava)
     finally:
         del llava.hf_device_map
+
+
+def test_from_llava_keeps_each_parts_attention_implementation(tiny_llava, tmp_path):
+    llava, _ = tiny_llava
+    llava.save_pretrained(tmp_path)
+    per_part = {"": "sdpa", "text_config": "eager", "vision_config": "sdpa"}
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=per_part).eval()
+    model = HyperLlavaForConditionalGeneration.from_llava(llava)
+    kwargs = {"input_ids": torch.tensor([prompt_ids("img", 10)]), "pixel_values": images(1).double()}
+    # The text model's eager attention reports its weights (SDPA reports none).
+    got, want = model(**kwargs, output_attentions=True).attentions, llava(**kwargs, output_attentions=True).attentions
+    assert len(got) == len(want) == llava.config.text_config.num_hidden_layers
+    for got_layer, want_layer in zip(got, want):
+        torch.testing.assert_close(got_layer, want_layer, atol=1e-10, rtol=0)
 
 
 def test_from_llava_keeps_what_the_llava_model_froze_frozen(tiny_llava):
@@ -316,6 +331,34 @@ def test_training_guidance_of_a_left_padded_batch_is_each_samples_own():
             pixel_values=next(pixel_values) if (ids == IMAGE_TOKEN).any() else None,
         ).language_expert_weights
         torch.testing.assert_close(together[row], alone[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("expert_mode", ["dynamic", "static"])
+def test_packed_sequences_are_refused_where_the_weights_depend_on_the_prompt(expert_mode):
+    """`DataCollatorWithFlattening` packs samples into one row, which one generated weight set cannot serve; where
+    the weights do not depend on the input, each packed sample gets what it gets alone, as in LLaVA."""
+    from transformers import DataCollatorWithFlattening
+
+    model = make_model(dtype=torch.float64, expert_mode=expert_mode)
+    samples = [prompt_ids("img", 10, 11, 20, 2), prompt_ids(12, "img", 13, 21, 22, 2)]
+    features = [{"input_ids": ids, "labels": [-100] * (len(ids) - 2) + ids[-2:]} for ids in samples]
+    pixel_values = images(2).double()
+    by_positions = DataCollatorWithFlattening(return_position_ids=True)(features)
+    by_boundaries = DataCollatorWithFlattening(return_position_ids=False, return_flash_attn_kwargs=True)(features)
+    if expert_mode == "static":
+        alone = [
+            model(input_ids=torch.tensor([ids]), pixel_values=pixel_values[i : i + 1]) for i, ids in enumerate(samples)
+        ]
+        packed = model(**by_positions, pixel_values=pixel_values, use_cache=False)
+        torch.testing.assert_close(packed.logits[0], torch.cat([out.logits[0] for out in alone]), atol=1e-10, rtol=0)
+        return
+    for batch in (by_positions, by_boundaries):
+        with pytest.raises(ValueError, match="packs several sequences into one row"):
+            model(**batch, pixel_values=pixel_values, use_cache=False)
+    # Position ids that count on without restarting are one sequence, as without them.
+    ids = torch.tensor(samples[:1])
+    with_positions = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False)
+    torch.testing.assert_close(with_positions.logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
 def test_an_empty_prompt_gives_a_zero_guidance_not_nan():
@@ -944,6 +987,24 @@ def test_outputs_report_the_images_as_llava_does(tiny_llava):
         assert len(got) == len(want) + 1 and got[-1].shape[:2] == (1, len(model.config.language_expert_layer_indices))
         for got_item, want_item in zip(got, want):
             same(got_item, want_item)
+
+
+@pytest.mark.parametrize("kind", ["int", "positions", "positions-per-sample", "mask-per-sample"])
+def test_logits_to_keep_selects_the_logits_llava_selects(tiny_llava, kind):
+    """Every form of `logits_to_keep` the installed LLaVA takes (2-D ones from Transformers 5.21)."""
+    ids = torch.tensor([prompt_ids("img", 10, 11), prompt_ids(12, "img", 13)])
+    keep = {
+        "int": 2,
+        "positions": torch.tensor([0, 5]),
+        "positions-per-sample": torch.tensor([[1, 6], [0, 2]]),
+        "mask-per-sample": torch.tensor([[True] * 3 + [False] * 4, [False] * 6 + [True]]),
+    }[kind]
+    if isinstance(keep, torch.Tensor) and keep.ndim == 2 and "slice_logits_to_keep" not in vars(modeling_llava):
+        pytest.skip("this release's LLaVA takes an int or 1-D logits_to_keep only")
+    llava, _ = tiny_llava
+    model = HyperLlavaForConditionalGeneration.from_llava(llava)
+    kwargs = {"input_ids": ids, "pixel_values": images(2).double(), "logits_to_keep": keep}
+    torch.testing.assert_close(model(**kwargs).logits, llava(**kwargs).logits, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["hidden-states", "interpolated-positions"])

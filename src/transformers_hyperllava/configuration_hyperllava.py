@@ -151,7 +151,10 @@ class HyperLlavaConfig(LlavaConfig):
         for key in NOT_MODEL_FIELDS:
             llava_fields.pop(key, None)
         config = cls(**{**llava_fields, **fields})
-        config._attn_implementation = llava_config._attn_implementation
+        # (Not in `to_dict`.) Per part, as LLaVA may have loaded each with its own (`attn_implementation` as a dict).
+        config._attn_implementation = {"": llava_config._attn_implementation} | {
+            key: getattr(llava_config, key)._attn_implementation for key in llava_config.sub_configs
+        }
         return config
 
     @property

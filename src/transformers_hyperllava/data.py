@@ -238,6 +238,11 @@ class LlavaDataCollator:
     """
 
     def __init__(self, pad_token_id: int):
+        if pad_token_id is None:  # else the first batch fails deep in `torch.full`
+            raise ValueError(
+                "LlavaDataCollator got pad_token_id=None: the tokenizer has no pad token. Set one and save the "
+                "tokenizer (LLaVA-1.5 pads with its unk token: `tokenizer.pad_token = tokenizer.unk_token`)"
+            )
         self.pad_token_id = pad_token_id
 
     def __call__(self, features):

@@ -20,7 +20,7 @@ from transformers import AutoModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.generation.continuous_batching import PagedAttentionCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaModel,
@@ -51,6 +51,14 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).paramete
 IMAGE_OUTPUT = (
     "image_outputs" if "image_outputs" in LlavaModelOutputWithPast.__dataclass_fields__ else "image_hidden_states"
 )
+# And the logits a forward computes: 5.21+ LLaVA takes a 2-D `logits_to_keep` too (positions or a mask per sample),
+# earlier releases' an int or a 1-D tensor of positions.
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:
+
+    def slice_logits_to_keep(hidden_states, logits_to_keep):
+        return hidden_states[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
 
 
 def swiglu_adapter(x, w_down, w_up):
@@ -405,6 +413,17 @@ class HyperLlamaModel(LlamaModel):
             kwargs["cache"], cache = cache, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        given = language_expert_weights is not None
+        if not given and self.language_expert is not None:
+            # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
+            # continues with the weights that the cache's tokens were computed with.
+            language_expert_weights = _weights_of(cache)
+            if language_expert_weights is None and self.pools_guidance:
+                if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
+                    language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+                self._check_guidance_inputs(
+                    language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache, position_ids, kwargs
+                )
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -424,15 +443,6 @@ class HyperLlamaModel(LlamaModel):
             CACHE_ARG: cache,
             **kwargs,
         }
-        given = language_expert_weights is not None
-        if not given and self.language_expert is not None:
-            # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
-            # continues with the weights that the cache's tokens were computed with.
-            language_expert_weights = _weights_of(cache)
-            if language_expert_weights is None and self.pools_guidance:
-                if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
-                    language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
-                self._check_guidance_inputs(language_guidance_mask, attention_mask, inputs_embeds.shape[1], cache)
 
         hidden_states = inputs_embeds
         layer_weights = {}
@@ -472,8 +482,22 @@ class HyperLlamaModel(LlamaModel):
         return layer_weights
 
     @staticmethod
-    def _check_guidance_inputs(guidance_mask, attention_mask, length, cache):
+    def _check_guidance_inputs(guidance_mask, attention_mask, length, cache, position_ids, kwargs):
         """Refuse what would pool the guidance over the wrong tokens instead of silently doing it."""
+        # Packed sequences (`DataCollatorWithFlattening`), found as Transformers' attention masks find them: position
+        # ids that restart without an attention mask, or flash attention's sequence boundaries. (Not inside a compiled
+        # graph, where finding them would break it.)
+        if "cu_seq_lens_q" in kwargs or (
+            position_ids is not None
+            and attention_mask is None
+            and not torch.compiler.is_compiling()
+            and find_packed_sequence_indices(position_ids) is not None
+        ):
+            raise ValueError(
+                "the input packs several sequences into one row (position_ids restart, or cu_seq_lens_q is given), "
+                "but the language expert generates one weight set per row from its prompt, so every packed sequence "
+                "would get the first one's: give each sequence a row of its own (padded, as LlavaDataCollator does)"
+            )
         if cache is not None and (_known_length(cache) or 0) > 0:
             raise ValueError(
                 f"the cache already holds {_known_length(cache)} tokens but not the language expert's weights "
@@ -722,9 +746,7 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:

@@ -3,11 +3,12 @@
 from transformers import LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
 
-# LLaVA-1.5's `conv_vicuna_v1` (llava/conversation.py): the system line, then turns
-# "USER: {question} ASSISTANT: {answer}</s>", the first question starting with "<image>\n".
+# LLaVA-1.5's `conv_vicuna_v1` (llava/conversation.py; its training scripts pass `--version v1`): the system line,
+# then turns "USER: {question} ASSISTANT: {answer}</s>", the first question starting with "<image>\n". (Its
+# `conv_llava_v1` has the same format with a "human" in the system line; LLaVA-1.5 did not train with it.)
 VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 # Images go first in a user turn, as LLaVA-1.5 trained (it moved every "<image>" to the front of the question).
