@@ -143,21 +143,25 @@ def wall_time(fn, device):
 
 
 def interleaved(candidates, measure, repeats, warmup=1):
-    """Median of `measure(name, candidate)` over `repeats` rounds, the candidates taking turns within each round. A
-    candidate that fails is logged and left out of later rounds (None: its cell reads "failed"), so that one failing
-    adapter does not cost a lent GPU run the others' numbers."""
+    """Median of `measure(name, candidate)` over `repeats` rounds, the candidates taking turns within each round (each
+    round starting one further along, so that none always runs after the same one). Every value is printed as it is
+    measured, so that a run cut short keeps them in its log. A candidate that fails is logged and left out of later
+    rounds (None: its cell reads "failed"), so that one failing adapter does not cost a lent GPU run the others'
+    numbers."""
     samples = {name: [] for name in candidates}
     failed = set()
+    names = list(candidates)
     for round_ in range(warmup + repeats):
-        for name, candidate in candidates.items():
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             if name in failed:
                 continue
             try:
-                value = measure(name, candidate)
+                value = measure(name, candidates[name])
             except Exception:  # any failure: logged in full, "failed" in the report
                 traceback.print_exc()
                 failed.add(name)
                 continue
+            print(f"  {name}, round {round_ + 1}{' (warm-up)' if round_ < warmup else ''}: {value:.6g}", flush=True)
             if round_ >= warmup:
                 samples[name].append(value)
     return {name: None if name in failed else statistics.median(values) for name, values in samples.items()}
@@ -464,7 +468,10 @@ def main(argv=None):
         report.row(cells)
 
     rounds_text = ", ".join(f"{workload} {count}" for workload, count in rounds.items())
-    report.line(f"\nMedians of interleaved rounds after a warm-up ({rounds_text}); ratio = HyperLLaVA / LLaVA.\n")
+    without = "; the GPU-busy rows without one" if device == "cuda" else ""
+    report.line(
+        f"\nMedians of interleaved rounds after a warm-up{without} ({rounds_text}); ratio = HyperLLaVA / LLaVA.\n"
+    )
     report.table(header)
 
     prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one check for a lent GPU (H100/H200): the fused expert kernel's tests on CUDA, the 7B overhead benchmark, then
 # a profile of the compiled decoding step. Needs no network and installs nothing (the package is used from this
-# working tree). About 8 minutes (run 4: 7.4), at most 9.7: the tests' and the benchmark's timeouts, then the profile
+# working tree). About 8 minutes (run 4: 7.4), at most 9.8: the tests' and the benchmark's timeouts, then the profile
 # gets what is left of 580 s (each step has 10 s more to stop).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
 #
-# Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes), bench_7b.log,
-# profile_7b.log and profile/ (gzipped Chrome traces of the decoding steps). 8 files: what the device tool returns.
+# Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes), bench_7b.log (with
+# every measurement as it is taken), profile_7b.log and profile_traces.tar (the gzipped Chrome traces of the decoding
+# steps): 6 files, where the device tool returns at most 8.
 set -u
 : "${OUT:?set OUT to the folder for the logs}"
 cd "$(dirname "$0")/.."
@@ -55,6 +56,7 @@ if [ "$profile_limit" -gt 30 ]; then
     timeout -s INT -k 10 "$profile_limit" "$PYTHON" benchmarks/profile_decode.py --size 7b --out "$OUT/profile" \
         >"$OUT/profile_7b.log" 2>&1 || failed=1
     grep -v "^USDT" "$OUT/profile_7b.log" | tail -n 80
+    [ -d "$OUT/profile" ] && tar -C "$OUT" -cf "$OUT/profile_traces.tar" profile && rm -rf "$OUT/profile"
 else
     echo "== no time left for the 7B compiled decoding profile"
     failed=1

@@ -520,6 +520,9 @@ def build_config(source: dict, layout: str, vision_folder, tokenizer, source_voc
     else:
         llava = {k: v for k, v in source.items() if k not in (*NOT_CARRIED_OVER, *EXPERT_FIELDS)}
         text, vision = llava.pop("text_config"), llava.pop("vision_config")
+        # The parts' dtype too is the output's (`write_output` sets it on each), not the input's.
+        text = {k: v for k, v in text.items() if k not in ("dtype", "torch_dtype")}
+        vision = {k: v for k, v in vision.items() if k not in ("dtype", "torch_dtype")}
         if vision_folder is not None:
             vision = vision_config_from(vision_folder)
     vocab = max(source_vocab or 0, round_up(len(tokenizer), args.pad_vocab_to_multiple_of))
@@ -620,12 +623,12 @@ def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-def build_processor(config, tokenizer, folders, image_aspect_ratio):
+def build_processor(config, tokenizer, folders, image_aspect_ratio, chat_template=None):
     """LLaVA-1.5's preprocessing: CLIP's resize/crop/normalisation, padded to a square with the mean colour.
 
     The first of `folders` (input, base model, vision tower) with image processor settings gives them: a stage 1
     output keeps those of the model it started from. `image_aspect_ratio` (a LLaVA-codebase run's setting, None for a
-    Transformers folder, whose settings say it themselves) decides the padding."""
+    Transformers folder, whose settings say it themselves) decides the padding. `chat_template` None: vicuna_v1."""
     image_processor = None
     for folder in folders:
         # Transformers 5 keeps them in processor_config.json, earlier releases and CLIP in preprocessor_config.json.
@@ -647,6 +650,7 @@ def build_processor(config, tokenizer, folders, image_aspect_ratio):
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
+        chat_template=chat_template,
     )
 
 
@@ -755,7 +759,8 @@ def write_output(folder: Path, args, plan: Plan):
     fresh = fresh_expert_weights(model, plan.fresh_experts, args.seed)
     write_weights(folder, plan.entries, fresh, plan.expected, plan.dtype, args.max_shard_size)
 
-    config.dtype = plan.dtype
+    for part in (config, *(getattr(config, key) for key in config.sub_configs)):  # as `save_pretrained` writes it
+        part.dtype = plan.dtype
     config.architectures = [HyperLlavaForConditionalGeneration.__name__]
     # Ship the model code with the weights (`trust_remote_code`), as Transformers' own `save_pretrained` does for a
     # custom model (the package registered its classes for that): the model's module and its relative imports are
@@ -763,17 +768,31 @@ def write_output(folder: Path, args, plan: Plan):
     custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
 
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    # A Transformers folder keeps its generation settings (a republished HyperLLaVA's sampling defaults, several eos
+    # ids); a LLaVA-codebase run's (Vicuna's sampling defaults, pad = unk) do not fit the converted tokenizer.
+    codebase = input_layout(plan.source_config) == "llava_codebase"
+    kept = next(
+        (f for f in (plan.input_folder, plan.base_folder) if f and (f / "generation_config.json").is_file()), None
     )
+    if kept is not None and not codebase:
+        generation = GenerationConfig.from_pretrained(kept)
+        if generation.pad_token_id is None:  # the converter may have given the tokenizer its pad token
+            generation.pad_token_id = tokenizer.pad_token_id
+    else:
+        generation = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     generation.save_pretrained(folder)
 
     # A LLaVA-codebase run says how it fed its images (LLaVA-1.5's scripts: padded); a Transformers folder's processor
     # says it itself.
-    codebase = input_layout(plan.source_config) == "llava_codebase"
     aspect_ratio = plan.source_config.get("image_aspect_ratio", "pad") if codebase else None
     folders = (plan.input_folder, plan.base_folder, plan.vision_folder)
-    processor = build_processor(config, tokenizer, folders, aspect_ratio)
+    # A HyperLLaVA folder keeps its chat template (the tokenizer read it); any other input gets LLaVA-1.5's vicuna_v1.
+    template = tokenizer.chat_template if plan.source_config.get("model_type") == "hyperllava" else None
+    processor = build_processor(config, tokenizer, folders, aspect_ratio, template)
     processor.save_pretrained(folder)
 
     write_model_card(folder, config, model.parameter_counts(), args)

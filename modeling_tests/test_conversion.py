@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoProcessor,
     CLIPConfig,
+    GenerationConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
     SiglipVisionConfig,
@@ -995,16 +996,26 @@ def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path, capsys, monkeypa
     assert not (tmp_path / "payload-ran").exists()
 
 
-def test_republishing_keeps_the_folders_image_preprocessing(tmp_path):
+def test_republishing_keeps_the_folders_preprocessing_template_and_generation_settings(tmp_path):
     """A HyperLLaVA folder converted again (re-shard, change the dtype) keeps its image processor's settings, which
-    Transformers 5 saves in processor_config.json: here the CLIP folder's normalisation, unpadded ("square")."""
+    Transformers 5 saves in processor_config.json (here the CLIP folder's normalisation, unpadded: "square"), its
+    chat template and its generation settings; every level of its config names the new dtype."""
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={"image_aspect_ratio": "square"})
     first, again = tmp_path / "first", tmp_path / "again"
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", first) == 0
+    template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    (first / "chat_template.jinja").write_text(template)
+    generation = GenerationConfig.from_pretrained(first)
+    generation.update(eos_token_id=[2, 7], do_sample=True, temperature=0.2, max_new_tokens=512)
+    generation.save_pretrained(first)
     assert run("--input", first, "--output", again, "--dtype", "bf16") == 0
     for folder in (first, again):
         images = json.loads((folder / "processor_config.json").read_text())["image_processor"]
         assert (images["image_mean"], images["image_std"], images["do_pad"]) == (CLIP_MEAN, CLIP_STD, False)
+    assert AutoProcessor.from_pretrained(again).chat_template == template
+    assert GenerationConfig.from_pretrained(again).to_diff_dict() == generation.to_diff_dict()
+    config = json.loads((again / "config.json").read_text())
+    assert [config["dtype"], config["text_config"]["dtype"], config["vision_config"]["dtype"]] == ["bfloat16"] * 3
 
 
 def test_a_broken_shard_index_and_zero_sizes_are_named(tmp_path, capsys):
