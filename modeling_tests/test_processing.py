@@ -175,9 +175,11 @@ def test_chat_template_multi_turn_and_system(processor):
     )
 
 
-def test_chat_template_refuses_unknown_roles(processor):
+def test_chat_template_refuses_unknown_roles_and_a_system_message_after_the_first(processor):
     with pytest.raises(TemplateError, match="got tool"):
         processor.apply_chat_template([user("Hi"), {"role": "tool", "content": "x"}])
+    with pytest.raises(TemplateError, match="a system message only as the first message"):
+        processor.apply_chat_template([user("Hi"), {"role": "system", "content": "x"}, user("Why?")])
 
 
 # Where padding and return_tensors are given; how the images are given (OpenAI's image_url blocks, as a file path).

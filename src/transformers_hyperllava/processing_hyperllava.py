@@ -37,6 +37,8 @@ CHAT_TEMPLATE = (
     "{{- text + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{- 'ASSISTANT: ' -}}{%- generation -%}{{- text + eos_token -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'system' -%}"
+    "{{- raise_exception('vicuna_v1 takes a system message only as the first message') -}}"
     "{%- else -%}"
     "{{- raise_exception('vicuna_v1 has roles system, user and assistant; got ' + message['role']) -}}"
     "{%- endif -%}"
