@@ -273,8 +273,8 @@ def inputs(vocab_low, image_token_id, seed=0, batch=2):
     return {"input_ids": input_ids, "pixel_values": pixel_values}
 
 
-def converted_logits(folder, batch):
-    model = HyperLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+def converted_logits(folder, batch, dtype=torch.float32):
+    model = HyperLlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
     with torch.no_grad():
         return model(**batch).logits, model
 
@@ -510,9 +510,10 @@ def llava_plus_expert_equations(reference, experts, expert_layers, guidance_laye
 
 
 def test_trained_expert_weights_equal_the_expert_equations(tmp_path):
+    """In float64, where a guidance taken one layer off would show (and k is not the default L // 2 = 2)."""
     generator = torch.Generator().manual_seed(1)
     d_v, d = 24, 32
-    expert_layers, k = [2, 3], 2
+    expert_layers, k = [2, 3], 1
     experts = {
         **random_expert("model.mm_visual_expert_first", 1, d_v, d, generator),
         **random_expert("model.mm_visual_expert_second", 1, d, d, generator),
@@ -528,13 +529,19 @@ def test_trained_expert_weights_equal_the_expert_equations(tmp_path):
     }
     checkpoint, clip, reference = codebase_checkpoint(tmp_path, experts=experts, config_overrides=settings)
     out = tmp_path / "out"
-    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) == 0
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--dtype", "fp32") == 0
+    assert json.loads((out / "config.json").read_text())["language_guidance_layer"] == k
     old_vocab = len(codebase_tokenizer())
     batch = inputs(old_vocab, image_token_id=old_vocab)
-    logits, _ = converted_logits(out, batch)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    logits, _ = converted_logits(out, batch, dtype=torch.float64)
+    reference, experts = reference.double(), {name: value.double() for name, value in experts.items()}
     expected = llava_plus_expert_equations(reference, experts, expert_layers, k, batch)
     assert (expected - reference_logits(reference, batch)).abs().max() > 1e-2  # the experts matter here
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # The guidance one layer later moves the logits by about 6e-5 here: far beyond float64 rounding.
+    moved = llava_plus_expert_equations(reference, experts, expert_layers, k + 1, batch)
+    assert (moved - expected).abs().max() > 1e-6
+    torch.testing.assert_close(logits, expected, atol=1e-10, rtol=0)
 
 
 def test_new_experts_depend_on_seed_only(tmp_path):
@@ -776,7 +783,7 @@ def add_to_hub_cache(cache, repo_id, folder):
 
 
 def test_output_loads_with_remote_code_from_folder_and_offline_hub_cache(tmp_path):
-    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path)
     out = tmp_path / "out"
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--dtype", "fp32") == 0
     cache = tmp_path / "hub"
@@ -815,6 +822,8 @@ def test_output_loads_with_remote_code_from_folder_and_offline_hub_cache(tmp_pat
     generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
     assert generated.tolist() == results[0]["generated"]
     assert len(generated[0]) == len(results[0]["input_ids"][0]) + 5
+    # And, its experts new (the identity), the stock LLaVA the checkpoint holds gives them too.
+    assert reference.generate(**batch, max_new_tokens=5, do_sample=False).tolist() == results[0]["generated"]
 
 
 # --- 4. errors: clear message, non-zero exit, nothing written ------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import json
 import re
-from collections import deque
+from collections import defaultdict, deque
 
 import numpy as np
 import pytest
@@ -129,7 +129,12 @@ def test_shortened_demo_learns_every_question_type(tmp_path, capsys):
     }
     printed = [line for line in out.splitlines() if "(expected" in line]
     assert len(printed) == 5 and set(printed) <= trained_lines, printed
+    # The reported accuracy is exact match per question type, counted here again from the answers.
+    by_type = defaultdict(list)
+    for question, answer in zip(heldout, answers["dynamic"], strict=True):
+        by_type[question["type"]].append(answer == question["answer"])
     results = results["dynamic"]
+    assert results == {kind: sum(hits) / len(hits) for kind, hits in by_type.items()}
     assert results["colour"] >= 0.8 and results["shape"] >= 0.8
     assert results["count"] >= 2 * CHANCE["count"]
     assert results["yes/no"] >= 0.9

@@ -104,11 +104,15 @@ def test_a_new_hypernetwork_width_starts_the_experts_as_the_identity(tiny_llava,
 def test_a_language_expert_added_at_load_time_gets_the_default_guidance_layer(tmp_path):
     """A checkpoint saved without a language expert has no guidance layer; loaded with expert layers, the model must
     pool its guidance where a config built with them would, not silently skip the expert."""
-    make_model(language_expert_layers=None).save_pretrained(tmp_path)
+    saved = make_model(language_expert_layers=None)
+    saved.save_pretrained(tmp_path)
     loaded = HyperLlavaForConditionalGeneration.from_pretrained(tmp_path, language_expert_layers="posterior")
     fresh = tiny_config(language_expert_layers="posterior")
     assert loaded.config.language_guidance_layer == fresh.language_guidance_layer is not None
-    assert loaded(**inputs()).language_expert_weights is not None
+    out = loaded(**inputs())
+    assert out.language_expert_weights.shape[:2] == (1, len(fresh.language_expert_layer_indices))
+    # The new expert starts as the identity: the logits are the saved model's.
+    torch.testing.assert_close(out.logits, saved(**inputs()).logits, atol=1e-6, rtol=0)
 
 
 def run_without_package(script, cwd):

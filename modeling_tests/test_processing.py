@@ -358,14 +358,21 @@ def test_batched_left_padded_generation_equals_one_by_one(tokenizer):
     def generate(batch_prompts, batch_images):
         inputs = processor(images=batch_images, text=batch_prompts, padding=True, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return out[:, inputs["input_ids"].shape[1] :].tolist(), inputs["attention_mask"]
+            out = model.generate(
+                **inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        return new_tokens, torch.stack(out.logits, dim=1), inputs["attention_mask"]
 
-    batched, attention_mask = generate(prompts, images)
+    batched, batched_logits, attention_mask = generate(prompts, images)
     assert (attention_mask == 0).any(), "the prompts should differ in length, so that left padding is exercised"
     assert (attention_mask[:, -1] == 1).all()
     for i in range(len(prompts)):
-        single, _ = generate([prompts[i]], [images[i]])
+        single, single_logits, _ = generate([prompts[i]], [images[i]])
         n = len(single[0])
         assert batched[i][:n] == single[0]
         assert all(token == tokenizer.pad_token_id for token in batched[i][n:])  # it stopped at eos
+        # Every step's logits, not only their argmax: guidance that took in the padding would change the logits long
+        # before it changed a token of this tiny model.
+        torch.testing.assert_close(batched_logits[i, :n], single_logits[0], atol=1e-5, rtol=1e-5)
