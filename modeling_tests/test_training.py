@@ -464,6 +464,9 @@ def test_resume_from_checkpoint_matches_uninterrupted(setup, tmp_path):
     other_start = {"model_name_or_path": tmp_path / "other", "resume_from_checkpoint": "true"}
     main(cli_args(setup, tmp_path / "full", **saving, **other_start))
     assert_same_weights(expected, final_weights(tmp_path / "full"), rtol=0, atol=0)
+    pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    with pytest.raises(ValueError, match="was saved without LoRA: resume it as it was trained, not with --lora_r"):
+        main(cli_args(setup, tmp_path / "full", **saving, **other_start, lora_r=4, lora_alpha=8))
 
 
 def test_lora_resume_restores_the_trained_projector_and_experts(setup, tmp_path):
@@ -473,6 +476,14 @@ def test_lora_resume_restores_the_trained_projector_and_experts(setup, tmp_path)
     lora = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "save_strategy": "steps", "save_steps": 2}
     main(cli_args(setup, tmp_path / "full", **lora))
     main(cli_args(setup, tmp_path / "resumed", **lora, resume_from_checkpoint=tmp_path / "full" / "checkpoint-2"))
+    # Resumed otherwise than it was trained: named before anything loads.
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    for other, message in (
+        ({"lora_r": 0}, "was saved with LoRA .*not without --lora_r"),
+        ({"lora_r": 8}, "was saved with --lora_r 4 --lora_alpha 8; this run has --lora_r 8 --lora_alpha 8"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            main(cli_args(setup, tmp_path / "other", **{**lora, **other}, resume_from_checkpoint=checkpoint))
     full = final_weights(tmp_path / "full")
     assert_same_weights(full, final_weights(tmp_path / "resumed"), rtol=0, atol=1e-12)
     base = final_weights(setup["base"])

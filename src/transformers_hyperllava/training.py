@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LabelSmoother
+from transformers.trainer_utils import get_last_checkpoint
 
 from .data import LlavaDataCollator, LlavaJsonDataset
 from .files import replaced_when_done
@@ -245,6 +246,31 @@ def check_model_folder(model_args: ModelArguments):
         )
 
 
+def check_resume(resume, output_dir, lora):
+    """A checkpoint resumes the run that saved it: with LoRA of the same rank and alpha (its adapter_config.json), or
+    without. Else the Trainer fails on the files it misses, or PEFT on the shapes, without saying why."""
+    if resume is None or resume is False:
+        return
+    if str(resume).lower() == "true":  # the last checkpoint in --output_dir (none: the Trainer says so)
+        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if resume is None:
+            return
+    adapter = Path(resume) / "adapter_config.json"
+    if adapter.is_file() != bool(lora):
+        saved = "with LoRA (it holds adapter_config.json)" if adapter.is_file() else "without LoRA"
+        given = "with --lora_r" if lora else "without --lora_r"
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} was saved {saved}: resume it as it was trained, not {given}"
+        )
+    if lora:
+        saved = json.loads(adapter.read_text())
+        if (saved.get("r"), saved.get("lora_alpha")) != lora[:2]:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume} was saved with --lora_r {saved.get('r')} --lora_alpha "
+                f"{saved.get('lora_alpha')}; this run has --lora_r {lora[0]} --lora_alpha {lora[1]}"
+            )
+
+
 def load_model(model_args: ModelArguments):
     """The model to train; a half-precision checkpoint is trained in float32 master weights (`--bf16` autocasts)."""
     config = AutoConfig.from_pretrained(model_args.model_name_or_path)
@@ -407,6 +433,7 @@ def main(argv=None):
         # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
         raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
     check_model_folder(model_args)
+    check_resume(args.resume_from_checkpoint, args.output_dir, lora)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     check_processor_fits(processor, AutoConfig.from_pretrained(model_args.model_name_or_path), model_args)
     # Seeded before anything random is drawn, as Transformers' example scripts do: the experts added to a LLaVA
