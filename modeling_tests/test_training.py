@@ -39,6 +39,7 @@ from transformers_hyperllava.training import (
     load_model,
     load_trained_weights,
     main,
+    parse_arguments,
     trainable_counts,
 )
 
@@ -625,6 +626,23 @@ def test_the_same_arguments_and_seed_give_the_same_weights(setup, tmp_path):
     assert_same_weights(first, again, rtol=0, atol=0)
     changed = [name for name in first if not torch.equal(first[name], other_seed[name])]
     assert any("expert" in name for name in changed) and any(".layers.0.self_attn" in name for name in changed)
+
+
+def test_a_yaml_file_gives_numbers_in_exponent_notation_as_numbers(tmp_path):
+    """PyYAML reads `2e-5` (no dot) as a string; the command line, and YAML 1.2, as a number. A string argument
+    stays a string, whatever it looks like."""
+    settings = "output_dir: out\nlearning_rate: 2e-5\nweight_decay: 1.5E+0\nhub_model_id: 1e5\n"
+    (tmp_path / "args.yaml").write_text(settings + "data_path: d.json\nmodel_name_or_path: m\n")
+    _, _, args = parse_arguments([str(tmp_path / "args.yaml")])
+    _, _, given = parse_arguments(
+        ["--output_dir", "out", "--learning_rate", "2e-5", "--weight_decay", "1.5E+0", "--hub_model_id", "1e5"]
+        + ["--data_path", "d.json", "--model_name_or_path", "m"]
+    )
+    assert (args.learning_rate, args.weight_decay, args.hub_model_id) == (2e-5, 1.5, "1e5")
+    assert (given.learning_rate, given.weight_decay, given.hub_model_id) == (2e-5, 1.5, "1e5")
+    (tmp_path / "bad.yaml").write_text(settings.replace("2e-5", "fast") + "data_path: d.json\nmodel_name_or_path: m\n")
+    with pytest.raises(ValueError, match="bad.yaml: learning_rate must be a number, got 'fast'"):
+        parse_arguments([str(tmp_path / "bad.yaml")])
 
 
 def test_bad_sample_stops_before_training(setup, tmp_path):

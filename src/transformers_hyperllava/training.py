@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
@@ -417,15 +418,28 @@ def save_stage(trainer: Trainer, processor, output_dir):
             processor.save_pretrained(staging)
 
 
-def main(argv=None):
+def parse_arguments(argv):
+    """The command line, or a single .json / .yaml file of the same arguments."""
     parser = HfArgumentParser((ModelArguments, DataArguments, HyperLlavaTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, args = parser.parse_json_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        model_args, data_args, args = parser.parse_yaml_file(argv[0])
-    else:
-        model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        settings = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8"))
+        # PyYAML reads YAML 1.1, where `2e-5` (no dot) is a string, which HfArgumentParser would pass on as, say, the
+        # learning rate: a float argument's string is read as the command line reads it.
+        floats = {action.dest for action in parser._actions if action.type is float}
+        for key, value in settings.items():
+            if key in floats and isinstance(value, str):
+                try:
+                    settings[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"{argv[0]}: {key} must be a number, got {value!r}") from None
+        return parser.parse_dict(settings)
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def main(argv=None):
+    model_args, data_args, args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
 
     lora = (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) if model_args.lora_r else None
