@@ -250,12 +250,10 @@ def check_model_folder(model_args: ModelArguments):
 def check_resume(resume, output_dir, lora):
     """A checkpoint resumes the run that saved it: with LoRA of the same rank and alpha (its adapter_config.json), or
     without. Else the Trainer fails on the files it misses, or PEFT on the shapes, without saying why."""
-    if resume is None or resume is False:
-        return
-    if str(resume).lower() == "true":  # the last checkpoint in --output_dir (none: the Trainer says so)
+    if str(resume).lower() == "true":  # the last checkpoint in --output_dir
         resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if resume is None:
-            return
+    if not resume or not os.path.isdir(resume):  # no checkpoint there: the Trainer says so
+        return
     adapter = Path(resume) / "adapter_config.json"
     if adapter.is_file() != bool(lora):
         saved = "with LoRA (it holds adapter_config.json)" if adapter.is_file() else "without LoRA"
