@@ -217,6 +217,48 @@ def test_wider_residual_and_weights():
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [SHAPES["decode-batch"], SHAPES["long"]], ids=["decode", "tiled"])
+def test_under_autocast_the_kernels_compute_as_the_eager_adapter(shape):
+    """A float32 input under autocast: the eager adapter's matmuls run in autocast's dtype, and so do the kernels. With
+    a half-precision residual (a Linear's output under autocast), both give half precision, and the same gradients."""
+    inputs = make_inputs(*shape, torch.float32, residual_dtype=torch.float16)
+    results = {}
+    for kernel in ("eager", "triton"):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            out = modeling_hyperllava.expert_adapter(*leaves, kernel=kernel)
+        out.backward(torch.ones_like(out))
+        results[kernel] = out, [t.grad for t in leaves]
+    (got, got_grads), (want, want_grads) = results["triton"], results["eager"]
+    assert got.dtype == want.dtype == torch.float16
+    assert_close(got, want.double(), TOLERANCE[torch.float16], "output")
+    for name, got_grad, want_grad in zip(("x", "w_down", "w_up", "residual"), got_grads, want_grads, strict=True):
+        assert got_grad.dtype == want_grad.dtype
+        assert_close(got_grad, want_grad.double(), TOLERANCE[torch.float16], f"grad of {name}")
+
+
+@needs_kernels
+def test_an_empty_batch_and_vmap_without_autograd():
+    """Shapes and transforms a caller may hand over: a batch of no samples (with no weight set), and torch.func.vmap
+    over the batch outside autograd (whose tensors the direct launch cannot read)."""
+    x, w_down, w_up, residual = make_inputs(0, 4, 17, 3, 2, 0, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (x, w_down, w_up, residual)]
+    out = fused.fused_expert_adapter(*leaves)
+    assert out.shape == (0, 4, 3)
+    out.sum().backward()
+    assert [t.grad.shape for t in leaves] == [t.shape for t in leaves]
+
+    inputs = make_inputs(*SHAPES["decode-batch"], torch.float32)
+
+    def one_sample(*tensors):
+        return fused.fused_expert_adapter(*(t.unsqueeze(0) for t in tensors)).squeeze(0)
+
+    with torch.no_grad():
+        got = torch.func.vmap(one_sample)(*inputs)
+    assert_close(got, expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[torch.float32], "vmap")
+
+
+@needs_kernels
 def test_non_contiguous_inputs():
     """Transposed views (as a model may hand over) give the same result as their contiguous copies."""
     x, w_down, w_up, residual = make_inputs(2, 6, 40, 24, 4, 2, torch.float32)

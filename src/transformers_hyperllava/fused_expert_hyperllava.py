@@ -53,9 +53,12 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
 
     Returns:
         (batch, length, d_out) in the dtype PyTorch's `residual + ffn_out + adapter` would give. The matmuls
-        accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast).
+        accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast), and under autocast x too
+        is cast to autocast's dtype, as the eager adapter's matmuls cast their operands.
     """
     _check_inputs(x, w_down, w_up, residual, ffn_out)
+    if torch.is_autocast_enabled(x.device.type):  # where the eager adapter's matmuls would run, so do the kernels
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
     if _plain_eager_call(x, w_down, w_up, residual, ffn_out):
         # The custom op's dispatch would only add host time, which bounds eager decoding (docs/performance.md).
@@ -64,12 +67,14 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
 
 
 def _plain_eager_call(*tensors) -> bool:
-    """No autograd, no compiler, tracer or dispatch mode, and plain tensors: nothing that needs to see the op."""
+    """No autograd, no compiler, tracer, dispatch mode or torch.func transform, and plain tensors: nothing that needs
+    to see the op."""
     return (
         not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not is_in_torch_dispatch_mode()
+        and not torch._C._are_functorch_transforms_active()  # (vmap's tensors pass the type check below)
         and all(type(tensor) is torch.Tensor for tensor in tensors if tensor is not None)
     )
 
@@ -363,7 +368,7 @@ def _problem(x, w_up):
     """View a (batch, length, ...) call as `groups` independent problems, one per weight set."""
     batch, length, d_in = x.shape
     groups, r, d_out = w_up.shape
-    return groups, batch * length // groups, d_in, r, d_out
+    return groups, batch * length // groups if groups else 0, d_in, r, d_out  # (an empty batch: no weight set)
 
 
 def beats_eager(x, w_up) -> bool:
