@@ -771,11 +771,11 @@ def write_output(folder: Path, args, plan: Plan):
     # A Transformers folder keeps its generation settings (a republished HyperLLaVA's sampling defaults, several eos
     # ids); a LLaVA-codebase run's (Vicuna's sampling defaults, pad = unk) do not fit the converted tokenizer.
     codebase = input_layout(plan.source_config) == "llava_codebase"
-    kept = next(
-        (f for f in (plan.input_folder, plan.base_folder) if f and (f / "generation_config.json").is_file()), None
-    )
-    if kept is not None and not codebase:
-        generation = GenerationConfig.from_pretrained(kept)
+    with_settings = [
+        f for f in (plan.input_folder, plan.base_folder) if f and (f / "generation_config.json").is_file()
+    ]
+    if with_settings and not codebase:
+        generation = GenerationConfig.from_pretrained(with_settings[0])
         if generation.pad_token_id is None:  # the converter may have given the tokenizer its pad token
             generation.pad_token_id = tokenizer.pad_token_id
     else:
