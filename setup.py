@@ -30,9 +30,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        # Triton's interpreter lets the fused-kernel tests run on a CPU.
-        "test": ["pytest", "peft", "triton; platform_system == 'Linux'"],
-        "dev": ["pytest", "peft", "triton; platform_system == 'Linux'", "ruff"],
+        # Triton's interpreter lets the fused-kernel tests run on a CPU, as bitsandbytes' 8-bit layers do.
+        "test": ["pytest", "peft", "triton; platform_system == 'Linux'", "bitsandbytes; platform_system == 'Linux'"],
+        "dev": ["pytest", "peft", "triton; platform_system == 'Linux'", "bitsandbytes; platform_system == 'Linux'", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -1,5 +1,6 @@
 """The model against independent references: stock LLaVA, and a plain-PyTorch evaluation of the paper's equations."""
 
+import copy
 import functools
 
 import pytest
@@ -370,6 +371,19 @@ def test_an_empty_prompt_gives_a_zero_guidance_not_nan():
     expert = model.model.language_model.language_expert
     zero_guidance = torch.zeros(1, model.config.text_config.hidden_size)
     torch.testing.assert_close(out.language_expert_weights, expert(zero_guidance), atol=0, rtol=0)
+
+
+def test_the_guidance_of_a_long_float16_prompt_with_massive_activations_is_finite_and_right():
+    """Llama's hidden states carry "massive activations" (~2500 in a channel at a few tokens): at 30 of them a float16
+    sum over the prompt passes float16's 65504, while the mean the guidance is stays far below."""
+    model = make_model(dtype=torch.float16)
+    embeds = torch.randn(1, 500, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds[0, :30, 0] = 2500
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds.half(), attention_mask=torch.ones(1, 500), output_hidden_states=True)
+        guidance = out.hidden_states[model.config.language_guidance_layer].double().mean(dim=1)  # layer k's input
+        expected = copy.deepcopy(model.model.language_model.language_expert).double()(guidance)
+    torch.testing.assert_close(out.language_expert_weights.double(), expected, rtol=1e-2, atol=1e-2)
 
 
 # --- 4. batch invariance --------------------------------------------------------------------------------------------
@@ -1086,6 +1100,39 @@ def test_a_second_turn_continues_the_first_turns_cache_with_its_weights():
     )
     assert torch.equal(masked.sequences, fresh.sequences)
     torch.testing.assert_close(torch.stack(masked.logits), torch.stack(fresh.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_rearranged_on_a_cache_continue_with_their_weights_once_indexed_too():
+    """The cache's row methods move its keys and values only: indexing the weights it carries the same way continues
+    each row as a full recompute does; a row count the weights no longer match is refused."""
+    model = make_model()
+    ids, mask = left_pad([prompt_ids("img", 10, 11), prompt_ids(12, "img", 13, 14)])
+    pixel_values, step = images(2), torch.tensor([[20], [21]])
+    with torch.no_grad():
+        for rows in ([1, 0], [1]):
+            cache = getattr(
+                model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=True), CACHE_ARG
+            )
+            if len(rows) == 2:
+                cache.reorder_cache(torch.tensor(rows))
+            else:
+                cache.batch_select_indices(torch.tensor(rows))
+                with pytest.raises(ValueError, match="carries the language expert's weights of 2 sequences, but the"):
+                    model(
+                        input_ids=step[: len(rows)],
+                        attention_mask=torch.ones(1, ids.shape[1] + 1),
+                        **{CACHE_ARG: cache},
+                    )
+            cache.language_expert_weights = cache.language_expert_weights[rows]
+            full_mask = torch.cat([mask[rows], torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            continued = model(input_ids=step[: len(rows)], attention_mask=full_mask, **{CACHE_ARG: cache})
+            full = model(
+                input_ids=torch.cat([ids[rows], step[: len(rows)]], dim=1),
+                attention_mask=full_mask,
+                pixel_values=pixel_values[rows],
+                language_guidance_mask=F.pad(mask[rows], (0, 1)),  # the prompt, as the prefill pooled it
+            )
+            torch.testing.assert_close(continued.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_a_decoding_loop_of_ones_own_continues_the_cache():

@@ -167,9 +167,13 @@ def mean_pool(hidden_states, mask=None):
     if mask is None:
         return hidden_states.mean(dim=1)
     # (The mask comes with the inputs; under a device_map the hidden states can be on another device.)
-    mask = mask.to(hidden_states.device, hidden_states.dtype)
-    # The count is clamped so that an empty prompt gives a zero guidance instead of NaN, without a host sync.
-    return torch.einsum("bt,btd->bd", mask, hidden_states) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    mask = mask.to(hidden_states.device, hidden_states.dtype).unsqueeze(-1)
+    # Summed in at least float32: in float16 the sum over a long prompt overflows where the mean does not (Llama's
+    # massive activations, ~2500 in a channel at a few tokens, pass 65504 at 27 of them). The count is clamped so that
+    # an empty prompt gives a zero guidance instead of NaN, without a host sync.
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    total = (mask * hidden_states).sum(dim=1, dtype=dtype)
+    return (total / mask.sum(dim=1, dtype=dtype).clamp(min=1)).to(hidden_states.dtype)
 
 
 class HyperExpert(nn.Module):
@@ -418,6 +422,13 @@ class HyperLlamaModel(LlamaModel):
             # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
             # continues with the weights that the cache's tokens were computed with.
             language_expert_weights = _weights_of(cache)
+            if language_expert_weights is not None and language_expert_weights.shape[0] not in (1, len(inputs_embeds)):
+                raise ValueError(
+                    f"the cache carries the language expert's weights of {len(language_expert_weights)} sequences, "
+                    f"but the input has {len(inputs_embeds)}: rows selected or repeated on the cache "
+                    "(batch_select_indices, batch_repeat_interleave) move its keys and values, not the weights it "
+                    "carries; index cache.language_expert_weights the same way (docs/model.md)"
+                )
             if language_expert_weights is None and self.pools_guidance:
                 if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
                     language_guidance_mask = attention_mask[:, -inputs_embeds.shape[1] :]
@@ -647,6 +658,14 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
                 f"from_llava needs the LLaVA model whole on one device, but its device_map places it on "
                 f"{sorted(placement)}: upgrade it on one device (e.g. the CPU), save_pretrained the result, and load "
                 "that with HyperLlavaForConditionalGeneration.from_pretrained(..., device_map=...)"
+            )
+        if getattr(llava, "hf_quantizer", None) is not None:
+            # Quantized layers hold integer weights and their own state (scales, formats) that HyperLLaVA's plain
+            # linear layers cannot take; the quantizer replaces them when a saved HyperLLaVA loads.
+            raise ValueError(
+                "from_llava needs an unquantized LLaVA model, but this one is quantized: upgrade the unquantized "
+                "checkpoint, save_pretrained the result, and load that with HyperLlavaForConditionalGeneration.from_pretrained(..., "
+                "quantization_config=...) (docs/inference.md, Quantization)"
             )
         config = HyperLlavaConfig.from_llava_config(llava.config, **config_overrides)
         # Built on the meta device and given LLaVA's own tensors: a 7B model upgrades in seconds, with no second copy.
