@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import Future
+from fnmatch import fnmatch
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -212,6 +215,23 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
+def test_dora_on_all_linear_layers_but_the_hypernetworks_starts_as_the_model():
+    """docs/training.md's advice: DoRA divides by each output row's norm, which is zero for the hypernetworks' rows that
+    produce W_u on a new model; without them, DoRA starts as the model itself."""
+    peft = pytest.importorskip("peft", reason="needs the optional `peft` package")
+    torch.manual_seed(0)
+    model = HyperLlavaForConditionalGeneration(tiny_config(visual_expert="both")).double().eval()
+    inputs = {"input_ids": torch.tensor([prompt_ids("img", 10, 11)]), "pixel_values": images(1)}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        config = peft.LoraConfig(
+            r=4, target_modules="all-linear", use_dora=True, exclude_modules=["hyper_in", "hyper_out"]
+        )
+        dora = peft.get_peft_model(model, config)
+        assert any("lora_magnitude_vector" in name for name, _ in dora.named_parameters())
+        torch.testing.assert_close(dora(**inputs).logits, expected, atol=1e-10, rtol=0)
+
+
 def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt_and_prefix_tuning_is_refused():
     """PEFT puts its virtual tokens in front of the input after `generate` (or the collator) named the prompt: the
     guidance pools over them too, as over the rest of the prompt. (Only the prefill: in later steps transformers 5.24
@@ -305,6 +325,57 @@ def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
     assert not torch.equal(
         trained["model.multi_modal_projector.linear_1.weight"], base["model.multi_modal_projector.linear_1.weight"]
     )
+
+
+class FakeHub:
+    """HfApi's create_repo and upload_folder on a repo kept in memory: its files' paths, as upload_folder leaves them
+    (ignore_patterns, path_in_repo, delete_patterns: remote files that match and are not uploaded go)."""
+
+    def __init__(self, monkeypatch):
+        from huggingface_hub import HfApi
+
+        self.files, self.uploads = set(), []
+        monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+        monkeypatch.setattr(HfApi, "upload_folder", self.upload_folder)
+
+    def upload_folder(self, *, folder_path, path_in_repo=None, ignore_patterns=(), delete_patterns=(), **kwargs):
+        paths = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file()]
+        paths = [path for path in paths if not any(fnmatch(path, pattern) for pattern in ignore_patterns or ())]
+        paths = {f"{path_in_repo}/{path}" if path_in_repo else path for path in paths}
+        self.files = {f for f in self.files if f in paths or not any(fnmatch(f, p) for p in delete_patterns or ())}
+        self.files |= paths
+        self.uploads.append(paths)
+        done = Future()  # (the Trainer uploads as a future and waits on it)
+        done.set_result(None)
+        return done
+
+
+@pytest.mark.parametrize("stage, lora", [("instruct", ["--lora_r=4", "--lora_alpha=8"]), ("align", [])])
+def test_push_to_hub_leaves_the_stages_product_alone_in_the_folder_and_the_repo(
+    setup, tmp_path, monkeypatch, stage, lora
+):
+    """With --push_to_hub the Trainer pushes every checkpoint: it copies the checkpoint's weights (LoRA's adapter, stage
+    align's whole model) into --output_dir and uploads them. The finished folder, and the repo after the last upload,
+    hold what the stage saves, which loads as trained: no adapter applied again on top of the merged weights."""
+    hub = FakeHub(monkeypatch)
+    output = tmp_path / "out"
+    settings = {"max_steps": 2, "save_strategy": "steps", "save_steps": 1, "push_to_hub": True, "hub_model_id": "me/x"}
+    if stage == "align":
+        settings |= {"stage": "align", "data_path": setup["data"].captions}
+    main(cli_args(setup, output, **settings) + lora)
+
+    pushed_during_training = set().union(*hub.uploads[:-1])
+    expected_leftover = "adapter_config.json" if lora else "model.safetensors"
+    assert expected_leftover in pushed_during_training  # what the final save must clear
+    top_level = {name for name in hub.files if "/" not in name}
+    assert top_level >= {name for name in os.listdir(output) if (output / name).is_file()} - {"training_args.bin"}
+    if stage == "align":
+        assert PROJECTOR_FILE in top_level and not {"config.json", "model.safetensors"} & top_level
+        assert not (output / "config.json").exists() and not (output / "model.safetensors").exists()
+    else:
+        assert not any(name.startswith("adapter_") for name in top_level | set(os.listdir(output)))
+        loaded = AutoModelForImageTextToText.from_pretrained(output)
+        assert not getattr(loaded, "_hf_peft_config_loaded", False)
 
 
 def run_settings(setup, output_dir, **overrides):

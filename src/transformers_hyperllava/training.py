@@ -44,6 +44,11 @@ STAGES = {
 LEARNING_RATES = {"align": 1e-3, "instruct": 2e-5, "experts": 2e-4}
 # The file stage 1 writes: the projector and visual-expert weights it trained, with the model's names.
 PROJECTOR_FILE = "mm_projector.safetensors"
+# What a loader reads from a model folder. With --push_to_hub the Trainer's push at each checkpoint copies the
+# checkpoint's such files into --output_dir (and uploads them); those that the stage's own save does not write are
+# removed, there and on the Hub: left, they would be read with it (LoRA's adapter on top of the merged weights) or
+# instead of it (stage align's whole model beside its projector file).
+MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*", "adapter_*")
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -382,13 +387,19 @@ def staged_save(folder: Path, writer=True):
         if (folder / name).is_dir():
             shutil.rmtree(folder / name)  # (os.replace cannot replace a folder that is not empty)
         os.replace(staging / name, folder / name)
-    for old in folder.glob("model*.safetensors*"):  # shards of an earlier save would be read with the new index
-        if old.name not in names:
-            old.unlink()
+    remove_model_files(folder, keep=names)  # (an earlier save's shards, say, would be read with the new index)
     for name in last:
         if name in names:
             os.replace(staging / name, folder / name)
     staging.rmdir()
+
+
+def remove_model_files(folder: Path, keep):
+    """Removes `folder`'s MODEL_FILES but those named in `keep`."""
+    for pattern in MODEL_FILES:
+        for path in folder.glob(pattern):
+            if path.name not in keep:
+                path.unlink()
 
 
 def save_stage(trainer: Trainer, processor, output_dir):
@@ -403,6 +414,8 @@ def save_stage(trainer: Trainer, processor, output_dir):
         if writer:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_trained_weights(state_dict, model, Path(output_dir) / PROJECTOR_FILE)
+            if args.push_to_hub:  # what the Trainer's checkpoint pushes copied there: not this stage's product
+                remove_model_files(Path(output_dir), keep=())
         return
     with staged_save(Path(output_dir), writer) as staging:
         if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the LLM's weights
@@ -467,13 +480,18 @@ def main(argv=None):
         logger.warning("%d sample(s) were dropped for max_length=%d", dataset.num_dropped, data_args.max_length)
     save_stage(trainer, processor, args.output_dir)
     if args.push_to_hub and trainer.is_world_process_zero():
-        # The folder as save_stage wrote it (Trainer.push_to_hub would save the whole, unmerged model again).
+        # The folder as save_stage wrote it (Trainer.push_to_hub would save the whole, unmerged model again), after the
+        # Trainer's last checkpoint push, which would otherwise land on top of it.
+        trainer._finish_current_push()
         api = HfApi(token=args.hub_token)
         repo = api.create_repo(
             args.hub_model_id or Path(args.output_dir).name, private=args.hub_private_repo, exist_ok=True
         )
         api.upload_folder(
-            repo_id=repo.repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "runs/*"]
+            repo_id=repo.repo_id,
+            folder_path=args.output_dir,
+            ignore_patterns=["checkpoint-*", "runs/*"],
+            delete_patterns=list(MODEL_FILES),  # (those the checkpoint pushes uploaded and this folder no longer has)
         )
     # Every process waits for the save, then leaves the process group: a gloo process that exits with it still open
     # can abort ("terminate called without an active exception") and fail the whole launch. The DDP wrapper is freed
