@@ -24,7 +24,7 @@ lacks them; the new embedding rows start at the mean of the old ones.
 The work streams: one input shard is open at a time and one output shard is buffered, so a 7B/13B checkpoint
 converts on an ordinary machine. Everything that can be checked before writing (configuration, key names, shapes,
 readable shards) is checked first; the output is written to a temporary folder next to `--output` and renamed into
-place at the end, so an error or Ctrl-C leaves no half-written output.
+place at the end, so an error, Ctrl-C or SIGTERM leaves no half-written output.
 
     hyperllava-convert --input llava-v1.5-7b-hyperllava --vision-tower clip-vit-large-patch14-336 \
         --output hyperllava-7b --dtype bf16 --push-to-hub org/hyperllava-7b
@@ -37,6 +37,7 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -228,10 +229,12 @@ def read_json(path: Path) -> dict:
 
 def input_layout(config: dict) -> str:
     architectures = config.get("architectures") or []
-    if config.get("model_type") in ("llava", "hyperllava"):
-        return "llava_hf"
+    # Before its 1.2 release the LLaVA codebase's model type was "llava" too, as liuhaotian/llava-v1.5-7b's config
+    # says: its architecture tells it from Transformers' LLaVA.
     if config.get("model_type") == "llava_llama" or "LlavaLlamaForCausalLM" in architectures:
         return "llava_codebase"
+    if config.get("model_type") in ("llava", "hyperllava"):
+        return "llava_hf"
     if config.get("model_type") == "llama":  # a stage-1 projector file without its own config
         return "llava_codebase"
     raise ConversionError(
@@ -350,7 +353,9 @@ def prepare(args):
     if (input_folder / "config.json").is_file():
         source_config = read_json(input_folder / "config.json")
     elif base_folder is not None:
-        source_config = read_json(base_folder / "config.json")
+        # A stage-1 projector file alone: the base LLM's config, and LLaVA-1.5's projector (its weights' names check
+        # that it is one).
+        source_config = {"mm_projector_type": "mlp2x_gelu", **read_json(base_folder / "config.json")}
     else:
         raise ConversionError(f"no config.json in {input_folder}; a projector-only input needs --base-model")
     layout = input_layout(source_config)
@@ -895,8 +900,13 @@ def upload_flags(args):
     return (f" --revision {args.revision}" if args.revision else "") + (" --private" if args.private else "")
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # a job's time limit (SIGTERM) leaves no partial output either, as Ctrl-C does
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, interrupted)
     output = Path(args.output).resolve()  # (`.` has no name to stage beside)
     try:
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
@@ -907,8 +917,11 @@ def main(argv=None) -> int:
             except HFValidationError as error:
                 raise ConversionError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id: {error}") from None
         plan = prepare(args)
-        with staging_folder(output) as staging:
-            write_output(staging, args, plan)
+        try:
+            with staging_folder(output) as staging:
+                write_output(staging, args, plan)
+        except OSError as error:  # a full disk, say: named as the other errors are (the staging folder is gone)
+            raise ConversionError(f"writing {output} failed: {error}") from error
         print(f"Wrote {output}")
         if args.push_to_hub:
             try:
@@ -925,6 +938,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was left", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

@@ -1,11 +1,14 @@
 """`hyperllava-convert`: tiny checkpoints in every input layout, built here from random weights, against stock
 LLaVA and a plain-PyTorch evaluation of the expert equations; loading the output the way users do; errors; publishing."""
 
+import errno
 import io
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -287,9 +290,10 @@ def reference_logits(reference, batch):
 # --- 1. numerics, per input layout ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt):
-    checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt=fmt)
+# The LLaVA codebase's model type: "llava" before its 1.2 release (liuhaotian/llava-v1.5-7b), then "llava_llama".
+@pytest.mark.parametrize("fmt, model_type", [("bin", "llava_llama"), ("safetensors", "llava_llama"), ("bin", "llava")])
+def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt, model_type):
+    checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt=fmt, config_overrides={"model_type": model_type})
     out = tmp_path / "out"
     args = ["--visual-expert", "both", "--language-expert-layers", "all", "--language-guidance-layer", "0"]
     with LoggingLevel(logging.WARNING), CaptureLogger(logging.get_logger("transformers")) as log:
@@ -322,8 +326,10 @@ def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt):
     assert images["image_mean"] == CLIP_MEAN and images["image_std"] == CLIP_STD
 
 
-@pytest.mark.parametrize("clip_layout", ["CLIPModel", "CLIPVisionModel"])
-def test_stage1_projector_with_base_llm_and_clip_tower_equals_stock_llava(tmp_path, clip_layout):
+@pytest.mark.parametrize(
+    "clip_layout, stage_config", [("CLIPModel", True), ("CLIPVisionModel", True), ("CLIPModel", False)]
+)
+def test_stage1_projector_with_base_llm_and_clip_tower_equals_stock_llava(tmp_path, clip_layout, stage_config):
     tokenizer = codebase_tokenizer()
     old_vocab = len(tokenizer)
     reference = reference_llava(new_vocab_size(old_vocab), image_token_id=old_vocab, pad_token_id=old_vocab + 1)
@@ -333,7 +339,8 @@ def test_stage1_projector_with_base_llm_and_clip_tower_equals_stock_llava(tmp_pa
     stage1.mkdir()
     projector = {codebase_key(k): v for k, v in state.items() if k.startswith("model.multi_modal_projector.")}
     torch.save(projector, stage1 / "mm_projector.bin")
-    (stage1 / "config.json").write_text(json.dumps(codebase_config(reference)))
+    if stage_config:  # (without it: the projector file alone, read with LLaVA-1.5's settings)
+        (stage1 / "config.json").write_text(json.dumps(codebase_config(reference)))
     # The base LLM: a plain LlamaForCausalLM folder with its tokenizer.
     base = tmp_path / "vicuna"
     llm = {codebase_key(k): v for k, v in state.items() if "language_model" in k or k == "lm_head.weight"}
@@ -1075,20 +1082,40 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
-def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys):
+def disk_full():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize(
+    "stop, code, message",
+    [
+        (lambda: os.kill(os.getpid(), signal.SIGINT), 130, "interrupted; no partial output was left"),  # Ctrl-C
+        (lambda: os.kill(os.getpid(), signal.SIGTERM), 130, "interrupted; no partial output was left"),  # a time limit
+        (disk_full, 1, r"error: writing .*/out failed: \[Errno 28\] No space left on device"),
+    ],
+    ids=["ctrl-c", "sigterm", "disk-full"],
+)
+def test_a_stop_while_writing_leaves_nothing_and_is_named(tmp_path, monkeypatch, capsys, stop, code, message):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path)
     written = []
 
-    def interrupted_save(tensors, path, metadata=None):
+    def stopped_save(tensors, path, metadata=None):
         written.append(path)
         save_file(tensors, path, metadata)
         if len(written) == 2:
-            raise KeyboardInterrupt
+            stop()
 
-    monkeypatch.setattr(convert, "save_file", interrupted_save)
-    out = tmp_path / "out"
-    code = run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--max-shard-size", "40KB")
-    assert code == 130 and len(written) == 2
+    def unhandled(signum, frame):  # (rather than SIGTERM's default, which would end the test run)
+        raise AssertionError("the converter let SIGTERM through")
+
+    monkeypatch.setattr(convert, "save_file", stopped_save)
+    out, outer = tmp_path / "out", signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--max-shard-size", "40KB") == code
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the converter's handler is gone with it
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert len(written) == 2 and re.search(message, capsys.readouterr().err)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
