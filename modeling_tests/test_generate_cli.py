@@ -199,6 +199,7 @@ def test_non_rgb_images_are_converted_like_llava(saved, capsys, name):
             ["--image", "{images}/wide.png", "--prompt", "<image> <image> What?"],
             "The prompt has 2 <image> placeholder.* but 1 image",
         ),
+        (["--image", "{images}/wide.png", "--prompt", "What?", "--system", "Look: <image>"], "--system holds <image>"),
     ],
 )
 def test_single_question_errors(saved, capsys, argv, message):
@@ -226,6 +227,11 @@ def test_single_question_errors(saved, capsys, argv, message):
         (["--prompt", "Hi", "--dtype", "float8"], "argument --dtype: invalid choice"),
         (["--prompt", "Hi", "--top-p", "1.5"], "--temperature must be >= 0 and --top-p in"),
         (["--prompt", "Hi", "--top-p", "0.5"], "--top-p applies to sampling: give a --temperature above 0"),
+        (["--prompt", "Hi", "--temperature", "nan"], "--temperature must be >= 0 and --top-p in"),
+        (["--prompt", "Hi", "--seed", "-1"], r"--seed must be in \[0, 2\*\*32\)"),
+        (["--prompt", "Hi", "--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32\)"),
+        # An argument that is not UTF-8 (Python keeps its bytes as lone surrogates).
+        (["--prompt", "Qu\udce9 hay?"], "--prompt is not valid UTF-8 text"),
         # Batch-mode options that --prompt would ignore.
         (["--prompt", "Hi", "--answers-file", "a.jsonl"], "--answers-file goes with --question-file, not --prompt"),
         (["--prompt", "Hi", "--image-folder", "{tmp}"], "--image-folder goes with --question-file"),
@@ -294,8 +300,9 @@ def run_batch(model_folder, questions, image_folder, tmp_path, capsys, *options)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, batch_size):
+def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, monkeypatch, batch_size):
     folder, model, processor, images = saved
+    monkeypatch.chdir(folder)  # the model given as `.` once: its answers still name the folder
     questions = [
         {"question_id": "q1", "image": "wide.png", "text": "What is in the image?"},
         {"question_id": 7, "image": "tall.jpg", "text": "Describe the picture in detail."},
@@ -305,8 +312,8 @@ def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, batch_size)
     write_questions(tmp_path / "questions.jsonl", questions)
     answers_file = tmp_path / "out" / "answers.jsonl"
     code, _, err = run(
-        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
-        + ["--answers-file", str(answers_file), "--batch-size", str(batch_size)],
+        ["--model", str(folder) if batch_size == 1 else ".", "--question-file", str(tmp_path / "questions.jsonl")]
+        + ["--image-folder", str(images), "--answers-file", str(answers_file), "--batch-size", str(batch_size)],
         capsys,
     )
     assert code == 0, err
@@ -338,9 +345,14 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
             {"question_id": "list-image", "image": ["wide.png"], "text": "What?"},
             {"question_id": "number-text", "image": "wide.png", "text": 5},
             "[1, 2]",
+            # JSON escapes of half a character (json.dumps writes them as such): no UTF-8 text has them.
+            {"question_id": "half\ud83d", "image": "wide.png", "text": "What?"},
+            {"question_id": "half-text", "image": "wide.png", "text": "What?\ud83d"},
             {"question_id": "ok2", "image": "tall.jpg", "text": "Describe the picture in detail."},
         ],
     )
+    # Saved as Notepad saves UTF-8, with a byte order mark.
+    (tmp_path / "questions.jsonl").write_text("\ufeff" + (tmp_path / "questions.jsonl").read_text())
     answers_file = tmp_path / "answers.jsonl"
     code, _, err = run(
         ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(images)]
@@ -364,9 +376,11 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
         ("'list-image'", "key 'image' must be a string, got \\[\"wide.png\"\\]"),
         ("'number-text'", "key 'text' must be a string, got 5"),
         ("'line 12'", "expected a JSON object, got \\[1, 2\\]"),
+        ("'line 13'", "an unpaired .* escape \\(half a character\\): not text"),
+        ("'line 14'", "an unpaired .* escape \\(half a character\\): not text"),
     ]:
         assert re.search(f"question {label} failed: {reason}", err), (label, err)
-    assert "10 of 12 questions failed" in err
+    assert "12 of 14 questions failed" in err
 
 
 def test_a_batch_whose_generation_fails_reports_each_of_its_questions(saved, capsys, tmp_path, monkeypatch):

@@ -77,9 +77,19 @@ def generate_answers(model, processor, prompts, images, streamer=None, **kwargs)
     return [answer.strip() for answer in answers]
 
 
+def is_text(string: str) -> bool:
+    """Whether `string` is text: no lone surrogate, which a JSON escape (half an emoji) or an argument that is not
+    UTF-8 leaves, and which neither the tokenizer nor a UTF-8 file takes."""
+    try:
+        string.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_questions(path):
     """(question_id or line label, question dict or the error) for every non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:  # (-sig: Notepad and PowerShell start UTF-8 files with a BOM)
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -90,6 +100,9 @@ def read_questions(path):
                 continue
             if not isinstance(question, dict):
                 yield f"line {number}", ValueError(f"expected a JSON object, got {json.dumps(question):.80}")
+                continue
+            if not is_text(json.dumps(question, ensure_ascii=False)):
+                yield f"line {number}", ValueError("an unpaired \\ud800-\\udfff escape (half a character): not text")
                 continue
             if "question_id" not in question:
                 yield f"line {number}", ValueError("missing key 'question_id'")
@@ -113,7 +126,7 @@ class _NothingAnswered(Exception):
 
 def answer_file(args, questions, model, processor) -> int:
     """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
-    model_id = Path(args.model).name
+    model_id = Path(args.model).resolve().name  # (a folder's name, `.` too; a Hub id's last part)
     kwargs = generation_kwargs(args, processor)
     failures = []
 
@@ -172,7 +185,7 @@ def answer_file(args, questions, model, processor) -> int:
 def check_batch_files(parser, args):
     """Refuses a missing question file, and an answers file that is a folder, lies under a file or would replace the
     questions."""
-    if not Path(args.question_file).is_file():
+    if not Path(args.question_file).exists() or Path(args.question_file).is_dir():  # (a pipe or /dev/null will do)
         parser.error(f"question file not found: {args.question_file}")
     answers = Path(args.answers_file)
     if answers.is_dir():
@@ -249,8 +262,13 @@ def parse_args(argv=None):
     for name in ("max_new_tokens", "num_beams", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not args.temperature >= 0 or not 0 < args.top_p <= 1:  # (`not >=`: NaN too)
         parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not 0 <= args.seed < 2**32:  # NumPy's range, which set_seed seeds too
+        parser.error("--seed must be in [0, 2**32)")
+    for name in ("prompt", "system"):
+        if getattr(args, name) is not None and not is_text(getattr(args, name)):
+            parser.error(f"--{name} is not valid UTF-8 text")
     if args.top_p < 1 and args.temperature == 0:
         parser.error("--top-p applies to sampling: give a --temperature above 0 too (0 decodes greedily)")
     return args
@@ -266,8 +284,15 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     try:
         processor = AutoProcessor.from_pretrained(args.model)
-    except OSError as error:  # a Hub id that is not there (or a mistyped local path, taken for one): say which
+    # A Hub id that is not there (or a mistyped local path, taken for one), a folder without a tokenizer: say which.
+    except (OSError, ValueError) as error:
         print(f"hyperllava-generate: error: --model {args.model}: {error}", file=sys.stderr)
+        return 1
+    if args.system is not None and processor.image_token in args.system:  # (every prompt would miscount its images)
+        print(
+            f"hyperllava-generate: error: --system holds {processor.image_token}: images go in the prompt",
+            file=sys.stderr,
+        )
         return 1
     # Bad input is reported before the (slow) model load.
     if args.question_file is not None:
