@@ -36,7 +36,7 @@ TOLERANCE = 3e-2  # bf16: largest error relative to the largest reference value,
 
 def make_inputs(batch, length, weight_batch, layers, dtype, seed):
     """x, w_down, w_up, residual. With `layers`, the weights are the first layer's views into one generated
-    (weight batch, layers, P) tensor, as `HyperExpert.split` gives them: a batch stride of all layers' weights."""
+    (weight batch, layers, P) tensor, as `split_weights` gives them: a batch stride of all layers' weights."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape, scale=1.0):

@@ -39,6 +39,7 @@ from transformers.utils import logging
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.conversion import convert_hyperllava_weights_to_hf as convert
+from transformers_hyperllava.modeling_hyperllava import split_weights
 from transformers_hyperllava.tiny import tiny_config
 from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, TEMPLATE_TEXT, tiny_processor, train_tokenizer
 
@@ -313,7 +314,7 @@ def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt, 
     torch.testing.assert_close(logits, reference_logits(reference, batch), atol=1e-5, rtol=1e-5)
     # The experts are new, and as the model initialises them: W_d random, W_u zero.
     expert = model.model.language_model.language_expert
-    w_down, w_up = expert.split(expert(torch.randn(1, 32)))
+    w_down, w_up = split_weights(expert(torch.randn(1, 32)), expert.in_dim, expert.rank, expert.out_dim)
     assert torch.count_nonzero(w_up) == 0 and torch.count_nonzero(w_down) > 0
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)

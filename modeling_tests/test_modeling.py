@@ -20,8 +20,14 @@ from conftest import (
     recorded_compilation,
     training_batch,
 )  # fmt: skip
-from transformers_hyperllava import HyperLlavaForConditionalGeneration
-from transformers_hyperllava.modeling_hyperllava import CACHE_ARG, CACHED_WEIGHTS, IMAGE_OUTPUT, HyperExpert
+from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
+from transformers_hyperllava.modeling_hyperllava import (
+    CACHE_ARG,
+    CACHED_WEIGHTS,
+    IMAGE_OUTPUT,
+    HyperExpert,
+    split_weights,
+)
 from transformers_hyperllava.tiny import tiny_config
 
 # --- 1. zero-init equivalence --------------------------------------------------------------------------------------
@@ -114,7 +120,7 @@ def test_from_llava_keeps_tied_embeddings_tied_and_copies_the_generation_config(
 def test_fresh_model_starts_as_identity_but_has_gradients_for_w_up():
     model = make_model(experts=False)  # the model's own initialisation
     expert = model.model.language_model.language_expert
-    w_down, w_up = expert.split(expert(torch.randn(2, 32)))
+    w_down, w_up = split_weights(expert(torch.randn(2, 32)), expert.in_dim, expert.rank, expert.out_dim)
     assert torch.count_nonzero(w_up) == 0 and torch.count_nonzero(w_down) > 0
     # docs/model.md's scales: W_d's layer bias like LoRA's A (std 1/sqrt(d_in), so x W_d keeps the size of x), the
     # hypernetwork's biases zero.
@@ -518,15 +524,20 @@ def test_generate_gives_the_decoding_steps_the_weights_at_a_fixed_address_with_a
     assert out.language_expert_weights is second_weights
 
 
-def test_each_layers_view_of_the_weights_is_made_once_per_sequence_and_never_under_autograd():
+def test_each_layers_view_of_the_weights_is_made_once_per_sequence_and_never_under_autograd(monkeypatch):
     """The views each expert layer reads its weights through cost eager decoding about 1% of its step when made at
     every step: the decoding steps that continue a cache with its weights reuse the prefill's. Under autograd every
     forward makes its own, so that the continuation of a cache carries the gradient to the experts."""
     model = make_model()
     expert = model.model.language_model.language_expert
     made = []
-    split = expert.split
-    expert.split = lambda weights: made.append(weights) or split(weights)
+
+    def split(weights, *sizes):
+        if weights.dim() == 3:  # the language expert's (batch, layers, P); the visual expert's are (batch, P)
+            made.append(weights)
+        return split_weights(weights, *sizes)
+
+    monkeypatch.setattr(modeling_hyperllava, "split_weights", split)
     ids = torch.tensor([prompt_ids("img", 10, 11)])
     tokens = model.generate(input_ids=ids, pixel_values=images(1), max_new_tokens=4, do_sample=False)
     assert len(made) == 1  # the prefill's, reused by the three decoding steps

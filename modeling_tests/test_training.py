@@ -232,6 +232,23 @@ def test_dora_on_all_linear_layers_but_the_hypernetworks_starts_as_the_model():
         torch.testing.assert_close(dora(**inputs).logits, expected, atol=1e-10, rtol=0)
 
 
+def test_lora_on_the_experts_own_parameters_applies_and_merges():
+    """PEFT's `target_parameters` (LoRA on an nn.Parameter) wraps the expert that owns it in a module of its own."""
+    peft = pytest.importorskip("peft", reason="needs the optional `peft` package")
+    torch.manual_seed(0)
+    model = randomize_experts(HyperLlavaForConditionalGeneration(tiny_config(visual_expert="both")).double().eval())
+    inputs = {"input_ids": torch.tensor([prompt_ids("img", 10, 11)]), "pixel_values": images(1)}
+    targets = ["language_expert.encoder_weight", "visual_expert_first.encoder_weight"]
+    with torch.no_grad():
+        base = model(**inputs).logits
+        # (Random B as well as A, so that the adapters change the weights from the start.)
+        config = peft.LoraConfig(r=2, target_modules=[], target_parameters=targets, init_lora_weights=False)
+        lora = peft.get_peft_model(model, config)
+        adapted = lora(**inputs).logits
+        assert not torch.allclose(adapted, base)
+        torch.testing.assert_close(lora.merge_and_unload()(**inputs).logits, adapted)
+
+
 def test_peft_prompt_tuning_counts_its_virtual_tokens_as_prompt_and_prefix_tuning_is_refused():
     """PEFT puts its virtual tokens in front of the input after `generate` (or the collator) named the prompt: the
     guidance pools over them too, as over the rest of the prompt. (Only the prefill: in later steps transformers 5.24

@@ -2,7 +2,7 @@
 
 Where the paper's equations live:
 - Eqs. 2-3 (layer embedding e(n) = Enc_n(g), hypernetwork K(n) = W2 (W1 e(n) + B1) + B2 + b(n)): `HyperExpert.forward`
-- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `HyperExpert.split`, `swiglu_adapter`
+- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `split_weights`, `swiglu_adapter`
 - Eq. 5 (visual expert, a shift of the projector): `HyperLlavaMultiModalProjector.forward`
 - Language expert (guidance after layer k-1, adapters beside the FFN of later layers): `HyperLlamaModel.forward`,
   `HyperLlamaDecoderLayer.forward`. The prompt the guidance pools over: `prompt_mask` (training, from the labels),
@@ -69,6 +69,16 @@ def swiglu_adapter(x, w_down, w_up):
     """
     gate, value = torch.bmm(x, w_down).chunk(2, dim=-1)
     return torch.bmm(F.silu(gate) * value, w_up)
+
+
+def split_weights(weights, in_dim, rank, out_dim):
+    """Eq. 4's split of K (..., P) into W_d (..., d_in, 2r) and W_u (..., r, d_out): views, no copies. (A function
+    of the sizes, not a method of the expert: PEFT's `target_parameters` wraps the expert in a module of its own.)"""
+    num_down = 2 * rank * in_dim
+    return (
+        weights[..., :num_down].unflatten(-1, (in_dim, 2 * rank)),
+        weights[..., num_down:].unflatten(-1, (rank, out_dim)),
+    )
 
 
 def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
@@ -213,12 +223,6 @@ class HyperExpert(nn.Module):
         # No activation between the two linears, as the paper writes it.
         return self.hyper_out(self.hyper_in(embedding)) + self.layer_bias
 
-    def split(self, weights):
-        """K (..., P) -> W_d (..., d_in, 2r), W_u (..., r, d_out): views, no copies."""
-        w_down = weights[..., : self.num_down].unflatten(-1, (self.in_dim, 2 * self.rank))
-        w_up = weights[..., self.num_down :].unflatten(-1, (self.rank, self.out_dim))
-        return w_down, w_up
-
     def init_weights(self, std):
         """Everything that produces W_u starts at zero (a new HyperLLaVA computes exactly its LLaVA base); W_d
         starts small and random, like LoRA's A, so that the first step already has a gradient for W_u."""
@@ -272,7 +276,7 @@ class HyperLlavaMultiModalProjector(LlavaMultiModalProjector):
         self.visual_expert_second = (
             HyperExpert(config, text_dim, text_dim, text_dim, 1) if variant in ("second", "both") else None
         )
-        self.expert_kernel = config.expert_kernel
+        self.expert_kernel, self.expert_rank = config.expert_kernel, config.expert_bottleneck_dim
 
     def forward(self, image_features):
         hidden_states = self.linear_1(image_features)
@@ -287,7 +291,8 @@ class HyperLlavaMultiModalProjector(LlavaMultiModalProjector):
     def _shift(self, expert, expert_input, residual):
         # One set of weights per image, generated from the mean of the expert's input over the image's patches (the
         # visual expert is a single "layer": [:, 0]).
-        w_down, w_up = expert.split(expert(mean_pool(expert_input))[:, 0])
+        weights = expert(mean_pool(expert_input))[:, 0]
+        w_down, w_up = split_weights(weights, expert_input.shape[-1], self.expert_rank, residual.shape[-1])
         return expert_adapter(expert_input, w_down, w_up, residual, self.expert_kernel)
 
 
@@ -372,6 +377,7 @@ class HyperLlamaModel(LlamaModel):
         expert_layers = config.language_expert_layer_indices
         self.expert_layers = expert_layers
         self.guidance_layer = config.language_guidance_layer
+        self.expert_rank = config.expert_bottleneck_dim
         d = text_config.hidden_size
         self.language_expert = HyperExpert(config, d, d, d, len(expert_layers)) if expert_layers else None
         # Only the "dynamic" mode generates its weights from the prompt; the others' do not depend on the input.
@@ -485,7 +491,8 @@ class HyperLlamaModel(LlamaModel):
         kept = getattr(cache, LAYER_WEIGHTS, None) if keep else None
         if kept is not None and kept[0] is weights:
             return kept[1]
-        expert_down, expert_up = self.language_expert.split(weights)
+        d = self.config.hidden_size
+        expert_down, expert_up = split_weights(weights, d, self.expert_rank, d)
         # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
         layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
         if keep:
