@@ -1,5 +1,7 @@
 import collections
 import contextlib
+import io
+import json
 import os
 
 # Nothing downloads at test time: every model, tokenizer and image is built here.
@@ -7,12 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+import sentencepiece  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import CompileConfig, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration  # noqa: E402
 from transformers_hyperllava.tiny import tiny_config  # noqa: E402
+from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, TEMPLATE_TEXT  # noqa: E402
 
 IMAGE_TOKEN = 4
 TOKENS_PER_IMAGE = 4  # tiny_config: 28 px images, 14 px patches
@@ -100,6 +104,60 @@ def recorded_compilation(model):
         yield graphs
 
 
+def train_sentencepiece(vocab_size=320):
+    """A serialised SentencePiece BPE model with Llama's settings (byte fallback, digits split, a dummy prefix, spaces
+    kept as they are), trained on the test's sentences."""
+    words = " ".join([TEMPLATE_TEXT, *DEFAULT_TEXTS]).split()
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (12,), generator=generator)) for _ in range(80)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,  # at least the 256 byte pieces, 3 special pieces and the corpus' characters
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def sentencepiece_vocab_size(model):
+    return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+
+
+def write_sentencepiece_tokenizer(folder, model):
+    """The tokenizer files of a LLaVA-1.5 release (liuhaotian/llava-v1.5-7b): the SentencePiece model and the slow
+    LlamaTokenizer's config, no tokenizer.json."""
+    (folder / "tokenizer.model").write_bytes(model)
+    token = {"__type": "AddedToken", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {**token, "content": "<s>"},
+        "eos_token": {**token, "content": "</s>"},
+        "unk_token": {**token, "content": "<unk>"},
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": 2048,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture
 def tiny_llava():
     """A stock LLaVA with random weights (float64) and the HyperLLaVA config that matches it."""
@@ -110,5 +168,6 @@ def tiny_llava():
 
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
-    "compiled_generation", "recorded_compilation", "IMAGE_TOKEN",
+    "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece", "sentencepiece_vocab_size",
+    "write_sentencepiece_tokenizer",
 ]  # fmt: skip

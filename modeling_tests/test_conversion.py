@@ -2,7 +2,6 @@
 LLaVA and a plain-PyTorch evaluation of the expert equations; loading the output the way users do; errors; publishing."""
 
 import errno
-import io
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from transformers import (
 from transformers.testing_utils import CaptureLogger, LoggingLevel
 from transformers.utils import logging
 
+from conftest import sentencepiece_vocab_size, train_sentencepiece, write_sentencepiece_tokenizer
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.conversion import convert_hyperllava_weights_to_hf as convert
 from transformers_hyperllava.modeling_hyperllava import split_weights
@@ -61,60 +61,6 @@ def codebase_tokenizer():
         [TEMPLATE_TEXT, *DEFAULT_TEXTS], trainers.WordLevelTrainer(special_tokens=list(CODEBASE_ONLY_TOKENS))
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def train_sentencepiece(vocab_size=320):
-    """A serialised SentencePiece BPE model with Llama's settings (byte fallback, digits split, a dummy prefix, spaces
-    kept as they are), trained on the test's sentences."""
-    words = " ".join([TEMPLATE_TEXT, *DEFAULT_TEXTS]).split()
-    generator = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(len(words), (12,), generator=generator)) for _ in range(80)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,  # at least the 256 byte pieces, 3 special pieces and the corpus' characters
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-def sentencepiece_vocab_size(model):
-    return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
-
-
-def write_sentencepiece_tokenizer(folder, model):
-    """The tokenizer files of a LLaVA-1.5 release (liuhaotian/llava-v1.5-7b): the SentencePiece model and the slow
-    LlamaTokenizer's config, no tokenizer.json."""
-    (folder / "tokenizer.model").write_bytes(model)
-    token = {"__type": "AddedToken", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": {**token, "content": "<s>"},
-        "eos_token": {**token, "content": "</s>"},
-        "unk_token": {**token, "content": "<unk>"},
-        "pad_token": None,
-        "clean_up_tokenization_spaces": False,
-        "legacy": False,
-        "model_max_length": 2048,
-        "padding_side": "right",
-        "sp_model_kwargs": {},
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def reference_llava(vocab_size, image_token_id, pad_token_id, seed=0):

@@ -11,8 +11,10 @@ import pytest
 import torch
 from jinja2 import TemplateError
 from PIL import Image
-from transformers import AutoProcessor, LlavaImageProcessorPil, LlavaProcessor
+from tokenizers import AddedToken
+from transformers import AutoProcessor, AutoTokenizer, LlavaImageProcessorPil, LlavaProcessor
 
+from conftest import train_sentencepiece, write_sentencepiece_tokenizer
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
 from transformers_hyperllava.tiny import tiny_config
@@ -232,6 +234,45 @@ def test_assistant_mask_marks_exactly_the_answers(
         last = out["attention_mask"][row].nonzero().max()
         assert mask[last] and ids[last] == tokenizer.eos_token_id
         assert not mask[out["attention_mask"][row] == 0].any()
+
+
+def llava_preprocess_v1_supervised(tokenizer, turns):
+    """The tokens of a text-only conversation and which of them LLaVA-1.5's `preprocess_v1` (llava/train/train.py,
+    `conv_vicuna_v1`) supervises, written from it: the conversation is cut into rounds at "</s>"; in each, the first
+    `len(tokens(prompt + " ASSISTANT: ")) - 2` tokens (BOS, and the space that the answer's first token takes) are
+    not supervised, and the round's length counts its "</s>" through the BOS of its own tokenisation."""
+    conversation = vicuna_v1_prompt(turns)
+    ids = tokenizer(conversation).input_ids
+    supervised = [False] + [True] * (len(ids) - 1)
+    start = 1
+    for round_text in conversation.split("</s>")[:-1]:
+        prompt = round_text.split(" ASSISTANT: ")[0] + " ASSISTANT: "
+        instruction = len(tokenizer(prompt).input_ids) - 2
+        supervised[start : start + instruction] = [False] * instruction
+        start += len(tokenizer(round_text).input_ids)
+    assert start == len(ids)  # LLaVA's "tokenization mismatch" check
+    return ids, supervised
+
+
+@pytest.mark.parametrize("answer", ["A red square.", "2", "3 boxes", "\u6728", " red"], ids=repr)
+def test_assistant_mask_supervises_what_llava_supervises_with_a_llama_tokenizer(tmp_path, answer):
+    """With Llama's SentencePiece tokenizer (digits split, a dummy prefix) the space before an answer merges with its
+    first token ("▁A") or, before a digit or a byte-encoded character, is a token of its own ("▁"), which the generation
+    prompt (ending at "ASSISTANT:") must produce first: LLaVA-1.5 supervises it, and so must the mask."""
+    write_sentencepiece_tokenizer(tmp_path, train_sentencepiece())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    # <image> and <pad> as hyperllava-convert adds them to a LLaVA-1.5 release's tokenizer.
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    config = tiny_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    processor = tiny_processor(tokenizer, config)
+    turns = ["What is in the image?", answer]
+    ids, supervised = llava_preprocess_v1_supervised(tokenizer, turns)
+    out = processor.apply_chat_template(
+        [user(turns[0]), assistant(turns[1])], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert out["input_ids"][0] == ids
+    assert [bool(flag) for flag in out["assistant_masks"][0]] == supervised
 
 
 @pytest.mark.parametrize(

@@ -208,8 +208,8 @@ class LlavaJsonDataset(Dataset):
         labels = torch.where(torch.tensor(out["assistant_masks"][0]).bool(), input_ids, IGNORE_INDEX)
         problem = None
         if (labels == IGNORE_INDEX).all():
-            # Trained, it would add nothing but its place in the batch. (Transformers 5.17's mask stops at an answer
-            # that starts with a character no token covers, e.g. a space that the tokenizer drops: none follow.)
+            # Trained, it would add nothing but its place in the batch. (Another model's processor gives Transformers'
+            # own mask, which on 5.17 stops at an answer whose first character no token covers: none follow.)
             problem = "none of its tokens is an answer's (the tokenizer's assistant mask is empty)"
         elif self.max_length is not None and len(input_ids) > self.max_length:
             cuts_image = bool((input_ids[self.max_length :] == self.processor.image_token_id).any())

@@ -2,6 +2,7 @@
 
 from transformers import LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
+from transformers.utils.chat_template_utils import render_jinja_template
 
 # LLaVA-1.5's `conv_vicuna_v1` (llava/conversation.py; its training scripts pass `--version v1`): the system line,
 # then turns "USER: {question} ASSISTANT: {answer}</s>", the first question starting with "<image>\n". (Its
@@ -12,8 +13,10 @@ VICUNA_V1_SYSTEM = (
 )
 
 # Images go first in a user turn, as LLaVA-1.5 trained (it moved every "<image>" to the front of the question).
-# The `{% generation %}` block marks the answer and its "</s>" as the supervised tokens
-# (`return_assistant_tokens_mask=True`); LLaVA-1.5 supervises the "</s>" too.
+# The `{% generation %}` block marks the supervised tokens (`return_assistant_tokens_mask=True`): the answer, its "</s>"
+# (LLaVA-1.5 supervises it too) and the space before it, whose token LLaVA-1.5 supervises (its `preprocess_v1`
+# counts the prompt up to "ASSISTANT:"), as the answer's first token where the two merge ("▁The"), and alone where they
+# do not (Llama's "▁" before a digit): the token a generation prompt, which ends at "ASSISTANT:", must produce first.
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}"
     "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
@@ -36,7 +39,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{{- text + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' -}}{%- generation -%}{{- text + eos_token -}}{%- endgeneration -%}"
+    "{{- 'ASSISTANT:' -}}{%- generation -%}{{- ' ' + text + eos_token -}}{%- endgeneration -%}"
     "{%- elif message['role'] == 'system' -%}"
     "{{- raise_exception('vicuna_v1 takes a system message only as the first message') -}}"
     "{%- else -%}"
@@ -51,6 +54,13 @@ _NOT_FOR_THE_UNEXPANDED_PROMPT = (
     "tokenize", "return_dict", "processor_kwargs", "padding", "padding_side", "truncation", "max_length",
     "pad_to_multiple_of",
 )  # fmt: skip
+
+
+def overlap_mask(offsets, spans):
+    """1 for each token whose characters (`offsets`, as the tokenizer gives them) overlap one of `spans`."""
+    return [
+        int(any(start < span_end and end > span_start for span_start, span_end in spans)) for start, end in offsets
+    ]
 
 
 class HyperLlavaProcessor(LlavaProcessor):
@@ -117,14 +127,13 @@ class HyperLlavaProcessor(LlavaProcessor):
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         if not (kwargs.get("return_assistant_tokens_mask") and kwargs.get("tokenize") and kwargs.get("return_dict")):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
-        # Transformers 5.17 maps the answer spans onto the prompt *after* each "<image>" was expanded to many
-        # tokens, which misplaces the mask. An "<image>" is one token before expansion, so the tokenizer's mask of
-        # the unexpanded prompt, with each image position repeated as the processor expanded it, is the tokenizer's
-        # own mask, expanded. (5.17's tokenizer ends its mask at an answer that starts with a character no token
-        # covers, e.g. a space its pre-tokenizer drops; LlavaJsonDataset drops a sample left with no answer token.) Kept on
-        # 5.18 and later, which map the spans right, because it refuses a truncated prompt, for which they return a
-        # partial or empty mask without a word (a sample that would train on part of its answer, or on nothing).
-        # Lists until the mask is placed, then tensors of the type asked for, at the top level or in processor_kwargs.
+        # The mask is made here, the same on every release: each token that overlaps an answer's characters, on the
+        # prompt before its "<image>"s were expanded (one token each), then expanded as the processor expanded them.
+        # (Transformers 5.17 maps the answers onto the expanded prompt, which misplaces them, and stops at an answer
+        # whose first character no token covers, such as the space before it where a pre-tokenizer drops spaces; 5.18
+        # and later map them right, but return a partial or empty mask for a truncated prompt without a word, which
+        # this refuses.) Lists until the mask is placed, then tensors of the type asked for, at the top level or in
+        # processor_kwargs.
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
         inner_return_tensors = processor_kwargs.pop("return_tensors", None)
         return_tensors = kwargs.pop("return_tensors", None) or inner_return_tensors
@@ -144,17 +153,16 @@ class HyperLlavaProcessor(LlavaProcessor):
         # The template's own arguments only: padded or truncated, the unexpanded prompt would no longer match the
         # expanded one token for token.
         template_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_THE_UNEXPANDED_PROMPT}
-        unexpanded = self.tokenizer.apply_chat_template(
+        texts, answers = render_jinja_template(  # (with the special tokens, as the tokenizer renders a template)
             conversations,
             chat_template=chat_template or self.chat_template,
-            tokenize=True,
-            return_dict=True,
-            **template_kwargs,
+            **{**self.tokenizer.special_tokens_map, **template_kwargs},
         )
+        unexpanded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out["assistant_masks"] = [
-            self._expand_assistant_mask(ids, mask, expanded)
-            for ids, mask, expanded in zip(
-                unexpanded["input_ids"], unexpanded["assistant_masks"], out["input_ids"], strict=True
+            self._expand_assistant_mask(ids, overlap_mask(offsets, spans), expanded)
+            for ids, offsets, spans, expanded in zip(
+                unexpanded["input_ids"], unexpanded["offset_mapping"], answers, out["input_ids"], strict=True
             )
         ]
         out.convert_to_tensors(tensor_type=return_tensors)
