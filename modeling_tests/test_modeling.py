@@ -20,7 +20,7 @@ from conftest import (
     recorded_compilation,
     training_batch,
 )  # fmt: skip
-from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
+from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration, modeling_hyperllava
 from transformers_hyperllava.modeling_hyperllava import (
     CACHE_ARG,
     CACHED_WEIGHTS,
@@ -877,6 +877,42 @@ def test_config_fields_are_checked_when_set(field, value, message):
     with pytest.raises(StrictDataclassFieldValidationError, match=message):
         setattr(config, field, value)
     assert config.to_dict() == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c.update({"language_expert_layers": "anterior"}),
+            r"\[0, 1\] come before language_guidance_layer=2",
+        ),
+        (
+            lambda c: setattr(c.text_config, "num_hidden_layers", 2),
+            r"language_guidance_layer must be .* in 0..1, got 2",
+        ),
+        (lambda c: setattr(c, "expert_bottleneck_dim", 100), "expert_bottleneck_dim=100 is larger than"),
+    ],
+    ids=["layers", "depth", "bottleneck"],
+)
+def test_a_config_whose_fields_were_changed_apart_is_not_saved_if_it_would_not_load(tmp_path, change, message):
+    """Each field is checked when set, but what involves several only as a whole: `save_pretrained` checks it, so that
+    a saved config always loads."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    config = tiny_config()  # 4 layers: k = 2, experts in layers 2 and 3
+    change(config)
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_from_llava_config_takes_llavas_own_attributes():
+    """`image_token_id` (LlavaConfig's alias of image_token_index) and what LLaVA's config carries, `pad_token_id`."""
+    llava = tiny_config().to_llava_config()
+    config = HyperLlavaConfig.from_llava_config(llava, image_token_id=7, pad_token_id=5, expert_mode="static")
+    assert (config.image_token_index, config.pad_token_id, config.expert_mode) == (7, 5, "static")
+    with pytest.raises(ValueError, match=r"\['expert_mod'\] are not HyperLlavaConfig fields"):
+        HyperLlavaConfig.from_llava_config(llava, expert_mod="static")
 
 
 def test_unsupported_text_backbone_is_refused():

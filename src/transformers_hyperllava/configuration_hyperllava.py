@@ -24,7 +24,7 @@ def positive_int(value):
 
 # Strict, as LlavaConfig is: each field's type (and choices) is checked when set, in the constructor, by
 # `from_pretrained(path, field=...)` or by an assignment afterwards. What involves several fields (layers against the
-# depth, the guidance layer against the experts) is checked by `check_expert_fields`.
+# depth, the guidance layer against the experts) is checked by `validate_expert_fields`.
 @strict
 class HyperLlavaConfig(LlavaConfig):
     r"""
@@ -86,13 +86,15 @@ class HyperLlavaConfig(LlavaConfig):
         # `save_pretrained` adds the entry of the class that saves; the base model is named here so that a saved
         # folder also loads with `AutoModel` and `trust_remote_code=True` where the package is not installed.
         self.auto_map = {"AutoModel": "modeling_hyperllava.HyperLlavaModel", **(getattr(self, "auto_map", None) or {})}
-        self.check_expert_fields()
+        self.validate_expert_fields()
 
-    def check_expert_fields(self):
+    def validate_expert_fields(self):
         """Refuse combinations of settings that the model cannot build, and fill in the default
-        `language_guidance_layer`. Run at construction and again by the model: `from_pretrained(...,
-        language_expert_layers=...)` sets fields one by one on a config built without them (a config saved without a
-        language expert has no guidance layer)."""
+        `language_guidance_layer`. Run at construction, by `save_pretrained` (a `validate_` method is one of the strict
+        dataclass's validators: a config whose fields were changed one by one so that they no longer fit together is
+        not saved, as it would not load) and again by the model: `from_pretrained(..., language_expert_layers=...)`
+        sets fields one by one on a config built without them (a config saved without a language expert has no
+        guidance layer)."""
         text = self.text_config
         for name, sub_config, supported in (
             ("text_config", text, SUPPORTED_TEXT_BACKBONES),
@@ -144,7 +146,9 @@ class HyperLlavaConfig(LlavaConfig):
     @classmethod
     def from_llava_config(cls, llava_config: LlavaConfig, **fields) -> "HyperLlavaConfig":
         """A LLaVA config with the experts added; `fields` set this config's fields (the experts' or LLaVA's)."""
-        unknown = sorted(fields.keys() - cls.__dataclass_fields__.keys())
+        # (LLaVA's attributes too: their aliases, `image_token_id`, and those its config carries, `pad_token_id`.)
+        known = cls.__dataclass_fields__.keys() | cls.attribute_map.keys() | llava_config.to_dict().keys()
+        unknown = sorted(fields.keys() - known)
         if unknown:  # (the config would keep them as unused attributes, and a misspelt field would go unnoticed)
             raise ValueError(f"{unknown} are not HyperLlavaConfig fields; see docs/model.md for the expert fields")
         llava_fields = llava_config.to_dict()

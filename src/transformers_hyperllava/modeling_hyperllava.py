@@ -540,7 +540,7 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
 
     def __init__(self, config: HyperLlavaConfig):
         # The config checked itself when built, but `from_pretrained(..., expert_mode=...)` sets fields afterwards.
-        config.check_expert_fields()
+        config.validate_expert_fields()
         HyperLlavaPreTrainedModel.__init__(self, config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = HyperLlavaMultiModalProjector(config)
