@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,8 +231,9 @@ def read_json(path: Path) -> dict:
 def input_layout(config: dict) -> str:
     architectures = config.get("architectures") or []
     # Before its 1.2 release the LLaVA codebase's model type was "llava" too, as liuhaotian/llava-v1.5-7b's config
-    # says: its architecture tells it from Transformers' LLaVA.
-    if config.get("model_type") == "llava_llama" or "LlavaLlamaForCausalLM" in architectures:
+    # says: its architecture, and no text_config (a LlamaConfig with mm_* fields), tell it from Transformers' LLaVA.
+    codebase = config.get("model_type") == "llava_llama" or "LlavaLlamaForCausalLM" in architectures
+    if codebase and "text_config" not in config:
         return "llava_codebase"
     if config.get("model_type") in ("llava", "hyperllava"):
         return "llava_hf"
@@ -906,7 +908,9 @@ def interrupted(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, interrupted)
+    # (Only the main thread may set a signal handler: run from another, the converter leaves SIGTERM as it is.)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, interrupted) if in_main_thread else None
     output = Path(args.output).resolve()  # (`.` has no name to stage beside)
     try:
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
@@ -939,7 +943,8 @@ def main(argv=None) -> int:
         print("interrupted; no partial output was left", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

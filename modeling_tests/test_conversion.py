@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -1067,6 +1068,29 @@ def test_a_stop_while_writing_leaves_nothing_and_is_named(tmp_path, monkeypatch,
 
 
 # --- 5. publishing ---------------------------------------------------------------------------------------------------
+
+
+def test_the_converter_runs_outside_the_main_thread(tmp_path, capsys):
+    """Where it cannot set its SIGTERM handler (only the main thread may) it runs without."""
+    result = {}
+    argv = ["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
+    thread = threading.Thread(target=lambda: result.update(code=convert.main(argv)))
+    thread.start()
+    thread.join()
+    assert result == {"code": 1} and "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, layout",
+    [
+        ({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"]}, "llava_codebase"),  # LLaVA-1.5's release
+        ({"model_type": "llava_llama"}, "llava_codebase"),
+        ({"model_type": "llava", "text_config": {}, "architectures": ["LlavaForConditionalGeneration"]}, "llava_hf"),
+        ({"model_type": "llava", "text_config": {}, "architectures": ["LlavaLlamaForCausalLM"]}, "llava_hf"),
+    ],
+)
+def test_the_layout_is_read_from_the_config(config, layout):
+    assert convert.input_layout(config) == layout
 
 
 def test_push_to_hub_uploads_the_folder_in_one_commit(tmp_path, monkeypatch):

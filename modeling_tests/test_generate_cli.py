@@ -299,10 +299,15 @@ def run_batch(model_folder, questions, image_folder, tmp_path, capsys, *options)
     return code, err, answers_file
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, monkeypatch, batch_size):
+# The model given by its path, as `.`, or through a link (whose name the answers carry, as for a Hub cache's snapshot).
+@pytest.mark.parametrize("batch_size, given", [(1, "path"), (3, "."), (1, "link")])
+def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, monkeypatch, batch_size, given):
     folder, model, processor, images = saved
-    monkeypatch.chdir(folder)  # the model given as `.` once: its answers still name the folder
+    monkeypatch.chdir(folder)
+    (tmp_path / "linked-model").symlink_to(folder)
+    model_arg, model_id = {"path": (folder, folder.name), ".": (".", folder.name)}.get(
+        given, (tmp_path / "linked-model", "linked-model")
+    )
     questions = [
         {"question_id": "q1", "image": "wide.png", "text": "What is in the image?"},
         {"question_id": 7, "image": "tall.jpg", "text": "Describe the picture in detail."},
@@ -312,7 +317,7 @@ def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, monkeypatch
     write_questions(tmp_path / "questions.jsonl", questions)
     answers_file = tmp_path / "out" / "answers.jsonl"
     code, _, err = run(
-        ["--model", str(folder) if batch_size == 1 else ".", "--question-file", str(tmp_path / "questions.jsonl")]
+        ["--model", str(model_arg), "--question-file", str(tmp_path / "questions.jsonl")]
         + ["--image-folder", str(images), "--answers-file", str(answers_file), "--batch-size", str(batch_size)],
         capsys,
     )
@@ -322,7 +327,7 @@ def test_batch_mode_answers_like_one_by_one(saved, capsys, tmp_path, monkeypatch
     assert [a["question_id"] for a in answers] == ["q1", 7, "q3", "q4"]
     for question, answer in zip(questions, answers):
         assert set(answer) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-        assert answer["prompt"] == question["text"] and answer["model_id"] == folder.name
+        assert answer["prompt"] == question["text"] and answer["model_id"] == model_id
         assert answer["text"] == reference_answer(model, processor, question["text"], [images / question["image"]])
     assert len({a["answer_id"] for a in answers}) == 4
     assert [p.name for p in answers_file.parent.iterdir()] == ["answers.jsonl"]  # no partial file left behind

@@ -12,6 +12,7 @@ Many questions, in LLaVA's `model_vqa` format (a JSONL of `{"question_id", "imag
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -126,7 +127,9 @@ class _NothingAnswered(Exception):
 
 def answer_file(args, questions, model, processor) -> int:
     """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
-    model_id = Path(args.model).resolve().name  # (a folder's name, `.` too; a Hub id's last part)
+    model_id = Path(
+        os.path.abspath(args.model)
+    ).name  # (a folder's name, `.`'s and a link's too; a Hub id's last part)
     kwargs = generation_kwargs(args, processor)
     failures = []
 
