@@ -690,7 +690,7 @@ a **language expert** beside the FFN of later decoder layers, generated from the
 | projector | Linear - GELU - Linear ({config.vision_config.hidden_size} -> {text.hidden_size}) |
 | language model | Llama, {text.num_hidden_layers} layers, hidden size {text.hidden_size}, vocabulary {text.vocab_size} |
 | visual expert | {config.visual_expert} |
-| language expert | layers {layers[0] if layers else "-"}..{layers[-1] if layers else "-"} ({len(layers)} layers), guidance after layer {config.language_guidance_layer} |
+| language expert | layers {layers[0] if layers else "-"}..{layers[-1] if layers else "-"} ({len(layers)} layers), guidance from the hidden state entering layer {config.language_guidance_layer} |
 | expert shapes | embedding m={config.expert_embedding_dim}, hypernetwork hidden {config.hypernetwork_hidden_dim}, bottleneck r={config.expert_bottleneck_dim}, mode {config.expert_mode} |
 
 | parameters | count |

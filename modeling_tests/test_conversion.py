@@ -1141,6 +1141,8 @@ def test_push_to_hub_uploads_the_folder_in_one_commit(tmp_path, monkeypatch):
     card = (out / "README.md").read_text()
     for needle in ("trust_remote_code=True", "import transformers_hyperllava", "arXiv:2403.13447", "Training recipe"):
         assert needle in card
+    k = json.loads((out / "config.json").read_text())["language_guidance_layer"]  # (the input of layer k: after k-1)
+    assert f"guidance from the hidden state entering layer {k} |" in card
 
 
 def test_a_malformed_hub_id_is_refused_before_converting(tmp_path, capsys):

@@ -424,6 +424,15 @@ class HyperLlamaModel(LlamaModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         given = language_expert_weights is not None
+        if (
+            given
+            and cache is not None
+            and not torch.compiler.is_compiling()  # (where setting them would be a side effect of the graph)
+            and language_expert_weights is not getattr(cache, WEIGHTS_BUFFER, None)  # (the decoding steps' own copy)
+        ):
+            # Weights passed in ride on the cache too: whoever continues it continues with them, not with those of a
+            # sequence the cache held before.
+            setattr(cache, CACHED_WEIGHTS, language_expert_weights)
         if not given and self.language_expert is not None:
             # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
             # continues with the weights that the cache's tokens were computed with.
@@ -820,6 +829,14 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
                 "pools its guidance over the whole prompt before any expert layer runs: generate without "
                 "prefill_chunk_size (or with one at least as long as the prompt)"
             )
+        cache = model_kwargs.get(CACHE_ARG)
+        if cache is not None and _known_length(cache) == 0:
+            # A new sequence on a cache that held one: with prefill_chunk_size the prefill runs compiled, and a
+            # compiled graph cannot tell an emptied cache from a filled one (`_weights_of`), so the weights of the
+            # sequence before go now.
+            for name in (CACHED_WEIGHTS, LAYER_WEIGHTS):
+                if hasattr(cache, name):
+                    delattr(cache, name)
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def _get_candidate_generator(self, *args, model_kwargs, **kwargs):
