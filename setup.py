@@ -32,7 +32,13 @@ setup(
     extras_require={
         # Triton's interpreter lets the fused-kernel tests run on a CPU, as bitsandbytes' 8-bit layers do.
         "test": ["pytest", "peft", "triton; platform_system == 'Linux'", "bitsandbytes; platform_system == 'Linux'"],
-        "dev": ["pytest", "peft", "triton; platform_system == 'Linux'", "bitsandbytes; platform_system == 'Linux'", "ruff"],
+        "dev": [
+            "pytest",
+            "peft",
+            "triton; platform_system == 'Linux'",
+            "bitsandbytes; platform_system == 'Linux'",
+            "ruff",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -127,9 +127,8 @@ class _NothingAnswered(Exception):
 
 def answer_file(args, questions, model, processor) -> int:
     """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
-    model_id = Path(
-        os.path.abspath(args.model)
-    ).name  # (a folder's name, `.`'s and a link's too; a Hub id's last part)
+    # A folder's name (`.`'s and a link's too, not where they lead), or a Hub id's last part.
+    model_id = Path(os.path.abspath(args.model)).name
     kwargs = generation_kwargs(args, processor)
     failures = []
 
