@@ -315,6 +315,26 @@ def test_a_dropped_sample_gives_its_place_to_another_that_fits(processor, image_
         dataset[len(dataset)]
 
 
+def test_the_record_of_dropped_samples_is_shared_with_the_dataloaders_workers(processor, image_folder, tmp_path):
+    """Workers read the samples in processes of their own, new ones every epoch: what they drop counts in the main
+    process (the run's summary) and is known to the next epoch's workers, which do not read it (nor log it) again."""
+    long = {"id": "long", "image": "a.png", "conversations": conversation([("what " * 40 + "is it ?", "red")])}
+    fitting = {"id": "a", "image": "a.png", "conversations": conversation(SINGLE)}
+    max_length = len(
+        LlavaJsonDataset(write_json(tmp_path / "a.json", [fitting]), processor, image_folder)[0]["input_ids"]
+    )
+    samples = [long, fitting, long, fitting]
+    dataset = LlavaJsonDataset(
+        write_json(tmp_path / "d.json", samples), processor, image_folder, max_length=max_length
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=2, collate_fn=LlavaDataCollator(processor.tokenizer.pad_token_id)
+    )
+    epochs = [[batch["input_ids"] for batch in loader] for _ in range(2)]
+    assert dataset.num_dropped == 2 and dataset.dropped.tolist() == [True, False, True, False]
+    assert all(torch.equal(a, b) for a, b in zip(*epochs))  # the same replacements in both epochs
+
+
 @pytest.mark.parametrize(
     "sample, message",
     [

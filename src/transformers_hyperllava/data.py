@@ -147,7 +147,9 @@ class LlavaJsonDataset(Dataset):
                     raise FileNotFoundError(
                         f"sample {sample.get('id')!r}: image file {self.image_folder / name} not found"
                     )
-        self.dropped: set[int] = set()  # indices of the samples dropped: each logged once, and not read again
+        # Which samples were dropped: each logged once and not read again. In shared memory, so that the dataloader's
+        # workers (forked or spawned, new ones every epoch) and the main process keep one record.
+        self.dropped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         # A batch of these leaves the projector and the visual expert without a gradient (`build_trainer` reads this).
         self.text_only_ids = [
             sample.get("id", i) for i, sample in enumerate(self.samples) if not sample_images(sample)
@@ -158,7 +160,7 @@ class LlavaJsonDataset(Dataset):
 
     @property
     def num_dropped(self) -> int:
-        return len(self.dropped)
+        return int(self.dropped.sum())
 
     def _open_image(self, sample_id, name):
         try:
@@ -169,7 +171,7 @@ class LlavaJsonDataset(Dataset):
 
     def __getitem__(self, index) -> dict:
         index = range(len(self))[index]  # (an IndexError past the end is what ends iterating over the dataset)
-        item = None if index in self.dropped else self._read(index)
+        item = None if self.dropped[index] else self._read(index)
         if item is not None:
             return item
         # A dropped sample's place goes to another that fits, so that no batch comes out empty: with one sample per
@@ -178,10 +180,10 @@ class LlavaJsonDataset(Dataset):
         # together, and a run of them would all give their places to one sample.
         draws = random.Random(index)
         while item is None:
-            if len(self.dropped) == len(self):
+            if self.dropped.all():
                 raise ValueError(f"every sample was dropped (max_length={self.max_length}; see the warnings)")
             candidate = draws.randrange(len(self))
-            if candidate not in self.dropped:
+            if not self.dropped[candidate]:
                 item = self._read(candidate)
         return item
 
@@ -219,8 +221,8 @@ class LlavaJsonDataset(Dataset):
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         if problem is not None:
-            if index not in self.dropped:
-                self.dropped.add(index)
+            if not self.dropped[index]:
+                self.dropped[index] = True
                 logger.warning("Dropped sample %r: %s (%d dropped so far)", sample_id, problem, self.num_dropped)
             return None
         item = {"input_ids": input_ids, "labels": labels}

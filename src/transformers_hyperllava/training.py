@@ -476,7 +476,7 @@ def main(argv=None):
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     if dataset.num_dropped and args.process_index == 0:
-        # Counted in this process only: with dataloader workers, each worker's warnings are the full record.
+        # This process's record, its dataloader workers' drops included (other DDP processes keep their own).
         logger.warning("%d sample(s) were dropped for max_length=%d", dataset.num_dropped, data_args.max_length)
     save_stage(trainer, processor, args.output_dir)
     if args.push_to_hub and trainer.is_world_process_zero():
