@@ -285,7 +285,9 @@ def test_a_model_split_over_gpu_and_cpu_gives_the_same_logits_and_tokens(saved):
 # docs/inference.md, Quantization: the list that keeps the experts out of quantization.
 EXPERTS_UNQUANTIZED = ["lm_head", "model.multi_modal_projector", "model.language_model.language_expert"]
 needs_bitsandbytes = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (8-bit runs on the CPU)"
+    # (A test extra on Linux, so CI runs these; elsewhere bitsandbytes may not install.)
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="needs bitsandbytes, whose 8-bit layers run on the CPU",
 )
 
 

@@ -146,12 +146,12 @@ class HyperLlavaConfig(LlavaConfig):
     @classmethod
     def from_llava_config(cls, llava_config: LlavaConfig, **fields) -> "HyperLlavaConfig":
         """A LLaVA config with the experts added; `fields` set this config's fields (the experts' or LLaVA's)."""
+        llava_fields = llava_config.to_dict()
         # (LLaVA's attributes too: their aliases, `image_token_id`, and those its config carries, `pad_token_id`.)
-        known = cls.__dataclass_fields__.keys() | cls.attribute_map.keys() | llava_config.to_dict().keys()
+        known = cls.__dataclass_fields__.keys() | cls.attribute_map.keys() | llava_fields.keys()
         unknown = sorted(fields.keys() - known)
         if unknown:  # (the config would keep them as unused attributes, and a misspelt field would go unnoticed)
             raise ValueError(f"{unknown} are not HyperLlavaConfig fields; see docs/model.md for the expert fields")
-        llava_fields = llava_config.to_dict()
         for key in NOT_MODEL_FIELDS:
             llava_fields.pop(key, None)
         config = cls(**{**llava_fields, **fields})
