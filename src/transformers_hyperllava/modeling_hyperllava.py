@@ -81,10 +81,11 @@ def split_weights(weights, in_dim, rank, out_dim):
     )
 
 
-def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
-    """`residual [+ ffn_out] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
+def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
+    """`residual [+ ffn(x)] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
 
-    x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual and ffn_out: (B, T, d_out).
+    x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out). `ffn`: the FFN beside
+    which the expert sits (the language expert's), applied to x too; its output is added to the residual first.
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time but more host time to launch, so "auto"
@@ -94,14 +95,18 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn_out=None):
         and fused_kernel_available(x.device)
         and beats_eager(x, w_up)
     ):
-        return fused_expert_adapter(x, w_down, w_up, residual, ffn_out)
-    if ffn_out is not None:
-        residual = residual + ffn_out
+        return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
+    # E(x) before the FFN: activation checkpointing recomputes a layer only up to the last tensor saved for backward.
+    # For LLaVA's layer that is the input of the FFN's down projection, so the recomputation skips that GEMM; with the
+    # expert after the FFN it would run the whole FFN again (7.3 ms of a 7B training step's 448, docs/performance.md).
+    expert = swiglu_adapter(x, w_down, w_up)
+    if ffn is not None:
+        residual = residual + ffn(x)
     # (Not baddbmm, which would save an op: it computes in the matmul's dtype, and under autocast that would turn the
     # float32 residual stream to bf16.)
-    return residual + swiglu_adapter(x, w_down, w_up)
+    return residual + expert
 
 
 # The language expert's weights ride on the cache they were generated with, so that whoever continues the cache (a
@@ -312,10 +317,11 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
         normed = self.post_attention_layernorm(hidden_states)
         if expert_down is None:
             return hidden_states + self.mlp(normed)
-        # The FFN's output is added inside the adapter call: the fused kernel does both additions, which saves a
-        # compiled step one kernel per expert layer (Inductor cannot fuse an add into a custom op's input).
+        # The FFN runs inside the adapter call: the fused kernel does both additions, which saves a compiled step one
+        # kernel per expert layer (Inductor cannot fuse an add into a custom op's input), and the eager adapter runs
+        # the expert before the FFN (cheaper recomputation under activation checkpointing).
         return expert_adapter(
-            normed, expert_down, expert_up, residual=hidden_states, kernel=self.expert_kernel, ffn_out=self.mlp(normed)
+            normed, expert_down, expert_up, residual=hidden_states, kernel=self.expert_kernel, ffn=self.mlp
         )
 
 
