@@ -417,3 +417,64 @@ def test_batched_left_padded_generation_equals_one_by_one(tokenizer):
         # Every step's logits, not only their argmax: guidance that took in the padding would change the logits long
         # before it changed a token of this tiny model.
         torch.testing.assert_close(batched_logits[i, :n], single_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def same_settings(cls, processor, **kwargs):
+    """A processor of class `cls` with `processor`'s parts and settings."""
+    return cls(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
+        **kwargs,
+    )
+
+
+def test_assistant_mask_with_named_chat_templates(processor, tokenizer):
+    """A processor with several templates (`chat_templates/*.jinja`): the mask follows the template that the call
+    names, or the one named "default", as the rendered prompt does."""
+    from transformers_hyperllava.processing_hyperllava import CHAT_TEMPLATE, VICUNA_V1_SYSTEM
+
+    other = CHAT_TEMPLATE.replace(VICUNA_V1_SYSTEM.replace("'", "\\'"), "Describe the picture in detail.")
+    assert other != CHAT_TEMPLATE
+    named = same_settings(HyperLlavaProcessor, processor, chat_template={"default": CHAT_TEMPLATE, "other": other})
+    conversation = [user("What is in the image?"), assistant("A red square.")]
+    kwargs = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+    answer = tokenizer("A red square.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    for name, template in ((None, CHAT_TEMPLATE), ("other", other)):
+        expected = processor.apply_chat_template(conversation, chat_template=template, **kwargs)
+        got = named.apply_chat_template(conversation, chat_template=name, **kwargs)
+        assert got["input_ids"] == expected["input_ids"]
+        assert got["assistant_masks"] == expected["assistant_masks"]
+        assert [t for t, m in zip(got["input_ids"][0], got["assistant_masks"][0]) if m] == answer
+
+
+def test_sanitized_user_text_that_spells_the_image_placeholder(processor, tokenizer):
+    """`sanitize_control_tokens=True` (Transformers 5.24 on) encodes an "<image>" that the user typed as text: it is
+    no placeholder, as for LlavaProcessor. (It needs a template that writes BOS, which vicuna_v1's does not.)"""
+    from transformers import processing_utils
+
+    if not hasattr(processing_utils, "_MARKED_RE"):
+        pytest.skip("this Transformers release has no sanitize_control_tokens")
+    stock = same_settings(LlavaProcessor, processor)
+    template = "{{- bos_token -}}" + processor.chat_template
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": random_image(30, 50)},
+                {"type": "text", "text": "What is <image>?"},
+            ],
+        }
+    ]
+    kwargs = {"chat_template": template, "tokenize": True, "return_dict": True, "sanitize_control_tokens": True}
+    ours = processor.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", **kwargs)
+    theirs = stock.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", **kwargs)
+    assert (ours["input_ids"] == 4).sum() == 4  # the one image's tokens only
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    # Sanitized text and an assistant mask do not go together: Transformers says so.
+    conversation.append(assistant("Two."))
+    with pytest.raises(ValueError, match="not compatible with `return_assistant_tokens_mask=True`"):
+        processor.apply_chat_template(conversation, return_assistant_tokens_mask=True, **kwargs)

@@ -4,6 +4,11 @@ from transformers import LlavaProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.utils.chat_template_utils import render_jinja_template
 
+try:  # Transformers 5.24 and later: placeholders that `sanitize_control_tokens=True` marked in user text
+    from transformers.processing_utils import _MARKED_RE
+except ImportError:  # earlier releases have no such marks
+    _MARKED_RE = None
+
 # LLaVA-1.5's `conv_vicuna_v1` (llava/conversation.py; its training scripts pass `--version v1`): the system line,
 # then turns "USER: {question} ASSISTANT: {answer}</s>", the first question starting with "<image>\n". (Its
 # `conv_llava_v1` has the same format with a "human" in the system line; LLaVA-1.5 did not train with it.)
@@ -116,6 +121,9 @@ class HyperLlavaProcessor(LlavaProcessor):
             if images is not None:
                 images = self.image_processor.fetch_images(images)  # URLs and paths become images
             num_images = 0 if images is None else len(make_flat_list_of_images(images))
+            if kwargs.get("sanitize_control_tokens") and _MARKED_RE is not None:
+                # User text that spells the placeholder is marked as text, and Transformers does not expand it.
+                texts = [_MARKED_RE.sub("", t) for t in texts]
             num_placeholders = sum(t.count(self.image_token) for t in texts)
             if num_placeholders != num_images:
                 raise ValueError(
@@ -125,7 +133,9 @@ class HyperLlavaProcessor(LlavaProcessor):
         return super().__call__(images=images, text=text, **kwargs)
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        if not (kwargs.get("return_assistant_tokens_mask") and kwargs.get("tokenize") and kwargs.get("return_dict")):
+        mask = kwargs.get("return_assistant_tokens_mask") and kwargs.get("tokenize") and kwargs.get("return_dict")
+        # (With sanitize_control_tokens, Transformers refuses the mask and says so.)
+        if not mask or kwargs.get("sanitize_control_tokens"):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
         # The mask is made here, the same on every release: each token that overlaps an answer's characters, on the
         # prompt before its "<image>"s were expanded (one token each), then expanded as the processor expanded them.
@@ -155,7 +165,7 @@ class HyperLlavaProcessor(LlavaProcessor):
         template_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_FOR_THE_UNEXPANDED_PROMPT}
         texts, answers = render_jinja_template(  # (with the special tokens, as the tokenizer renders a template)
             conversations,
-            chat_template=chat_template or self.chat_template,
+            chat_template=self._template_text(chat_template),
             **{**self.tokenizer.special_tokens_map, **template_kwargs},
         )
         unexpanded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -167,6 +177,15 @@ class HyperLlavaProcessor(LlavaProcessor):
         ]
         out.convert_to_tensors(tensor_type=return_tensors)
         return out
+
+    def _template_text(self, chat_template):
+        """The template that `chat_template` names, as the call above resolved it: a template's text, the name of one
+        of the processor's templates, or None for its default one."""
+        if isinstance(self.chat_template, dict):
+            if chat_template is None:
+                return self.chat_template["default"]  # (the call above refused a processor without one)
+            return self.chat_template.get(chat_template, chat_template)
+        return chat_template or self.chat_template
 
     def _expand_assistant_mask(self, unexpanded_ids, mask, expanded_ids):
         """The mask of `unexpanded_ids` placed onto `expanded_ids` (images expanded, maybe BOS and padding added)."""
