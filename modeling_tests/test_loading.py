@@ -58,6 +58,8 @@ def test_save_writes_safetensors_shards_auto_map_and_remote_code(saved):
         "AutoConfig": "configuration_hyperllava.HyperLlavaConfig",
         "AutoModel": "modeling_hyperllava.HyperLlavaModel",
         "AutoModelForImageTextToText": "modeling_hyperllava.HyperLlavaForConditionalGeneration",
+        "AutoModelForMultimodalLM": "modeling_hyperllava.HyperLlavaForConditionalGeneration",
+        "AutoModelForPreTraining": "modeling_hyperllava.HyperLlavaForConditionalGeneration",
     }
 
 
@@ -179,6 +181,15 @@ def test_remote_code_loads_in_a_fresh_process_without_the_package(saved, tmp_pat
         torch.testing.assert_close(model(input_ids=ids, pixel_values=pixel_values).logits, expected, atol={LOGITS_ATOL}, rtol=0)
         base = AutoModel.from_pretrained({str(path)!r}, trust_remote_code=True)
         assert type(base).__name__ == "HyperLlavaModel"
+        # The other Auto classes that the package registers (AutoModelForMultimodalLM: the "any-to-any" pipeline's).
+        from transformers import AutoModelForMultimodalLM, AutoModelForPreTraining
+        for auto_class in (AutoModelForMultimodalLM, AutoModelForPreTraining):
+            loaded = auto_class.from_pretrained({str(path)!r}, trust_remote_code=True)
+            assert type(loaded).__name__ == "HyperLlavaForConditionalGeneration", auto_class
+        # A base model's folder loads as the full model, as LLaVA's does (its lm_head reported missing).
+        base.save_pretrained("base")
+        loaded = AutoModelForImageTextToText.from_pretrained("base", trust_remote_code=True)
+        assert type(loaded).__name__ == "HyperLlavaForConditionalGeneration"
         print(model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=3, do_sample=False).shape[1])
         """
     assert run_without_package(script, tmp_path).split()[-1] == str(len(prompt_ids("img", 10, 11, 12)) + 3)
@@ -331,3 +342,12 @@ def test_from_llava_refuses_a_quantized_llava_by_name(tiny_llava, tmp_path):
     )
     with pytest.raises(ValueError, match="needs an unquantized LLaVA model, but this one is quantized"):
         HyperLlavaForConditionalGeneration.from_llava(quantized)
+
+
+def test_from_llava_refuses_a_hyperllava_checkpoint_instead_of_dropping_its_experts(saved):
+    """LLaVA's class loads a HyperLLaVA folder with a warning only (the experts reported unexpected), and from_llava
+    would then build new experts in place of the trained ones: the same holds for a HyperLLaVA model passed in."""
+    path, model = saved
+    for source in (path, model):
+        with pytest.raises(ValueError, match=r"a 'hyperllava' model: load it with .*from_pretrained"):
+            HyperLlavaForConditionalGeneration.from_llava(source)

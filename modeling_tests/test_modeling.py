@@ -952,8 +952,14 @@ def test_a_config_whose_fields_were_changed_apart_is_not_saved_if_it_would_not_l
     config = tiny_config()  # 4 layers: k = 2, experts in layers 2 and 3
     change(config)
     with pytest.raises(StrictDataclassClassValidationError, match=message):
-        config.save_pretrained(tmp_path)
-    assert not (tmp_path / "config.json").exists()
+        config.save_pretrained(tmp_path / "config")
+    assert not (tmp_path / "config").exists()  # not even configuration_hyperllava.py in it
+    # A model whose config was so changed writes nothing either: no remote-code files without their config.
+    model = HyperLlavaForConditionalGeneration(tiny_config())
+    change(model.config)
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
 
 
 def test_from_llava_config_takes_llavas_own_attributes():

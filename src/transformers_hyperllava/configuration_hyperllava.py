@@ -14,6 +14,14 @@ SUPPORTED_TEXT_BACKBONES = ("llama",)
 SUPPORTED_VISION_BACKBONES = ("clip_vision_model",)
 # What a LLaVA config carries that describes its file or class rather than the model.
 NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
+# The Auto classes a saved folder names for remote code: the same as the package registers (its __init__).
+_FULL_MODEL = "modeling_hyperllava.HyperLlavaForConditionalGeneration"
+REMOTE_AUTO_MAP = {
+    "AutoModel": "modeling_hyperllava.HyperLlavaModel",
+    "AutoModelForImageTextToText": _FULL_MODEL,
+    "AutoModelForMultimodalLM": _FULL_MODEL,
+    "AutoModelForPreTraining": _FULL_MODEL,
+}
 
 
 @as_validated_field
@@ -83,9 +91,10 @@ class HyperLlavaConfig(LlavaConfig):
                 "conversion/convert_hyperllava_weights_to_hf.py"
             )
         super().__post_init__(**kwargs)
-        # `save_pretrained` adds the entry of the class that saves; the base model is named here so that a saved
-        # folder also loads with `AutoModel` and `trust_remote_code=True` where the package is not installed.
-        self.auto_map = {"AutoModel": "modeling_hyperllava.HyperLlavaModel", **(getattr(self, "auto_map", None) or {})}
+        # `save_pretrained` adds the entry of the class that saves; the others are named here so that a saved folder
+        # also loads with every Auto class that the package registers (those that load LLaVA) and
+        # `trust_remote_code=True` where the package is not installed.
+        self.auto_map = {**REMOTE_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.validate_expert_fields()
 
     def validate_expert_fields(self):
@@ -135,6 +144,11 @@ class HyperLlavaConfig(LlavaConfig):
                     f"use weights generated from a later hidden state. Use layers >= {k} or a smaller "
                     f"language_guidance_layer."
                 )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Checked before Transformers copies configuration_hyperllava.py into the folder (it checks only then).
+        self.validate()
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` with every field this config shares with it (the experts dropped)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, LlavaConfig
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.generation.continuous_batching import PagedAttentionCache
@@ -358,6 +358,12 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
         super()._init_weights(module)
         init_expert_weights(module, self.config.text_config.initializer_range)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A config that would not load is refused before anything is written: Transformers copies the remote-code
+        # files into the folder (and, with push_to_hub, creates the repo) before it saves, and so checks, the config.
+        self.config.validate()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class HyperLlamaModel(LlamaModel):
     """The Llama text model with the language expert: guidance after layer k-1, adapters in the later layers."""
@@ -652,6 +658,10 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
             )
 
 
+# What `from_pretrained` passes on to the Hub to find a checkpoint's config.json (the rest of `load_kwargs` is LLaVA's).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
 class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForConditionalGeneration):
     def __init__(self, config: HyperLlavaConfig):
         HyperLlavaPreTrainedModel.__init__(self, config)
@@ -668,6 +678,21 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         trained. `load_kwargs` go to `LlavaForConditionalGeneration.from_pretrained` (e.g. `{"dtype": torch.float32}`
         for training); `config_overrides` set HyperLLaVA's fields.
         """
+        if isinstance(path_or_model, nn.Module):
+            model_type = getattr(path_or_model.config, "model_type", None)
+        else:
+            # Read before the weights: LLaVA's class loads another model's folder with a warning only (a HyperLLaVA's
+            # experts reported unexpected and dropped), and the experts built below would replace trained ones.
+            hub_kwargs = {key: value for key, value in (load_kwargs or {}).items() if key in _HUB_KWARGS}
+            model_type = LlavaConfig.get_config_dict(path_or_model, **hub_kwargs)[0].get("model_type")
+        if model_type != "llava":
+            advice = (
+                "load it with HyperLlavaForConditionalGeneration.from_pretrained(path, **config_overrides), which "
+                "keeps its trained experts"
+                if model_type == HyperLlavaConfig.model_type
+                else "from_llava upgrades LLaVA-1.5 checkpoints (model_type 'llava') only"
+            )
+            raise ValueError(f"from_llava needs a LLaVA model, but this one is a {model_type!r} model: {advice}")
         if isinstance(path_or_model, nn.Module):
             llava = path_or_model
         else:
