@@ -351,3 +351,28 @@ def test_from_llava_refuses_a_hyperllava_checkpoint_instead_of_dropping_its_expe
     for source in (path, model):
         with pytest.raises(ValueError, match=r"a 'hyperllava' model: load it with .*from_pretrained"):
             HyperLlavaForConditionalGeneration.from_llava(source)
+
+
+def test_from_llava_still_upgrades_what_llavas_class_loads_without_a_model_type(tiny_llava, saved, tmp_path):
+    """The model_type check refuses HyperLLaVA, not what LLaVA's class loads: a config.json that names no model_type,
+    or a folder of weights whose config comes as `config=` in load_kwargs. A HyperLLaVA folder stays refused with a
+    LLaVA `config=`, which would load its weights with the experts dropped."""
+    llava, _ = tiny_llava
+    llava.save_pretrained(tmp_path / "no_model_type")
+    config_file = tmp_path / "no_model_type" / "config.json"
+    fields = json.loads(config_file.read_text())
+    del fields["model_type"]
+    config_file.write_text(json.dumps(fields))
+    llava.save_pretrained(tmp_path / "weights_only")
+    os.remove(tmp_path / "weights_only" / "config.json")
+    for path, load_kwargs in (
+        (tmp_path / "no_model_type", None),
+        (tmp_path / "weights_only", {"config": llava.config}),
+        (tmp_path / "weights_only", {"config": str(tmp_path / "no_model_type")}),
+    ):
+        model = HyperLlavaForConditionalGeneration.from_llava(path, load_kwargs=load_kwargs)
+        for name, tensor in llava.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor), (path, name)
+    hyperllava_path, _ = saved
+    with pytest.raises(ValueError, match=r"a 'hyperllava' model: load it with .*from_pretrained"):
+        HyperLlavaForConditionalGeneration.from_llava(hyperllava_path, load_kwargs={"config": llava.config})

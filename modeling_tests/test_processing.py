@@ -478,3 +478,20 @@ def test_sanitized_user_text_that_spells_the_image_placeholder(processor, tokeni
     conversation.append(assistant("Two."))
     with pytest.raises(ValueError, match="not compatible with `return_assistant_tokens_mask=True`"):
         processor.apply_chat_template(conversation, return_assistant_tokens_mask=True, **kwargs)
+
+
+def test_assistant_mask_where_sanitize_control_tokens_is_ignored(processor, tokenizer):
+    """Releases before 5.24 have no sanitize_control_tokens and ignore it: the mask is still this processor's, not
+    the release's own (5.17's misplaces the answers)."""
+    from transformers import processing_utils
+
+    if hasattr(processing_utils, "_MARKED_RE"):
+        pytest.skip("this Transformers release sanitizes control tokens (and refuses the mask with them)")
+    conversation = [user("What is in the image?"), assistant("A red square.")]
+    kwargs = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+    expected = processor.apply_chat_template(conversation, **kwargs)
+    got = processor.apply_chat_template(conversation, sanitize_control_tokens=True, **kwargs)
+    assert got["input_ids"] == expected["input_ids"]
+    assert got["assistant_masks"] == expected["assistant_masks"]
+    answer = tokenizer("A red square.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert [t for t, m in zip(got["input_ids"][0], got["assistant_masks"][0]) if m] == answer

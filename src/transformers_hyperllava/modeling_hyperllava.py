@@ -662,6 +662,16 @@ class HyperLlavaModel(HyperLlavaPreTrainedModel, LlavaModel):
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
+def _checkpoint_model_type(path, load_kwargs):
+    """The `model_type` that the checkpoint's config.json names; None where it names none or there is none (weights
+    only, loaded with a `config=` of one's own): LLaVA's class then decides, as it did before this check."""
+    hub_kwargs = {key: value for key, value in load_kwargs.items() if key in _HUB_KWARGS}
+    try:
+        return LlavaConfig.get_config_dict(path, **hub_kwargs)[0].get("model_type")
+    except OSError:  # (LLaVA's class raises it again where it needs the file)
+        return None
+
+
 class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForConditionalGeneration):
     def __init__(self, config: HyperLlavaConfig):
         HyperLlavaPreTrainedModel.__init__(self, config)
@@ -683,9 +693,8 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         else:
             # Read before the weights: LLaVA's class loads another model's folder with a warning only (a HyperLLaVA's
             # experts reported unexpected and dropped), and the experts built below would replace trained ones.
-            hub_kwargs = {key: value for key, value in (load_kwargs or {}).items() if key in _HUB_KWARGS}
-            model_type = LlavaConfig.get_config_dict(path_or_model, **hub_kwargs)[0].get("model_type")
-        if model_type != "llava":
+            model_type = _checkpoint_model_type(path_or_model, load_kwargs or {})
+        if model_type not in ("llava", None):
             advice = (
                 "load it with HyperLlavaForConditionalGeneration.from_pretrained(path, **config_overrides), which "
                 "keeps its trained experts"

@@ -134,8 +134,9 @@ class HyperLlavaProcessor(LlavaProcessor):
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         mask = kwargs.get("return_assistant_tokens_mask") and kwargs.get("tokenize") and kwargs.get("return_dict")
-        # (With sanitize_control_tokens, Transformers refuses the mask and says so.)
-        if not mask or kwargs.get("sanitize_control_tokens"):
+        # (With sanitize_control_tokens, Transformers 5.24 on refuses the mask and says so; earlier releases ignore the
+        # argument, and their own mask is the one this replaces.)
+        if not mask or (kwargs.get("sanitize_control_tokens") and _MARKED_RE is not None):
             return super().apply_chat_template(conversation, chat_template, **kwargs)
         # The mask is made here, the same on every release: each token that overlaps an answer's characters, on the
         # prompt before its "<image>"s were expanded (one token each), then expanded as the processor expanded them.
