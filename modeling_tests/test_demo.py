@@ -161,6 +161,11 @@ def test_a_demo_with_fewer_than_five_heldout_questions_shows_them_all(tmp_path, 
         (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
         (["--instruct_steps", "-3"], "--instruct_steps must be at least 1, got -3"),
         (["--threads", "-1"], r"--threads must be 0 \(PyTorch's default\) or more, got -1"),
+        (["--seed", "-1"], r"--seed must be between 0 and 2\*\*32 - 1, got -1"),
+        (["--seed", str(2**32)], r"--seed must be between 0 and 2\*\*32 - 1, got 4294967296"),
+        (["--instruct_lr", "-0.001"], "--instruct_lr must be a finite number >= 0, got -0.001"),
+        (["--align_lr", "inf"], "--align_lr must be a finite number >= 0, got inf"),
+        (["--align_lr", "nan"], "--align_lr must be a finite number >= 0, got nan"),
     ],
 )
 def test_bad_demo_arguments_are_refused_before_anything_runs(capsys, argv, message):
@@ -168,3 +173,8 @@ def test_bad_demo_arguments_are_refused_before_anything_runs(capsys, argv, messa
         demo.parse_args(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_demo_arguments_at_the_edges_of_their_ranges_are_taken():
+    args = demo.parse_args(["--seed", str(2**32 - 1), "--align_lr", "0", "--instruct_lr", "1e-3"])
+    assert (args.seed, args.align_lr, args.instruct_lr) == (2**32 - 1, 0.0, 1e-3)

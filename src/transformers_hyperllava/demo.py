@@ -12,6 +12,7 @@ pretrained Vicuna); the optimiser, schedule and which parameters each stage trai
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -118,7 +119,9 @@ def print_table(results: dict[str, dict[str, float]]):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--output_dir", default="hyperllava-demo", help="Data, checkpoints and the final model go here"
+        "--output_dir",
+        default="hyperllava-demo",
+        help="The data (data/) and the final model (model/) go here; no checkpoints are saved",
     )
     parser.add_argument("--compare", action="store_true", help="Also train LLaVA and the static adapter; one table")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,6 +141,14 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.threads < 0:
         parser.error(f"--threads must be 0 (PyTorch's default) or more, got {args.threads}")
+    # Checked here too: NumPy (seeded by the Trainer) takes no seed outside [0, 2**32), and the optimiser refuses a
+    # negative or NaN learning rate only when its stage starts (stage 2's after stage 1 has trained) and trains an
+    # infinite one into NaN weights, which the demo would evaluate and save.
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    for name in ("align_lr", "instruct_lr"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            parser.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     return args
 
 
