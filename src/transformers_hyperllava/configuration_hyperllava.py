@@ -14,7 +14,9 @@ SUPPORTED_TEXT_BACKBONES = ("llama",)
 SUPPORTED_VISION_BACKBONES = ("clip_vision_model",)
 # What a LLaVA config carries that describes its file or class rather than the model.
 NOT_MODEL_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
-# The Auto classes a saved folder names for remote code: the same as the package registers (its __init__).
+# The Auto classes that load HyperLLaVA: the package registers these (its __init__), and a saved folder names them
+# for remote code. The three for the full model are those that load LLaVA's (AutoModelForMultimodalLM: the
+# "any-to-any" pipeline's).
 _FULL_MODEL = "modeling_hyperllava.HyperLlavaForConditionalGeneration"
 REMOTE_AUTO_MAP = {
     "AutoModel": "modeling_hyperllava.HyperLlavaModel",
