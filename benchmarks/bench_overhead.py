@@ -18,6 +18,7 @@ import os
 import statistics
 import time
 import traceback
+import unittest.mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -340,6 +341,57 @@ def cuda_event_ms(fn, repeats=50):
     return statistics.median(times)
 
 
+def host_microseconds_per_call(fn, calls=100, repeats=20):
+    """Host time of one call of `fn`, in us: `calls` calls queued back to back without waiting for the GPU (fewer
+    kernels than its launch queue holds, so none waits for a free slot), median of `repeats`. The bound of an eager
+    decoding step, whose GPU is idle most of the time."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - started) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+class _Forgetful(dict):
+    """A `_DECODE_LAUNCHES` that keeps nothing: every decode call then goes through Triton's own launcher."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def adapter_host_time(settings, report):
+    """What a language-expert layer's adapter costs the host in an eager decoding step, against the add of LLaVA's
+    layer that it takes the place of (the FFN's output to the residual)."""
+    device, dtype, d, r = settings["device"], settings["dtype"], 4096, 16
+    report.line(
+        "\nHost time per call of a language-expert layer's adapter at decoding shapes, us (100 calls queued back to "
+        "back, median of 20), against the add of LLaVA's layer it replaces; no autograd, as in `generate`:\n"
+    )
+    report.table(["case", "LLaVA's add", "eager adapter", "fused op, Triton's launcher", "fused op, direct launches"])
+    for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
+        x, residual, ffn_out = (torch.randn(batch, 1, d, device=device, dtype=dtype) for _ in range(3))
+        w_down = torch.randn(batch, d, 2 * r, device=device, dtype=dtype) * d**-0.5
+        w_up = torch.randn(batch, r, d, device=device, dtype=dtype) * r**-0.5
+
+        def adapter(kernel):
+            return lambda: expert_adapter(x, w_down, w_up, residual, kernel, ffn=lambda _: ffn_out)
+
+        with torch.no_grad():
+            cells = [
+                host_microseconds_per_call(lambda: residual + ffn_out),
+                host_microseconds_per_call(adapter("eager")),
+            ]
+            with unittest.mock.patch.object(fused, "_DECODE_LAUNCHES", _Forgetful()):
+                cells.append(host_microseconds_per_call(adapter("triton")))
+            cells.append(host_microseconds_per_call(adapter("triton")))
+        report.row([name, *(f"{us:.1f}" for us in cells)])
+
+
 def kernel_microbenchmark(settings, report):
     device, dtype = settings["device"], settings["dtype"]
     bandwidth, source = peak_bandwidth(device)
@@ -479,7 +531,7 @@ def main(argv=None):
     labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in [*kernels, compiled_kernel]})
     header = ["workload", *(labels[name] for name in candidates)]
-    rounds = {"prefill": repeats, "decode": max(3, repeats // 2), "train": repeats}
+    rounds = {"prefill": repeats, "decode": 7, "train": repeats}  # (eager decoding is host-bound, and noisy)
     rounds["compiled decode"] = max(3, repeats // 3)
     if device == "cuda":
         rounds["train GPU busy"] = 3
@@ -550,6 +602,8 @@ def main(argv=None):
     else:
         with section(report, "Expert adapter microbenchmark", table_row=False):
             kernel_microbenchmark(settings, report)
+        with section(report, "Expert adapter host time", table_row=False):
+            adapter_host_time(settings, report)
 
     if args.skip_compile:
         report.line("\nDecode with a static cache + torch.compile: skipped (--skip-compile).")

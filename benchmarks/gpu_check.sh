@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The one check for a lent GPU (H100/H200): the fused expert kernel's tests on CUDA, the 7B overhead benchmark, then
-# a profile of the compiled decoding step. Needs no network and installs nothing (the package is used from this
-# working tree). About 9 minutes (run 4: 7.4, run 6: 8.8), at most 9.8: the tests' and the benchmark's timeouts, then
-# the profile gets what is left of 580 s (each step has 10 s more to stop).
+# The one check for a lent GPU (H100/H200): the fused expert kernel's tests on CUDA, then the 7B overhead benchmark.
+# Needs no network and installs nothing (the package is used from this working tree). About 7 minutes, at most 9.5:
+# the tests' and the benchmark's timeouts (each step has 10 s more to stop). Where a compiled decoding step's time
+# goes is `benchmarks/profile_decode.py --size 7b` (about 3 minutes), run on its own when that is the question.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
 #
-# Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes), bench_7b.log (with
-# every measurement as it is taken), profile_7b.log and profile_traces.tar (the gzipped Chrome traces of the decoding
-# steps): 6 files, where the device tool returns at most 8.
+# Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
+# (with every measurement as it is taken).
 set -u
 : "${OUT:?set OUT to the folder for the logs}"
 cd "$(dirname "$0")/.."
@@ -33,7 +32,7 @@ cat "$OUT/env.log"
 # Then a model split over the GPU and the CPU (a second device, which no CPU-only run has) against the unsplit one.
 # Not the test that compiles every launch for A100 and H100 without running it: the CPU runs it as well (45 s).
 echo "== fused kernel tests (CUDA), and a model split over GPU and CPU"
-timeout -s INT -k 10 115 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py -q -rs -p no:cacheprovider \
+timeout -s INT -k 10 130 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py -q -rs -p no:cacheprovider \
     -k "not compiles_for_the_gpu" \
     modeling_tests/test_loading.py::test_a_model_split_over_gpu_and_cpu_gives_the_same_logits_and_tokens \
     >"$OUT/test_fused_expert.log" 2>&1 || failed=1
@@ -41,26 +40,11 @@ tail -n 15 "$OUT/test_fused_expert.log"
 
 # Two 7B models in bf16 (~28 GB) plus a training step's gradients. Near the end the static-cache decode compiles
 # LLaVA, the control and the default adapter at batch 1, then at batch 16; the training step's GPU busy time is
-# profiled last. A run cut short by the timeout still leaves the numbers before in bench_7b.md (218 s on an H200 in
-# run 4, before the profiled training rows and the fused op's own columns; about 260-285 s expected).
+# profiled last. A run cut short by the timeout still leaves the numbers before in bench_7b.md (268 s on an H200 in
+# run 6; since then 7 rounds of eager decoding instead of 3 and the adapter's host time: about 330 s expected).
 echo "== 7B overhead benchmark"
-timeout -s INT -k 10 320 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
+timeout -s INT -k 10 420 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
     >"$OUT/bench_7b.log" 2>&1 || failed=1
 cat "$OUT/bench_7b.md" 2>/dev/null || tail -n 40 "$OUT/bench_7b.log"
-# Where the compiled decoding step's time goes: host time in the compiled call, device busy vs idle per step, and the
-# kernels and host ops that HyperLLaVA adds (three compilations of the 7B step: LLaVA, the control, HyperLLaVA).
-# What is left of 580 s, at most 200 (run 4's took about 115 s, run 6's about 160 s): the device tool stops a
-# command at 600 s.
-profile_limit=$(( 580 - SECONDS < 200 ? 580 - SECONDS : 200 ))
-if [ "$profile_limit" -gt 30 ]; then
-    echo "== 7B compiled decoding profile (${profile_limit} s at most)"
-    timeout -s INT -k 10 "$profile_limit" "$PYTHON" benchmarks/profile_decode.py --size 7b --out "$OUT/profile" \
-        >"$OUT/profile_7b.log" 2>&1 || failed=1
-    grep -v "^USDT" "$OUT/profile_7b.log" | tail -n 80
-    [ -d "$OUT/profile" ] && tar -C "$OUT" -cf "$OUT/profile_traces.tar" profile && rm -rf "$OUT/profile"
-else
-    echo "== no time left for the 7B compiled decoding profile"
-    failed=1
-fi
 [ "$failed" = 0 ] || { echo "== something failed or timed out: see the logs in $OUT"; tail -n 20 "$OUT/bench_7b.log"; }
 exit "$failed"

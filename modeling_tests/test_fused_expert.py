@@ -168,6 +168,7 @@ def test_without_autograd_the_kernels_launch_without_the_custom_op(shape, monkey
     """Eager decoding runs without autograd, where the custom op's dispatch would add only host time: the launcher is
     called directly there, with the same result. With autograd on, or under a dispatch mode (which must see the op),
     the call goes through the op, which runs the launcher it was registered with."""
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # (a call like an earlier test's would not reach _forward)
     direct_calls = []
     launcher = fused._forward
     monkeypatch.setattr(fused, "_forward", lambda *args: direct_calls.append(1) or launcher(*args))
@@ -182,6 +183,85 @@ def test_without_autograd_the_kernels_launch_without_the_custom_op(shape, monkey
             assert torch.equal(fused.fused_expert_adapter(*inputs), out)
         assert ops.calls[op] == 1
     assert direct_calls == [1]
+
+
+class CountedLaunches:
+    """Stands in for a decode kernel: counts its launches through Triton's launcher (`kernel[grid](...)`, which
+    compiles it) and those of the compiled kernel that launcher returns. Triton's CPU interpreter compiles nothing (it
+    returns None); there the compiled kernel's stand-in launches the interpreted one the way a compiled kernel is
+    launched: `compiled[grid](*arguments)`, every argument in the kernel's order, constexprs included, no options."""
+
+    def __init__(self, kernel):
+        self.kernel, self.through_triton, self.direct = kernel, 0, 0
+
+    def __getitem__(self, grid):
+        def launch(*arguments, **options):
+            self.through_triton += 1
+            compiled = self.kernel[grid](*arguments, **options)
+            return CountedCompiled(self, compiled if ON_CUDA else self.kernel)
+
+        return launch
+
+
+class CountedCompiled:
+    def __init__(self, counts, compiled):
+        self.counts, self.compiled = counts, compiled
+
+    def __getitem__(self, grid):
+        launch = self.compiled[grid]
+
+        def counted(*arguments):
+            self.counts.direct += 1
+            launch(*arguments)
+
+        return counted
+
+
+@needs_kernels
+@pytest.mark.parametrize("ffn_dtype", [None, torch.float32], ids=["residual", "ffn"])
+def test_a_decode_call_like_an_earlier_one_launches_the_compiled_kernels_directly(monkeypatch, ffn_dtype):
+    """Eager decoding makes the same call at every step and layer, and its time is host time. The first call with a
+    signature goes through Triton's launcher; later ones (outside autograd or through the custom op) launch the kernels
+    it compiled, with the same result. A call that differs in what the kernels are specialised on or what the op would
+    cast (which pointers are 16-byte aligned, autocast) goes through Triton again."""
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})
+    down, up = CountedLaunches(fused._decode_down_kernel), CountedLaunches(fused._decode_up_kernel)
+    monkeypatch.setattr(fused, "_decode_down_kernel", down)
+    monkeypatch.setattr(fused, "_decode_up_kernel", up)
+
+    def launches():
+        assert down.through_triton == up.through_triton and down.direct == up.direct
+        return down.through_triton, down.direct
+
+    def check(inputs, out, dtype=torch.bfloat16):
+        assert_close(out, expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[dtype], "output")
+
+    first, second = (make_inputs(*SHAPES["decode-batch"], torch.bfloat16, seed=s, ffn_dtype=ffn_dtype) for s in (0, 1))
+    with torch.no_grad():
+        outs = [fused.fused_expert_adapter(*inputs) for inputs in (first, second, first)]
+    assert launches() == (1, 2)
+    assert torch.equal(outs[2], outs[0])
+    assert outs[0].dtype == (torch.bfloat16 if ffn_dtype is None else ffn_dtype)
+    check(first, outs[0])
+    check(second, outs[1])
+    assert torch.equal(fused.fused_expert_adapter(*second), outs[1])  # autograd on: through the op
+    assert launches() == (1, 3)
+
+    def unaligned(tensor):  # the same values, 2 bytes past a 16-byte boundary
+        storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+        return storage[1:].view(tensor.shape).copy_(tensor)
+
+    x, w_down = first[:2]
+    with torch.no_grad():
+        assert torch.equal(fused.fused_expert_adapter(unaligned(x), *first[1:]), outs[0])
+        assert launches() == (2, 3)
+        assert torch.equal(fused.fused_expert_adapter(x, unaligned(w_down), *first[2:]), outs[0])
+        assert launches() == (3, 3)
+        with torch.autocast(DEVICE, dtype=torch.float16):  # x is cast to float16
+            out = fused.fused_expert_adapter(*first)
+    assert launches() == (4, 3)
+    check(first, out, torch.float16)
+    assert out.dtype == torch.float32  # float16 x with a bfloat16 residual
 
 
 @needs_kernels
@@ -454,6 +534,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
     makes, forward (with and without the FFN's output) and backward, at the tested shapes and 7B's prefill and decode,
     with the block sizes the launchers pick for 132 SMs, is compiled here for the GPU, whether or not there is one."""
     monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # on a GPU: none compiled by an earlier test
     launches = []
     for name in LAUNCHED_KERNELS:
         monkeypatch.setattr(fused, name, RecordedLaunch(getattr(fused, name), launches))

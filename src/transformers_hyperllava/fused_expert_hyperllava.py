@@ -56,11 +56,16 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast), and under autocast x too
         is cast to autocast's dtype, as the eager adapter's matmuls cast their operands.
     """
+    plain = _plain_eager_call(x, w_down, w_up, residual, ffn_out)
+    if plain and (launches := _DECODE_LAUNCHES.get(_call_signature(x, w_down, w_up, residual, ffn_out))):
+        # An eager decoding step makes the same call at every step and layer: what the first one checked, cast and
+        # worked out holds for this one (see _call_signature), and its compiled kernels launch directly.
+        return launches(x, w_down, w_up, residual, ffn_out)
     _check_inputs(x, w_down, w_up, residual, ffn_out)
     if torch.is_autocast_enabled(x.device.type):  # where the eager adapter's matmuls would run, so do the kernels
         x = x.to(torch.get_autocast_dtype(x.device.type))
     w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
-    if _plain_eager_call(x, w_down, w_up, residual, ffn_out):
+    if plain:
         # The custom op's dispatch would only add host time, which bounds eager decoding (docs/performance.md).
         return _forward(x, w_down, w_up, residual, ffn_out)
     return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
@@ -405,9 +410,12 @@ _expert_adapter = torch.library.custom_op("hyperllava::expert_adapter", _forward
 
 
 def _new_output(x, residual, ffn_out):
+    return residual.new_empty(residual.shape, dtype=_output_dtype(x, residual, ffn_out))
+
+
+def _output_dtype(x, residual, ffn_out):
     dtype = torch.promote_types(x.dtype, residual.dtype)
-    dtype = dtype if ffn_out is None else torch.promote_types(dtype, ffn_out.dtype)
-    return residual.new_empty(residual.shape, dtype=dtype)
+    return dtype if ffn_out is None else torch.promote_types(dtype, ffn_out.dtype)
 
 
 def _matrices_contiguous(weights):
@@ -450,17 +458,75 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
     (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
     (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
     No program reads more than a slice of the weights, so the latency is two memory round trips, not d_in / step."""
-    groups, rows, d_in, r, d_out = _problem(x, w_up)
-    splits, down, up = _decode_launches(groups, rows, d_in, r, d_out, _multiprocessor_count(x.device))
-    partial = torch.empty(groups, rows, splits, 2 * r, dtype=torch.float32, device=x.device)
-    _decode_down_kernel[down["grid"]](
-        x, w_down, partial, rows, d_in, 2 * r, splits, w_down.stride(0), **down["blocks"], **_OPTIONS
+    signature = _call_signature(x, w_down, w_up, residual, ffn_out)
+    launches = _DECODE_LAUNCHES.get(signature) or _DecodeLaunches(x, w_down, w_up, residual, ffn_out)
+    launches(x, w_down, w_up, residual, ffn_out, out)
+    if launches.compiled:  # (Triton's interpreter compiles nothing)
+        _DECODE_LAUNCHES[signature] = launches
+
+
+# Triton's own launch (binding the arguments, working out their specialisation, looking the compiled kernel up) costs
+# tens of microseconds of host time, and eager decoding is bound by host time: the decode path's launches are kept per
+# call signature with the kernels Triton compiled for them, and a call with that signature launches those directly.
+_DECODE_LAUNCHES = {}
+
+
+def _call_signature(x, w_down, w_up, residual, ffn_out):
+    """What a decode call's launches depend on: each tensor's shape, strides, dtype, device and address modulo 16
+    (Triton specialises a kernel on whether each pointer is 16-byte aligned), and autocast. The signature of a call
+    equals that of an earlier call's inputs as `_decode_forward` got them (checked, cast and made contiguous) only if
+    this call's inputs would pass the checks unchanged, so a call that finds launches under its signature can skip all
+    that."""
+    ffn = (
+        None
+        if ffn_out is None
+        else (ffn_out.shape, ffn_out.stride(), ffn_out.dtype, ffn_out.device, ffn_out.data_ptr() % 16)
     )
-    ffn, ffn_settings = _ffn_arguments(residual, ffn_out)
-    _decode_up_kernel[up["grid"]](
-        partial, w_up, residual, ffn, out, rows, r, d_out, splits, w_up.stride(0),
-        **up["blocks"], **ffn_settings, **_OPTIONS,
+    return (
+        x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
+        w_down.shape, w_down.stride(), w_down.dtype, w_down.device, w_down.data_ptr() % 16,
+        w_up.shape, w_up.stride(), w_up.dtype, w_up.device, w_up.data_ptr() % 16,
+        residual.shape, residual.stride(), residual.dtype, residual.device, residual.data_ptr() % 16,
+        ffn, torch.is_autocast_enabled(x.device.type),
     )  # fmt: skip
+
+
+class _DecodeLaunches:
+    """The decode path's two launches for one call signature. The first call goes through Triton's launcher, which
+    compiles the kernels (or finds them in its cache) and returns them; later calls launch those directly."""
+
+    def __init__(self, x, w_down, w_up, residual, ffn_out):
+        groups, rows, d_in, r, d_out = _problem(x, w_up)
+        splits, self.down, self.up = _decode_launches(groups, rows, d_in, r, d_out, _multiprocessor_count(x.device))
+        self.partial_shape = (groups, rows, splits, 2 * r)
+        self.out_shape, self.out_dtype, self.device = residual.shape, _output_dtype(x, residual, ffn_out), x.device
+        self.down_scalars = (rows, d_in, 2 * r, splits, w_down.stride(0))
+        self.up_scalars = (rows, r, d_out, splits, w_up.stride(0))
+        self.up_constexprs = {**self.up["blocks"], **_ffn_arguments(residual, ffn_out)[1]}
+        # A compiled kernel takes every argument in the kernel's order, constexprs (the last ones) included.
+        self.down_tail = (*self.down_scalars, *self.down["blocks"].values())
+        self.up_tail = (*self.up_scalars, *self.up_constexprs.values())
+        self.compiled = None  # the two kernels' launchers, once Triton has compiled them
+
+    def __call__(self, x, w_down, w_up, residual, ffn_out, out=None):
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        partial = torch.empty(self.partial_shape, dtype=torch.float32, device=self.device)
+        ffn = residual if ffn_out is None else ffn_out  # (without one the kernel never reads it)
+        if self.compiled:
+            launch_down, launch_up = self.compiled
+            launch_down(x, w_down, partial, *self.down_tail)
+            launch_up(partial, w_up, residual, ffn, out, *self.up_tail)
+        else:
+            down = _decode_down_kernel[self.down["grid"]](
+                x, w_down, partial, *self.down_scalars, **self.down["blocks"], **_OPTIONS
+            )
+            up = _decode_up_kernel[self.up["grid"]](
+                partial, w_up, residual, ffn, out, *self.up_scalars, **self.up_constexprs, **_OPTIONS
+            )
+            if down is not None and up is not None:
+                self.compiled = down[self.down["grid"]], up[self.up["grid"]]
+        return out
 
 
 @functools.cache
