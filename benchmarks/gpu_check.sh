@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one check for a lent GPU (H100/H200): the fused expert kernel's tests on CUDA, then the 7B overhead benchmark.
-# Needs no network and installs nothing (the package is used from this working tree). About 7 minutes, at most 9.5:
-# the tests' and the benchmark's timeouts (each step has 10 s more to stop). Where a compiled decoding step's time
-# goes is `benchmarks/profile_decode.py --size 7b` (about 3 minutes), run on its own when that is the question.
+# Needs no network and installs nothing (the package is used from this working tree). About 8 minutes (run 7: 477 s),
+# at most 9.5: the tests' and the benchmark's timeouts (each step has 10 s more to stop). Where a compiled decoding
+# step's time goes is `benchmarks/profile_decode.py --size 7b` (about 3 minutes), run on its own when that is the
+# question.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
 #
@@ -40,8 +41,8 @@ tail -n 15 "$OUT/test_fused_expert.log"
 
 # Two 7B models in bf16 (~28 GB) plus a training step's gradients. Near the end the static-cache decode compiles
 # LLaVA, the control and the default adapter at batch 1, then at batch 16; the training step's GPU busy time is
-# profiled last. A run cut short by the timeout still leaves the numbers before in bench_7b.md (268 s on an H200 in
-# run 6; since then 7 rounds of eager decoding instead of 3 and the adapter's host time: about 330 s expected).
+# profiled last. A run cut short by the timeout still leaves the numbers before in bench_7b.md (345 s on an H200 in
+# run 7; the tests before it 86 s).
 echo "== 7B overhead benchmark"
 timeout -s INT -k 10 420 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
     >"$OUT/bench_7b.log" 2>&1 || failed=1
