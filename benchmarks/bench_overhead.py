@@ -144,11 +144,11 @@ def wall_time(fn, device):
 
 
 def interleaved(candidates, measure, repeats, warmup=1):
-    """Median of `measure(name, candidate)` over `repeats` rounds, the candidates taking turns within each round (each
-    round starting one further along, so that none always runs after the same one). Every value is printed as it is
-    measured, so that a run cut short keeps them in its log. A candidate that fails is logged and left out of later
-    rounds (None: its cell reads "failed"), so that one failing adapter does not cost a lent GPU run the others'
-    numbers."""
+    """`measure(name, candidate)` in `repeats` rounds, the candidates taking turns within each round (each round
+    starting one further along, so that none always runs after the same one): each candidate's values, round by round.
+    Every value is printed as it is measured, so that a run cut short keeps them in its log. A candidate that fails is
+    logged and left out of later rounds (None: its cell reads "failed"), so that one failing adapter does not cost a
+    lent GPU run the others' numbers."""
     samples = {name: [] for name in candidates}
     failed = set()
     names = list(candidates)
@@ -165,7 +165,19 @@ def interleaved(candidates, measure, repeats, warmup=1):
             print(f"  {name}, round {round_ + 1}{' (warm-up)' if round_ < warmup else ''}: {value:.6g}", flush=True)
             if round_ >= warmup:
                 samples[name].append(value)
-    return {name: None if name in failed else statistics.median(values) for name, values in samples.items()}
+    return {name: None if name in failed else values for name, values in samples.items()}
+
+
+def ratio_cell(values, base, unit=1e3, suffix=" ms"):
+    """A table cell: the median of a candidate's rounds and its ratio to the median of LLaVA's, and with four rounds or
+    more the quartiles of the round-by-round ratios (each round's value over LLaVA's in that round): how far the ratio
+    moves with the host's load, which drifts over a run and hits all the candidates of a round alike."""
+    median = statistics.median(values)
+    cell = f"{median * unit:.3f}{suffix} ({median / statistics.median(base):.3f}x"
+    if len(values) >= 4:
+        low, _, high = statistics.quantiles([value / llava for value, llava in zip(values, base, strict=True)], n=4)
+        cell += f"; rounds {low:.3f}-{high:.3f}x"
+    return cell + ")"
 
 
 class DecodeClock(LogitsProcessor):
@@ -532,18 +544,22 @@ def main(argv=None):
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in [*kernels, compiled_kernel]})
     header = ["workload", *(labels[name] for name in candidates)]
     rounds = {"prefill": repeats, "decode": 7, "train": repeats}  # (eager decoding is host-bound, and noisy)
-    rounds["compiled decode"] = max(3, repeats // 3)
+    rounds["compiled decode"] = 7  # (cheap once compiled)
     if device == "cuda":
         rounds["train GPU busy"] = 3
 
     def record(workload, values, unit=1e3, suffix=" ms"):
-        base = values["llava"]
+        """One row: `values` holds each candidate's rounds (or one value)."""
+        rounds = {
+            name: value if value is None or isinstance(value, list) else [value] for name, value in values.items()
+        }
+        base = rounds["llava"]
         if base is None:
             raise RuntimeError("LLaVA's run failed (see the log): no ratios")
-        cells = [workload, f"{base * unit:.3f}{suffix}"]
+        cells = [workload, f"{statistics.median(base) * unit:.3f}{suffix}"]
         cells += [
-            "failed" if values[name] is None else f"{values[name] * unit:.3f}{suffix} ({values[name] / base:.3f}x)"
-            for name in values
+            "failed" if rounds[name] is None else ratio_cell(rounds[name], base, unit, suffix)
+            for name in rounds
             if name != "llava"
         ]
         report.row(cells)
@@ -551,7 +567,8 @@ def main(argv=None):
     rounds_text = ", ".join(f"{workload} {count}" for workload, count in rounds.items())
     without = "; the GPU-busy rows without one" if device == "cuda" else ""
     report.line(
-        f"\nMedians of interleaved rounds after a warm-up{without} ({rounds_text}); ratio = HyperLLaVA / LLaVA.\n"
+        f"\nMedians of interleaved rounds after a warm-up{without} ({rounds_text}); ratio = HyperLLaVA / LLaVA, the "
+        "ratio of the medians; 'rounds': the quartiles of the ratios round by round.\n"
     )
     report.table(header)
 
@@ -570,14 +587,14 @@ def main(argv=None):
         decode = make_batch(config, settings, batch_size, settings["text_tokens"])
         name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
         with section(report, name):
-            medians = interleaved(
+            per_round = interleaved(
                 candidates,
                 lambda _, get_model, decode=decode: decode_seconds_per_token(
                     get_model(), decode, settings["new_tokens"], device
                 ),
                 rounds["decode"],
             )
-            record(name, medians)
+            record(name, per_round)
 
     name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
     with section(report, name):

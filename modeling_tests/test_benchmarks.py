@@ -1,5 +1,6 @@
 """What the benchmark scripts do with their measurements (their numbers come from `.ci/run` and GPU runs, not tests)."""
 
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,14 +25,25 @@ def test_interleaved_takes_turns_and_leaves_a_failing_candidate_out(capsys):
 
     result = bench_overhead.interleaved({"a": 0, "broken": None, "b": 100}, measure, repeats=3, warmup=1)
     assert calls == ["a", "broken", "b", "b", "a", "b", "a", "a", "b"]
-    # The warm-up round's values are dropped: a's are 5, 7, 8 and b's 104, 106, 109.
-    assert result == {"a": 7, "broken": None, "b": 106}
+    # The warm-up round's values are dropped.
+    assert result == {"a": [5, 7, 8], "broken": None, "b": [104, 106, 109]}
     printed = [line for line in capsys.readouterr().out.splitlines() if "round" in line]
     assert printed[:2] == ["  a, round 1 (warm-up): 1", "  b, round 1 (warm-up): 103"]
     assert printed[2:] == [
         "  b, round 2: 104", "  a, round 2: 5", "  b, round 3: 106", "  a, round 3: 7", "  a, round 4: 8",
         "  b, round 4: 109",
     ]  # fmt: skip
+
+
+def test_a_cell_gives_the_ratio_of_medians_and_the_quartiles_of_the_ratios_round_by_round():
+    """A host whose load drifts over a run moves every candidate of a round alike: the round-by-round ratios show how
+    far that moved the ratio of the medians."""
+    llava = [1.0, 2.0, 1.0, 4.0, 1.0]  # median 1.0
+    hyper = [1.1, 2.0, 1.2, 4.4, 0.9]  # median 1.2; round by round 1.1, 1.0, 1.2, 1.1, 0.9
+    low, _, high = statistics.quantiles([1.1, 1.0, 1.2, 1.1, 0.9], n=4)
+    assert bench_overhead.ratio_cell(hyper, llava) == f"1200.000 ms (1.200x; rounds {low:.3f}-{high:.3f}x)"
+    assert (low, high) == (0.95, 1.15)
+    assert bench_overhead.ratio_cell(hyper[:3], llava[:3], unit=1, suffix=" GiB") == "1.200 GiB (1.200x)"
 
 
 def test_the_kernel_microbenchmark_times_gpu_work_behind_a_sleep_and_an_l2_flush(monkeypatch):
