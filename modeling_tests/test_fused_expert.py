@@ -168,21 +168,23 @@ def test_without_autograd_the_kernels_launch_without_the_custom_op(shape, monkey
     """Eager decoding runs without autograd, where the custom op's dispatch would add only host time: the launcher is
     called directly there, with the same result. With autograd on, or under a dispatch mode (which must see the op),
     the call goes through the op, which runs the launcher it was registered with."""
-    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # (a call like an earlier test's would not reach _forward)
-    direct_calls = []
-    launcher = fused._forward
-    monkeypatch.setattr(fused, "_forward", lambda *args: direct_calls.append(1) or launcher(*args))
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # (a call like an earlier test's would not reach _launch)
+    calls = []  # each launch: whether it came straight from fused_expert_adapter (with the checked inputs' signature)
+    launch = fused._launch
+    monkeypatch.setattr(
+        fused, "_launch", lambda *args: calls.append(len(args) == 6 and args[5] is not None) or launch(*args)
+    )
     inputs = make_inputs(*shape, torch.float32, ffn_dtype=torch.float32)
     with torch.no_grad():
         out = fused.fused_expert_adapter(*inputs)
-    assert direct_calls == [1]
+    assert calls == [True]
     assert_close(out, expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[torch.float32], "output")
     op = torch.ops.hyperllava.expert_adapter.default
     for mode in (contextlib.nullcontext(), torch.no_grad()):
         with mode, DispatchedOps() as ops:
             assert torch.equal(fused.fused_expert_adapter(*inputs), out)
         assert ops.calls[op] == 1
-    assert direct_calls == [1]
+    assert calls == [True, False, False]
 
 
 class CountedLaunches:
@@ -217,13 +219,10 @@ class CountedCompiled:
         return counted
 
 
-@needs_kernels
-@pytest.mark.parametrize("ffn_dtype", [None, torch.float32], ids=["residual", "ffn"])
-def test_a_decode_call_like_an_earlier_one_launches_the_compiled_kernels_directly(monkeypatch, ffn_dtype):
-    """Eager decoding makes the same call at every step and layer, and its time is host time. The first call with a
-    signature goes through Triton's launcher; later ones (outside autograd or through the custom op) launch the kernels
-    it compiled, with the same result. A call that differs in what the kernels are specialised on or what the op would
-    cast (which pointers are 16-byte aligned, autocast) goes through Triton again."""
+@pytest.fixture
+def counted_launches(monkeypatch):
+    """The decode kernels, counted (no launches kept from earlier tests): a function that returns how many launches
+    went through Triton's launcher and how many launched the compiled kernels directly."""
     monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})
     down, up = CountedLaunches(fused._decode_down_kernel), CountedLaunches(fused._decode_up_kernel)
     monkeypatch.setattr(fused, "_decode_down_kernel", down)
@@ -232,6 +231,18 @@ def test_a_decode_call_like_an_earlier_one_launches_the_compiled_kernels_directl
     def launches():
         assert down.through_triton == up.through_triton and down.direct == up.direct
         return down.through_triton, down.direct
+
+    return launches
+
+
+@needs_kernels
+@pytest.mark.parametrize("ffn_dtype", [None, torch.float32], ids=["residual", "ffn"])
+def test_a_decode_call_like_an_earlier_one_launches_the_compiled_kernels_directly(counted_launches, ffn_dtype):
+    """Eager decoding makes the same call at every step and layer, and its time is host time. The first call with a
+    signature goes through Triton's launcher; later ones (outside autograd or through the custom op) launch the kernels
+    it compiled, with the same result. A call that differs in what the kernels are specialised on or what the op would
+    cast (which pointers are 16-byte aligned, autocast) goes through Triton again."""
+    launches = counted_launches
 
     def check(inputs, out, dtype=torch.bfloat16):
         assert_close(out, expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[dtype], "output")
@@ -262,6 +273,39 @@ def test_a_decode_call_like_an_earlier_one_launches_the_compiled_kernels_directl
     assert launches() == (4, 3)
     check(first, out, torch.float16)
     assert out.dtype == torch.float32  # float16 x with a bfloat16 residual
+
+
+@needs_kernels
+def test_a_direct_launch_needs_the_autocast_dtype_of_the_call_that_compiled_it(counted_launches):
+    """Under autocast the op computes in autocast's dtype: float16 inputs under bfloat16 autocast are cast to bfloat16,
+    so they cannot reuse the launches of the same inputs under float16 autocast, where nothing was cast."""
+    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float16)
+    with torch.no_grad():
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            fused.fused_expert_adapter(x, w_down, w_up, residual)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = fused.fused_expert_adapter(x, w_down, w_up, residual)
+    assert counted_launches() == (2, 0)
+    assert out.dtype == torch.float32  # bfloat16 x with the float16 residual
+    assert_close(out, expert_adapter_reference(x.double(), w_down.double(), w_up.double(), residual.double()),
+                 TOLERANCE[torch.bfloat16], "output")  # fmt: skip
+
+
+@needs_kernels
+def test_the_custom_op_called_directly_keeps_no_launches_for_unchecked_inputs(counted_launches):
+    """`torch.ops.hyperllava.expert_adapter` checks and casts nothing. A later `fused_expert_adapter` call with the
+    same inputs must still cast the weights to x's dtype and refuse a weight batch that is neither 1 nor x's."""
+    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float16)
+    w_down, w_up = w_down.float(), w_up.float()
+    with torch.no_grad():
+        torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None)
+        out = fused.fused_expert_adapter(x, w_down, w_up, residual)
+        assert torch.equal(out, fused.fused_expert_adapter(x, w_down.half(), w_up.half(), residual))
+        x, _, _, residual = make_inputs(4, 1, 64, 48, 8, 4, torch.float32)
+        _, w_down, w_up, _ = make_inputs(4, 1, 64, 48, 8, 2, torch.float32)
+        torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None)
+        with pytest.raises(ValueError, match="weights' batch size 2 must be 1 or x's batch size 4"):
+            fused.fused_expert_adapter(x, w_down, w_up, residual)
 
 
 @needs_kernels

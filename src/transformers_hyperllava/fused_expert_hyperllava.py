@@ -57,9 +57,10 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         is cast to autocast's dtype, as the eager adapter's matmuls cast their operands.
     """
     plain = _plain_eager_call(x, w_down, w_up, residual, ffn_out)
-    if plain and (launches := _DECODE_LAUNCHES.get(_call_signature(x, w_down, w_up, residual, ffn_out))):
-        # An eager decoding step makes the same call at every step and layer: what the first one checked, cast and
-        # worked out holds for this one (see _call_signature), and its compiled kernels launch directly.
+    signature = _call_signature(x, w_down, w_up, residual, ffn_out) if plain else None
+    if signature is not None and (launches := _DECODE_LAUNCHES.get(signature)):
+        # An eager decoding step makes the same call at every step and layer: what the first one checked and worked
+        # out holds for this one (see _call_signature), and its compiled kernels launch directly.
         return launches(x, w_down, w_up, residual, ffn_out)
     _check_inputs(x, w_down, w_up, residual, ffn_out)
     if torch.is_autocast_enabled(x.device.type):  # where the eager adapter's matmuls would run, so do the kernels
@@ -67,7 +68,7 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
     w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
     if plain:
         # The custom op's dispatch would only add host time, which bounds eager decoding (docs/performance.md).
-        return _forward(x, w_down, w_up, residual, ffn_out)
+        return _launch(x, w_down, w_up, residual, ffn_out, signature)
     return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
 
 
@@ -393,16 +394,24 @@ def _multiprocessor_count(device) -> int:
 def _forward(
     x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor, ffn_out: torch.Tensor | None
 ) -> torch.Tensor:
+    """The custom op's implementation (whose inputs `fused_expert_adapter` may not have checked)."""
+    return _launch(x, w_down, w_up, residual, ffn_out)
+
+
+def _launch(x, w_down, w_up, residual, ffn_out, checked_signature=None):
+    """The kernels for one call. `checked_signature`: the `_call_signature` of the inputs as `fused_expert_adapter`
+    got them, when it checked them (see `_decode_forward`)."""
     rows = _problem(x, w_up)[1]
     out = _new_output(x, residual, ffn_out)
     if out.numel() == 0 or rows == 0:
         return out.copy_(residual if ffn_out is None else residual + ffn_out)
-    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
-    forward = _decode_forward if rows <= _DECODE_MAX_ROWS else _tiled_forward
     ffn_out = None if ffn_out is None else ffn_out.contiguous()
-    forward(
-        x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), ffn_out, out
-    )
+    inputs = (x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), ffn_out)
+    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
+    if rows <= _DECODE_MAX_ROWS:
+        _decode_forward(*inputs, out, checked_signature)
+    else:
+        _tiled_forward(*inputs, out)
     return out
 
 
@@ -453,7 +462,7 @@ def _ffn_arguments(residual, ffn_out):
     return ffn_out, {"HAS_FFN": True, "SUM_DTYPE": getattr(tl, str(sum_dtype).removeprefix("torch."))}
 
 
-def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
+def _decode_forward(x, w_down, w_up, residual, ffn_out, out, checked_signature=None):
     """Two launches with one short step per program, each sized to give about one program per SM:
     (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
     (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
@@ -461,7 +470,10 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out):
     signature = _call_signature(x, w_down, w_up, residual, ffn_out)
     launches = _DECODE_LAUNCHES.get(signature) or _DecodeLaunches(x, w_down, w_up, residual, ffn_out)
     launches(x, w_down, w_up, residual, ffn_out, out)
-    if launches.compiled:  # (Triton's interpreter compiles nothing)
+    # Kept for later calls only when these are the inputs `fused_expert_adapter` checked, reaching the kernels as they
+    # came (nothing cast or copied): then a call with the same signature needs nothing of what this one did. (The
+    # custom op, which may be called directly, checks nothing; Triton's interpreter compiles nothing.)
+    if launches.compiled and signature == checked_signature:
         _DECODE_LAUNCHES[signature] = launches
 
 
@@ -473,21 +485,23 @@ _DECODE_LAUNCHES = {}
 
 def _call_signature(x, w_down, w_up, residual, ffn_out):
     """What a decode call's launches depend on: each tensor's shape, strides, dtype, device and address modulo 16
-    (Triton specialises a kernel on whether each pointer is 16-byte aligned), and autocast. The signature of a call
-    equals that of an earlier call's inputs as `_decode_forward` got them (checked, cast and made contiguous) only if
-    this call's inputs would pass the checks unchanged, so a call that finds launches under its signature can skip all
-    that."""
+    (Triton specialises a kernel on whether each pointer is 16-byte aligned), the current CUDA device (Triton loads a
+    kernel per device), and autocast's dtype where it is on (`fused_expert_adapter` casts to it). A call with the
+    signature of an earlier call's inputs that were checked and went into the kernels unchanged (`_decode_forward`)
+    would pass the checks unchanged too."""
     ffn = (
         None
         if ffn_out is None
         else (ffn_out.shape, ffn_out.stride(), ffn_out.dtype, ffn_out.device, ffn_out.data_ptr() % 16)
     )
+    device_type = x.device.type
     return (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
         w_down.shape, w_down.stride(), w_down.dtype, w_down.device, w_down.data_ptr() % 16,
         w_up.shape, w_up.stride(), w_up.dtype, w_up.device, w_up.data_ptr() % 16,
         residual.shape, residual.stride(), residual.dtype, residual.device, residual.data_ptr() % 16,
-        ffn, torch.is_autocast_enabled(x.device.type),
+        ffn, torch.cuda.current_device() if device_type == "cuda" else None,
+        torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type),
     )  # fmt: skip
 
 
