@@ -384,7 +384,15 @@ def adapter_host_time(settings, report):
         "\nHost time per call of a language-expert layer's adapter at decoding shapes, us (100 calls queued back to "
         "back, median of 20), against the add of LLaVA's layer it replaces; no autograd, as in `generate`:\n"
     )
-    report.table(["case", "LLaVA's add", "eager adapter", "fused op, Triton's launcher", "fused op, direct launches"])
+    report.table(
+        [
+            "case",
+            "LLaVA's add",
+            "eager adapter",
+            "fused op, every call through Triton's launcher",
+            "fused op, direct launches",
+        ]
+    )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
         x, residual, ffn_out = (torch.randn(batch, 1, d, device=device, dtype=dtype) for _ in range(3))
         w_down = torch.randn(batch, d, 2 * r, device=device, dtype=dtype) * d**-0.5

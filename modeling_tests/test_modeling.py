@@ -944,22 +944,30 @@ def test_config_fields_are_checked_when_set(field, value, message):
     ],
     ids=["layers", "depth", "bottleneck"],
 )
-def test_a_config_whose_fields_were_changed_apart_is_not_saved_if_it_would_not_load(tmp_path, change, message):
+def test_a_config_whose_fields_were_changed_apart_is_not_saved_if_it_would_not_load(
+    tmp_path, monkeypatch, change, message
+):
     """Each field is checked when set, but what involves several only as a whole: `save_pretrained` checks it, so that
-    a saved config always loads."""
+    a saved config always loads, and `push_to_hub` checks it before it creates the Hub repo."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import StrictDataclassClassValidationError
 
+    monkeypatch.setattr(HfApi, "create_repo", lambda *args, **kwargs: pytest.fail("created a Hub repo"))
     config = tiny_config()  # 4 layers: k = 2, experts in layers 2 and 3
     change(config)
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         config.save_pretrained(tmp_path / "config")
     assert not (tmp_path / "config").exists()  # not even configuration_hyperllava.py in it
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        config.push_to_hub("me/hyperllava")
     # A model whose config was so changed writes nothing either: no remote-code files without their config.
     model = HyperLlavaForConditionalGeneration(tiny_config())
     change(model.config)
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         model.save_pretrained(tmp_path / "model")
     assert not (tmp_path / "model").exists()
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        model.push_to_hub("me/hyperllava")
 
 
 def test_from_llava_config_takes_llavas_own_attributes():

@@ -152,6 +152,10 @@ class HyperLlavaConfig(LlavaConfig):
         self.validate()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, *args, **kwargs):
+        self.validate()  # before Transformers creates the Hub repo (it saves, and so checks, only after)
+        return super().push_to_hub(*args, **kwargs)
+
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` with every field this config shares with it (the experts dropped)."""
         fields = self.to_dict()

@@ -365,6 +365,10 @@ class HyperLlavaPreTrainedModel(LlavaPreTrainedModel):
         self.config.validate()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, *args, **kwargs):
+        self.config.validate()  # before Transformers creates the Hub repo (it saves, and so checks, only after)
+        return super().push_to_hub(*args, **kwargs)
+
 
 class HyperLlamaModel(LlamaModel):
     """The Llama text model with the language expert: guidance after layer k-1, adapters in the later layers."""
