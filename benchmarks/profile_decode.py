@@ -1,15 +1,19 @@
-"""Where a compiled decoding step's time goes, LLaVA vs HyperLLaVA: device busy time, host gaps, and the kernels and
-host ops that differ. `bench_overhead.py` gives the ratios; this says what makes them.
+"""Where a decoding step's time goes, LLaVA vs HyperLLaVA: device busy time, host gaps, and the kernels and host ops
+that differ. `bench_overhead.py` gives the ratios; this says what makes them.
 
     python benchmarks/profile_decode.py --size 7b --out profile    # CUDA: kernels and host ops, traces in profile/
     python benchmarks/profile_decode.py --size tiny                 # CPU: host ops only (7B's depth, toy widths)
+    python benchmarks/profile_decode.py --size 7b --eager           # eager decoding (dynamic cache), no compilation
 
-Each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a GPU):
-LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation) and HyperLLaVA
-with its default adapter. After a warm-up call that compiles, one call times the compiled forward calls (host time: a
-CUDA graph replays asynchronously) from the first token's logits to the end, so that only decoding steps count, and
-one is profiled from the second token's logits: its first decoding step (which records the CUDA graphs again when
-the call's new static cache gets new addresses) stays out of the per-step tables too.
+By default each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a
+GPU): LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation) and
+HyperLLaVA with its default adapter. After a warm-up call that compiles, one call times the compiled forward calls
+(host time: a CUDA graph replays asynchronously) from the first token's logits to the end, so that only decoding
+steps count, and one is profiled from the second token's logits: its first decoding step (which records the CUDA
+graphs again when the call's new static cache gets new addresses) stays out of the per-step tables too. With --eager
+the models decode as `generate` does by default (host-bound at 7B), and HyperLLaVA runs with the eager adapter and,
+where the fused op runs, with that too ("triton"): where each one's host time goes, op by op (the profiler slows the
+host, so the step times it shows are longer than unprofiled ones).
 """
 
 import argparse
@@ -80,7 +84,7 @@ def forward_clock(model):
         del model.get_compiled_call
 
 
-def profile_decoding(model, batch, new_tokens, device):
+def profile_decoding(model, batch, new_tokens, device, **generate_kwargs):
     """The profiler of one `generate` call, from its second token's logits to its end."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     profiler = profile(activities=activities)
@@ -88,7 +92,7 @@ def profile_decoding(model, batch, new_tokens, device):
     with torch.no_grad():
         model.generate(
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            cache_implementation="static", logits_processor=LogitsProcessorList([starter]),
+            logits_processor=LogitsProcessorList([starter]), **generate_kwargs,
         )  # fmt: skip
     synchronize(device)
     profiler.stop()
@@ -129,22 +133,25 @@ def main(argv=None):
     )
     parser.add_argument("--top", type=int, default=15, help="rows per difference table")
     parser.add_argument("--out", help="folder for the Chrome traces (one per model)")
+    parser.add_argument("--eager", action="store_true", help="eager decoding (dynamic cache, nothing compiled)")
     args = parser.parse_args(argv)
     settings = SIZES[args.size]
     device = settings["device"]
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--size 7b needs a CUDA GPU (use --size tiny on a CPU)")
     config, llava, hyper = build_models(args.size, settings)
-    if device != "cuda":
+    compiled = not args.eager
+    if compiled and device != "cuda":
         compile_on_any_device(llava, hyper)
+    generate_kwargs = {"cache_implementation": "static"} if compiled else {}
     batch = make_batch(config, settings, 1, settings["text_tokens"])
     variants = HyperVariants(hyper)
-    kernel = "auto" if fused.is_available(device) else "eager"
-    candidates = {
-        "llava": lambda: llava,
-        "no experts": lambda: variants.use(None),
-        kernel: lambda: variants.use(kernel),
-    }
+    candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
+    if compiled:
+        kernels = ["auto" if fused.is_available(device) else "eager"]
+    else:
+        kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
+    candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
 
     profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`StartProfiler`)
     results = {}
@@ -152,31 +159,32 @@ def main(argv=None):
         model = get_model()
         # Each CUDA-graph recording adds its graph's non-static inputs (those copied in before every replay) here.
         recorded = [counters["inductor"]["cudagraph_recorded_non_static_inputs"]]
-        # Compiles (and captures the CUDA graphs) outside the profile.
-        decode_seconds_per_token(model, batch, args.new_tokens, device, cache_implementation="static")
+        # Compiles (and captures the CUDA graphs) outside the profile; eager, a warm-up.
+        decode_seconds_per_token(model, batch, args.new_tokens, device, **generate_kwargs)
         recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
         with forward_clock(model) as forward_seconds:
-            steps_seconds = decode_step_seconds(model, batch, args.new_tokens, device, cache_implementation="static")
+            steps_seconds = decode_step_seconds(model, batch, args.new_tokens, device, **generate_kwargs)
         recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
         step_seconds = statistics.median(steps_seconds)
-        profiler = profile_decoding(model, batch, args.new_tokens, device)
-        kernels, busy_us = device_busy_us(profiler)
+        # The second profiled call: the profiler's first one in a process runs slower (LLaVA's, which comes first).
+        profile_decoding(model, batch, args.new_tokens, device, **generate_kwargs)
+        profiler = profile_decoding(model, batch, args.new_tokens, device, **generate_kwargs)
+        kernels_and_copies, busy_us = device_busy_us(profiler)
         results[name] = {
             "profiler": profiler,
             "cpu": per_key(profiler, device=False),
             "device": per_key(profiler, device=True),
         }
-        line = (
-            f"{name}: {step_seconds * 1e3:.3f} ms per step, of which "
-            f"{statistics.median(forward_seconds) * 1e6:.1f} us in the compiled forward call"
-        )
+        line = f"{name}: {step_seconds * 1e3:.3f} ms per step"
+        if compiled:
+            line += f", of which {statistics.median(forward_seconds) * 1e6:.1f} us in the compiled forward call"
         if device == "cuda":  # busy time from the profiled call: the profiler slows the host, not the device
             idle_us = step_seconds * 1e6 - busy_us / profiled_steps
             line += f", device busy {busy_us / profiled_steps:.1f} us, idle {idle_us:.1f} us"
-            line += f", {kernels / profiled_steps:.0f} kernels and copies"
-            # A recording in the timed call (a new StaticCache at other addresses) is per-call work.
-            line += f"; CUDA-graph recordings x non-static inputs: compiling call +{recorded[1] - recorded[0]}"
-            line += f", timed call +{recorded[2] - recorded[1]}"
+            line += f", {kernels_and_copies / profiled_steps:.0f} kernels and copies"
+            if compiled:  # A recording in the timed call (a new StaticCache at other addresses) is per-call work.
+                line += f"; CUDA-graph recordings x non-static inputs: compiling call +{recorded[1] - recorded[0]}"
+                line += f", timed call +{recorded[2] - recorded[1]}"
         # A first step (or a few) slower than the median would be per-call work, e.g. in the CUDA-graph tree, that a
         # mean over the call spreads over every token (the H200 runs before the median).
         first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
