@@ -154,7 +154,9 @@ def main(argv=None):
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
 
     profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`StartProfiler`)
-    results = {}
+    # Every model timed before any is profiled: a profiler can leave its instrumentation attached to the process,
+    # which slows the host in what runs after it.
+    timed = {}
     for name, get_model in candidates.items():
         model = get_model()
         # Each CUDA-graph recording adds its graph's non-static inputs (those copied in before every replay) here.
@@ -165,6 +167,12 @@ def main(argv=None):
         with forward_clock(model) as forward_seconds:
             steps_seconds = decode_step_seconds(model, batch, args.new_tokens, device, **generate_kwargs)
         recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
+        timed[name] = steps_seconds, forward_seconds, recorded
+
+    results = {}
+    for name, get_model in candidates.items():
+        model = get_model()
+        steps_seconds, forward_seconds, recorded = timed[name]
         step_seconds = statistics.median(steps_seconds)
         # The second profiled call: the profiler's first one in a process runs slower (LLaVA's, which comes first).
         profile_decoding(model, batch, args.new_tokens, device, **generate_kwargs)
