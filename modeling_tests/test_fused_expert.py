@@ -553,16 +553,19 @@ class RecordedLaunch:
 
 def compile_for(arch, kernel, args, keywords):
     """Compile a launch's kernel for a CUDA architecture, as Triton would at the launch, with no GPU needed. The
-    launch's keywords are the kernel's constexpr arguments and compiler options."""
+    launch's arguments, positional or by keyword, are the kernel's; its other keywords are compiler options."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import mangle_type  # how a launch types its arguments: "*bf16", "i32", ...
 
-    constexprs = {name: value for name, value in keywords.items() if name in kernel.arg_names}
+    named = {name: value for name, value in keywords.items() if name in kernel.arg_names}
+    arguments = dict(zip(kernel.arg_names, args)) | named
+    assert len(args) + len(named) == len(arguments) == len(kernel.arg_names), f"{kernel.__name__}: arguments missing"
     options = {name: value for name, value in keywords.items() if name not in kernel.arg_names}
-    runtime_names = [name for name in kernel.arg_names if name not in constexprs]
-    signature = {name: mangle_type(value) for name, value in zip(runtime_names, args, strict=True)}
-    signature.update({name: "constexpr" for name in constexprs})
+    constexprs = {kernel.arg_names[i]: arguments[kernel.arg_names[i]] for i in kernel.constexprs}
+    signature = {
+        name: "constexpr" if name in constexprs else mangle_type(arguments[name]) for name in kernel.arg_names
+    }
     source = triton.compiler.ASTSource(kernel, signature, constexprs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 

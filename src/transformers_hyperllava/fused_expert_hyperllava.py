@@ -514,12 +514,11 @@ class _DecodeLaunches:
         splits, self.down, self.up = _decode_launches(groups, rows, d_in, r, d_out, _multiprocessor_count(x.device))
         self.partial_shape = (groups, rows, splits, 2 * r)
         self.out_shape, self.out_dtype, self.device = residual.shape, _output_dtype(x, residual, ffn_out), x.device
-        self.down_scalars = (rows, d_in, 2 * r, splits, w_down.stride(0))
-        self.up_scalars = (rows, r, d_out, splits, w_up.stride(0))
-        self.up_constexprs = {**self.up["blocks"], **_ffn_arguments(residual, ffn_out)[1]}
-        # A compiled kernel takes every argument in the kernel's order, constexprs (the last ones) included.
-        self.down_tail = (*self.down_scalars, *self.down["blocks"].values())
-        self.up_tail = (*self.up_scalars, *self.up_constexprs.values())
+        # Every argument after the tensors, in the kernels' order, constexprs (the last ones) included: Triton's
+        # launcher takes them so, and a compiled kernel takes them all.
+        self.down_tail = (rows, d_in, 2 * r, splits, w_down.stride(0), *self.down["blocks"].values())
+        ffn_settings = _ffn_arguments(residual, ffn_out)[1]
+        self.up_tail = (rows, r, d_out, splits, w_up.stride(0), *self.up["blocks"].values(), *ffn_settings.values())
         self.compiled = None  # the two kernels' launchers, once Triton has compiled them
 
     def __call__(self, x, w_down, w_up, residual, ffn_out, out=None):
@@ -527,17 +526,15 @@ class _DecodeLaunches:
             out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
         partial = torch.empty(self.partial_shape, dtype=torch.float32, device=self.device)
         ffn = residual if ffn_out is None else ffn_out  # (without one the kernel never reads it)
+        down_arguments = (x, w_down, partial, *self.down_tail)
+        up_arguments = (partial, w_up, residual, ffn, out, *self.up_tail)
         if self.compiled:
             launch_down, launch_up = self.compiled
-            launch_down(x, w_down, partial, *self.down_tail)
-            launch_up(partial, w_up, residual, ffn, out, *self.up_tail)
+            launch_down(*down_arguments)
+            launch_up(*up_arguments)
         else:
-            down = _decode_down_kernel[self.down["grid"]](
-                x, w_down, partial, *self.down_scalars, **self.down["blocks"], **_OPTIONS
-            )
-            up = _decode_up_kernel[self.up["grid"]](
-                partial, w_up, residual, ffn, out, *self.up_scalars, **self.up_constexprs, **_OPTIONS
-            )
+            down = _decode_down_kernel[self.down["grid"]](*down_arguments, **_OPTIONS)
+            up = _decode_up_kernel[self.up["grid"]](*up_arguments, **_OPTIONS)
             if down is not None and up is not None:
                 self.compiled = down[self.down["grid"]], up[self.up["grid"]]
         return out
