@@ -421,7 +421,13 @@ def kernel_microbenchmark(settings, report):
         "The fused forward rows run without autograd, so they launch the kernels directly; fwd+bwd goes through the "
         "custom op."
     )
-    report.table(["case", "fused ms", "eager ms", "floor ms", "fused / floor", "eager / fused"])
+    dependent = fused._dependent_launch(torch.device(device))
+    report.line(
+        "Decode rows on Hopper and later: also the fused op with plain launches, without programmatic dependent launch "
+        f"(the default here: {'on' if dependent else 'off'})."
+    )
+    report.table(["case", "fused ms", "fused, plain launches ms", "eager ms", "floor ms", "fused / floor",
+                  "eager / fused"])  # fmt: skip
     cases = [
         ("decode B=1", 1, 1, 4096, 4096, 1, False),
         ("decode B=16, per-sample weights", 16, 1, 4096, 4096, 16, False),
@@ -449,10 +455,25 @@ def kernel_microbenchmark(settings, report):
         inputs = (x, w_down, w_up, residual)
         with contextlib.nullcontext() if backward else torch.no_grad():
             fused_ms = cuda_event_ms(adapter_call(fused.fused_expert_adapter, inputs, grad))
+            plain = "—"
+            if dependent and fused.beats_eager(x, w_up):
+                with plain_decode_launches():
+                    plain = f"{cuda_event_ms(adapter_call(fused.fused_expert_adapter, inputs, grad)):.4f}"
             eager_ms = cuda_event_ms(adapter_call(expert_adapter, inputs, grad))
         floor_ms = moved / bandwidth * 1e3
-        report.row([name, f"{fused_ms:.4f}", f"{eager_ms:.4f}", f"{floor_ms:.4f}", f"{fused_ms / floor_ms:.1f}x",
+        report.row([name, f"{fused_ms:.4f}", plain, f"{eager_ms:.4f}", f"{floor_ms:.4f}", f"{fused_ms / floor_ms:.1f}x",
                     f"{eager_ms / fused_ms:.2f}x"])  # fmt: skip
+
+
+@contextlib.contextmanager
+def plain_decode_launches():
+    """The fused op's decode kernels launched without programmatic dependent launch, as before Hopper (and none of
+    the launches kept so far, which were made with it)."""
+    with (
+        unittest.mock.patch.object(fused, "_dependent_launch", lambda device: False),
+        unittest.mock.patch.object(fused, "_DECODE_LAUNCHES", {}),
+    ):
+        yield
 
 
 class Report:

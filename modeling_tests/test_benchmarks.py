@@ -96,3 +96,36 @@ def test_the_forced_kernel_paths_read_view_weights_in_place():
         torch.randn(2, 1, 8), w_down, w_up, torch.randn(2, 1, 8)
     )
     assert [t.data_ptr() for t in seen] == [w_down.data_ptr(), w_up.data_ptr()]
+
+
+def test_the_plain_launch_column_launches_the_decode_kernels_without_dependent_launch(monkeypatch):
+    """The microbenchmark's column of plain launches must time kernels compiled and launched without programmatic
+    dependent launch, though the device has it and launches kept from earlier calls were made with it; afterwards the
+    op launches as before."""
+    fused = bench_overhead.fused
+    launches = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            return lambda *arguments, **options: launches.append((arguments[-1], options.get("launch_pdl", False)))
+
+    x, residual = torch.zeros(1, 1, 64), torch.zeros(1, 1, 64)
+    w_down, w_up = torch.zeros(1, 64, 8), torch.zeros(1, 4, 64)
+    monkeypatch.setattr(fused, "_dependent_launch", lambda device: True)
+
+    class Kept:  # launches an earlier call kept
+        compiled = True
+
+        def __call__(self, *arguments):
+            launches.append("kept")
+
+    kept = {fused._call_signature(x, w_down, w_up, residual, None): Kept()}
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", kept)
+    monkeypatch.setattr(fused, "_decode_down_kernel", Recorded())
+    monkeypatch.setattr(fused, "_decode_up_kernel", Recorded())
+    with bench_overhead.plain_decode_launches():
+        fused._expert_adapter(x, w_down, w_up, residual, None)
+        fused._expert_adapter(x, w_down, w_up, residual, None)
+    assert launches == [(False, False)] * 4  # (the kernels' last constexpr, the launch option)
+    fused._expert_adapter(x, w_down, w_up, residual, None)
+    assert launches[4:] == ["kept"]

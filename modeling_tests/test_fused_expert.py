@@ -581,6 +581,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
     makes, forward (with and without the FFN's output) and backward, at the tested shapes and 7B's prefill and decode,
     with the block sizes the launchers pick for 132 SMs, is compiled here for the GPU, whether or not there is one."""
     monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
+    monkeypatch.setattr(fused, "_dependent_launch", lambda device: arch >= 90)  # as the launchers decide on the GPU
     monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # on a GPU: none compiled by an earlier test
     launches = []
     for name in LAUNCHED_KERNELS:
@@ -599,6 +600,46 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
     assert {kernel.__name__ for kernel, _, _ in launches} == set(LAUNCHED_KERNELS)
     for kernel, args, keywords in launches:
         assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
+
+
+@pytest.mark.skipif(
+    INTERPRETED, reason="the parent process runs it: under TRITON_INTERPRET the kernels are interpreted, not compiled"
+)
+def test_on_hopper_the_decode_kernels_read_what_the_kernel_before_wrote_only_after_waiting_for_it(monkeypatch):
+    """With programmatic dependent launch a kernel can start before the one ahead of it has finished. The down kernel
+    must wait for it before any read (x is its output) and only then let the up kernel start; the up kernel may read
+    its weights and the residual early, but the down kernel's float32 partial sums only after waiting, and it may
+    write nothing before. Checked in the code compiled for sm_90 at 7B's decoding shape in bfloat16, where the partial
+    sums are the only 32-bit values the up kernel reads."""
+    launches = []
+    monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
+    monkeypatch.setattr(fused, "_dependent_launch", lambda device: True)
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})
+    for name in ("_decode_down_kernel", "_decode_up_kernel"):
+        monkeypatch.setattr(fused, name, RecordedLaunch(getattr(fused, name), launches))
+    x, residual, ffn_out = (torch.empty(1, 1, 4096, dtype=torch.bfloat16) for _ in range(3))
+    w_down, w_up = torch.empty(1, 4096, 32, dtype=torch.bfloat16), torch.empty(1, 16, 4096, dtype=torch.bfloat16)
+    fused._expert_adapter(x, w_down, w_up, residual, ffn_out)
+    (down, down_args, down_options), (up, up_args, up_options) = launches
+    assert down_options["launch_pdl"] and up_options["launch_pdl"]
+
+    def instructions(kernel, args, options):
+        ptx = compile_for(90, kernel, args, options).asm["ptx"]
+        return [
+            line.strip() for line in ptx.splitlines() if re.match(r"\s*(@%p\d+ )?(ld|st)\.global|\s*griddep", line)
+        ]
+
+    def first(lines, pattern):
+        return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+
+    lines = instructions(down, down_args, down_options)
+    assert (
+        first(lines, "griddepcontrol.wait") < first(lines, "griddepcontrol.launch_dependents") < first(lines, "global")
+    )
+    lines = instructions(up, up_args, up_options)
+    wait = first(lines, "griddepcontrol.wait")
+    assert not any(re.search(r"ld\.global.*\.b32|st\.global", line) for line in lines[:wait]), lines[:wait]
+    assert any(re.search(r"ld\.global.*\.b32", line) for line in lines[wait:])
 
 
 def test_is_available():

@@ -205,12 +205,17 @@ def _forward_kernel(
 def _decode_down_kernel(
     x_ptr, w_down_ptr, partial_ptr,
     rows, d_in, two_r, splits, w_down_stride,
-    BLOCK_K: tl.constexpr, BLOCK_2R: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_2R: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):  # fmt: skip
     """Program (s, m, g): the partial pre-activation x[m] @ w_down[k-slice s] of row m of problem g, in float32.
 
     No tl.dot: one row would be padded to 16 and the work is a few KiB per program; the upcast operands'
     products summed with tl.sum are float32 arithmetic for every input dtype (exact float32 for float32 inputs)."""
+    if DEPENDENT_LAUNCH:
+        # Launched before the kernel ahead of it has finished: wait for it before reading anything (it may have
+        # written x, or the weights), and only then let the up kernel start, which reads the residual before it waits.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     group = tl.program_id(2).to(tl.int64)
     row = group * rows + tl.program_id(1)  # in the flattened (groups * rows, d_in) input
@@ -233,7 +238,7 @@ def _decode_up_kernel(
     partial_ptr, w_up_ptr, residual_ptr, ffn_ptr, out_ptr,
     rows, r, d_out, splits, w_up_stride,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_FFN: tl.constexpr,
-    SUM_DTYPE: tl.constexpr,
+    SUM_DTYPE: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
 ):  # fmt: skip
     """Program (j, m, g): output columns [j * BLOCK_N, ...) of row m of problem g. Sums the row's partial
     pre-activations (every program of the row repeats this: it is a few KiB), applies SiLU(gate) * up and adds
@@ -252,6 +257,10 @@ def _decode_up_kernel(
         other=0.0,
     )
     out = _residual(residual_ptr, ffn_ptr, row * d_out + offs_n, mask_n, HAS_FFN, SUM_DTYPE)
+    if DEPENDENT_LAUNCH:
+        # Started while the down kernel runs, which let it start once the kernels before had finished: what is read
+        # above was ready then; the partial sums are ready when the down kernel has finished.
+        tl.extra.cuda.gdc_wait()
     partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
     mask = (offs_s < splits)[:, None] & mask_r[None, :]
     gate = tl.load(partial, mask=mask, other=0.0)
@@ -466,7 +475,8 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out, checked_signature=N
     """Two launches with one short step per program, each sized to give about one program per SM:
     (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
     (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
-    No program reads more than a slice of the weights, so the latency is two memory round trips, not d_in / step."""
+    No program reads more than a slice of the weights, so the latency is two memory round trips, not d_in / step.
+    On Hopper and later the second launch starts while the first runs (`_dependent_launch`)."""
     signature = _call_signature(x, w_down, w_up, residual, ffn_out)
     launches = _DECODE_LAUNCHES.get(signature) or _DecodeLaunches(x, w_down, w_up, residual, ffn_out)
     launches(x, w_down, w_up, residual, ffn_out, out)
@@ -514,11 +524,16 @@ class _DecodeLaunches:
         splits, self.down, self.up = _decode_launches(groups, rows, d_in, r, d_out, _multiprocessor_count(x.device))
         self.partial_shape = (groups, rows, splits, 2 * r)
         self.out_shape, self.out_dtype, self.device = residual.shape, _output_dtype(x, residual, ffn_out), x.device
+        dependent = _dependent_launch(x.device)
         # Every argument after the tensors, in the kernels' order, constexprs (the last ones) included: Triton's
         # launcher takes them so, and a compiled kernel takes them all.
-        self.down_tail = (rows, d_in, 2 * r, splits, w_down.stride(0), *self.down["blocks"].values())
+        self.down_tail = (rows, d_in, 2 * r, splits, w_down.stride(0), *self.down["blocks"].values(), dependent)
         ffn_settings = _ffn_arguments(residual, ffn_out)[1]
-        self.up_tail = (rows, r, d_out, splits, w_up.stride(0), *self.up["blocks"].values(), *ffn_settings.values())
+        self.up_tail = (
+            rows, r, d_out, splits, w_up.stride(0), *self.up["blocks"].values(), *ffn_settings.values(), dependent
+        )  # fmt: skip
+        # (Triton's compiled kernel launches the way it was compiled: with these options.)
+        self.options = {**_OPTIONS, "launch_pdl": True} if dependent else _OPTIONS
         self.compiled = None  # the two kernels' launchers, once Triton has compiled them
 
     def __call__(self, x, w_down, w_up, residual, ffn_out, out=None):
@@ -533,11 +548,20 @@ class _DecodeLaunches:
             launch_down(*down_arguments)
             launch_up(*up_arguments)
         else:
-            down = _decode_down_kernel[self.down["grid"]](*down_arguments, **_OPTIONS)
-            up = _decode_up_kernel[self.up["grid"]](*up_arguments, **_OPTIONS)
+            down = _decode_down_kernel[self.down["grid"]](*down_arguments, **self.options)
+            up = _decode_up_kernel[self.up["grid"]](*up_arguments, **self.options)
             if down is not None and up is not None:
                 self.compiled = down[self.down["grid"]], up[self.up["grid"]]
         return out
+
+
+@functools.cache
+def _dependent_launch(device) -> bool:
+    """Whether the decode kernels use programmatic dependent launch (Hopper and later): each may start before the
+    kernel ahead of it has finished and waits for it inside (`gdc_wait`), so that its launch overlaps that kernel,
+    and the up kernel's reads of its weights and the residual overlap the down kernel. In a decoding step with CUDA
+    graphs the two launches are most of what the experts cost (docs/performance.md)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache
