@@ -466,6 +466,21 @@ def test_expert_kernel_triton_runs_every_adapter_of_the_model_through_the_fused_
 
 
 @needs_kernels
+def test_eager_generation_launches_every_decoding_steps_kernels_directly(counted_launches):
+    """In `generate` every expert layer's call at every decoding step has one signature (each layer's weights are views
+    of the generated tensor at the same strides), so after the first step's first layer every decode launch is
+    direct. (The tiny model's visual experts, 4 image tokens per image, take the decode path at the prefill too.)"""
+    model = make_model(expert_kernel="triton").to(DEVICE)
+    ids = torch.tensor([prompt_ids("img", 5, 6, 7)], device=DEVICE)
+    kwargs = {"input_ids": ids, "pixel_values": images(1).to(DEVICE), "do_sample": False}
+    model.generate(**kwargs, max_new_tokens=1)  # the prefill alone
+    through_triton, direct = counted_launches()
+    model.generate(**kwargs, max_new_tokens=6)  # the same prefill again, then 5 decoding steps
+    prefill_calls, step_calls = through_triton + direct, len(model.config.language_expert_layer_indices)
+    assert counted_launches() == (through_triton + 1, direct + prefill_calls + 5 * step_calls - 1)
+
+
+@needs_kernels
 def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
     """`expert_kernel="auto"` (the default) puts the fused op in the graph `generate` compiles for the decoding steps
     and keeps the eager adapter outside it (the prefill), with the tokens of eager generation."""
