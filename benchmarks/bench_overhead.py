@@ -210,6 +210,35 @@ def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs
     return statistics.median(decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs))
 
 
+class ProfiledSteps(LogitsProcessor):
+    """Runs `profiler` from the logits of a call's token `first` to those of token `last` (without one, the caller
+    stops it): over `last - first` decoding steps. From the second token on, the prefill and the first decoding step
+    (a per-call cost: a CUDA-graph recording, when the call's new static cache has new addresses) stay out."""
+
+    def __init__(self, profiler, device, first=2, last=None):
+        self.profiler, self.device, self.first, self.last, self.calls = profiler, device, first, last, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls in (self.first, self.last):
+            synchronize(self.device)
+            (self.profiler.start if self.calls == self.first else self.profiler.stop)()
+        return scores
+
+
+def decode_busy_seconds_per_step(model, batch, new_tokens, steps=16, **generate_kwargs):
+    """The GPU's busy time per decoding step of one `generate` call, from the profiler over `steps` steps after the
+    first: what the experts add to a compiled step's GPU work, which the step's wall clock (a few ms, moving with the
+    host by more than the 1% target) cannot resolve."""
+    profiler = profile(activities=[ProfilerActivity.CUDA])
+    with torch.no_grad():
+        model.generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            logits_processor=LogitsProcessorList([ProfiledSteps(profiler, "cuda", last=2 + steps)]), **generate_kwargs,
+        )  # fmt: skip
+    return device_busy_us(profiler)[1] * 1e-6 / steps
+
+
 def compile_on_any_device(*models):
     """`generate` compiles the decoding step on accelerators only; this lets it on a CPU too (without CUDA graphs)."""
     for model in models:
@@ -575,7 +604,7 @@ def main(argv=None):
     rounds = {"prefill": repeats, "decode": 7, "train": repeats}  # (eager decoding is host-bound, and noisy)
     rounds["compiled decode"] = 7  # (cheap once compiled)
     if device == "cuda":
-        rounds["train GPU busy"] = 3
+        rounds["compiled decode GPU busy"] = rounds["train GPU busy"] = 3
 
     def record(workload, values, unit=1e3, suffix=" ms"):
         """One row: `values` holds each candidate's rounds (or one value)."""
@@ -686,6 +715,18 @@ def main(argv=None):
             with section(report, name):
                 measure = functools.partial(compiled_decode, decode=decode, first_call=first_call)
                 record(name, interleaved(compiled, measure, rounds["compiled decode"]))
+            if device == "cuda":  # (the profiler may stay attached: batch 16's rows come after batch 1's profiles)
+                name = f"decode, batch {batch_size}, static + compile, GPU busy per step"
+                with section(report, name):
+                    busy = interleaved(
+                        compiled,
+                        lambda _, get, decode=decode: decode_busy_seconds_per_step(
+                            get(), decode, settings["new_tokens"], cache_implementation="static"
+                        ),
+                        rounds["compiled decode GPU busy"],
+                        warmup=0,  # (every model compiled and ran above)
+                    )
+                    record(name, busy)
             firsts = ", ".join(f"{labels[candidate]} {seconds:.0f} s" for candidate, seconds in first_call.items())
             report.line(f"\nFirst call (compilation{capture}): {firsts}.")
 

@@ -29,11 +29,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+from transformers import LogitsProcessorList  # noqa: E402
 
 from bench_overhead import (  # noqa: E402
     SIZES,
     HyperVariants,
+    ProfiledSteps,
     build_models,
     compile_on_any_device,
     decode_seconds_per_token,
@@ -44,21 +45,6 @@ from bench_overhead import (  # noqa: E402
     synchronize,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
-
-
-class StartProfiler(LogitsProcessor):
-    """Starts the profiler when the second token's logits exist: the prefill and the first decoding step (a per-call
-    cost: a CUDA-graph recording, when the call's cache is new) stay out of the profile."""
-
-    def __init__(self, profiler, device):
-        self.profiler, self.device, self.calls = profiler, device, 0
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        if self.calls == 2:
-            synchronize(self.device)
-            self.profiler.start()
-        return scores
 
 
 @contextlib.contextmanager
@@ -88,11 +74,10 @@ def profile_decoding(model, batch, new_tokens, device, **generate_kwargs):
     """The profiler of one `generate` call, from its second token's logits to its end."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     profiler = profile(activities=activities)
-    starter = StartProfiler(profiler, device)
     with torch.no_grad():
         model.generate(
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            logits_processor=LogitsProcessorList([starter]), **generate_kwargs,
+            logits_processor=LogitsProcessorList([ProfiledSteps(profiler, device)]), **generate_kwargs,
         )  # fmt: skip
     synchronize(device)
     profiler.stop()
@@ -153,7 +138,7 @@ def main(argv=None):
         kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
 
-    profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`StartProfiler`)
+    profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`ProfiledSteps`)
     # Every model timed before any is profiled: a profiler can leave its instrumentation attached to the process,
     # which slows the host in what runs after it.
     timed = {}

@@ -129,3 +129,21 @@ def test_the_plain_launch_column_launches_the_decode_kernels_without_dependent_l
     assert launches == [(False, False)] * 4  # (the kernels' last constexpr, the launch option)
     fused._expert_adapter(x, w_down, w_up, residual, None)
     assert launches[4:] == ["kept"]
+
+
+def test_profiled_steps_cover_the_decoding_steps_after_the_first(monkeypatch):
+    """The compiled rows' GPU busy time per step divides the profile by `steps`: the profiler must run over exactly
+    that many decoding forwards, the prefill and the first step (a CUDA-graph recording) left out."""
+    from transformers_hyperllava import HyperLlavaForConditionalGeneration
+    from transformers_hyperllava.tiny import tiny_config
+
+    events = []
+    model = HyperLlavaForConditionalGeneration(tiny_config()).eval()
+    model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    profiler = SimpleNamespace(start=lambda: events.append("start"), stop=lambda: events.append("stop"))
+    monkeypatch.setattr(bench_overhead, "synchronize", lambda device: events.append("sync"))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    steps = bench_overhead.ProfiledSteps(profiler, "cpu", first=2, last=5)
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=7, min_new_tokens=7, do_sample=False, logits_processor=[steps])
+    assert events == ["forward"] * 2 + ["sync", "start"] + ["forward"] * 3 + ["sync", "stop"] + ["forward"] * 2
