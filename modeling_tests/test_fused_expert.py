@@ -567,22 +567,51 @@ class RecordedLaunch:
 
 
 def compile_for(arch, kernel, args, keywords):
-    """Compile a launch's kernel for a CUDA architecture, as Triton would at the launch, with no GPU needed. The
-    launch's arguments, positional or by keyword, are the kernel's; its other keywords are compiler options."""
+    """Compile a launch's kernel for a CUDA architecture as Triton would at the launch, specialised as Triton
+    specialises it on the arguments (16-byte aligned pointers and integers divisible by 16 marked so, an integer 1 made
+    a constant), with no GPU needed. The launch's arguments, positional or by keyword, are the kernel's; its other
+    keywords are compiler options."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import mangle_type  # how a launch types its arguments: "*bf16", "i32", ...
+    from triton._C.libtriton import native_specialize_impl  # what a launch runs on each argument
+    from triton.backends.compiler import BaseBackend, GPUTarget
 
     named = {name: value for name, value in keywords.items() if name in kernel.arg_names}
     arguments = dict(zip(kernel.arg_names, args)) | named
     assert len(args) + len(named) == len(arguments) == len(kernel.arg_names), f"{kernel.__name__}: arguments missing"
     options = {name: value for name, value in keywords.items() if name not in kernel.arg_names}
     constexprs = {kernel.arg_names[i]: arguments[kernel.arg_names[i]] for i in kernel.constexprs}
-    signature = {
-        name: "constexpr" if name in constexprs else mangle_type(arguments[name]) for name in kernel.arg_names
-    }
-    source = triton.compiler.ASTSource(kernel, signature, constexprs)
+    signature, attributes = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name], attribute = native_specialize_impl(BaseBackend, arguments[name], False, True, True)
+        if signature[name] == "constexpr":  # an integer 1
+            constexprs[name] = arguments[name]
+        elif attribute:
+            attributes[(i,)] = BaseBackend.parse_attr(attribute)
+    source = triton.compiler.ASTSource(kernel, signature, constexprs, attributes)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def global_memory_order(ptx, pointer_parameter):
+    """A kernel's global loads and stores and its grid dependency control, in program order (PTX text), as pairs
+    (instruction, whether its address derives from the pointer parameter `pointer_parameter`, by the registers each
+    instruction computes from it)."""
+    derived, order = set(), []
+    for line in ptx.splitlines():
+        instruction = re.sub(r"^@!?%\w+\s+", "", line.strip())
+        registers = re.findall(r"%\w+", instruction)
+        if re.match(rf"ld\.param\.\w+\s.*_param_{pointer_parameter}\]", instruction):
+            derived.add(registers[0])
+        elif re.match(r"(ld|st)\.global", instruction):
+            address = re.search(r"\[([^]]*)\]", instruction).group(1)
+            order.append((instruction, bool(derived & set(re.findall(r"%\w+", address)))))
+        elif instruction.startswith("griddepcontrol"):
+            order.append((re.match(r"griddepcontrol\.\w+", instruction).group(), False))  # (what follows varies)
+        elif registers and derived & set(registers[1:]):  # computed from an address: an address too
+            derived.add(registers[0])
+    return order
 
 
 @pytest.mark.skipif(
@@ -623,9 +652,9 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
 def test_on_hopper_the_decode_kernels_read_what_the_kernel_before_wrote_only_after_waiting_for_it(monkeypatch):
     """With programmatic dependent launch a kernel can start before the one ahead of it has finished. The down kernel
     must wait for it before any read (x is its output) and only then let the up kernel start; the up kernel may read
-    its weights and the residual early, but the down kernel's float32 partial sums only after waiting, and it may
-    write nothing before. Checked in the code compiled for sm_90 at 7B's decoding shape in bfloat16, where the partial
-    sums are the only 32-bit values the up kernel reads."""
+    its weights and the residual early (they were written before the down kernel was let through its wait), but the
+    down kernel's partial sums only after waiting, and it may write nothing before. Checked in the code compiled for
+    sm_90 at 7B's decoding shape in bfloat16, with Triton's specialisation for aligned inputs."""
     launches = []
     monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
     monkeypatch.setattr(fused, "_dependent_launch", lambda device: True)
@@ -638,23 +667,60 @@ def test_on_hopper_the_decode_kernels_read_what_the_kernel_before_wrote_only_aft
     (down, down_args, down_options), (up, up_args, up_options) = launches
     assert down_options["launch_pdl"] and up_options["launch_pdl"]
 
-    def instructions(kernel, args, options):
-        ptx = compile_for(90, kernel, args, options).asm["ptx"]
-        return [
-            line.strip() for line in ptx.splitlines() if re.match(r"\s*(@%p\d+ )?(ld|st)\.global|\s*griddep", line)
-        ]
+    order = [
+        instruction
+        for instruction, _ in global_memory_order(compile_for(90, down, down_args, down_options).asm["ptx"], 0)
+    ]
+    assert order[:2] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"], order[:3]
+    assert not [instruction for instruction in order[2:] if instruction.startswith("griddep")]
 
-    def first(lines, pattern):
-        return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+    order = global_memory_order(compile_for(90, up, up_args, up_options).asm["ptx"], 0)  # parameter 0: partial sums
+    wait = [instruction for instruction, _ in order].index("griddepcontrol.wait")
+    early = [instruction for instruction, partial in order[:wait] if partial or instruction.startswith("st.")]
+    assert not early, early
+    assert [instruction for instruction, partial in order[wait:] if partial]  # (the dataflow finds those loads)
+    assert [instruction for instruction, _ in order[:wait]]  # the weights and the residual, read early
 
-    lines = instructions(down, down_args, down_options)
-    assert (
-        first(lines, "griddepcontrol.wait") < first(lines, "griddepcontrol.launch_dependents") < first(lines, "global")
-    )
-    lines = instructions(up, up_args, up_options)
-    wait = first(lines, "griddepcontrol.wait")
-    assert not any(re.search(r"ld\.global.*\.b32|st\.global", line) for line in lines[:wait]), lines[:wait]
-    assert any(re.search(r"ld\.global.*\.b32", line) for line in lines[wait:])
+
+@pytest.fixture
+def fresh_dependent_launch():
+    """`fused._dependent_launch` with its cache emptied before and after (it decides once per device)."""
+    fused._dependent_launch.cache_clear()
+    yield fused._dependent_launch
+    fused._dependent_launch.cache_clear()
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)])
+def test_dependent_launch_from_hopper_on(monkeypatch, fresh_dependent_launch, capability, expected):
+    """Programmatic dependent launch exists from compute capability 9.0 (Hopper) on; the sm_80 code must not hold
+    its instructions. Not under Triton's interpreter, which has none of them, nor with a Triton without them."""
+    import triton.language as tl
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    assert fresh_dependent_launch(torch.device("cuda", 0)) is expected
+    assert not fresh_dependent_launch(torch.device("cpu"))
+    fresh_dependent_launch.cache_clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not fresh_dependent_launch(torch.device("cuda", 0))
+    fresh_dependent_launch.cache_clear()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delattr(tl.extra.cuda, "gdc_wait")  # a Triton from before it
+    assert not fresh_dependent_launch(torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_call_on_a_gpu_that_is_not_the_current_one_runs_there():
+    """`device_map` puts layers on other GPUs without making theirs the current device, where Triton launches."""
+    inputs = make_inputs(*SHAPES["decode-batch"], torch.float32, ffn_dtype=torch.float32)
+    with torch.cuda.device(0):
+        inputs = [t.to("cuda:1") for t in inputs]
+        with torch.no_grad():
+            out = fused.fused_expert_adapter(*inputs)
+        assert out.device == torch.device("cuda", 1)
+        want = expert_adapter_reference(*(t.double() for t in inputs))
+        assert_close(out, want, TOLERANCE[torch.float32], "output")
+        assert_close(torch.ops.hyperllava.expert_adapter(*inputs), want, TOLERANCE[torch.float32], "op output")
 
 
 def test_is_available():

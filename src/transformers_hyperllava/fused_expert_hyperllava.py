@@ -56,6 +56,9 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast), and under autocast x too
         is cast to autocast's dtype, as the eager adapter's matmuls cast their operands.
     """
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return fused_expert_adapter(x, w_down, w_up, residual, ffn_out)
     plain = _plain_eager_call(x, w_down, w_up, residual, ffn_out)
     signature = _call_signature(x, w_down, w_up, residual, ffn_out) if plain else None
     if signature is not None and (launches := _DECODE_LAUNCHES.get(signature)):
@@ -70,6 +73,12 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         # The custom op's dispatch would only add host time, which bounds eager decoding (docs/performance.md).
         return _launch(x, w_down, w_up, residual, ffn_out, signature)
     return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
+
+
+def _elsewhere(x) -> bool:
+    """Whether x is on a CUDA device other than the current one: Triton launches on the current device, which a model
+    split over GPUs (`device_map`) does not set."""
+    return x.is_cuda and x.get_device() != torch.cuda.current_device()
 
 
 def _plain_eager_call(*tensors) -> bool:
@@ -404,6 +413,9 @@ def _forward(
     x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor, ffn_out: torch.Tensor | None
 ) -> torch.Tensor:
     """The custom op's implementation (whose inputs `fused_expert_adapter` may not have checked)."""
+    if _elsewhere(x):
+        with torch.cuda.device(x.device):
+            return _launch(x, w_down, w_up, residual, ffn_out)
     return _launch(x, w_down, w_up, residual, ffn_out)
 
 
@@ -557,11 +569,17 @@ class _DecodeLaunches:
 
 @functools.cache
 def _dependent_launch(device) -> bool:
-    """Whether the decode kernels use programmatic dependent launch (Hopper and later): each may start before the
-    kernel ahead of it has finished and waits for it inside (`gdc_wait`), so that its launch overlaps that kernel,
-    and the up kernel's reads of its weights and the residual overlap the down kernel. In a decoding step with CUDA
-    graphs the two launches are most of what the experts cost (docs/performance.md)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the decode kernels use programmatic dependent launch (Hopper and later, with a Triton that has it, not
+    its interpreter): each may start before the kernel ahead of it has finished and waits for it inside (`gdc_wait`),
+    so that its launch overlaps that kernel, and the up kernel's reads of its weights and the residual overlap the
+    down kernel. In a decoding step with CUDA graphs the two launches are most of what the experts cost
+    (docs/performance.md)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions  # (the launch option and the wait came in together)
+
+    triton_has_it = "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
+    return triton_has_it and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache
