@@ -267,8 +267,9 @@ def _decode_up_kernel(
     )
     out = _residual(residual_ptr, ffn_ptr, row * d_out + offs_n, mask_n, HAS_FFN, SUM_DTYPE)
     if DEPENDENT_LAUNCH:
-        # Started while the down kernel runs, which let it start once the kernels before had finished: what is read
-        # above was ready then; the partial sums are ready when the down kernel has finished.
+        # Started while the down kernel runs (it is launched right after it), which let it start only once the
+        # kernels before had finished: what is read above was ready then. The partial sums are ready when the down
+        # kernel has finished.
         tl.extra.cuda.gdc_wait()
     partial = partial_ptr + (row * splits + offs_s[:, None]) * (2 * r) + offs_r[None, :]
     mask = (offs_s < splits)[:, None] & mask_r[None, :]
