@@ -1058,11 +1058,15 @@ def test_a_stop_while_writing_leaves_nothing_and_is_named(tmp_path, monkeypatch,
 
     monkeypatch.setattr(convert, "save_file", stopped_save)
     out, outer = tmp_path / "out", signal.signal(signal.SIGTERM, unhandled)
+    # Ctrl-C as in a terminal: a test run started in the background by a shell without job control inherits SIGINT
+    # ignored (and no Ctrl-C reaches such a process).
+    outer_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--max-shard-size", "40KB") == code
         assert signal.getsignal(signal.SIGTERM) is unhandled  # the converter's handler is gone with it
     finally:
         signal.signal(signal.SIGTERM, outer)
+        signal.signal(signal.SIGINT, outer_interrupt)
     assert len(written) == 2 and re.search(message, capsys.readouterr().err)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
