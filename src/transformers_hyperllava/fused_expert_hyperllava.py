@@ -56,10 +56,10 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
         accumulate in float32; the weights are cast to `x.dtype` (autograd sees the cast), and under autocast x too
         is cast to autocast's dtype, as the eager adapter's matmuls cast their operands.
     """
-    if _elsewhere(x):
+    plain = _plain_eager_call(x, w_down, w_up, residual, ffn_out)
+    if plain and _elsewhere(x):  # (the custom op sees to it in its own call, which a compiled graph makes)
         with torch.cuda.device(x.device):
             return fused_expert_adapter(x, w_down, w_up, residual, ffn_out)
-    plain = _plain_eager_call(x, w_down, w_up, residual, ffn_out)
     signature = _call_signature(x, w_down, w_up, residual, ffn_out) if plain else None
     if signature is not None and (launches := _DECODE_LAUNCHES.get(signature)):
         # An eager decoding step makes the same call at every step and layer: what the first one checked and worked
