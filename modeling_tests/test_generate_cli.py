@@ -475,6 +475,28 @@ def test_a_run_that_answers_nothing_keeps_the_previous_answers(saved, capsys, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == files  # no partial file left behind
 
 
+def test_a_run_that_answers_nothing_leaves_no_folder_it_made_for_the_answers(saved, capsys, tmp_path, monkeypatch):
+    """The answers file's missing folders are made for it; a run that writes no answers file (every question failed,
+    or Ctrl-C) takes them away again, but not a folder that was there before, nor one that something else wrote to."""
+    folder, _, _, images = saved
+    write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
+    (tmp_path / "there").mkdir()
+    argv = ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
+    answers_file = tmp_path / "there" / "new" / "deeper" / "answers.jsonl"
+    code, _, err = run([*argv, "--image-folder", str(tmp_path / "typo"), "--answers-file", str(answers_file)], capsys)
+    assert code == 1 and "no question was answered" in err
+    assert list((tmp_path / "there").iterdir()) == []
+
+    def interrupted(*args, **kwargs):
+        (tmp_path / "there" / "new" / "another run's file").write_text("")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers_hyperllava.generate.generate_answers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run([*argv, "--image-folder", str(images), "--answers-file", str(answers_file)], capsys)
+    assert [p.name for p in (tmp_path / "there").rglob("*")] == ["new", "another run's file"]
+
+
 def test_batch_mode_refuses_a_question_file_that_is_not_text(saved, capsys, tmp_path, monkeypatch):
     folder, _, _, images = saved
     monkeypatch.setattr("transformers_hyperllava.generate.load_model", lambda args: pytest.fail("the model loaded"))

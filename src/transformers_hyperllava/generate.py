@@ -11,6 +11,7 @@ Many questions, in LLaVA's `model_vqa` format (a JSONL of `{"question_id", "imag
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -137,6 +138,7 @@ def answer_file(args, questions, model, processor) -> int:
         tqdm.write(f"question {question_id!r} failed: {error}", file=sys.stderr)
 
     answers_file = Path(args.answers_file)
+    made = [folder for folder in answers_file.parents if not folder.exists()]  # the deepest first
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     try:
         with (
@@ -179,6 +181,11 @@ def answer_file(args, questions, model, processor) -> int:
                 raise _NothingAnswered
     except _NothingAnswered:
         print(f"no question was answered: {answers_file} is left as it was", file=sys.stderr)
+    finally:
+        if not answers_file.exists():  # nothing written: the folders made for it go too, unless something is in them
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     if failures:
         print(f"{len(failures)} of {len(questions)} questions failed: {failures}", file=sys.stderr)
     return len(failures)
