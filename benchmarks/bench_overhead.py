@@ -182,26 +182,35 @@ def ratio_cell(values, base, unit=1e3, suffix=" ms"):
 
 class DecodeClock(LogitsProcessor):
     """Notes when each token's logits exist, after a synchronisation (which Transformers 5.17's loop makes at every
-    CUDA step anyway): the gaps are the decoding steps, and the prefill comes before the first note."""
+    CUDA step anyway): the gaps are the decoding steps, and the prefill comes before the first note. Also the calling
+    thread's CPU time at each note: an eager step is bound by it, and it leaves out the time the thread did not run
+    (another process on the host)."""
 
     def __init__(self, device):
-        self.device, self.times = device, []
+        self.device, self.times, self.cpu_times = device, [], []
 
     def __call__(self, input_ids, scores):
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.thread_time())
         return scores
 
 
-def decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs):
-    """The decoding steps of one `generate` call, in seconds each (the prefill excluded)."""
+def decode_step_times(model, batch, new_tokens, device, **generate_kwargs):
+    """The decoding steps of one `generate` call (the prefill excluded), in seconds each: by the wall clock, and in the
+    calling thread's CPU time."""
     clock = DecodeClock(device)
     with torch.no_grad():
         model.generate(
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             logits_processor=LogitsProcessorList([clock]), **generate_kwargs,
         )  # fmt: skip
-    return [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+    return [[later - earlier for earlier, later in zip(times, times[1:])] for times in (clock.times, clock.cpu_times)]
+
+
+def decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs):
+    """The decoding steps of one `generate` call, in seconds each by the wall clock (the prefill excluded)."""
+    return decode_step_times(model, batch, new_tokens, device, **generate_kwargs)[0]
 
 
 def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs):
@@ -644,15 +653,21 @@ def main(argv=None):
     for batch_size in (1, 16):
         decode = make_batch(config, settings, batch_size, settings["text_tokens"])
         name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
+        cpu = {}  # each candidate's host CPU time per token, every round's
+
+        def eager_decode(candidate, get_model, decode=decode, cpu=cpu):
+            wall, thread = decode_step_times(get_model(), decode, settings["new_tokens"], device)
+            cpu.setdefault(candidate, []).append(statistics.median(thread))
+            return statistics.median(wall)
+
         with section(report, name):
-            per_round = interleaved(
-                candidates,
-                lambda _, get_model, decode=decode: decode_seconds_per_token(
-                    get_model(), decode, settings["new_tokens"], device
-                ),
-                rounds["decode"],
-            )
+            per_round = interleaved(candidates, eager_decode, rounds["decode"])
             record(name, per_round)
+            # The wall clock of a host-bound step moves with the host's load (LLaVA's batch-1 step took 22-36 ms in
+            # one H200 run); the thread's CPU time leaves out the time it did not run. (The warm-up round dropped, as
+            # `interleaved` drops it; a candidate that failed has none.)
+            cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
+            record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
 
     name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
     with section(report, name):

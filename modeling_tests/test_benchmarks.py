@@ -147,3 +147,25 @@ def test_profiled_steps_cover_the_decoding_steps_after_the_first(monkeypatch):
     with torch.no_grad():
         model.generate(input_ids=ids, max_new_tokens=7, min_new_tokens=7, do_sample=False, logits_processor=[steps])
     assert events == ["forward"] * 2 + ["sync", "start"] + ["forward"] * 3 + ["sync", "stop"] + ["forward"] * 2
+
+
+def test_a_decoding_steps_cpu_time_leaves_out_time_the_thread_did_not_run():
+    """The eager rows' second measure is the host thread's CPU time per step: a step in which the thread waits (here
+    a sleep, standing in for another process taking the host) is longer by the wall clock only."""
+    import time
+
+    from transformers_hyperllava import HyperLlavaForConditionalGeneration
+    from transformers_hyperllava.tiny import tiny_config
+
+    model = HyperLlavaForConditionalGeneration(tiny_config()).eval()
+    calls = []
+
+    def forward_waits_once(module, args):
+        calls.append(None)
+        if len(calls) == 3:  # the second decoding step
+            time.sleep(0.2)
+
+    model.register_forward_pre_hook(forward_waits_once)
+    wall, cpu = bench_overhead.decode_step_times(model, {"input_ids": torch.tensor([[1, 5, 6, 7]])}, 5, "cpu")
+    assert len(wall) == len(cpu) == 4
+    assert wall[1] >= 0.2 and cpu[1] < 0.1
