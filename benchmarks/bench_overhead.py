@@ -234,17 +234,34 @@ class ProfiledSteps(LogitsProcessor):
             (self.profiler.start if self.calls == self.first else self.profiler.stop)()
         return scores
 
+    def close(self):
+        """Stops the profiler if it still runs (no `last`, or a call that ended early: an error)."""
+        if self.first <= self.calls and (self.last is None or self.calls < self.last):
+            synchronize(self.device)
+            self.profiler.stop()
+
+
+def profile_decoding(model, batch, new_tokens, device, activities, steps=None, **generate_kwargs):
+    """The profiler of one `generate` call from its second token's logits, over `steps` decoding steps (or to the
+    call's end)."""
+    profiler = profile(activities=activities)
+    profiled = ProfiledSteps(profiler, device, last=None if steps is None else 2 + steps)
+    try:
+        with torch.no_grad():
+            model.generate(
+                **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                logits_processor=LogitsProcessorList([profiled]), **generate_kwargs,
+            )  # fmt: skip
+    finally:
+        profiled.close()  # (left running, the profiler would slow what runs next)
+    return profiler
+
 
 def decode_busy_seconds_per_step(model, batch, new_tokens, steps=16, **generate_kwargs):
     """The GPU's busy time per decoding step of one `generate` call, from the profiler over `steps` steps after the
     first: what the experts add to a compiled step's GPU work, which the step's wall clock (a few ms, moving with the
     host by more than the 1% target) cannot resolve."""
-    profiler = profile(activities=[ProfilerActivity.CUDA])
-    with torch.no_grad():
-        model.generate(
-            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            logits_processor=LogitsProcessorList([ProfiledSteps(profiler, "cuda", last=2 + steps)]), **generate_kwargs,
-        )  # fmt: skip
+    profiler = profile_decoding(model, batch, new_tokens, "cuda", [ProfilerActivity.CUDA], steps, **generate_kwargs)
     return device_busy_us(profiler)[1] * 1e-6 / steps
 
 
@@ -727,21 +744,23 @@ def main(argv=None):
             decode = make_batch(config, settings, batch_size, settings["text_tokens"])
             first_call = {}
             name = f"decode, batch {batch_size}, static + compile, per token"
+            timed = {}
             with section(report, name):
                 measure = functools.partial(compiled_decode, decode=decode, first_call=first_call)
-                record(name, interleaved(compiled, measure, rounds["compiled decode"]))
+                timed = interleaved(compiled, measure, rounds["compiled decode"])
+                record(name, timed)
             if device == "cuda":  # (the profiler may stay attached: batch 16's rows come after batch 1's profiles)
                 name = f"decode, batch {batch_size}, static + compile, GPU busy per step"
                 with section(report, name):
                     busy = interleaved(
-                        compiled,
+                        {candidate: compiled[candidate] for candidate in compiled if timed.get(candidate)},
                         lambda _, get, decode=decode: decode_busy_seconds_per_step(
                             get(), decode, settings["new_tokens"], cache_implementation="static"
                         ),
                         rounds["compiled decode GPU busy"],
-                        warmup=0,  # (every model compiled and ran above)
+                        warmup=0,  # (every model compiled and ran above; one that failed there is left out)
                     )
-                    record(name, busy)
+                    record(name, {candidate: busy.get(candidate) for candidate in compiled})
             firsts = ", ".join(f"{labels[candidate]} {seconds:.0f} s" for candidate, seconds in first_call.items())
             report.line(f"\nFirst call (compilation{capture}): {firsts}.")
 

@@ -28,13 +28,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from transformers import LogitsProcessorList  # noqa: E402
+from torch.profiler import ProfilerActivity  # noqa: E402
 
 from bench_overhead import (  # noqa: E402
     SIZES,
     HyperVariants,
-    ProfiledSteps,
     build_models,
     compile_on_any_device,
     decode_seconds_per_token,
@@ -42,7 +40,7 @@ from bench_overhead import (  # noqa: E402
     device_busy_us,
     is_device_activity,
     make_batch,
-    synchronize,
+    profile_decoding,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
 
@@ -68,20 +66,6 @@ def forward_clock(model):
         yield seconds
     finally:
         del model.get_compiled_call
-
-
-def profile_decoding(model, batch, new_tokens, device, **generate_kwargs):
-    """The profiler of one `generate` call, from its second token's logits to its end."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    profiler = profile(activities=activities)
-    with torch.no_grad():
-        model.generate(
-            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            logits_processor=LogitsProcessorList([ProfiledSteps(profiler, device)]), **generate_kwargs,
-        )  # fmt: skip
-    synchronize(device)
-    profiler.stop()
-    return profiler
 
 
 def per_key(profiler, device):
@@ -139,6 +123,7 @@ def main(argv=None):
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
 
     profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`ProfiledSteps`)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     # Every model timed before any is profiled: a profiler can leave its instrumentation attached to the process,
     # which slows the host in what runs after it.
     timed = {}
@@ -160,8 +145,8 @@ def main(argv=None):
         steps_seconds, forward_seconds, recorded = timed[name]
         step_seconds = statistics.median(steps_seconds)
         # The second profiled call: the profiler's first one in a process runs slower (LLaVA's, which comes first).
-        profile_decoding(model, batch, args.new_tokens, device, **generate_kwargs)
-        profiler = profile_decoding(model, batch, args.new_tokens, device, **generate_kwargs)
+        profile_decoding(model, batch, args.new_tokens, device, activities, **generate_kwargs)
+        profiler = profile_decoding(model, batch, args.new_tokens, device, activities, **generate_kwargs)
         kernels_and_copies, busy_us = device_busy_us(profiler)
         results[name] = {
             "profiler": profiler,

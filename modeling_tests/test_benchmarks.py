@@ -146,7 +146,15 @@ def test_profiled_steps_cover_the_decoding_steps_after_the_first(monkeypatch):
     steps = bench_overhead.ProfiledSteps(profiler, "cpu", first=2, last=5)
     with torch.no_grad():
         model.generate(input_ids=ids, max_new_tokens=7, min_new_tokens=7, do_sample=False, logits_processor=[steps])
+    steps.close()  # (stopped already)
     assert events == ["forward"] * 2 + ["sync", "start"] + ["forward"] * 3 + ["sync", "stop"] + ["forward"] * 2
+
+    events.clear()  # a call that ends before `last` (as one that fails would): close() stops the profiler
+    steps = bench_overhead.ProfiledSteps(profiler, "cpu", first=2, last=5)
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, logits_processor=[steps])
+    steps.close()
+    assert events == ["forward"] * 2 + ["sync", "start"] + ["forward"] + ["sync", "stop"]
 
 
 def test_a_decoding_steps_cpu_time_leaves_out_time_the_thread_did_not_run():

@@ -709,6 +709,36 @@ def test_dependent_launch_from_hopper_on(monkeypatch, fresh_dependent_launch, ca
     assert not fresh_dependent_launch(torch.device("cuda", 0))
 
 
+def test_a_call_whose_tensors_are_not_on_the_current_gpu_launches_with_theirs_current(monkeypatch):
+    """Without two GPUs: stand-ins for the device check, the device switch and the launches. Both ways into the kernels
+    (the direct path outside autograd, and the custom op's own call, which compiled graphs make) launch with the
+    tensors' device current."""
+    current = []  # the devices made current, innermost last
+
+    @contextlib.contextmanager
+    def device(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    launched_on = []
+
+    def launch(x, w_down, w_up, residual, ffn_out, checked_signature=None):
+        launched_on.append(list(current))
+        return residual.clone()
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (lets CPU tensors through the op's check; nothing is launched)
+    monkeypatch.setattr(fused, "_elsewhere", lambda x: not current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(fused, "_launch", launch)
+    monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})
+    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float32)
+    with torch.no_grad():
+        fused.fused_expert_adapter(x, w_down, w_up, residual)
+    fused.fused_expert_adapter(x, w_down, w_up, residual)  # with autograd: through the custom op
+    assert launched_on == [[x.device], [x.device]] and current == []
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_a_call_on_a_gpu_that_is_not_the_current_one_runs_there():
     """`device_map` puts layers on other GPUs without making theirs the current device, where Triton launches."""

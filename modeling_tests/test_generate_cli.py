@@ -477,15 +477,22 @@ def test_a_run_that_answers_nothing_keeps_the_previous_answers(saved, capsys, tm
 
 def test_a_run_that_answers_nothing_leaves_no_folder_it_made_for_the_answers(saved, capsys, tmp_path, monkeypatch):
     """The answers file's missing folders are made for it; a run that writes no answers file (every question failed,
-    or Ctrl-C) takes them away again, but not a folder that was there before, nor one that something else wrote to."""
+    or Ctrl-C) takes them away again, but not a folder that was there before (also one a `..` in the path steps
+    into), nor one that something else wrote to."""
     folder, _, _, images = saved
     write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
-    (tmp_path / "there").mkdir()
+    (tmp_path / "there" / "empty").mkdir(parents=True)
     argv = ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
+    for answers_file in (
+        tmp_path / "there" / "new" / "deeper" / "answers.jsonl",
+        tmp_path / "there" / "new" / ".." / "empty" / "answers.jsonl",
+    ):
+        code, _, err = run(
+            [*argv, "--image-folder", str(tmp_path / "typo"), "--answers-file", str(answers_file)], capsys
+        )
+        assert code == 1 and "no question was answered" in err
+        assert [p.name for p in (tmp_path / "there").iterdir()] == ["empty"]
     answers_file = tmp_path / "there" / "new" / "deeper" / "answers.jsonl"
-    code, _, err = run([*argv, "--image-folder", str(tmp_path / "typo"), "--answers-file", str(answers_file)], capsys)
-    assert code == 1 and "no question was answered" in err
-    assert list((tmp_path / "there").iterdir()) == []
 
     def interrupted(*args, **kwargs):
         (tmp_path / "there" / "new" / "another run's file").write_text("")
@@ -494,7 +501,7 @@ def test_a_run_that_answers_nothing_leaves_no_folder_it_made_for_the_answers(sav
     monkeypatch.setattr("transformers_hyperllava.generate.generate_answers", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run([*argv, "--image-folder", str(images), "--answers-file", str(answers_file)], capsys)
-    assert [p.name for p in (tmp_path / "there").rglob("*")] == ["new", "another run's file"]
+    assert sorted(p.name for p in (tmp_path / "there").rglob("*")) == ["another run's file", "empty", "new"]
 
 
 def test_batch_mode_refuses_a_question_file_that_is_not_text(saved, capsys, tmp_path, monkeypatch):

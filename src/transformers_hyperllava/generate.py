@@ -126,6 +126,19 @@ class _NothingAnswered(Exception):
     previous answers file rather than replace it with an empty one."""
 
 
+def _make_folders(folder):
+    """Makes `folder` and the folders above it that are missing, from the top down as the path is written (through a
+    `..` too, whose folder must exist); returns those it made, the deepest first."""
+    made = []
+    for depth in range(1, len(folder.parts) + 1):
+        try:
+            Path(*folder.parts[:depth]).mkdir()
+        except FileExistsError:  # (there before, or made by another writer meanwhile: not ours to take away)
+            continue
+        made.insert(0, Path(*folder.parts[:depth]))
+    return made
+
+
 def answer_file(args, questions, model, processor) -> int:
     """Answers `questions` (from `read_questions`) into `args.answers_file`; returns the number that failed."""
     # A folder's name (`.`'s and a link's too, not where they lead), or a Hub id's last part.
@@ -138,8 +151,7 @@ def answer_file(args, questions, model, processor) -> int:
         tqdm.write(f"question {question_id!r} failed: {error}", file=sys.stderr)
 
     answers_file = Path(args.answers_file)
-    made = [folder for folder in answers_file.parents if not folder.exists()]  # the deepest first
-    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(answers_file.parent)
     try:
         with (
             replaced_when_done(answers_file) as partial,
