@@ -507,11 +507,11 @@ _DECODE_LAUNCHES = {}
 
 
 def _call_signature(x, w_down, w_up, residual, ffn_out):
-    """What a decode call's launches depend on: each tensor's shape, strides, dtype, device and address modulo 16
-    (Triton specialises a kernel on whether each pointer is 16-byte aligned), the current CUDA device (Triton loads a
-    kernel per device), and autocast's dtype where it is on (`fused_expert_adapter` casts to it). A call with the
-    signature of an earlier call's inputs that were checked and went into the kernels unchanged (`_decode_forward`)
-    would pass the checks unchanged too."""
+    """What a decode call's launches depend on: each tensor's shape, strides, dtype, device (where Triton loaded the
+    kernels: every launch runs with x's device current, see `_elsewhere`) and address modulo 16 (Triton specialises a
+    kernel on whether each pointer is 16-byte aligned), and autocast's dtype where it is on (`fused_expert_adapter`
+    casts to it). A call with the signature of an earlier call's inputs that were checked and went into the kernels
+    unchanged (`_decode_forward`) would pass the checks unchanged too."""
     ffn = (
         None
         if ffn_out is None
@@ -523,8 +523,7 @@ def _call_signature(x, w_down, w_up, residual, ffn_out):
         w_down.shape, w_down.stride(), w_down.dtype, w_down.device, w_down.data_ptr() % 16,
         w_up.shape, w_up.stride(), w_up.dtype, w_up.device, w_up.data_ptr() % 16,
         residual.shape, residual.stride(), residual.dtype, residual.device, residual.data_ptr() % 16,
-        ffn, torch.cuda.current_device() if device_type == "cuda" else None,
-        torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type),
+        ffn, torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type),
     )  # fmt: skip
 
 

@@ -131,11 +131,12 @@ def _make_folders(folder):
     `..` too, whose folder must exist); returns those it made, the deepest first."""
     made = []
     for depth in range(1, len(folder.parts) + 1):
+        part = Path(*folder.parts[:depth])
         try:
-            Path(*folder.parts[:depth]).mkdir()
+            part.mkdir()
         except FileExistsError:  # (there before, or made by another writer meanwhile: not ours to take away)
             continue
-        made.insert(0, Path(*folder.parts[:depth]))
+        made.insert(0, part)
     return made
 
 
