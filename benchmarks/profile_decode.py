@@ -4,6 +4,7 @@ that differ. `bench_overhead.py` gives the ratios; this says what makes them.
     python benchmarks/profile_decode.py --size 7b --out profile    # CUDA: kernels and host ops, traces in profile/
     python benchmarks/profile_decode.py --size tiny                 # CPU: host ops only (7B's depth, toy widths)
     python benchmarks/profile_decode.py --size 7b --eager           # eager decoding (dynamic cache), no compilation
+    python benchmarks/profile_decode.py --size 7b --eager --batch 16  # the same at batch 16
 
 By default each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a
 GPU): LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation) and
@@ -100,6 +101,7 @@ def main(argv=None):
     parser.add_argument(
         "--new-tokens", type=int, default=18, help="tokens per call (default 18: 17 steps timed, 16 profiled)"
     )
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--top", type=int, default=15, help="rows per difference table")
     parser.add_argument("--out", help="folder for the Chrome traces (one per model)")
     parser.add_argument("--eager", action="store_true", help="eager decoding (dynamic cache, nothing compiled)")
@@ -113,7 +115,9 @@ def main(argv=None):
     if compiled and device != "cuda":
         compile_on_any_device(llava, hyper)
     generate_kwargs = {"cache_implementation": "static"} if compiled else {}
-    batch = make_batch(config, settings, 1, settings["text_tokens"])
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    batch = make_batch(config, settings, args.batch, settings["text_tokens"])
     variants = HyperVariants(hyper)
     candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
     if compiled:
@@ -123,6 +127,8 @@ def main(argv=None):
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
 
     profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`ProfiledSteps`)
+    mode = "eager (dynamic cache)" if args.eager else "compiled (static cache)"
+    print(f"{args.size}, batch {args.batch}, {mode} decoding, {args.new_tokens} new tokens per call", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     # Every model timed before any is profiled: a profiler can leave its instrumentation attached to the process,
     # which slows the host in what runs after it.
