@@ -4,7 +4,7 @@ that differ. `bench_overhead.py` gives the ratios; this says what makes them.
     python benchmarks/profile_decode.py --size 7b --out profile    # CUDA: kernels and host ops, traces in profile/
     python benchmarks/profile_decode.py --size tiny                 # CPU: host ops only (7B's depth, toy widths)
     python benchmarks/profile_decode.py --size 7b --eager           # eager decoding (dynamic cache), no compilation
-    python benchmarks/profile_decode.py --size 7b --eager --batch 16  # the same at batch 16
+    python benchmarks/profile_decode.py --size 7b --eager --batch 1 16  # at batch 1, then 16 (models built once)
 
 By default each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a
 GPU): LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation) and
@@ -101,37 +101,47 @@ def main(argv=None):
     parser.add_argument(
         "--new-tokens", type=int, default=18, help="tokens per call (default 18: 17 steps timed, 16 profiled)"
     )
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[1], help="sequences decoded together; several sizes run in turn"
+    )
     parser.add_argument("--top", type=int, default=15, help="rows per difference table")
-    parser.add_argument("--out", help="folder for the Chrome traces (one per model)")
+    parser.add_argument("--out", help="folder for the Chrome traces (one per model and batch size)")
     parser.add_argument("--eager", action="store_true", help="eager decoding (dynamic cache, nothing compiled)")
     args = parser.parse_args(argv)
     settings = SIZES[args.size]
     device = settings["device"]
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--size 7b needs a CUDA GPU (use --size tiny on a CPU)")
+    if min(args.batch) < 1:
+        parser.error(f"--batch sizes must be at least 1, got {args.batch}")
     config, llava, hyper = build_models(args.size, settings)
-    compiled = not args.eager
-    if compiled and device != "cuda":
+    if not args.eager and device != "cuda":
         compile_on_any_device(llava, hyper)
-    generate_kwargs = {"cache_implementation": "static"} if compiled else {}
-    if args.batch < 1:
-        parser.error(f"--batch must be at least 1, got {args.batch}")
-    batch = make_batch(config, settings, args.batch, settings["text_tokens"])
     variants = HyperVariants(hyper)
     candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
-    if compiled:
+    if not args.eager:
         kernels = ["auto" if fused.is_available(device) else "eager"]
     else:
         kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
+    # The models are built once for every batch size (at 7B that is most of a short run's time).
+    for batch_size in args.batch:
+        profile_batch(args, candidates, make_batch(config, settings, batch_size, settings["text_tokens"]), device)
 
+
+def profile_batch(args, candidates, batch, device):
+    """Times, then profiles, every candidate's decoding of `batch`, and prints what differs from LLaVA's."""
+    compiled = not args.eager
+    generate_kwargs = {"cache_implementation": "static"} if compiled else {}
+    batch_size = len(batch["input_ids"])
+    if compiled:  # each batch size gets its own static graphs, as in bench_overhead.py
+        torch._dynamo.reset()
     profiled_steps = args.new_tokens - 2  # the decoding forwards after the first (`ProfiledSteps`)
     mode = "eager (dynamic cache)" if args.eager else "compiled (static cache)"
-    print(f"{args.size}, batch {args.batch}, {mode} decoding, {args.new_tokens} new tokens per call", flush=True)
+    print(f"\n{args.size}, batch {batch_size}, {mode} decoding, {args.new_tokens} new tokens per call", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     # Every model timed before any is profiled: a profiler can leave its instrumentation attached to the process,
-    # which slows the host in what runs after it.
+    # which slows the host in what runs after it (a second batch size is timed after the first one's profiles).
     timed = {}
     for name, get_model in candidates.items():
         model = get_model()
@@ -176,7 +186,8 @@ def main(argv=None):
         print(line, flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            profiler.export_chrome_trace(os.path.join(args.out, f"{name.replace(' ', '-')}.json.gz"))
+            trace = f"{name.replace(' ', '-')}-batch{batch_size}.json.gz"
+            profiler.export_chrome_trace(os.path.join(args.out, trace))
 
     for name in candidates:
         if name == "llava":
