@@ -103,22 +103,25 @@ def read_questions(path):
             if not isinstance(question, dict):
                 yield f"line {number}", ValueError(f"expected a JSON object, got {json.dumps(question):.80}")
                 continue
-            if not is_text(json.dumps(question, ensure_ascii=False)):
-                yield f"line {number}", ValueError("an unpaired \\ud800-\\udfff escape (half a character): not text")
-                continue
             if "question_id" not in question:
                 yield f"line {number}", ValueError("missing key 'question_id'")
                 continue
+            # Named by its id, unless the id is what cannot be printed.
+            label = question["question_id"]
+            if not is_text(json.dumps(question, ensure_ascii=False)):
+                label = label if is_text(json.dumps(label, ensure_ascii=False)) else f"line {number}"
+                yield label, ValueError("an unpaired \\ud800-\\udfff escape (half a character): not text")
+                continue
             missing = [key for key in ("image", "text") if key not in question]
             if missing:
-                yield question["question_id"], ValueError(f"missing key(s) {missing}")
+                yield label, ValueError(f"missing key(s) {missing}")
                 continue
             wrong = [
                 f"key {key!r} must be a string, got {json.dumps(question[key]):.80}"
                 for key in ("image", "text")
                 if not isinstance(question[key], str)
             ]
-            yield question["question_id"], ValueError("; ".join(wrong)) if wrong else question
+            yield label, ValueError("; ".join(wrong)) if wrong else question
 
 
 class _NothingAnswered(Exception):
