@@ -177,3 +177,18 @@ def test_a_decoding_steps_cpu_time_leaves_out_time_the_thread_did_not_run():
     wall, cpu = bench_overhead.decode_step_times(model, {"input_ids": torch.tensor([[1, 5, 6, 7]])}, 5, "cpu")
     assert len(wall) == len(cpu) == 4
     assert wall[1] >= 0.2 and cpu[1] < 0.1
+
+
+def test_only_the_beside_the_ffn_variant_switches_the_adapter_beside_the_ffn(monkeypatch):
+    """The switch is process-wide, and the variants take turns on one model: each `use` sets it, so that the variant
+    timed after the "beside" one does not run beside the FFN too."""
+    from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
+    from transformers_hyperllava.tiny import tiny_config
+
+    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", False)
+    variants = bench_overhead.HyperVariants(HyperLlavaForConditionalGeneration(tiny_config()))
+    seen = []
+    for kernel, beside_ffn in [("auto", True), ("auto", False), ("auto", True), (None, False), ("eager", False)]:
+        model = variants.use(kernel, beside_ffn=beside_ffn) if beside_ffn else variants.use(kernel)
+        seen.append((modeling_hyperllava.ADAPTER_BESIDE_FFN, model.config.expert_kernel))
+    assert seen == [(True, "auto"), (False, "auto"), (True, "auto"), (False, "auto"), (False, "eager")]

@@ -535,6 +535,87 @@ def test_the_fused_op_adds_no_other_kernel_to_the_compiled_decoding_step(monkeyp
     assert len(fused_calls) == len(config.language_expert_layer_indices)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES["decode-batch"], DECODE_SHAPES["7b-batch1"]], ids=["batch", "7b"])
+def test_the_adapter_beside_the_ffn_adds_what_the_eager_adapter_adds(shape, dtype):
+    """`residual + ffn(x) + E(x)` with E(x) forked to the side stream before the FFN and joined after it (on CUDA the
+    two run concurrently; the FFN here is long enough to outlast the adapter)."""
+    batch, length, d_in, d_out, r, weight_batch = shape
+    x, w_down, w_up, residual = make_inputs(batch, length, d_in, d_out, r, weight_batch, dtype)
+    ffn_weight = torch.randn(d_in, d_out, dtype=torch.float64).to(DEVICE, dtype) * d_in**-0.5
+
+    def ffn(inputs):
+        for _ in range(20):  # (queued after the fork: the side stream's kernels run meanwhile)
+            out = inputs @ ffn_weight
+        return out
+
+    with torch.no_grad():
+        got = fused.expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn)
+    want = expert_adapter_reference(*(t.double() for t in (x, w_down, w_up, residual)), ffn(x).double())
+    assert got.dtype == dtype
+    assert_close(got, want, TOLERANCE[dtype], "beside the FFN")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+def test_the_adapter_beside_the_ffn_is_captured_with_its_stream_in_a_cuda_graph():
+    """The fork and the join are captured as a branch of the graph, and its replay reads new inputs."""
+    *static, residual = make_inputs(4, 1, 256, 256, 16, 4, torch.bfloat16)
+    ffn_weight = torch.randn(256, 256, device=DEVICE, dtype=torch.bfloat16) / 16
+
+    def step():
+        return fused.expert_adapter_beside_ffn(*static, residual, lambda inputs: inputs @ ffn_weight)
+
+    with torch.no_grad():
+        step()  # compiles the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+    fresh = make_inputs(4, 1, 256, 256, 16, 4, torch.bfloat16, seed=5)
+    for target, source in zip([*static, residual], fresh):
+        target.copy_(source)
+    graph.replay()
+    fresh = [t.double() for t in fresh]
+    want = expert_adapter_reference(*fresh, fresh[0] @ ffn_weight.double())
+    assert_close(out, want, TOLERANCE[torch.bfloat16], "replay")
+
+
+@needs_kernels
+def test_beside_the_ffn_the_compiled_decoding_step_forks_before_the_ffn_and_joins_after_it(monkeypatch):
+    """With `ADAPTER_BESIDE_FFN`, each expert layer of the compiled decoding step forks the adapter to the side stream
+    before the FFN's three GEMMs and joins it after them, with nothing copied for it and no kernel more than LLaVA's
+    (the final add goes into the next RMSNorm's kernel, as LLaVA's residual add does), and generates eager
+    generation's tokens."""
+    if not ON_CUDA:
+        monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)
+    torch.manual_seed(0)
+    config = tiny_config()
+    llava = LlavaForConditionalGeneration(config.to_llava_config()).to(DEVICE).eval()
+    hyper = randomize_experts(HyperLlavaForConditionalGeneration.from_llava(llava))
+    generated_kernel = re.compile(r"^\s+(cpp_fused_\w+|triton_\w+\.run)\(", re.M)
+    llava_code, hyper_code = compiled_decoding_step_code(llava), compiled_decoding_step_code(hyper)
+    assert len(generated_kernel.findall(hyper_code)) == len(generated_kernel.findall(llava_code))
+    assert "hyperllava.expert_adapter.default" not in hyper_code
+    calls = re.findall(r"hyperllava\.expert_adapter_(fork|join)\.default\(|extern_kernels\.(mm)\(", hyper_code)
+    order = "".join(fork_or_join[0] if fork_or_join else "m" for fork_or_join, mm in calls)
+    layers = len(config.language_expert_layer_indices)
+    assert order.count("f") == order.count("j") == layers
+    assert re.fullmatch(r"(m|fmmmj)*", order), order  # (m: a GEMM; each fork, the FFN's 3 GEMMs, its join)
+    # The FFN reads the buffer the fork was given: nothing was copied to order them.
+    forked = re.findall(
+        r"expert_adapter_fork\.default\((buf\d+),.*\n(?:.*\n)*?.*extern_kernels\.mm\(\w+\((\w+),", hyper_code
+    )
+    assert len(forked) == layers and all(fork_input == ffn_input for fork_input, ffn_input in forked), forked
+
+    ids = torch.tensor([prompt_ids(10, 11, 12)], device=DEVICE)
+    kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False}
+    expected = hyper.generate(**kwargs)
+    with compiled_generation(hyper):
+        assert torch.equal(hyper.generate(**kwargs, cache_implementation="static"), expected)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
 def test_cuda_graph_replay():
     """No host synchronisation inside: the op can be captured once and replayed on new inputs."""

@@ -666,4 +666,72 @@ def _backward(ctx, grad_out):
 _expert_adapter.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The language expert beside the FFN, on a second stream (compiled decoding). Its adapter reads only the FFN's input
+# and is only added after the FFN, so it can run while the FFN's GEMMs do: in a CUDA graph the two branches run side
+# by side, and the final add is Inductor's to fuse into the next layer's RMSNorm (LLaVA's graph already fuses the
+# FFN's residual add there). `modeling_hyperllava.ADAPTER_BESIDE_FFN` switches it on.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn):
+    """`residual + ffn(x) + E(x)` for a compiled decoding step, E(x) computed on the device's side stream while the
+    FFN runs on the current one (the arguments as `fused_expert_adapter`'s; `ffn` a module or function of x)."""
+    if torch.is_autocast_enabled(x.device.type):  # (the fork cannot cast x as autocast would, and stay ordered)
+        return fused_expert_adapter(x, w_down, w_up, residual, ffn(x))
+    _check_inputs(x, w_down, w_up, residual)
+    adapter = torch.ops.hyperllava.expert_adapter_fork(x, w_down.to(x.dtype), w_up.to(x.dtype))
+    ffn_out = ffn(x)
+    torch.ops.hyperllava.expert_adapter_join(adapter, ffn_out)
+    return residual + ffn_out + adapter
+
+
+@functools.cache
+def _side_stream(device):
+    return torch.cuda.Stream(device)
+
+
+# Declared to write x, which it only reads: a compiled graph orders ops by their data, not as written, and would
+# otherwise move the fork after the FFN, next to the join; "written", x is read by the FFN only after the fork.
+@torch.library.custom_op("hyperllava::expert_adapter_fork", mutates_args=("x",))
+def _expert_adapter_fork(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """E(x), launched on the side stream after what the current stream has queued (on a CPU, Triton's interpreter:
+    no streams)."""
+    if not x.is_cuda:
+        return _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        adapter = _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
+    # The side stream reads these while the current stream goes on: their memory must not be handed to the current
+    # stream's later work before it has. (The adapter's own memory, freed on the current stream after the add, is
+    # reused by the side stream only after its next wait for the current stream.)
+    for tensor in (x, w_down, w_up):
+        tensor.record_stream(side)
+    return adapter
+
+
+@_expert_adapter_fork.register_fake
+def _(x, w_down, w_up):
+    return x.new_empty(_adapter_shape(x, w_up))
+
+
+def _adapter_shape(x, w_up):
+    return (*x.shape[:-1], w_up.shape[-1])
+
+
+# Declared to write the adapter (so that its readers come after) and to read the FFN's output (so that it comes after
+# the FFN).
+@torch.library.custom_op("hyperllava::expert_adapter_join", mutates_args=("adapter",))
+def _expert_adapter_join(adapter: torch.Tensor, ffn_out: torch.Tensor) -> None:
+    """The current stream waits for the side stream's work: the adapter the fork launched."""
+    if adapter.is_cuda:
+        torch.cuda.current_stream(adapter.device).wait_stream(_side_stream(adapter.device))
+
+
+@_expert_adapter_join.register_fake
+def _(adapter, ffn_out):
+    return None
+
+
 __all__ = ["fused_expert_adapter", "is_available"]

@@ -40,7 +40,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hyperllava import HyperLlavaConfig
-from .fused_expert_hyperllava import beats_eager, fused_expert_adapter
+from .fused_expert_hyperllava import beats_eager, expert_adapter_beside_ffn, fused_expert_adapter
 from .fused_expert_hyperllava import is_available as fused_kernel_available
 
 # Transformers 5.24 renamed the forward argument `past_key_values` to `cache`; we pass on whichever the installed
@@ -81,6 +81,11 @@ def split_weights(weights, in_dim, rank, out_dim):
     )
 
 
+# Whether "auto" computes the language expert's adapter beside the FFN, on a second stream, in a compiled decoding step
+# (`expert_adapter_beside_ffn`) rather than after it: off until measured on a GPU (docs/performance.md).
+ADAPTER_BESIDE_FFN = False
+
+
 def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
     """`residual [+ ffn(x)] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
 
@@ -96,6 +101,8 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
         and fused_kernel_available(x.device)
         and beats_eager(x, w_up)
     ):
+        if kernel == "auto" and ffn is not None and ADAPTER_BESIDE_FFN:
+            return expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn)
         return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
