@@ -7,14 +7,15 @@ that differ. `bench_overhead.py` gives the ratios; this says what makes them.
     python benchmarks/profile_decode.py --size 7b --eager --batch 1 16  # at batch 1, then 16 (models built once)
 
 By default each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a
-GPU): LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation) and
-HyperLLaVA with its default adapter. After a warm-up call that compiles, one call times the compiled forward calls
-(host time: a CUDA graph replays asynchronously) from the first token's logits to the end, so that only decoding
-steps count, and one is profiled from the second token's logits: its first decoding step (which records the CUDA
-graphs again when the call's new static cache gets new addresses) stays out of the per-step tables too. With --eager
-the models decode as `generate` does by default (host-bound at 7B), and HyperLLaVA runs with the eager adapter and,
-where the fused op runs, with that too ("triton"): where each one's host time goes, op by op (the profiler slows the
-host, so the step times it shows are longer than unprofiled ones).
+GPU): LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation),
+HyperLLaVA with its default adapter and, with the fused op, with the adapter beside the FFN on a second stream. After a
+warm-up call that compiles, one call times the compiled forward calls (host time: a CUDA graph replays asynchronously)
+from the first token's logits to the end, so that only decoding steps count, and one is profiled from the second
+token's logits: its first decoding step (which records the CUDA graphs again when the call's new static cache gets new
+addresses) stays out of the per-step tables too. With --eager the models decode as `generate` does by default
+(host-bound at 7B), and HyperLLaVA runs with the eager adapter and, where the fused op runs, with that too ("triton"):
+where each one's host time goes, op by op (the profiler slows the host, so the step times it shows are longer than
+unprofiled ones).
 """
 
 import argparse
@@ -124,6 +125,8 @@ def main(argv=None):
     else:
         kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
+    if kernels == ["auto"]:  # compiled with the fused op: also the adapter beside the FFN, on a second stream
+        candidates["beside"] = lambda: variants.use("auto", beside_ffn=True)
     # The models are built once for every batch size (at 7B that is most of a short run's time).
     for batch_size in args.batch:
         profile_batch(args, candidates, make_batch(config, settings, batch_size, settings["text_tokens"]), device)
