@@ -557,6 +557,25 @@ def test_the_adapter_beside_the_ffn_adds_what_the_eager_adapter_adds(shape, dtyp
     assert_close(got, want, TOLERANCE[dtype], "beside the FFN")
 
 
+@needs_kernels
+def test_with_autograd_auto_keeps_the_adapter_after_the_ffn(monkeypatch):
+    """The ops beside the FFN have no backward: in a compiled training step of short sequences (decoding shapes)
+    "auto" keeps the fused op, whose gradients are the eager adapter's."""
+    monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # (as inside a compiled graph)
+    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float32)
+    ffn_weight = torch.randn(x.shape[-1], residual.shape[-1], device=DEVICE)
+    w_down.requires_grad_()
+    modeling_hyperllava.expert_adapter(
+        x, w_down, w_up, residual, kernel="auto", ffn=lambda t: t @ ffn_weight
+    ).sum().backward()
+    reference = w_down.detach().double().requires_grad_()
+    ffn_out = (x @ ffn_weight).double()
+    expert_adapter_reference(x.double(), reference, w_up.double(), residual.double(), ffn_out).sum().backward()
+    assert_close(w_down.grad, reference.grad, TOLERANCE[torch.float32], "grad w_down")
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
 def test_the_adapter_beside_the_ffn_is_captured_with_its_stream_in_a_cuda_graph():
     """The fork and the join are captured as a branch of the graph, and its replay reads new inputs."""

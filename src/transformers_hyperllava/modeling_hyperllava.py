@@ -82,7 +82,8 @@ def split_weights(weights, in_dim, rank, out_dim):
 
 
 # Whether "auto" computes the language expert's adapter beside the FFN, on a second stream, in a compiled decoding step
-# (`expert_adapter_beside_ffn`) rather than after it: off until measured on a GPU (docs/performance.md).
+# (`expert_adapter_beside_ffn`, which has no backward) rather than after it: off until measured on a GPU
+# (docs/performance.md).
 ADAPTER_BESIDE_FFN = False
 
 
@@ -101,7 +102,7 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
         and fused_kernel_available(x.device)
         and beats_eager(x, w_up)
     ):
-        if kernel == "auto" and ffn is not None and ADAPTER_BESIDE_FFN:
+        if kernel == "auto" and ffn is not None and ADAPTER_BESIDE_FFN and not torch.is_grad_enabled():
             return expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn)
         return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
