@@ -622,11 +622,19 @@ def test_beside_the_ffn_the_compiled_decoding_step_forks_before_the_ffn_and_join
     layers = len(config.language_expert_layer_indices)
     assert order.count("f") == order.count("j") == layers
     assert re.fullmatch(r"(m|fmmmj)*", order), order  # (m: a GEMM; each fork, the FFN's 3 GEMMs, its join)
-    # The FFN reads the buffer the fork was given: nothing was copied to order them.
+    # The FFN reads the buffer the fork was given (nothing was copied to order them), and the join takes it too (its
+    # memory is kept until the current stream has waited for the side stream that reads it).
     forked = re.findall(
-        r"expert_adapter_fork\.default\((buf\d+),.*\n(?:.*\n)*?.*extern_kernels\.mm\(\w+\((\w+),", hyper_code
+        r"expert_adapter_fork\.default\((buf\d+),.*\n(?:.*\n)*?.*extern_kernels\.mm\(\w+\((\w+),"
+        r"(?:.*\n)*?.*expert_adapter_join\.default\((.*)\)\n",
+        hyper_code,
     )
-    assert len(forked) == layers and all(fork_input == ffn_input for fork_input, ffn_input in forked), forked
+    assert len(forked) == layers, forked
+    for fork_input, ffn_input, join_arguments in forked:
+        assert fork_input == ffn_input and re.search(rf"\[{fork_input}, ", join_arguments), (
+            fork_input,
+            join_arguments,
+        )
 
     ids = torch.tensor([prompt_ids(10, 11, 12)], device=DEVICE)
     kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False}

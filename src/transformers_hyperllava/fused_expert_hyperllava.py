@@ -680,9 +680,10 @@ def expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn):
     if torch.is_autocast_enabled(x.device.type):  # (the fork cannot cast x as autocast would, and stay ordered)
         return fused_expert_adapter(x, w_down, w_up, residual, ffn(x))
     _check_inputs(x, w_down, w_up, residual)
-    adapter = torch.ops.hyperllava.expert_adapter_fork(x, w_down.to(x.dtype), w_up.to(x.dtype))
+    w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
+    adapter = torch.ops.hyperllava.expert_adapter_fork(x, w_down, w_up)
     ffn_out = ffn(x)
-    torch.ops.hyperllava.expert_adapter_join(adapter, ffn_out)
+    torch.ops.hyperllava.expert_adapter_join(adapter, ffn_out, (x, w_down, w_up))
     return residual + ffn_out + adapter
 
 
@@ -702,13 +703,9 @@ def _expert_adapter_fork(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
     side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
-        adapter = _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
-    # The side stream reads these while the current stream goes on: their memory must not be handed to the current
-    # stream's later work before it has. (The adapter's own memory, freed on the current stream after the add, is
-    # reused by the side stream only after its next wait for the current stream.)
-    for tensor in (x, w_down, w_up):
-        tensor.record_stream(side)
-    return adapter
+        # (Its memory, freed on the current stream after the add, goes back to the side stream, which reuses it only
+        # after its next wait for the current stream.)
+        return _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
 
 
 @_expert_adapter_fork.register_fake
@@ -720,17 +717,18 @@ def _adapter_shape(x, w_up):
     return (*x.shape[:-1], w_up.shape[-1])
 
 
-# Declared to write the adapter (so that its readers come after) and to read the FFN's output (so that it comes after
-# the FFN).
+# Declared to write the adapter (so that its readers come after), to read the FFN's output (so that it comes after the
+# FFN) and to read the fork's inputs: their memory is then kept until the current stream has waited for the side
+# stream, which reads them until then, rather than freed after the FFN's last read and handed to its next buffer.
 @torch.library.custom_op("hyperllava::expert_adapter_join", mutates_args=("adapter",))
-def _expert_adapter_join(adapter: torch.Tensor, ffn_out: torch.Tensor) -> None:
+def _expert_adapter_join(adapter: torch.Tensor, ffn_out: torch.Tensor, forked: list[torch.Tensor]) -> None:
     """The current stream waits for the side stream's work: the adapter the fork launched."""
     if adapter.is_cuda:
         torch.cuda.current_stream(adapter.device).wait_stream(_side_stream(adapter.device))
 
 
 @_expert_adapter_join.register_fake
-def _(adapter, ffn_out):
+def _(adapter, ffn_out, forked):
     return None
 
 
