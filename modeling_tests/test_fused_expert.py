@@ -537,7 +537,11 @@ def test_the_fused_op_adds_no_other_kernel_to_the_compiled_decoding_step(monkeyp
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [SHAPES["decode-batch"], DECODE_SHAPES["7b-batch1"]], ids=["batch", "7b"])
+@pytest.mark.parametrize(
+    "shape",
+    [SHAPES["decode-batch"], DECODE_SHAPES["odd-batch3-shared"], DECODE_SHAPES["7b-batch1"]],
+    ids=["batch", "shared", "7b"],
+)
 def test_the_adapter_beside_the_ffn_adds_what_the_eager_adapter_adds(shape, dtype):
     """`residual + ffn(x) + E(x)` with E(x) forked to the side stream before the FFN and joined after it (on CUDA the
     two run concurrently; the FFN here is long enough to outlast the adapter)."""
