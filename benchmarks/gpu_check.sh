@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one check for a lent GPU (H100/H200): the fused expert kernel's tests on CUDA, then the 7B overhead benchmark.
-# Needs no network and installs nothing (the package is used from this working tree). About 9.5 minutes (run 7: 477 s,
+# Needs no network and installs nothing (the package is used from this working tree). About 9 minutes (run 7: 477 s,
 # with less in it), at most 9.8: the tests' and the benchmark's timeouts (each step has 10 s more to stop). Where a compiled decoding
 # step's time goes is `benchmarks/profile_decode.py --size 7b` (about 3 minutes), run on its own when that is the
 # question.
@@ -40,11 +40,11 @@ timeout -s INT -k 10 130 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py
 tail -n 15 "$OUT/test_fused_expert.log"
 
 # Two 7B models in bf16 (~28 GB) plus a training step's gradients. Near the end the static-cache decode compiles
-# LLaVA, the control, the default adapter and the adapter beside the FFN at batch 1, then at batch 16, each followed by
-# its GPU busy time per step (profiled); the training step's GPU busy time is profiled last. A run cut short by the
-# timeout still leaves the numbers before in bench_7b.md (345 s on an H200 in run 7; since then 4 more compiled rounds
-# per batch size and the compiled rows' GPU busy time, about 50 s more, the candidate beside the FFN, about 75 s, and 2
-# eager decoding rounds fewer, about 30 s less).
+# LLaVA, the control, the default adapter and the adapter beside the FFN at batch 1, then the first three at batch 16,
+# each followed by its GPU busy time per step (profiled); the training step's GPU busy time is profiled last. A run cut
+# short by the timeout still leaves the numbers before in bench_7b.md (345 s on an H200 in run 7; since then 4 more
+# compiled rounds per batch size and the compiled rows' GPU busy time, about 50 s more, the candidate beside the FFN,
+# about 40 s, and 2 eager decoding rounds fewer, about 30 s less).
 echo "== 7B overhead benchmark"
 timeout -s INT -k 10 450 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
     >"$OUT/bench_7b.log" 2>&1 || failed=1

@@ -7,6 +7,7 @@ runs this file again in a child process that does.
 
 import contextlib
 import functools
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from transformers import LlavaForConditionalGeneration
 
@@ -580,6 +582,31 @@ def test_with_autograd_auto_keeps_the_adapter_after_the_ffn(monkeypatch):
     assert_close(w_down.grad, reference.grad, TOLERANCE[torch.float32], "grad w_down")
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="streams need CUDA")
+def test_beside_the_ffn_the_adapter_kernels_run_on_another_stream_than_the_ffn(tmp_path):
+    x, w_down, w_up, residual = make_inputs(1, 1, 4096, 4096, 16, 1, torch.bfloat16)
+    ffn_weight = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16) / 64
+
+    def step():
+        return fused.expert_adapter_beside_ffn(x, w_down, w_up, residual, lambda inputs: inputs @ ffn_weight)
+
+    with torch.no_grad():
+        step()  # compiles the kernels
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            step()
+            torch.cuda.synchronize()
+    profiler.export_chrome_trace(str(tmp_path / "trace.json"))
+    kernels = [
+        event
+        for event in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+        if event.get("cat") == "kernel"
+    ]
+    ours = {event["args"]["stream"] for event in kernels if "_decode_" in event["name"]}
+    others = {event["args"]["stream"] for event in kernels if "_decode_" not in event["name"]}  # the matmul among them
+    assert len(ours) == 1 and others - ours, (ours, others)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
 def test_the_adapter_beside_the_ffn_is_captured_with_its_stream_in_a_cuda_graph():
     """The fork and the join are captured as a branch of the graph, and its replay reads new inputs."""
@@ -643,8 +670,11 @@ def test_beside_the_ffn_the_compiled_decoding_step_forks_before_the_ffn_and_join
     ids = torch.tensor([prompt_ids(10, 11, 12)], device=DEVICE)
     kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False}
     expected = hyper.generate(**kwargs)
+    skipped = counters["inductor"]["cudagraph_skips"]
     with compiled_generation(hyper):
         assert torch.equal(hyper.generate(**kwargs, cache_implementation="static"), expected)
+    if ON_CUDA:  # the step still runs as a CUDA graph (on a CPU, Inductor skips them all)
+        assert counters["inductor"]["cudagraph_skips"] == skipped
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")

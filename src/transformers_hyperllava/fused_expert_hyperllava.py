@@ -689,7 +689,10 @@ def expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn):
 
 @functools.cache
 def _side_stream(device):
-    return torch.cuda.Stream(device)
+    # High priority: drawn from another pool than the streams Torch makes for itself (a CUDA graph's capture stream,
+    # say), and the adapter's few blocks are scheduled ahead of the FFN's waiting ones. One per device: two threads
+    # capturing at once on one device would need one each.
+    return torch.cuda.Stream(device, priority=-1)
 
 
 # Declared to write x, which it only reads: a compiled graph orders ops by their data, not as written, and would
@@ -700,8 +703,10 @@ def _expert_adapter_fork(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
     no streams)."""
     if not x.is_cuda:
         return _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
-    side = _side_stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
+    side, current = _side_stream(x.device), torch.cuda.current_stream(x.device)
+    if side == current:
+        raise RuntimeError("expert_adapter_fork: the current stream is the side stream the adapter is forked to")
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         # (Its memory, freed on the current stream after the add, goes back to the side stream, which reuses it only
         # after its next wait for the current stream.)
@@ -723,8 +728,16 @@ def _adapter_shape(x, w_up):
 @torch.library.custom_op("hyperllava::expert_adapter_join", mutates_args=("adapter",))
 def _expert_adapter_join(adapter: torch.Tensor, ffn_out: torch.Tensor, forked: list[torch.Tensor]) -> None:
     """The current stream waits for the side stream's work: the adapter the fork launched."""
-    if adapter.is_cuda:
-        torch.cuda.current_stream(adapter.device).wait_stream(_side_stream(adapter.device))
+    if not adapter.is_cuda:
+        return
+    side, capturing = _side_stream(adapter.device), torch.cuda.is_current_stream_capturing()
+    with torch.cuda.stream(side):
+        if torch.cuda.is_current_stream_capturing() != capturing:  # (CUDA's own error would not say why)
+            raise RuntimeError(
+                "expert_adapter_join: the fork and the join of the adapter beside the FFN are in different CUDA "
+                "graph captures (a graph break or partition between them?)"
+            )
+    torch.cuda.current_stream(adapter.device).wait_stream(side)
 
 
 @_expert_adapter_join.register_fake
