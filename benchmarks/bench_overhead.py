@@ -594,7 +594,14 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default: 15 tiny, 5 7b)")
-    parser.add_argument("--skip-compile", action="store_true", help="skip the static-cache + torch.compile decode")
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument("--skip-compile", action="store_true", help="skip the static-cache + torch.compile decode")
+    rows.add_argument(
+        "--only-compiled",
+        action="store_true",
+        help="only the kernel microbenchmark and the static-cache + torch.compile decode, every candidate at batch 1 "
+        "and 16 (about 5 minutes on an H200)",
+    )
     args = parser.parse_args(argv)
     settings = dict(SIZES[args.size])
     settings["repeats"] = args.repeats or settings["repeats"]
@@ -662,54 +669,55 @@ def main(argv=None):
         f"\nMedians of interleaved rounds after a warm-up{without} ({rounds_text}); ratio = HyperLLaVA / LLaVA, the "
         "ratio of the medians; 'rounds': the quartiles of the ratios round by round.\n"
     )
-    report.table(header)
+    if not args.only_compiled:  # (else straight to the compiled decode)
+        report.table(header)
 
-    prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])
-    name = f"prefill, batch {settings['prefill_batch']} x {prefill['input_ids'].shape[1]} tokens"
-    with section(report, name):
-
-        def prefill_time(_, get_model):
-            model = get_model()
-            with torch.no_grad():
-                return wall_time(lambda: model(**prefill, logits_to_keep=1), device)
-
-        record(name, interleaved(candidates, prefill_time, rounds["prefill"]))
-
-    for batch_size in (1, 16):
-        decode = make_batch(config, settings, batch_size, settings["text_tokens"])
-        name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
-        cpu = {}  # each candidate's host CPU time per token, every round's
-
-        def eager_decode(candidate, get_model, decode=decode, cpu=cpu):
-            wall, thread = decode_step_times(get_model(), decode, settings["new_tokens"], device)
-            cpu.setdefault(candidate, []).append(statistics.median(thread))
-            return statistics.median(wall)
-
+        prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])
+        name = f"prefill, batch {settings['prefill_batch']} x {prefill['input_ids'].shape[1]} tokens"
         with section(report, name):
-            per_round = interleaved(candidates, eager_decode, rounds["decode"])
-            record(name, per_round)
-            # The wall clock of a host-bound step moves with the host's load (LLaVA's batch-1 step took 22-36 ms in
-            # one H200 run); the thread's CPU time leaves out the time it did not run. (The warm-up round dropped, as
-            # `interleaved` drops it; a candidate that failed has none.)
-            cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
-            record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
 
-    name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
-    with section(report, name):
-        train = training_batch(config, settings)
+            def prefill_time(_, get_model):
+                model = get_model()
+                with torch.no_grad():
+                    return wall_time(lambda: model(**prefill, logits_to_keep=1), device)
+
+            record(name, interleaved(candidates, prefill_time, rounds["prefill"]))
+
+        for batch_size in (1, 16):
+            decode = make_batch(config, settings, batch_size, settings["text_tokens"])
+            name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
+            cpu = {}  # each candidate's host CPU time per token, every round's
+
+            def eager_decode(candidate, get_model, decode=decode, cpu=cpu):
+                wall, thread = decode_step_times(get_model(), decode, settings["new_tokens"], device)
+                cpu.setdefault(candidate, []).append(statistics.median(thread))
+                return statistics.median(wall)
+
+            with section(report, name):
+                per_round = interleaved(candidates, eager_decode, rounds["decode"])
+                record(name, per_round)
+                # The wall clock of a host-bound step moves with the host's load (LLaVA's batch-1 step took 22-36 ms in
+                # one H200 run); the thread's CPU time leaves out the time it did not run. (The warm-up round dropped, as
+                # `interleaved` drops it; a candidate that failed has none.)
+                cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
+                record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
+
+        name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
+        with section(report, name):
+            train = training_batch(config, settings)
+            for model in (llava, hyper):
+                prepare_training(model)
+
+            record(name, interleaved(candidates, lambda _, get: train_seconds(get(), train, device), rounds["train"]))
+            if device == "cuda":
+                peaks = {candidate: train_peak_bytes(get(), train, device) for candidate, get in candidates.items()}
+                record("train peak memory (GiB), each model as if alone on the device", peaks, 2**-30, " GiB")
+            else:
+                report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
+        variants.use(kernels[0])
         for model in (llava, hyper):
-            prepare_training(model)
-
-        record(name, interleaved(candidates, lambda _, get: train_seconds(get(), train, device), rounds["train"]))
-        if device == "cuda":
-            peaks = {candidate: train_peak_bytes(get(), train, device) for candidate, get in candidates.items()}
-            record("train peak memory (GiB), each model as if alone on the device", peaks, 2**-30, " GiB")
-        else:
-            report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
-    variants.use(kernels[0])
-    for model in (llava, hyper):
-        set_checkpointing(model, False)
-        model.eval()
+            set_checkpointing(model, False)
+            model.eval()
 
     # Before the compiled decode: that one takes minutes, and a run cut short should keep these numbers.
     if "triton" not in kernels:
@@ -734,8 +742,10 @@ def main(argv=None):
         if compiled_kernel == "auto":  # and the adapter beside the FFN, on a second stream (not yet the default)
             compiled["beside"] = lambda: variants.use("auto", beside_ffn=True)
             labels["beside"] = "HyperLLaVA (auto adapter, beside the FFN)"
-        # At batch 1 only, for now: its compilation would take a lent GPU's run past its 10 minutes.
-        batch_sizes = {1: compiled, 16: {name: get for name, get in compiled.items() if name != "beside"}}
+        # At batch 16 only in a run of these rows alone: its compilation would take a lent GPU's full run past its 10
+        # minutes.
+        at_16 = {name: get for name, get in compiled.items() if name != "beside" or args.only_compiled}
+        batch_sizes = {1: compiled, 16: at_16}
 
         def compiled_decode(candidate, get_model, decode, first_call):
             call_started = time.perf_counter()
@@ -777,7 +787,7 @@ def main(argv=None):
             firsts = ", ".join(f"{labels[candidate]} {seconds:.0f} s" for candidate, seconds in first_call.items())
             report.line(f"\nFirst call (compilation{capture}): {firsts}.")
 
-    if device == "cuda":
+    if device == "cuda" and not args.only_compiled:
         # Last: the profiler can leave its instrumentation attached for the rest of the process.
         report.line("\nTraining step, GPU busy time (the union of its kernels' intervals, from the profiler):\n")
         report.table(header)

@@ -6,6 +6,9 @@
 # question.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
+#   BENCH_ARGS=--only-compiled OUT=/some/folder bash benchmarks/gpu_check.sh   # the kernel microbenchmark and the
+#       compiled decoding rows alone, every candidate at batch 1 and 16: about 7 minutes in all, which leaves a lent
+#       GPU's 15 minutes room for `profile_decode.py` after it
 #
 # Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
 # (with every measurement as it is taken).
@@ -46,7 +49,7 @@ tail -n 15 "$OUT/test_fused_expert.log"
 # compiled rounds per batch size and the compiled rows' GPU busy time, about 50 s more, the candidate beside the FFN,
 # about 40 s, and 2 eager decoding rounds fewer, about 30 s less).
 echo "== 7B overhead benchmark"
-timeout -s INT -k 10 450 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" \
+timeout -s INT -k 10 450 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" ${BENCH_ARGS:-} \
     >"$OUT/bench_7b.log" 2>&1 || failed=1
 cat "$OUT/bench_7b.md" 2>/dev/null || tail -n 40 "$OUT/bench_7b.log"
 [ "$failed" = 0 ] || { echo "== something failed or timed out: see the logs in $OUT"; tail -n 20 "$OUT/bench_7b.log"; }
