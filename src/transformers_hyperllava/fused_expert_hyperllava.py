@@ -17,6 +17,7 @@ without Triton (then `is_available()` is False and the model uses its eager path
 # imports without Triton installed.
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -701,13 +702,14 @@ def _side_stream(device):
 def _expert_adapter_fork(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """E(x), launched on the side stream after what the current stream has queued (on a CPU, Triton's interpreter:
     no streams)."""
-    if not x.is_cuda:
-        return _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
-    side, current = _side_stream(x.device), torch.cuda.current_stream(x.device)
-    if side == current:
-        raise RuntimeError("expert_adapter_fork: the current stream is the side stream the adapter is forked to")
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
+    on_side_stream = contextlib.nullcontext()
+    if x.is_cuda:
+        side, current = _side_stream(x.device), torch.cuda.current_stream(x.device)
+        if side == current:
+            raise RuntimeError("expert_adapter_fork: the current stream is the side stream the adapter is forked to")
+        side.wait_stream(current)
+        on_side_stream = torch.cuda.stream(side)
+    with on_side_stream:
         # (Its memory, freed on the current stream after the add, goes back to the side stream, which reuses it only
         # after its next wait for the current stream.)
         return _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
@@ -730,13 +732,14 @@ def _expert_adapter_join(adapter: torch.Tensor, ffn_out: torch.Tensor, forked: l
     """The current stream waits for the side stream's work: the adapter the fork launched."""
     if not adapter.is_cuda:
         return
-    side, capturing = _side_stream(adapter.device), torch.cuda.is_current_stream_capturing()
-    with torch.cuda.stream(side):
-        if torch.cuda.is_current_stream_capturing() != capturing:  # (CUDA's own error would not say why)
-            raise RuntimeError(
-                "expert_adapter_join: the fork and the join of the adapter beside the FFN are in different CUDA "
-                "graph captures (a graph break or partition between them?)"
-            )
+    side = _side_stream(adapter.device)
+    if torch.cuda.is_current_stream_capturing():  # (only then: outside a capture there is nothing to check)
+        with torch.cuda.stream(side):
+            if not torch.cuda.is_current_stream_capturing():  # (CUDA's own error would not say why)
+                raise RuntimeError(
+                    "expert_adapter_join: the fork of the adapter beside the FFN was left out of this CUDA graph "
+                    "capture (a graph break or partition between the fork and the join?)"
+                )
     torch.cuda.current_stream(adapter.device).wait_stream(side)
 
 
