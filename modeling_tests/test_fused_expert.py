@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling
 from transformers_hyperllava import fused_expert_hyperllava as fused
 from transformers_hyperllava.tiny import tiny_config
 
-pytest.importorskip("triton", reason="the fused expert kernel needs Triton (`pip install triton`)")
+triton = pytest.importorskip("triton", reason="the fused expert kernel needs Triton (`pip install triton`)")
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -53,6 +54,11 @@ def test_kernels_in_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "not interpreter"]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in result.stdout:
+        # (Triton 3.6's interpreter, torch 2.11's, turns a scalar argument into an int as NumPy 2.4 no longer allows.)
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter does not run with NumPy {numpy.__version__}: numpy<2.4"
+        )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
