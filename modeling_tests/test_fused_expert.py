@@ -5,6 +5,7 @@ before Triton is first imported: when the suite did not start that way, `test_ke
 runs this file again in a child process that does.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -12,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import numpy
 import pytest
@@ -611,6 +613,20 @@ def test_beside_the_ffn_the_adapter_kernels_run_on_another_stream_than_the_ffn(t
     ours = {event["args"]["stream"] for event in kernels if "_decode_" in event["name"]}
     others = {event["args"]["stream"] for event in kernels if "_decode_" not in event["name"]}  # the matmul among them
     assert len(ours) == 1 and others - ours, (ours, others)
+
+
+def test_each_thread_forks_the_adapter_to_a_side_stream_of_its_own(monkeypatch):
+    """A stream joins one CUDA graph capture at a time, and two threads may capture at once on one device (a server
+    with a compiled model per thread): each gets its own side stream, and keeps it from call to call."""
+    monkeypatch.setattr(fused, "_SIDE_STREAMS", threading.local())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority: object())  # (stand-ins: no CUDA needed)
+    device = torch.device("cuda", 0)
+    mine = fused._side_stream(device)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        others = pool.submit(lambda: (fused._side_stream(device), fused._side_stream(device))).result()
+    assert fused._side_stream(device) is mine
+    assert others[0] is others[1] and others[0] is not mine
+    assert fused._side_stream(torch.device("cuda", 1)) is not mine
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -688,12 +689,17 @@ def expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn):
     return residual + ffn_out + adapter
 
 
-@functools.cache
+_SIDE_STREAMS = threading.local()
+
+
 def _side_stream(device):
     # High priority: drawn from another pool than the streams Torch makes for itself (a CUDA graph's capture stream,
-    # say), and the adapter's few blocks are scheduled ahead of the FFN's waiting ones. One per device: two threads
-    # capturing at once on one device would need one each.
-    return torch.cuda.Stream(device, priority=-1)
+    # say), and the adapter's few blocks are scheduled ahead of the FFN's waiting ones. One per thread and device: a
+    # stream joins one CUDA graph capture at a time, and two threads may capture at once on one device.
+    streams = vars(_SIDE_STREAMS).setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device, priority=-1)
+    return streams[device]
 
 
 # Declared to write x, which it only reads: a compiled graph orders ops by their data, not as written, and would
