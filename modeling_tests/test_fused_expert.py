@@ -179,10 +179,12 @@ def test_without_autograd_the_kernels_launch_without_the_custom_op(shape, monkey
     called directly there, with the same result. With autograd on, or under a dispatch mode (which must see the op),
     the call goes through the op, which runs the launcher it was registered with."""
     monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # (a call like an earlier test's would not reach _launch)
-    calls = []  # each launch: whether it came straight from fused_expert_adapter (with the checked inputs' signature)
+    calls = []  # each launch: whether it came straight from fused_expert_adapter (not from the custom op's code)
     launch = fused._launch
     monkeypatch.setattr(
-        fused, "_launch", lambda *args: calls.append(len(args) == 6 and args[5] is not None) or launch(*args)
+        fused,
+        "_launch",
+        lambda *args: calls.append(sys._getframe(1).f_code.co_name == "fused_expert_adapter") or launch(*args),
     )
     inputs = make_inputs(*shape, torch.float32, ffn_dtype=torch.float32)
     with torch.no_grad():
@@ -302,20 +304,41 @@ def test_a_direct_launch_needs_the_autocast_dtype_of_the_call_that_compiled_it(c
 
 
 @needs_kernels
-def test_the_custom_op_called_directly_keeps_no_launches_for_unchecked_inputs(counted_launches):
-    """`torch.ops.hyperllava.expert_adapter` checks and casts nothing. A later `fused_expert_adapter` call with the
-    same inputs must still cast the weights to x's dtype and refuse a weight batch that is neither 1 nor x's."""
+def test_the_custom_op_keeps_launches_only_for_what_fused_expert_adapter_would_not_cast(counted_launches, monkeypatch):
+    """`torch.ops.hyperllava.expert_adapter` casts nothing, and a compiled graph's code or anyone may call it. Its
+    launches are kept only for inputs that `fused_expert_adapter` would hand over as they are: a later
+    `fused_expert_adapter` call with float32 weights and float16 x must still cast the weights to x's dtype. It checks
+    what it is given, as `fused_expert_adapter` does, once per signature."""
+    checks = []
+    monkeypatch.setattr(
+        fused, "_check_inputs", lambda *inputs, check=fused._check_inputs: checks.append(check(*inputs))
+    )
     x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float16)
-    w_down, w_up = w_down.float(), w_up.float()
     with torch.no_grad():
-        torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None)
-        out = fused.fused_expert_adapter(x, w_down, w_up, residual)
-        assert torch.equal(out, fused.fused_expert_adapter(x, w_down.half(), w_up.half(), residual))
+        torch.ops.hyperllava.expert_adapter(x, w_down.float(), w_up.float(), residual, None)
+        out = fused.fused_expert_adapter(x, w_down.float(), w_up.float(), residual)
+        assert counted_launches() == (2, 0)  # (the second with the weights cast to float16: other launches)
+        assert torch.equal(out, fused.fused_expert_adapter(x, w_down, w_up, residual))
+        assert len(checks) == 2
+        assert torch.equal(out, torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None))
+        assert counted_launches() == (2, 2) and len(checks) == 2
         x, _, _, residual = make_inputs(4, 1, 64, 48, 8, 4, torch.float32)
         _, w_down, w_up, _ = make_inputs(4, 1, 64, 48, 8, 2, torch.float32)
-        torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None)
         with pytest.raises(ValueError, match="weights' batch size 2 must be 1 or x's batch size 4"):
-            fused.fused_expert_adapter(x, w_down, w_up, residual)
+            torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None)
+
+
+@needs_kernels
+def test_a_compiled_graph_launches_the_decode_kernels_of_its_earlier_calls_directly(counted_launches):
+    """Without CUDA graphs a compiled decoding step is host time at every step, as eager decoding is: the custom op it
+    calls launches the kernels of its first call directly from then on."""
+    compiled = torch.compile(fused.fused_expert_adapter, fullgraph=True)
+    inputs = make_inputs(*SHAPES["decode-batch"], torch.bfloat16)
+    with torch.no_grad():
+        outs = [compiled(*inputs) for _ in range(3)]
+    assert counted_launches() == (1, 2)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert_close(outs[0], expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[torch.bfloat16], "out")
 
 
 @needs_kernels

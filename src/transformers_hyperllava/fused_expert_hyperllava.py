@@ -62,8 +62,7 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
     if plain and _elsewhere(x):  # (the custom op sees to it in its own call, which a compiled graph makes)
         with torch.cuda.device(x.device):
             return fused_expert_adapter(x, w_down, w_up, residual, ffn_out)
-    signature = _call_signature(x, w_down, w_up, residual, ffn_out) if plain else None
-    if signature is not None and (launches := _DECODE_LAUNCHES.get(signature)):
+    if plain and (launches := _DECODE_LAUNCHES.get(_call_signature(x, w_down, w_up, residual, ffn_out))):
         # An eager decoding step makes the same call at every step and layer: what the first one checked and worked
         # out holds for this one (see _call_signature), and its compiled kernels launch directly.
         return launches(x, w_down, w_up, residual, ffn_out)
@@ -73,7 +72,7 @@ def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
     w_down, w_up = w_down.to(x.dtype), w_up.to(x.dtype)
     if plain:
         # The custom op's dispatch would only add host time, which bounds eager decoding (docs/performance.md).
-        return _launch(x, w_down, w_up, residual, ffn_out, signature)
+        return _launch(x, w_down, w_up, residual, ffn_out)
     return torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
 
 
@@ -415,25 +414,31 @@ def _multiprocessor_count(device) -> int:
 def _forward(
     x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, residual: torch.Tensor, ffn_out: torch.Tensor | None
 ) -> torch.Tensor:
-    """The custom op's implementation (whose inputs `fused_expert_adapter` may not have checked)."""
+    """The custom op's implementation, called by `fused_expert_adapter`, by a compiled graph's code (which without CUDA
+    graphs is host time at every step, as eager decoding is) or by anyone: like `fused_expert_adapter`, it launches
+    the kernels of an earlier call with its inputs' signature directly, and checks the inputs of any other call."""
     if _elsewhere(x):
         with torch.cuda.device(x.device):
-            return _launch(x, w_down, w_up, residual, ffn_out)
+            return _forward(x, w_down, w_up, residual, ffn_out)
+    if launches := _DECODE_LAUNCHES.get(_call_signature(x, w_down, w_up, residual, ffn_out)):
+        return launches(x, w_down, w_up, residual, ffn_out)
+    _check_inputs(x, w_down, w_up, residual, ffn_out)
     return _launch(x, w_down, w_up, residual, ffn_out)
 
 
-def _launch(x, w_down, w_up, residual, ffn_out, checked_signature=None):
-    """The kernels for one call. `checked_signature`: the `_call_signature` of the inputs as `fused_expert_adapter`
-    got them, when it checked them (see `_decode_forward`)."""
+def _launch(x, w_down, w_up, residual, ffn_out):
+    """The kernels for one call, whose inputs were checked."""
     rows = _problem(x, w_up)[1]
     out = _new_output(x, residual, ffn_out)
     if out.numel() == 0 or rows == 0:
         return out.copy_(residual if ffn_out is None else residual + ffn_out)
+    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
+    decode = rows <= _DECODE_MAX_ROWS
+    keep_as = _call_signature(x, w_down, w_up, residual, ffn_out) if decode and _cast_free(x, w_down, w_up) else None
     ffn_out = None if ffn_out is None else ffn_out.contiguous()
     inputs = (x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), ffn_out)
-    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
-    if rows <= _DECODE_MAX_ROWS:
-        _decode_forward(*inputs, out, checked_signature)
+    if decode:
+        _decode_forward(*inputs, out, keep_as)
     else:
         _tiled_forward(*inputs, out)
     return out
@@ -486,7 +491,14 @@ def _ffn_arguments(residual, ffn_out):
     return ffn_out, {"HAS_FFN": True, "SUM_DTYPE": getattr(tl, str(sum_dtype).removeprefix("torch."))}
 
 
-def _decode_forward(x, w_down, w_up, residual, ffn_out, out, checked_signature=None):
+def _cast_free(x, w_down, w_up) -> bool:
+    """Whether `fused_expert_adapter` would hand these inputs to the kernels as they are: nothing to cast to x's dtype
+    or to autocast's."""
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
+    return w_down.dtype == w_up.dtype == x.dtype and autocast in (False, x.dtype)
+
+
+def _decode_forward(x, w_down, w_up, residual, ffn_out, out, keep_as=None):
     """Two launches with one short step per program, each sized to give about one program per SM:
     (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
     (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
@@ -495,10 +507,10 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out, checked_signature=N
     signature = _call_signature(x, w_down, w_up, residual, ffn_out)
     launches = _DECODE_LAUNCHES.get(signature) or _DecodeLaunches(x, w_down, w_up, residual, ffn_out)
     launches(x, w_down, w_up, residual, ffn_out, out)
-    # Kept for later calls only when these are the inputs `fused_expert_adapter` checked, reaching the kernels as they
-    # came (nothing cast or copied): then a call with the same signature needs nothing of what this one did. (The
-    # custom op, which may be called directly, checks nothing; Triton's interpreter compiles nothing.)
-    if launches.compiled and signature == checked_signature:
+    # Kept for later calls only when these are checked inputs that reached the kernels as they came (`keep_as`: their
+    # signature before `.contiguous()`, or None when `fused_expert_adapter` would have cast them): then a call with the
+    # same signature needs nothing of what this one did. (Triton's interpreter compiles nothing.)
+    if launches.compiled and signature == keep_as:
         _DECODE_LAUNCHES[signature] = launches
 
 
