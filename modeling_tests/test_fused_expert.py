@@ -193,6 +193,7 @@ def test_without_autograd_the_kernels_launch_without_the_custom_op(shape, monkey
     assert_close(out, expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[torch.float32], "output")
     op = torch.ops.hyperllava.expert_adapter.default
     for mode in (contextlib.nullcontext(), torch.no_grad()):
+        fused._DECODE_LAUNCHES.clear()  # (on CUDA the op would launch the kept kernels without reaching _launch)
         with mode, DispatchedOps() as ops:
             assert torch.equal(fused.fused_expert_adapter(*inputs), out)
         assert ops.calls[op] == 1
@@ -304,24 +305,39 @@ def test_a_direct_launch_needs_the_autocast_dtype_of_the_call_that_compiled_it(c
 
 
 @needs_kernels
-def test_the_custom_op_keeps_launches_only_for_what_fused_expert_adapter_would_not_cast(counted_launches, monkeypatch):
+@pytest.mark.parametrize("cast", ["weights", "w_up", "autocast"])
+def test_the_custom_op_keeps_launches_only_for_what_fused_expert_adapter_would_not_cast(cast, counted_launches):
     """`torch.ops.hyperllava.expert_adapter` casts nothing, and a compiled graph's code or anyone may call it. Its
-    launches are kept only for inputs that `fused_expert_adapter` would hand over as they are: a later
-    `fused_expert_adapter` call with float32 weights and float16 x must still cast the weights to x's dtype. It checks
-    what it is given, as `fused_expert_adapter` does, once per signature."""
+    launches are kept only for inputs that `fused_expert_adapter` would hand over as they are: after the op's call
+    with float32 weights (or only a float32 w_up) and float16 x, or with float16 inputs under bfloat16 autocast,
+    `fused_expert_adapter` with the same inputs must still cast them, and compute as it does with the cast inputs."""
+    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float16)
+    if cast != "autocast":
+        w_up = w_up.float()
+        w_down = w_down.float() if cast == "weights" else w_down
+    autocast = torch.autocast(DEVICE, dtype=torch.bfloat16) if cast == "autocast" else contextlib.nullcontext()
+    with torch.no_grad():
+        with autocast:
+            torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None)
+            out = fused.fused_expert_adapter(x, w_down, w_up, residual)
+        assert counted_launches() == (2, 0)  # (the second with the inputs cast: other launches)
+        dtype = torch.bfloat16 if cast == "autocast" else torch.float16
+        assert torch.equal(out, fused.fused_expert_adapter(x.to(dtype), w_down.to(dtype), w_up.to(dtype), residual))
+
+
+@needs_kernels
+def test_the_custom_op_checks_its_inputs_once_per_signature(counted_launches, monkeypatch):
+    """Anyone may call `torch.ops.hyperllava.expert_adapter`: it checks what it is given, as `fused_expert_adapter`
+    does, and a later call with the same signature launches the kept kernels without checking again."""
     checks = []
     monkeypatch.setattr(
         fused, "_check_inputs", lambda *inputs, check=fused._check_inputs: checks.append(check(*inputs))
     )
-    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float16)
+    inputs = make_inputs(*SHAPES["decode-batch"], torch.float16)
     with torch.no_grad():
-        torch.ops.hyperllava.expert_adapter(x, w_down.float(), w_up.float(), residual, None)
-        out = fused.fused_expert_adapter(x, w_down.float(), w_up.float(), residual)
-        assert counted_launches() == (2, 0)  # (the second with the weights cast to float16: other launches)
-        assert torch.equal(out, fused.fused_expert_adapter(x, w_down, w_up, residual))
-        assert len(checks) == 2
-        assert torch.equal(out, torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, None))
-        assert counted_launches() == (2, 2) and len(checks) == 2
+        outs = [torch.ops.hyperllava.expert_adapter(*inputs, None) for _ in range(2)]
+        assert counted_launches() == (1, 1) and len(checks) == 1
+        assert torch.equal(outs[1], outs[0])
         x, _, _, residual = make_inputs(4, 1, 64, 48, 8, 4, torch.float32)
         _, w_down, w_up, _ = make_inputs(4, 1, 64, 48, 8, 2, torch.float32)
         with pytest.raises(ValueError, match="weights' batch size 2 must be 1 or x's batch size 4"):
@@ -329,14 +345,16 @@ def test_the_custom_op_keeps_launches_only_for_what_fused_expert_adapter_would_n
 
 
 @needs_kernels
-def test_a_compiled_graph_launches_the_decode_kernels_of_its_earlier_calls_directly(counted_launches):
+def test_a_compiled_graph_launches_the_decode_kernels_of_its_earlier_calls_directly(counted_launches, monkeypatch):
     """Without CUDA graphs a compiled decoding step is host time at every step, as eager decoding is: the custom op it
     calls launches the kernels of its first call directly from then on."""
+    launched = []
+    monkeypatch.setattr(fused, "_launch", lambda *args, launch=fused._launch: launched.append(1) or launch(*args))
     compiled = torch.compile(fused.fused_expert_adapter, fullgraph=True)
     inputs = make_inputs(*SHAPES["decode-batch"], torch.bfloat16)
     with torch.no_grad():
         outs = [compiled(*inputs) for _ in range(3)]
-    assert counted_launches() == (1, 2)
+    assert counted_launches() == (1, 2) and len(launched) == 1  # (the later calls skip the checks and the set-up too)
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
     assert_close(outs[0], expert_adapter_reference(*(t.double() for t in inputs)), TOLERANCE[torch.bfloat16], "out")
 

@@ -417,28 +417,31 @@ def _forward(
     """The custom op's implementation, called by `fused_expert_adapter`, by a compiled graph's code (which without CUDA
     graphs is host time at every step, as eager decoding is) or by anyone: like `fused_expert_adapter`, it launches
     the kernels of an earlier call with its inputs' signature directly, and checks the inputs of any other call."""
+    return _compute(x, w_down, w_up, residual, ffn_out)
+
+
+def _compute(x, w_down, w_up, residual, ffn_out, out=None):
+    """`_forward`, into `out` when one is given."""
     if _elsewhere(x):
         with torch.cuda.device(x.device):
-            return _forward(x, w_down, w_up, residual, ffn_out)
+            return _compute(x, w_down, w_up, residual, ffn_out, out)
     if launches := _DECODE_LAUNCHES.get(_call_signature(x, w_down, w_up, residual, ffn_out)):
-        return launches(x, w_down, w_up, residual, ffn_out)
+        return launches(x, w_down, w_up, residual, ffn_out, out)
     _check_inputs(x, w_down, w_up, residual, ffn_out)
-    return _launch(x, w_down, w_up, residual, ffn_out)
+    return _launch(x, w_down, w_up, residual, ffn_out, out)
 
 
-def _launch(x, w_down, w_up, residual, ffn_out):
+def _launch(x, w_down, w_up, residual, ffn_out, out=None):
     """The kernels for one call, whose inputs were checked."""
     rows = _problem(x, w_up)[1]
-    out = _new_output(x, residual, ffn_out)
+    out = _new_output(x, residual, ffn_out) if out is None else out
     if out.numel() == 0 or rows == 0:
         return out.copy_(residual if ffn_out is None else residual + ffn_out)
-    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
-    decode = rows <= _DECODE_MAX_ROWS
-    keep_as = _call_signature(x, w_down, w_up, residual, ffn_out) if decode and _cast_free(x, w_down, w_up) else None
     ffn_out = None if ffn_out is None else ffn_out.contiguous()
     inputs = (x.contiguous(), _matrices_contiguous(w_down), _matrices_contiguous(w_up), residual.contiguous(), ffn_out)
-    if decode:
-        _decode_forward(*inputs, out, keep_as)
+    # The path depends on shapes only: no host synchronisation, so the op can be captured in a CUDA graph.
+    if rows <= _DECODE_MAX_ROWS:
+        _decode_forward(*inputs, out, keep=_cast_free(x, w_down, w_up))
     else:
         _tiled_forward(*inputs, out)
     return out
@@ -498,7 +501,7 @@ def _cast_free(x, w_down, w_up) -> bool:
     return w_down.dtype == w_up.dtype == x.dtype and autocast in (False, x.dtype)
 
 
-def _decode_forward(x, w_down, w_up, residual, ffn_out, out, keep_as=None):
+def _decode_forward(x, w_down, w_up, residual, ffn_out, out, keep=False):
     """Two launches with one short step per program, each sized to give about one program per SM:
     (1) the pre-activation x W_d of every row, split over d_in into float32 partial sums;
     (2) per row and block of output columns: sum the partials, SiLU(gate) * up, @ W_u, + residual (+ FFN output).
@@ -507,10 +510,10 @@ def _decode_forward(x, w_down, w_up, residual, ffn_out, out, keep_as=None):
     signature = _call_signature(x, w_down, w_up, residual, ffn_out)
     launches = _DECODE_LAUNCHES.get(signature) or _DecodeLaunches(x, w_down, w_up, residual, ffn_out)
     launches(x, w_down, w_up, residual, ffn_out, out)
-    # Kept for later calls only when these are checked inputs that reached the kernels as they came (`keep_as`: their
-    # signature before `.contiguous()`, or None when `fused_expert_adapter` would have cast them): then a call with the
-    # same signature needs nothing of what this one did. (Triton's interpreter compiles nothing.)
-    if launches.compiled and signature == keep_as:
+    # Kept for later calls when these are checked inputs that `fused_expert_adapter` would hand over as they are
+    # (`keep`): then a call with the same signature needs nothing of what this one did. (Triton's interpreter compiles
+    # nothing.)
+    if launches.compiled and keep:
         _DECODE_LAUNCHES[signature] = launches
 
 
@@ -524,8 +527,9 @@ def _call_signature(x, w_down, w_up, residual, ffn_out):
     """What a decode call's launches depend on: each tensor's shape, strides, dtype, device (where Triton loaded the
     kernels: every launch runs with x's device current, see `_elsewhere`) and address modulo 16 (Triton specialises a
     kernel on whether each pointer is 16-byte aligned), and autocast's dtype where it is on (`fused_expert_adapter`
-    casts to it). A call with the signature of an earlier call's inputs that were checked and went into the kernels
-    unchanged (`_decode_forward`) would pass the checks unchanged too."""
+    casts to it). Launches are kept for the signature of checked inputs that `fused_expert_adapter` would hand over
+    without a cast (`_decode_forward`), so a call with that signature would pass the checks, need no cast and reach the
+    kernels as they are."""
     ffn = (
         None
         if ffn_out is None
@@ -689,7 +693,7 @@ _expert_adapter.register_autograd(_backward, setup_context=_setup_context)
 
 
 def expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn):
-    """`residual + ffn(x) + E(x)` for a compiled decoding step, E(x) computed on the device's side stream while the
+    """`residual + ffn(x) + E(x)` for a compiled decoding step, E(x) computed on a side stream while the
     FFN runs on the current one (the arguments as `fused_expert_adapter`'s; `ffn` a module or function of x)."""
     if torch.is_autocast_enabled(x.device.type):  # (the fork cannot cast x as autocast would, and stay ordered)
         return fused_expert_adapter(x, w_down, w_up, residual, ffn(x))
@@ -707,7 +711,8 @@ _SIDE_STREAMS = threading.local()
 def _side_stream(device):
     # High priority: drawn from another pool than the streams Torch makes for itself (a CUDA graph's capture stream,
     # say), and the adapter's few blocks are scheduled ahead of the FFN's waiting ones. One per thread and device: a
-    # stream joins one CUDA graph capture at a time, and two threads may capture at once on one device.
+    # stream joins one CUDA graph capture at a time, and two threads may capture at once on one device. (Torch hands
+    # out its pool's 32 high-priority streams per device in turn: past 32 threads, two may get one stream.)
     streams = vars(_SIDE_STREAMS).setdefault("by_device", {})
     if device not in streams:
         streams[device] = torch.cuda.Stream(device, priority=-1)
@@ -727,10 +732,12 @@ def _expert_adapter_fork(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tens
             raise RuntimeError("expert_adapter_fork: the current stream is the side stream the adapter is forked to")
         side.wait_stream(current)
         on_side_stream = torch.cuda.stream(side)
+    # The adapter's memory is the current stream's, which reads it after the join and frees it: the side stream's own,
+    # it could go to another thread's fork on that stream (see _side_stream) before this thread's add has read it. The
+    # zero residual and the kernels' partial sums are the side stream's, reused in its own order.
+    adapter = x.new_empty(_adapter_shape(x, w_up))
     with on_side_stream:
-        # (Its memory, freed on the current stream after the add, goes back to the side stream, which reuses it only
-        # after its next wait for the current stream.)
-        return _forward(x, w_down, w_up, x.new_zeros(_adapter_shape(x, w_up)), None)
+        return _compute(x, w_down, w_up, x.new_zeros(adapter.shape), None, adapter)
 
 
 @_expert_adapter_fork.register_fake
