@@ -101,7 +101,7 @@ def test_the_forced_kernel_paths_read_view_weights_in_place():
 def test_the_plain_launch_column_launches_the_decode_kernels_without_dependent_launch(monkeypatch):
     """The microbenchmark's column of plain launches must time kernels compiled and launched without programmatic
     dependent launch, though the device has it and launches kept from earlier calls were made with it; afterwards the
-    op launches as before."""
+    kept launches serve again."""
     fused = bench_overhead.fused
     launches = []
 
@@ -124,10 +124,10 @@ def test_the_plain_launch_column_launches_the_decode_kernels_without_dependent_l
     monkeypatch.setattr(fused, "_decode_down_kernel", Recorded())
     monkeypatch.setattr(fused, "_decode_up_kernel", Recorded())
     with bench_overhead.plain_decode_launches():
-        fused._expert_adapter(x, w_down, w_up, residual, None)
-        fused._expert_adapter(x, w_down, w_up, residual, None)
+        fused._launch(x, w_down, w_up, residual, None)
+        fused._launch(x, w_down, w_up, residual, None)
     assert launches == [(False, False)] * 4  # (the kernels' last constexpr, the launch option)
-    fused._expert_adapter(x, w_down, w_up, residual, None)
+    fused._launch(x, w_down, w_up, residual, None)
     assert launches[4:] == ["kept"]
 
 
