@@ -453,6 +453,7 @@ def adapter_host_time(settings, report):
             "eager adapter",
             "fused op, every call through Triton's launcher",
             "fused op, direct launches",
+            "custom op (a compiled graph's call), direct launches",
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -471,6 +472,12 @@ def adapter_host_time(settings, report):
             with unittest.mock.patch.object(fused, "_DECODE_LAUNCHES", _Forgetful()):
                 cells.append(host_microseconds_per_call(adapter("triton")))
             cells.append(host_microseconds_per_call(adapter("triton")))
+            # What a compiled graph without CUDA graphs calls at every step: the op's dispatch, then the kept launches.
+            cells.append(
+                host_microseconds_per_call(
+                    lambda: torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
+                )
+            )
         report.row([name, *(f"{us:.1f}" for us in cells)])
 
 
