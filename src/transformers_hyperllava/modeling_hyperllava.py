@@ -2,7 +2,7 @@
 
 Where the paper's equations live:
 - Eqs. 2-3 (layer embedding e(n) = Enc_n(g), hypernetwork K(n) = W2 (W1 e(n) + B1) + B2 + b(n)): `HyperExpert.forward`
-- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `split_weights`, `swiglu_adapter`
+- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `split_weights`, `swiglu_bottleneck`, `expert_adapter`
 - Eq. 5 (visual expert, a shift of the projector): `HyperLlavaMultiModalProjector.forward`
 - Language expert (guidance after layer k-1, adapters beside the FFN of later layers): `HyperLlamaModel.forward`,
   `HyperLlamaDecoderLayer.forward`. The prompt the guidance pools over: `prompt_mask` (training, from the labels),
@@ -61,14 +61,15 @@ except ImportError:
         return hidden_states[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
 
 
-def swiglu_adapter(x, w_down, w_up):
-    """Eq. 4: E(x) = SwiGLU(x W_d) W_u with per-sample weights. x: (B, T, d_in), w_down: (B, d_in, 2r), w_up: (B, r, d_out).
+def swiglu_bottleneck(x, w_down):
+    """Eq. 4's SwiGLU(x W_d), the (B, T, r) bottleneck of E(x) = SwiGLU(x W_d) W_u; per-sample weights.
+    x: (B, T, d_in), w_down: (B, d_in, 2r); `expert_adapter` multiplies by W_u (B, r, d_out).
 
     bmm, not matmul: eager decoding is bound by the number of dispatched ops, and matmul's reshaping and expanding of
     batched operands makes the adapter 16 ops instead of 6.
     """
     gate, value = torch.bmm(x, w_down).chunk(2, dim=-1)
-    return torch.bmm(F.silu(gate) * value, w_up)
+    return F.silu(gate) * value
 
 
 def split_weights(weights, in_dim, rank, out_dim):
@@ -107,14 +108,19 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
         return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
+    bottleneck = swiglu_bottleneck(x, w_down)
+    if ffn is not None and not torch.is_grad_enabled() and residual.dtype == bottleneck.dtype == w_up.dtype:
+        # Without autograd (decoding), W_u's product is added into the sum h + FFN(x) that this call makes: one op
+        # and one kernel fewer per expert layer in host-bound eager decoding, and rounded once, as the fused kernel
+        # does. Not where the dtypes differ (autocast on a float32 model: baddbmm would compute the float32 residual
+        # stream in bf16), nor under autograd (below).
+        return (residual + ffn(x)).baddbmm_(bottleneck, w_up)
     # E(x) before the FFN: activation checkpointing recomputes a layer only up to the last tensor saved for backward.
     # For LLaVA's layer that is the input of the FFN's down projection, so the recomputation skips that GEMM; with the
     # expert after the FFN it would run the whole FFN again (7.3 ms of a 7B training step's 448, docs/performance.md).
-    expert = swiglu_adapter(x, w_down, w_up)
+    expert = torch.bmm(bottleneck, w_up)
     if ffn is not None:
         residual = residual + ffn(x)
-    # (Not baddbmm, which would save an op: it computes in the matmul's dtype, and under autocast that would turn the
-    # float32 residual stream to bf16.)
     return residual + expert
 
 
