@@ -14,8 +14,9 @@ setup(
         "transformers_hyperllava.conversion": "conversion",
     },
     install_requires=[
-        # A bare `torch` pulls a CUDA build on machines without one installed; any torch 2.x the user has is fine.
-        "torch>=2.4",
+        # A bare `torch` pulls a CUDA build on machines without one installed. 2.7 is the oldest the tests pass with
+        # (2.6's custom ops take no `list[torch.Tensor]`, and it does not compile Transformers 5.24's LLaVA).
+        "torch>=2.7",
         "transformers>=5.17",
         "safetensors",
         "huggingface_hub",
