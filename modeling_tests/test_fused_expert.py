@@ -905,7 +905,7 @@ def test_dependent_launch_from_hopper_on(monkeypatch, fresh_dependent_launch, ca
     its instructions. Not under Triton's interpreter, which has none of them, nor with a Triton without them."""
     import triton.language as tl
 
-    triton_has_it = hasattr(tl.extra.cuda, "gdc_wait")  # (Triton 3.4 has it, 3.2 not)
+    triton_has_it = hasattr(tl.extra.cuda, "gdc_wait")  # (Triton 3.4 has it, 3.3 and 3.2 not)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     assert fresh_dependent_launch(torch.device("cuda", 0)) is (expected and triton_has_it)

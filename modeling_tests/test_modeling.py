@@ -27,7 +27,9 @@ from transformers_hyperllava.modeling_hyperllava import (
     CACHED_WEIGHTS,
     IMAGE_OUTPUT,
     HyperExpert,
+    expert_adapter,
     split_weights,
+    swiglu_bottleneck,
 )
 from transformers_hyperllava.tiny import tiny_config
 
@@ -511,7 +513,7 @@ def test_generate_gives_the_decoding_steps_the_weights_at_a_fixed_address_with_a
     first_tokens, buffer, first_weights = generate(first_ids, images(1))
     marked = torch.zeros(1)
     torch._dynamo.mark_static_address(marked)  # as Transformers marks the static cache's keys and values
-    assert buffer._dynamo_static_input_type == marked._dynamo_static_input_type  # (torch 2.8 guards them, 2.13 not)
+    assert buffer._dynamo_static_input_type == marked._dynamo_static_input_type  # (torch 2.7-2.8 guard them, 2.13 not)
     assert buffer is not first_weights and torch.equal(buffer, first_weights)
     kept = first_weights.clone()
     assert torch.equal(first_tokens, model.generate(input_ids=first_ids, pixel_values=images(1), max_new_tokens=3))
@@ -755,7 +757,7 @@ def test_activation_checkpointing_recomputes_an_expert_layer_no_further_than_lla
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 def test_autocast_keeps_the_float32_residual_stream(grad):
     """Mixed precision (float32 weights, bf16 autocast): every decoder layer, the expert ones too, hands on a float32
-    residual stream, as LLaVA's do, in training and in inference (where the adapter takes another form)."""
+    residual stream, as LLaVA's do, in training and in inference (where the adapter's in-place form must give way)."""
     model = make_model()
     dtypes = {}
     for index, layer in enumerate(model.model.language_model.layers):
@@ -846,6 +848,25 @@ def decode_step_ops(model, ids, mask):
         with DispatchedOps() as dispatched:
             model(**step)
     return dispatched.calls.total()
+
+
+@pytest.mark.parametrize("weight_sets", [3, 1], ids=["per-sample", "shared"])
+def test_without_autograd_the_language_expert_adds_its_product_rounded_once(weight_sets):
+    """In bf16 decoding W_u's product goes into h + FFN(x) in place, rounded once, as the fused kernel rounds it: what
+    float32 arithmetic on the same bf16 operands rounds to. (Added as a sum of its own, it is rounded twice: a fifth
+    of the elements here differ.)"""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).bfloat16()
+
+    x, residual, ffn_out = rand(3, 5, 48), rand(3, 5, 48, scale=4), rand(3, 5, 48)
+    w_down, w_up = rand(weight_sets, 48, 16, scale=48**-0.5), rand(weight_sets, 8, 48)
+    with torch.no_grad():
+        out = expert_adapter(x, w_down, w_up, residual, "eager", ffn=lambda _: ffn_out)
+        bottleneck = swiglu_bottleneck(x, w_down.expand(3, -1, -1)).float()
+    expected = ((residual + ffn_out).float() + torch.matmul(bottleneck, w_up.float())).bfloat16()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])

@@ -66,7 +66,7 @@ def swiglu_bottleneck(x, w_down):
     x: (B, T, d_in), w_down: (B, d_in, 2r); `expert_adapter` multiplies by W_u (B, r, d_out).
 
     bmm, not matmul: eager decoding is bound by the number of dispatched ops, and matmul's reshaping and expanding of
-    batched operands makes the adapter 16 ops instead of 6.
+    batched operands made the adapter 16 ops instead of 6 (now 5 in decoding: `expert_adapter`).
     """
     gate, value = torch.bmm(x, w_down).chunk(2, dim=-1)
     return F.silu(gate) * value
@@ -109,12 +109,15 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
     bottleneck = swiglu_bottleneck(x, w_down)
-    if ffn is not None and not torch.is_grad_enabled() and residual.dtype == bottleneck.dtype == w_up.dtype:
+    if ffn is not None and not torch.is_grad_enabled():
         # Without autograd (decoding), W_u's product is added into the sum h + FFN(x) that this call makes: one op
         # and one kernel fewer per expert layer in host-bound eager decoding, and rounded once, as the fused kernel
-        # does. Not where the dtypes differ (autocast on a float32 model: baddbmm would compute the float32 residual
-        # stream in bf16), nor under autograd (below).
-        return (residual + ffn(x)).baddbmm_(bottleneck, w_up)
+        # does. Not where the dtypes differ (a float32 residual stream under autocast: an in-place op does not cast),
+        # nor under autograd (below).
+        total = residual + ffn(x)
+        if total.dtype == bottleneck.dtype == w_up.dtype:
+            return total.baddbmm_(bottleneck, w_up)
+        return total + torch.bmm(bottleneck, w_up)
     # E(x) before the FFN: activation checkpointing recomputes a layer only up to the last tensor saved for backward.
     # For LLaVA's layer that is the input of the FFN's down projection, so the recomputation skips that GEMM; with the
     # expert after the FFN it would run the whole FFN again (7.3 ms of a 7B training step's 448, docs/performance.md).
@@ -334,7 +337,8 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
             return hidden_states + self.mlp(normed)
         # The FFN runs inside the adapter call: the fused kernel does both additions, which saves a compiled step one
         # kernel per expert layer (Inductor cannot fuse an add into a custom op's input), and the eager adapter runs
-        # the expert before the FFN (cheaper recomputation under activation checkpointing).
+        # the expert before the FFN under autograd (cheaper recomputation under activation checkpointing) and adds its
+        # last product into the FFN's sum without (one op fewer in decoding).
         return expert_adapter(
             normed, expert_down, expert_up, residual=hidden_states, kernel=self.expert_kernel, ffn=self.mlp
         )
