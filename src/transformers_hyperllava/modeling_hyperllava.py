@@ -2,7 +2,8 @@
 
 Where the paper's equations live:
 - Eqs. 2-3 (layer embedding e(n) = Enc_n(g), hypernetwork K(n) = W2 (W1 e(n) + B1) + B2 + b(n)): `HyperExpert.forward`
-- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `split_weights`, `swiglu_bottleneck`, `expert_adapter`
+- Eq. 4 (adapter E(x) = SwiGLU(x W_d) W_u, with K(n) split into W_d and W_u): `split_weights`, `swiglu_bottleneck`,
+  `expert_adapter`
 - Eq. 5 (visual expert, a shift of the projector): `HyperLlavaMultiModalProjector.forward`
 - Language expert (guidance after layer k-1, adapters beside the FFN of later layers): `HyperLlamaModel.forward`,
   `HyperLlamaDecoderLayer.forward`. The prompt the guidance pools over: `prompt_mask` (training, from the labels),
