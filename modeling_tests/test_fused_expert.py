@@ -57,7 +57,8 @@ def test_kernels_in_triton_interpreter():
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "not interpreter"]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in result.stdout:
-        # (Triton 3.6's interpreter, torch 2.11's, turns a scalar argument into an int as NumPy 2.4 no longer allows.)
+        # (Triton's interpreter turns a scalar argument into an int as NumPy 2.4 no longer allows: seen with 3.2-3.4
+        # and 3.6, torch 2.6-2.8's and 2.11's, the GPU machine's; 3.9's runs. With NumPy 2.3 they pass: 3.3, 3.6.)
         pytest.skip(
             f"Triton {triton.__version__}'s interpreter does not run with NumPy {numpy.__version__}: numpy<2.4"
         )
