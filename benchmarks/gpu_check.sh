@@ -43,11 +43,11 @@ timeout -s INT -k 10 130 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py
 tail -n 15 "$OUT/test_fused_expert.log"
 
 # Two 7B models in bf16 (~28 GB) plus a training step's gradients. Near the end the static-cache decode compiles
-# LLaVA, the control, the default adapter and the adapter beside the FFN at batch 1, then the first three at batch 16,
-# each followed by its GPU busy time per step (profiled); the training step's GPU busy time is profiled last. A run cut
-# short by the timeout still leaves the numbers before in bench_7b.md (345 s on an H200 in run 7; since then 4 more
-# compiled rounds per batch size and the compiled rows' GPU busy time, about 50 s more, the candidate beside the FFN,
-# about 40 s, and 2 eager decoding rounds fewer, about 30 s less).
+# LLaVA, the control, the default adapter (beside the FFN) and the adapter after the FFN at batch 1, then the first
+# three at batch 16, each followed by its GPU busy time per step (profiled); the training step's GPU busy time is
+# profiled last. A run cut short by the timeout still leaves the numbers before in bench_7b.md (345 s on an H200 in
+# run 7; since then 4 more compiled rounds per batch size and the compiled rows' GPU busy time, about 50 s more, a
+# fourth compiled candidate, about 40 s, and 2 eager decoding rounds fewer, about 30 s less).
 echo "== 7B overhead benchmark"
 timeout -s INT -k 10 450 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" ${BENCH_ARGS:-} \
     >"$OUT/bench_7b.log" 2>&1 || failed=1

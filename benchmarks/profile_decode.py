@@ -8,7 +8,7 @@ that differ. `bench_overhead.py` gives the ratios; this says what makes them.
 
 By default each model decodes with a static cache and `torch.compile` (what `generate` compiles, with CUDA graphs on a
 GPU): LLaVA, HyperLLaVA with its experts detached (the control: HyperLLaVA's code doing LLaVA's computation),
-HyperLLaVA with its default adapter and, with the fused op, with the adapter beside the FFN on a second stream. After a
+HyperLLaVA with its default adapter and, with the fused op (beside the FFN, on a second stream), after the FFN. After a
 warm-up call that compiles, one call times the compiled forward calls (host time: a CUDA graph replays asynchronously)
 from the first token's logits to the end, so that only decoding steps count, and one is profiled from the second
 token's logits: its first decoding step (which records the CUDA graphs again when the call's new static cache gets new
@@ -24,6 +24,7 @@ import os
 import re
 import statistics
 import time
+import unittest.mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,6 +46,7 @@ from bench_overhead import (  # noqa: E402
     profile_decoding,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
+from transformers_hyperllava import modeling_hyperllava  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -68,6 +70,47 @@ def forward_clock(model):
         yield seconds
     finally:
         del model.get_compiled_call
+
+
+@contextlib.contextmanager
+def adapter_clock():
+    """Eager decoding only: yields a dict that collects, in the meantime, the host seconds of each adapter call less
+    those of the FFN it runs ("seconds": the language expert's layers run their FFN inside `expert_adapter`, the
+    visual expert's projector calls it without one; no synchronisation, host time being what a host-bound step is made
+    of), and the decode launches that went through Triton's launcher ("through triton": those of a call signature with
+    no launches kept yet). Run 9's H200 timed the fused op's direct launches at 56.5 us a call alone, the eager
+    adapter's five ops at 86.0, yet eager decoding with the fused op took 44.5 ms a step against 30.8 (one call each):
+    this says whether the step's adapter calls take what they take alone."""
+    clock, adapter, launches = (
+        {"seconds": [], "through triton": 0},
+        modeling_hyperllava.expert_adapter,
+        fused._DecodeLaunches,
+    )
+
+    def timed_adapter(*args, ffn=None, **kwargs):
+        ffn_seconds = []
+
+        def timed_ffn(x):
+            started = time.perf_counter()
+            output = ffn(x)
+            ffn_seconds.append(time.perf_counter() - started)
+            return output
+
+        started = time.perf_counter()
+        output = adapter(*args, ffn=None if ffn is None else timed_ffn, **kwargs)
+        clock["seconds"].append(time.perf_counter() - started - sum(ffn_seconds))
+        return output
+
+    class CountedLaunches(launches):
+        def __init__(self, *args):
+            clock["through triton"] += 1
+            super().__init__(*args)
+
+    with (
+        unittest.mock.patch.object(modeling_hyperllava, "expert_adapter", timed_adapter),
+        unittest.mock.patch.object(fused, "_DecodeLaunches", CountedLaunches),
+    ):
+        yield clock
 
 
 def per_key(profiler, device):
@@ -125,8 +168,8 @@ def main(argv=None):
     else:
         kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
-    if kernels == ["auto"]:  # compiled with the fused op: also the adapter beside the FFN, on a second stream
-        candidates["beside"] = lambda: variants.use("auto", beside_ffn=True)
+    if kernels == ["auto"]:  # compiled with the fused op, beside the FFN on a second stream: also after the FFN
+        candidates["after"] = lambda: variants.use("auto", beside_ffn=False)
     # The models are built once for every batch size (at 7B that is most of a short run's time).
     for batch_size in args.batch:
         profile_batch(args, candidates, make_batch(config, settings, batch_size, settings["text_tokens"]), device)
@@ -153,15 +196,19 @@ def profile_batch(args, candidates, batch, device):
         # Compiles (and captures the CUDA graphs) outside the profile; eager, a warm-up.
         decode_seconds_per_token(model, batch, args.new_tokens, device, **generate_kwargs)
         recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
-        with forward_clock(model) as forward_seconds:
+        # (Compiled, the clocks would go into the graph: there the forward call as a whole is timed instead.)
+        with (
+            forward_clock(model) as forward_seconds,
+            adapter_clock() if args.eager else contextlib.nullcontext() as adapters,
+        ):
             steps_seconds = decode_step_seconds(model, batch, args.new_tokens, device, **generate_kwargs)
         recorded.append(counters["inductor"]["cudagraph_recorded_non_static_inputs"])
-        timed[name] = steps_seconds, forward_seconds, recorded
+        timed[name] = steps_seconds, forward_seconds, recorded, adapters
 
     results = {}
     for name, get_model in candidates.items():
         model = get_model()
-        steps_seconds, forward_seconds, recorded = timed[name]
+        steps_seconds, forward_seconds, recorded, adapters = timed[name]
         step_seconds = statistics.median(steps_seconds)
         # The second profiled call: the profiler's first one in a process runs slower (LLaVA's, which comes first).
         profile_decoding(model, batch, args.new_tokens, device, activities, **generate_kwargs)
@@ -186,6 +233,13 @@ def profile_batch(args, candidates, batch, device):
         # mean over the call spreads over every token (the H200 runs before the median).
         first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
         line += f"; steps: first {first * 1e3:.3f} ms, mean {mean * 1e3:.3f} ms, slowest {slowest * 1e3:.3f} ms"
+        if adapters and adapters["seconds"]:  # (the prefill's calls among them: a few against the steps' many)
+            seconds = adapters["seconds"]
+            line += (
+                f"; adapter calls {len(seconds)}, host time per call without the FFN: median {statistics.median(seconds) * 1e6:.1f} "
+                f"us, total {sum(seconds) * 1e3:.3f} ms; decode launches through Triton's launcher: "
+                f"{adapters['through triton']}"
+            )
         print(line, flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)

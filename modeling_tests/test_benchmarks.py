@@ -2,6 +2,7 @@
 
 import statistics
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,13 +36,15 @@ def test_interleaved_takes_turns_and_leaves_a_failing_candidate_out(capsys):
     ]  # fmt: skip
 
 
-def test_a_cell_gives_the_ratio_of_medians_and_the_quartiles_of_the_ratios_round_by_round():
+def test_a_cell_gives_the_ratio_of_medians_the_quartiles_of_the_ratios_round_by_round_and_of_the_fastest_rounds():
     """A host whose load drifts over a run moves every candidate of a round alike: the round-by-round ratios show how
-    far that moved the ratio of the medians."""
-    llava = [1.0, 2.0, 1.0, 4.0, 1.0]  # median 1.0
-    hyper = [1.1, 2.0, 1.2, 4.4, 0.9]  # median 1.2; round by round 1.1, 1.0, 1.2, 1.1, 0.9
+    far that moved the ratio of the medians; the fastest rounds are those it disturbed least."""
+    llava = [1.0, 2.0, 1.0, 4.0, 1.0]  # median 1.0, fastest 1.0
+    hyper = [1.1, 2.0, 1.2, 4.4, 0.9]  # median 1.2, fastest 0.9; round by round 1.1, 1.0, 1.2, 1.1, 0.9
     low, _, high = statistics.quantiles([1.1, 1.0, 1.2, 1.1, 0.9], n=4)
-    assert bench_overhead.ratio_cell(hyper, llava) == f"1200.000 ms (1.200x; rounds {low:.3f}-{high:.3f}x)"
+    assert bench_overhead.ratio_cell(hyper, llava) == (
+        f"1200.000 ms (1.200x; rounds {low:.3f}-{high:.3f}x; fastest 0.900x)"
+    )
     assert (low, high) == (0.95, 1.15)
     assert bench_overhead.ratio_cell(hyper[:3], llava[:3], unit=1, suffix=" GiB") == "1.200 GiB (1.200x)"
 
@@ -179,16 +182,42 @@ def test_a_decoding_steps_cpu_time_leaves_out_time_the_thread_did_not_run():
     assert wall[1] >= 0.2 and cpu[1] < 0.1
 
 
-def test_only_the_beside_the_ffn_variant_switches_the_adapter_beside_the_ffn(monkeypatch):
+def test_only_the_after_the_ffn_variant_switches_the_adapter_beside_the_ffn_off(monkeypatch):
     """The switch is process-wide, and the variants take turns on one model: each `use` sets it, so that the variant
-    timed after the "beside" one does not run beside the FFN too."""
+    timed after the "after" one runs beside the FFN again, as by default."""
     from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
     from transformers_hyperllava.tiny import tiny_config
 
-    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", False)
+    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)
     variants = bench_overhead.HyperVariants(HyperLlavaForConditionalGeneration(tiny_config()))
     seen = []
-    for kernel, beside_ffn in [("auto", True), ("auto", False), ("auto", True), (None, False), ("eager", False)]:
-        model = variants.use(kernel, beside_ffn=beside_ffn) if beside_ffn else variants.use(kernel)
+    for kernel, beside_ffn in [("auto", False), ("auto", True), ("auto", False), (None, True), ("eager", True)]:
+        model = variants.use(kernel) if beside_ffn else variants.use(kernel, beside_ffn=False)
         seen.append((modeling_hyperllava.ADAPTER_BESIDE_FFN, model.config.expert_kernel))
-    assert seen == [(True, "auto"), (False, "auto"), (True, "auto"), (False, "auto"), (False, "eager")]
+    assert seen == [(False, "auto"), (True, "auto"), (False, "auto"), (True, "auto"), (True, "eager")]
+
+
+def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_launches_through_triton(monkeypatch):
+    """`profile_decode.py --eager` compares the host time of a step's adapter calls with what they take alone: one
+    value per call of a language-expert layer, the FFN that the call runs left out; and it counts the decode launches
+    that go through Triton's launcher (a new `_DecodeLaunches`)."""
+    import profile_decode
+
+    from transformers_hyperllava import HyperLlavaForConditionalGeneration
+    from transformers_hyperllava import fused_expert_hyperllava as fused
+    from transformers_hyperllava.tiny import tiny_config
+
+    model = HyperLlavaForConditionalGeneration(tiny_config()).eval()  # (text only: no visual expert call)
+    expert_layers = model.config.language_expert_layer_indices
+    for index in expert_layers:  # a slow FFN: 5 ms a call, far more than the tiny adapter takes
+        mlp = model.model.language_model.layers[index].mlp
+        monkeypatch.setattr(mlp, "forward", lambda x, forward=mlp.forward: (time.sleep(0.005), forward(x))[1])
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with profile_decode.adapter_clock() as clock, torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        x, residual = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+        fused._DecodeLaunches(x, torch.randn(1, 32, 8), torch.randn(1, 4, 32), residual, None)
+    assert len(clock["seconds"]) == 4 * len(expert_layers)  # the prefill and 3 decoding steps
+    assert max(clock["seconds"]) < 0.005
+    assert clock["through triton"] == 1
+    assert fused._DecodeLaunches.__name__ == "_DecodeLaunches"  # (put back)

@@ -533,11 +533,14 @@ def test_eager_generation_launches_every_decoding_steps_kernels_directly(counted
 
 
 @needs_kernels
-def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
-    """`expert_kernel="auto"` (the default) puts the fused op in the graph `generate` compiles for the decoding steps
-    and keeps the eager adapter outside it (the prefill), with the tokens of eager generation."""
+@pytest.mark.parametrize("beside_ffn", [True, False], ids=["beside-ffn", "after-ffn"])
+def test_auto_uses_the_fused_kernels_for_the_compiled_decoding_step(beside_ffn, monkeypatch):
+    """`expert_kernel="auto"` (the default) puts the fused kernels in the graph `generate` compiles for the decoding
+    steps, forked beside the FFN (`ADAPTER_BESIDE_FFN`, the default) or as the fused op after it, and keeps the eager
+    adapter outside it (the prefill), with the tokens of eager generation."""
     if not ON_CUDA:  # the interpreter runs the kernels on CPU tensors; "auto" otherwise picks them on CUDA only
         monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", beside_ffn)
     model = make_model().to(DEVICE)
     assert model.config.expert_kernel == "auto"
     ids = torch.tensor([prompt_ids("img", 10, 11, 12), prompt_ids(13, "img", 14, 15)], device=DEVICE)
@@ -549,7 +552,8 @@ def test_auto_uses_the_fused_op_for_the_compiled_decoding_step(monkeypatch):
         compiled = model.generate(**kwargs, cache_implementation="static")
     assert len(graphs) == 1
     nodes = graphs[0].graph.nodes
-    fused_calls = [node for node in nodes if node.target in (FUSED_FORWARD, FUSED_FORWARD.default)]  # as called
+    op = torch.ops.hyperllava.expert_adapter_fork if beside_ffn else FUSED_FORWARD
+    fused_calls = [node for node in nodes if node.target in (op, op.default)]  # as called
     assert len(fused_calls) == len(model.config.language_expert_layer_indices)
     assert not [node for node in nodes if node.target is torch.bmm]  # no eager adapter left in the graph
     assert torch.equal(compiled, expected)
@@ -572,9 +576,11 @@ def compiled_decoding_step_code(model):
 def test_the_fused_op_adds_no_other_kernel_to_the_compiled_decoding_step(monkeypatch):
     """Inductor's code for a decoding step launches the same generated kernels as LLaVA's, plus one fused op per expert
     layer: each layer's residual add goes into the fused op rather than into a kernel of its own (LLaVA's graph fuses
-    that add into the next layer's RMSNorm; a custom op's input cannot be fused)."""
+    that add into the next layer's RMSNorm; a custom op's input cannot be fused). (The form after the FFN: with
+    autocast, say.)"""
     if not ON_CUDA:
         monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", False)
     torch.manual_seed(0)
     config = tiny_config()
     llava = LlavaForConditionalGeneration(config.to_llava_config()).to(DEVICE).eval()
@@ -697,7 +703,7 @@ def test_the_adapter_beside_the_ffn_is_captured_with_its_stream_in_a_cuda_graph(
 
 @needs_kernels
 def test_beside_the_ffn_the_compiled_decoding_step_forks_before_the_ffn_and_joins_after_it(monkeypatch):
-    """With `ADAPTER_BESIDE_FFN`, each expert layer of the compiled decoding step forks the adapter to the side stream
+    """With `ADAPTER_BESIDE_FFN` (the default), each expert layer of the compiled decoding step forks the adapter to the side stream
     before the FFN's three GEMMs and joins it after them, with nothing copied for it and no kernel more than LLaVA's
     (the final add goes into the next RMSNorm's kernel, as LLaVA's residual add does), and generates eager
     generation's tokens."""
