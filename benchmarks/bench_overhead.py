@@ -457,6 +457,7 @@ def adapter_host_time(settings, report):
             "fused op, every call through Triton's launcher",
             "fused op, direct launches",
             "custom op (a compiled graph's call), direct launches",
+            "fork and join beside the FFN (a compiled graph's calls), with LLaVA's add",
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -466,6 +467,14 @@ def adapter_host_time(settings, report):
 
         def adapter(kernel):
             return lambda: expert_adapter(x, w_down, w_up, residual, kernel, ffn=lambda _: ffn_out)
+
+        def beside_the_ffn():
+            # What a compiled graph without CUDA graphs (`torch.compile`'s default mode) calls for the adapter beside the
+            # FFN, the default there: the two ops around the FFN, then the sum, into whose kernel Inductor fuses the
+            # adapter's output (with the next RMSNorm), as it does LLaVA's add.
+            adapter = torch.ops.hyperllava.expert_adapter_fork(x, w_down, w_up)
+            torch.ops.hyperllava.expert_adapter_join(adapter, ffn_out, [x, w_down, w_up])
+            return residual + ffn_out
 
         with torch.no_grad():
             cells = [
@@ -481,6 +490,7 @@ def adapter_host_time(settings, report):
                     lambda: torch.ops.hyperllava.expert_adapter(x, w_down, w_up, residual, ffn_out)
                 )
             )
+            cells.append(host_microseconds_per_call(beside_the_ffn))
         report.row([name, *(f"{us:.1f}" for us in cells)])
 
 
