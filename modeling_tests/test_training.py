@@ -297,6 +297,17 @@ def test_lora_counts_its_trained_copies_in_their_own_groups(setup):
     assert counts == expected
 
 
+def test_parameter_counts_count_each_expert_once_under_lora(setup):
+    """Under LoRA the experts train as PEFT's `modules_to_save`, a trained copy beside each frozen original: the experts'
+    counts stay those of the model without LoRA."""
+    pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    expected = {name: count for name, count in model.parameter_counts().items() if "expert" in name}
+    assert expected["language_expert"] > 0 and expected["visual_expert"] > 0
+    wrapped = add_lora(model, "instruct", r=4, alpha=8, dropout=0.0).base_model.model
+    assert {name: count for name, count in wrapped.parameter_counts().items() if "expert" in name} == expected
+
+
 def test_lora_trains_adapters_and_merges_on_save(setup, tmp_path):
     pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
     from transformers_hyperllava.training import save_stage

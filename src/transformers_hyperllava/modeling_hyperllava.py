@@ -779,13 +779,21 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         return model.train(llava.training)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameter counts the paper never gave: total, trainable, and the experts' share."""
+        """Parameter counts the paper never gave: total (every parameter held, under PEFT its adapters and copies too),
+        trainable, and the experts' share (each expert counted once, as it runs)."""
         projector = self.model.multi_modal_projector
         visual = [e for e in (projector.visual_expert_first, projector.visual_expert_second) if e is not None]
         language = [self.model.language_model.language_expert] if self.model.language_model.language_expert else []
 
         def count(modules):
-            return sum(p.numel() for m in modules for p in m.parameters())
+            # An expert in PEFT's `modules_to_save` is a wrapper that holds its frozen original beside the trained copy
+            # that runs: only the copy counts.
+            return sum(
+                p.numel()
+                for m in modules
+                for name, p in m.named_parameters()
+                if not name.startswith("original_module.")
+            )
 
         counts = {
             "total": self.num_parameters(),
