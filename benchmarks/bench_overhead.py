@@ -469,9 +469,9 @@ def adapter_host_time(settings, report):
             return lambda: expert_adapter(x, w_down, w_up, residual, kernel, ffn=lambda _: ffn_out)
 
         def beside_the_ffn():
-            # What a compiled graph without CUDA graphs (`torch.compile`'s default mode) calls for the adapter beside the
-            # FFN, the default there: the two ops around the FFN, then the sum, into whose kernel Inductor fuses the
-            # adapter's output (with the next RMSNorm), as it does LLaVA's add.
+            # What a compiled graph without CUDA graphs (`torch.compile`'s default mode) calls for the adapter beside
+            # the FFN, the default there: the two ops around the FFN, then the sum, into whose kernel Inductor fuses
+            # the adapter's output (with the next RMSNorm), as it does LLaVA's add.
             adapter = torch.ops.hyperllava.expert_adapter_fork(x, w_down, w_up)
             torch.ops.hyperllava.expert_adapter_join(adapter, ffn_out, [x, w_down, w_up])
             return residual + ffn_out

@@ -234,10 +234,10 @@ def profile_batch(args, candidates, batch, device):
         first, mean, slowest = steps_seconds[0], statistics.mean(steps_seconds), max(steps_seconds)
         line += f"; steps: first {first * 1e3:.3f} ms, mean {mean * 1e3:.3f} ms, slowest {slowest * 1e3:.3f} ms"
         if adapters and adapters["seconds"]:  # (the prefill's calls among them: a few against the steps' many)
-            seconds = adapters["seconds"]
+            seconds, median_us = adapters["seconds"], statistics.median(adapters["seconds"]) * 1e6
             line += (
-                f"; adapter calls {len(seconds)}, host time per call without the FFN: median {statistics.median(seconds) * 1e6:.1f} "
-                f"us, total {sum(seconds) * 1e3:.3f} ms; decode launches through Triton's launcher: "
+                f"; adapter calls {len(seconds)}, host time per call without the FFN: median {median_us:.1f} us, "
+                f"total {sum(seconds) * 1e3:.3f} ms; decode launches through Triton's launcher: "
                 f"{adapters['through triton']}"
             )
         print(line, flush=True)

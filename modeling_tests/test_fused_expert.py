@@ -703,10 +703,10 @@ def test_the_adapter_beside_the_ffn_is_captured_with_its_stream_in_a_cuda_graph(
 
 @needs_kernels
 def test_beside_the_ffn_the_compiled_decoding_step_forks_before_the_ffn_and_joins_after_it(monkeypatch):
-    """With `ADAPTER_BESIDE_FFN` (the default), each expert layer of the compiled decoding step forks the adapter to the side stream
-    before the FFN's three GEMMs and joins it after them, with nothing copied for it and no kernel more than LLaVA's
-    (the final add goes into the next RMSNorm's kernel, as LLaVA's residual add does), and generates eager
-    generation's tokens."""
+    """With `ADAPTER_BESIDE_FFN` (the default), each expert layer of the compiled decoding step forks the adapter to
+    the side stream before the FFN's three GEMMs and joins it after them, with nothing copied for it and no kernel more
+    than LLaVA's (the final add goes into the next RMSNorm's kernel, as LLaVA's residual add does), and generates
+    eager generation's tokens."""
     if not ON_CUDA:
         monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
     monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)

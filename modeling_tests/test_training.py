@@ -298,8 +298,8 @@ def test_lora_counts_its_trained_copies_in_their_own_groups(setup):
 
 
 def test_parameter_counts_count_each_expert_once_under_lora(setup):
-    """Under LoRA the experts train as PEFT's `modules_to_save`, a trained copy beside each frozen original: the experts'
-    counts stay those of the model without LoRA."""
+    """Under LoRA the experts train as PEFT's `modules_to_save`, a trained copy beside each frozen original: the
+    experts' counts stay those of the model without LoRA."""
     pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
     model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
     expected = {name: count for name, count in model.parameter_counts().items() if "expert" in name}
