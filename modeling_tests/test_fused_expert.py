@@ -922,6 +922,10 @@ def test_dependent_launch_from_hopper_on(monkeypatch, fresh_dependent_launch, ca
     assert not fresh_dependent_launch(torch.device("cuda", 0))
     fresh_dependent_launch.cache_clear()
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # an AMD GPU (capability 9.4 for MI300), a "cuda" device too
+    assert not fresh_dependent_launch(torch.device("cuda", 0))
+    fresh_dependent_launch.cache_clear()
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.delattr(tl.extra.cuda, "gdc_wait", raising=False)  # a Triton from before it
     assert not fresh_dependent_launch(torch.device("cuda", 0))
 
@@ -970,9 +974,17 @@ def test_a_call_on_a_gpu_that_is_not_the_current_one_runs_there():
         assert_close(torch.ops.hyperllava.expert_adapter(*inputs), want, TOLERANCE[torch.float32], "op output")
 
 
-def test_is_available():
+def test_is_available(monkeypatch):
     assert not fused.is_available("cpu")
     assert fused.is_available("cuda") == ON_CUDA
+    # PyTorch's ROCm build calls AMD GPUs "cuda" too: the kernels are NVIDIA's only.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert fused.is_available("cuda") == (fused.triton is not None)  # an NVIDIA GPU
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert not fused.is_available("cuda")  # an AMD one
 
 
 def test_imports_without_triton():

@@ -61,7 +61,7 @@ class HyperLlavaConfig(LlavaConfig):
         expert_kernel (`str`, defaults to `"auto"`):
             How adapters are applied: `"eager"` (plain PyTorch, which `torch.compile` fuses itself), `"triton"`
             (the fused kernel, CUDA only) or `"auto"`: the fused kernel where it is faster (decoding inside a compiled
-            graph, on CUDA with Triton installed), else eager (docs/performance.md).
+            graph, on an NVIDIA GPU with Triton installed), else eager (docs/performance.md).
     """
 
     model_type = "hyperllava"

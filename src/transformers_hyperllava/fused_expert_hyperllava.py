@@ -35,8 +35,15 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def is_available(device) -> bool:
-    """Whether `fused_expert_adapter` can run on `device` (a CUDA device with Triton installed)."""
-    return triton is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    """Whether `fused_expert_adapter` can run on `device`: an NVIDIA GPU with Triton installed. (PyTorch's ROCm build
+    calls AMD GPUs "cuda" devices too; the kernels were built and tested for NVIDIA's only, so `"auto"` keeps the eager
+    adapter there.)"""
+    return (
+        triton is not None
+        and torch.device(device).type == "cuda"
+        and torch.version.cuda is not None
+        and torch.cuda.is_available()
+    )
 
 
 def fused_expert_adapter(x, w_down, w_up, residual, ffn_out=None):
@@ -592,8 +599,8 @@ def _dependent_launch(device) -> bool:
     so that its launch overlaps that kernel, and the up kernel's reads of its weights and the residual overlap the
     down kernel. In a decoding step with CUDA graphs the two launches are most of what the experts cost
     (docs/performance.md)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
+    if device.type != "cuda" or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
+        return False  # (an AMD GPU is a "cuda" device under ROCm, and the wait is NVIDIA's PTX)
     from triton.backends.nvidia.compiler import CUDAOptions  # (the launch option and the wait came in together)
 
     triton_has_it = "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
