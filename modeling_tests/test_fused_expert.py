@@ -833,7 +833,7 @@ def global_memory_order(ptx, pointer_parameter):
 @pytest.mark.skipif(
     INTERPRETED, reason="the parent process runs it: under TRITON_INTERPRET the kernels are interpreted, not compiled"
 )
-@pytest.mark.parametrize("arch", [80, 90], ids=["A100", "H100-H200"])
+@pytest.mark.parametrize("arch", [75, 80, 90], ids=["T4", "A100", "H100-H200"])  # (T4: Colab's usual GPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
     """Triton's interpreter runs the kernels as Python, so it accepts what the compiler refuses: a loop-carried
