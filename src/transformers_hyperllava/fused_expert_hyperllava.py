@@ -41,7 +41,7 @@ def is_available(device) -> bool:
     return (
         triton is not None
         and torch.device(device).type == "cuda"
-        and torch.version.cuda is not None
+        and not torch.version.hip
         and torch.cuda.is_available()
     )
 
