@@ -35,7 +35,13 @@ from transformers_hyperllava import (  # noqa: E402
     modeling_hyperllava,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
-from transformers_hyperllava.modeling_hyperllava import HyperExpert, expert_adapter  # noqa: E402
+from transformers_hyperllava.modeling_hyperllava import (  # noqa: E402
+    AdapterGraph,
+    AdapterGraphs,
+    HyperExpert,
+    adapter_graphs_available,
+    expert_adapter,
+)
 from transformers_hyperllava.tiny import tiny_config  # noqa: E402
 
 _COMMON = {"prefill_batch": 8, "text_tokens": 64, "new_tokens": 64, "train_batch": 4}
@@ -458,6 +464,7 @@ def adapter_host_time(settings, report):
             "fused op, direct launches",
             "custom op (a compiled graph's call), direct launches",
             "fork and join beside the FFN (a compiled graph's calls), with LLaVA's add",
+            'eager adapter replayed from a CUDA graph (eager decoding\'s "auto"): copy x in, replay, add',
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -491,6 +498,12 @@ def adapter_host_time(settings, report):
                 )
             )
             cells.append(host_microseconds_per_call(beside_the_ffn))
+            graph = AdapterGraph(w_down, w_up, AdapterGraphs())
+            cells.append(
+                host_microseconds_per_call(
+                    lambda: expert_adapter(x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, graph=graph)
+                )
+            )
         report.row([name, *(f"{us:.1f}" for us in cells)])
 
 
@@ -622,6 +635,11 @@ def main(argv=None):
         help="only the kernel microbenchmark and the static-cache + torch.compile decode, every candidate at batch 1 "
         "and 16 (about 5 minutes on an H200)",
     )
+    rows.add_argument(
+        "--only-eager-decode",
+        action="store_true",
+        help="only the eager decoding rows and the adapter's host time per call (about 2 minutes on an H200)",
+    )
     args = parser.parse_args(argv)
     settings = dict(SIZES[args.size])
     settings["repeats"] = args.repeats or settings["repeats"]
@@ -643,7 +661,8 @@ def main(argv=None):
         f"(experts {counts['expert']:,}, {100 * counts['expert'] / counts['total']:.2f}%)."
     )
     # The adapters timed outside compiled graphs, and the one compiled decoding uses (the default, "auto"). Outside a
-    # compiled graph "auto" runs the eager adapter, so there the fused op is timed as such ("triton").
+    # compiled graph "auto" runs the eager adapter, replayed from CUDA graphs in eager decoding on an NVIDIA GPU (timed
+    # as "auto" where it can), so there the fused op is timed as such ("triton").
     kernels, compiled_kernel = ["eager"], "eager"
     if not fused.is_available(device):
         report.line("The fused expert kernel needs CUDA and Triton: HyperLLaVA runs its eager adapter only.")
@@ -653,6 +672,8 @@ def main(argv=None):
                 raise RuntimeError("its output differs from the eager adapter's")
             kernels.append("triton")
             compiled_kernel = "auto"
+    if adapter_graphs_available(device):
+        kernels.append("auto")
 
     variants = HyperVariants(hyper)
     # LLaVA, HyperLLaVA without its experts (the control), then with them, once per adapter implementation.
@@ -660,6 +681,8 @@ def main(argv=None):
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
     labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in [*kernels, compiled_kernel]})
+    if "auto" in kernels:
+        labels["auto"] = "HyperLLaVA (auto: eager adapter, replayed from CUDA graphs in eager decoding)"
     header = ["workload", *(labels[name] for name in candidates)]
     # (Eager decoding is host-bound, and noisy: its rows' host CPU time is the steadier measure.)
     rounds = {"prefill": repeats, "decode": 5, "train": repeats}
@@ -692,6 +715,7 @@ def main(argv=None):
     if not args.only_compiled:  # (else straight to the compiled decode)
         report.table(header)
 
+    if not (args.only_compiled or args.only_eager_decode):
         prefill = make_batch(config, settings, settings["prefill_batch"], settings["text_tokens"])
         name = f"prefill, batch {settings['prefill_batch']} x {prefill['input_ids'].shape[1]} tokens"
         with section(report, name):
@@ -703,6 +727,7 @@ def main(argv=None):
 
             record(name, interleaved(candidates, prefill_time, rounds["prefill"]))
 
+    if not args.only_compiled:
         for batch_size in (1, 16):
             decode = make_batch(config, settings, batch_size, settings["text_tokens"])
             name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
@@ -722,6 +747,7 @@ def main(argv=None):
                 cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
                 record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
 
+    if not (args.only_compiled or args.only_eager_decode):
         name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"
         with section(report, name):
             train = training_batch(config, settings)
@@ -743,13 +769,14 @@ def main(argv=None):
     if "triton" not in kernels:
         report.line("\nExpert adapter microbenchmark: skipped (the fused kernel needs CUDA and Triton).")
     else:
-        with section(report, "Expert adapter microbenchmark", table_row=False):
-            kernel_microbenchmark(settings, report)
+        if not args.only_eager_decode:
+            with section(report, "Expert adapter microbenchmark", table_row=False):
+                kernel_microbenchmark(settings, report)
         with section(report, "Expert adapter host time", table_row=False):
             adapter_host_time(settings, report)
 
-    if args.skip_compile:
-        report.line("\nDecode with a static cache + torch.compile: skipped (--skip-compile).")
+    if args.skip_compile or args.only_eager_decode:
+        report.line("\nDecode with a static cache + torch.compile: skipped.")
     else:
         if device != "cuda":
             compile_on_any_device(llava, hyper)
@@ -808,7 +835,7 @@ def main(argv=None):
             firsts = ", ".join(f"{labels[candidate]} {seconds:.0f} s" for candidate, seconds in first_call.items())
             report.line(f"\nFirst call (compilation{capture}): {firsts}.")
 
-    if device == "cuda" and not args.only_compiled:
+    if device == "cuda" and not (args.only_compiled or args.only_eager_decode):
         # Last: the profiler can leave its instrumentation attached for the rest of the process.
         report.line("\nTraining step, GPU busy time (the union of its kernels' intervals, from the profiler):\n")
         report.table(header)

@@ -9,6 +9,8 @@
 #   BENCH_ARGS=--only-compiled OUT=/some/folder bash benchmarks/gpu_check.sh   # the kernel microbenchmark and the
 #       compiled decoding rows alone, every candidate at batch 1 and 16: about 7 minutes in all, which leaves a lent
 #       GPU's 15 minutes room for `profile_decode.py` after it
+#   BENCH_ARGS=--only-eager-decode OUT=/some/folder bash benchmarks/gpu_check.sh   # the eager decoding rows and the
+#       adapter's host time per call alone (run 11: 144 s)
 #
 # Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
 # (with every measurement as it is taken).
@@ -33,12 +35,14 @@ cat "$OUT/env.log"
 
 # Compiling the kernels for every tested shape and dtype dominates this step (86 s on an H200 in run 7, with the
 # model-level tests: three of them compile a tiny model's decoding step with Inductor, one of them new since).
-# Then a model split over the GPU and the CPU (a second device, which no CPU-only run has) against the unsplit one.
+# Then a model split over the GPU and the CPU (a second device, which no CPU-only run has) against the unsplit one, and
+# eager decoding with the adapters replayed from CUDA graphs against the eager adapter.
 # Not the tests that compile launches for A100 and H100 without running them: the CPU runs them as well (45 s).
-echo "== fused kernel tests (CUDA), and a model split over GPU and CPU"
+echo "== fused kernel tests (CUDA), a model split over GPU and CPU, and the adapters' CUDA graphs"
 timeout -s INT -k 10 130 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py -q -rs -p no:cacheprovider \
     -k "not compiles_for_the_gpu and not read_what_the_kernel_before_wrote" \
     modeling_tests/test_loading.py::test_a_model_split_over_gpu_and_cpu_gives_the_same_logits_and_tokens \
+    modeling_tests/test_modeling.py::test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs \
     >"$OUT/test_fused_expert.log" 2>&1 || failed=1
 tail -n 15 "$OUT/test_fused_expert.log"
 

@@ -221,3 +221,32 @@ def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_la
     assert max(clock["seconds"]) < 0.005
     assert clock["through triton"] == 1
     assert fused._DecodeLaunches.__name__ == "_DecodeLaunches"  # (put back)
+
+
+def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, capsys):
+    """`--only-eager-decode`: the eager decoding rows at batch 1 and 16 (wall clock and host CPU time), and no
+    prefill, training or compiled rows; where CUDA graphs serve eager decoding, "auto" among the candidates."""
+    monkeypatch.setitem(bench_overhead.SIZES, "tiny", {**bench_overhead.SIZES["tiny"], "new_tokens": 3})
+    timed = []
+    decode = bench_overhead.decode_step_times
+
+    def counted(model, batch, *args, **kwargs):
+        timed.append((model.config.model_type, len(batch["input_ids"]), getattr(model.config, "expert_kernel", None)))
+        return decode(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(bench_overhead, "decode_step_times", counted)
+    monkeypatch.setattr(bench_overhead, "adapter_graphs_available", lambda device: True)
+    bench_overhead.main(["--size", "tiny", "--only-eager-decode"])
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == [
+        f"| decode, batch {batch}, eager{what}"
+        for batch in (1, 16)
+        for what in (", per token (3 new)", ", host CPU time per token")
+    ]
+    # LLaVA, the control, the eager adapter and "auto", 6 rounds each (a warm-up and 5) at each batch size.
+    assert sorted(set(timed)) == sorted(
+        (kind, batch, kernel)
+        for batch in (1, 16)
+        for kind, kernel in [("llava", None), ("hyperllava", "eager"), ("hyperllava", "auto")]
+    )
+    assert len(timed) == 2 * 4 * 6

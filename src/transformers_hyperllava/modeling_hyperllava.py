@@ -41,7 +41,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hyperllava import HyperLlavaConfig
-from .fused_expert_hyperllava import beats_eager, expert_adapter_beside_ffn, fused_expert_adapter
+from .fused_expert_hyperllava import _side_stream, beats_eager, expert_adapter_beside_ffn, fused_expert_adapter
 from .fused_expert_hyperllava import is_available as fused_kernel_available
 
 # Transformers 5.24 renamed the forward argument `past_key_values` to `cache`; we pass on whichever the installed
@@ -90,11 +90,12 @@ def split_weights(weights, in_dim, rank, out_dim):
 ADAPTER_BESIDE_FFN = True
 
 
-def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
+def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=None):
     """`residual [+ ffn(x)] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out). `ffn`: the FFN beside
     which the expert sits (the language expert's), applied to x too; its output is added to the residual first.
+    `graph`: this layer's `AdapterGraph` (eager decoding on an NVIDIA GPU), which "auto" replays where it serves.
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
@@ -110,16 +111,19 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
         return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
-    bottleneck = swiglu_bottleneck(x, w_down)
     if ffn is not None and not torch.is_grad_enabled():
+        total = residual + ffn(x)
+        if kernel == "auto" and graph is not None and graph.serves(x, total):
+            return graph.add_to(total, x)
         # Without autograd (decoding), W_u's product is added into the sum h + FFN(x) that this call makes: one op
         # and one kernel fewer per expert layer in host-bound eager decoding, and rounded once, as the fused kernel
         # does. Not where the dtypes differ (a float32 residual stream under autocast: an in-place op does not cast),
         # nor under autograd (below).
-        total = residual + ffn(x)
+        bottleneck = swiglu_bottleneck(x, w_down)
         if total.dtype == bottleneck.dtype == w_up.dtype:
             return total.baddbmm_(bottleneck, w_up)
         return total + torch.bmm(bottleneck, w_up)
+    bottleneck = swiglu_bottleneck(x, w_down)
     # E(x) before the FFN: activation checkpointing recomputes a layer only up to the last tensor saved for backward.
     # For LLaVA's layer that is the input of the FFN's down projection, so the recomputation skips that GEMM; with the
     # expert after the FFN it would run the whole FFN again (7.3 ms of a 7B training step's 448, docs/performance.md).
@@ -127,6 +131,81 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None):
     if ffn is not None:
         residual = residual + ffn(x)
     return residual + expert
+
+
+def adapter_graphs_available(device) -> bool:
+    """Whether eager decoding replays the adapters as CUDA graphs (`AdapterGraph`): on an NVIDIA GPU (PyTorch's ROCm
+    build calls AMD GPUs "cuda" devices too, where this was never run)."""
+    return torch.device(device).type == "cuda" and not torch.version.hip
+
+
+class AdapterGraphs:
+    """What one sequence's adapter graphs share: the input and output buffers they read and write (at addresses baked
+    into the graphs) and the memory pool their intermediates come from. Sized at the first decoding step; a step of
+    another shape (assisted decoding's several tokens) runs the eager adapter."""
+
+    def __init__(self):
+        self.x = self.delta = self.pool = None
+
+    def serves(self, x, total) -> bool:
+        if self.x is None:
+            if x.shape[1] != 1 or not adapter_graphs_available(x.device) or x.dtype != total.dtype:
+                return False
+            self.x, self.delta = torch.empty_like(x), torch.empty_like(total)
+        return (
+            (x.shape, x.dtype, x.device) == (self.x.shape, self.x.dtype, self.x.device)
+            and (total.shape, total.dtype) == (self.delta.shape, self.delta.dtype)
+            and not torch.is_autocast_enabled(x.device.type)  # (the graphs were captured without it)
+            and not torch.cuda.is_current_stream_capturing()  # (inside a capture of one's own: one graph, no replay)
+        )
+
+    def capture(self, compute):
+        """`compute` as a CUDA graph, captured on a side stream after a run there (which sets up what a first call
+        sets up, e.g. cuBLAS's workspace for that stream, outside the graph). The thread's side stream of the adapter
+        beside the FFN: one per thread and device, whose workspace is set up once (a new stream per sequence would
+        take one after another of Torch's pool of 32 per device, and a workspace for each). Not `torch.cuda.graph`:
+        on entry it waits for the GPU and empties the allocator's cache, which every `generate` call would then pay
+        per expert layer; nor `torch.cuda.make_graphed_callables`, which captures a backward graph too. Thread-local
+        capture: other threads' CUDA calls meanwhile are no error."""
+        device, stream = self.x.device, _side_stream(self.x.device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            compute()
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                compute()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return graph
+
+
+class AdapterGraph:
+    """One expert layer's E(x) = SwiGLU(x W_d) W_u (Eq. 4) as a CUDA graph, for eager decoding: bound by the host's
+    time per op, it then pays three calls per expert layer (copy x in, replay, add E(x) to h + FFN(x)) instead of the
+    eager adapter's five ops (docs/performance.md). The graph reads W_d and W_u where they are: it is kept with the
+    cache that holds them (`HyperLlamaModel._layer_weights`), and captured at the layer's first decoding step."""
+
+    def __init__(self, w_down, w_up, shared: AdapterGraphs):
+        self.w_down, self.w_up, self.shared, self.graph = w_down, w_up, shared, None
+
+    def serves(self, x, total) -> bool:
+        # (A layer that a device map puts elsewhere than the weights gets them moved there: not the graph's.)
+        return x.device == self.w_down.device and self.shared.serves(x, total)
+
+    def add_to(self, total, x):
+        shared = self.shared
+        if self.graph is None:
+            w_down, w_up = self.w_down, self.w_up
+            if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
+                w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
+            self.graph = shared.capture(lambda: torch.bmm(swiglu_bottleneck(shared.x, w_down), w_up, out=shared.delta))
+        shared.x.copy_(x)
+        self.graph.replay()
+        return total.add_(shared.delta)
 
 
 # The language expert's weights ride on the cache they were generated with, so that whoever continues the cache (a
@@ -330,7 +409,7 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
         self.expert_kernel = expert_kernel
 
     # The weights come positionally so that activation checkpointing sees them as inputs, reentrant or not.
-    def forward(self, hidden_states, expert_down=None, expert_up=None, **kwargs):
+    def forward(self, hidden_states, expert_down=None, expert_up=None, expert_graph=None, **kwargs):
         residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden_states = residual + hidden_states
@@ -342,7 +421,7 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
         # the expert before the FFN under autograd (cheaper recomputation under activation checkpointing) and adds its
         # last product into the FFN's sum without (one op fewer in decoding).
         return expert_adapter(
-            normed, expert_down, expert_up, residual=hidden_states, kernel=self.expert_kernel, ffn=self.mlp
+            normed, expert_down, expert_up, hidden_states, self.expert_kernel, ffn=self.mlp, graph=expert_graph
         )
 
 
@@ -518,7 +597,7 @@ class HyperLlamaModel(LlamaModel):
                     if cache is not None:
                         setattr(cache, CACHED_WEIGHTS, language_expert_weights)
                 layer_weights = self._layer_weights(language_expert_weights, cache)
-            hidden_states = decoder_layer(hidden_states, *layer_weights.get(idx, (None, None)), **layer_kwargs)
+            hidden_states = decoder_layer(hidden_states, *layer_weights.get(idx, ()), **layer_kwargs)
 
         return HyperLlavaModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
@@ -528,11 +607,11 @@ class HyperLlamaModel(LlamaModel):
         )
 
     def _layer_weights(self, weights, cache):
-        """Each expert layer's (W_d, W_u), views into `weights`. Made once per sequence: kept on `cache` for the
-        decoding steps that continue it with the same weights, as making them (a split and two unbinds: 36 views) cost
-        eager decoding about 1% of its step. Kept and reused only without autograd (views made under it would carry
-        one forward's graph into the next; views made without it would drop the gradient of a forward under it), and
-        not inside a compiled graph, where views cost nothing."""
+        """Each expert layer's (W_d, W_u), views into `weights`, and where they are kept, its `AdapterGraph`. Made once
+        per sequence: kept on `cache` for the decoding steps that continue it with the same weights, as making them (a
+        split and two unbinds: 36 views) cost eager decoding about 1% of its step. Kept and reused only without
+        autograd (views made under it would carry one forward's graph into the next; views made without it would drop
+        the gradient of a forward under it), and not inside a compiled graph, where views cost nothing."""
         keep = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         kept = getattr(cache, LAYER_WEIGHTS, None) if keep else None
         if kept is not None and kept[0] is weights:
@@ -542,6 +621,10 @@ class HyperLlamaModel(LlamaModel):
         # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
         layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
         if keep:
+            # (Not continuous batching's paged cache: every step there brings new weights, and would capture anew.)
+            if adapter_graphs_available(weights.device) and not isinstance(cache, PagedAttentionCache):
+                shared = AdapterGraphs()
+                layer_weights = {idx: (*pair, AdapterGraph(*pair, shared)) for idx, pair in layer_weights.items()}
             setattr(cache, LAYER_WEIGHTS, (weights, layer_weights))
         return layer_weights
 
