@@ -915,18 +915,30 @@ def greedy(model, kernel, **kwargs):
     return out.sequences, torch.stack(out.logits)
 
 
-@pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
+@pytest.mark.parametrize(
+    "batch, expert_mode, generation",
+    [
+        (1, "dynamic", {}),
+        (3, "dynamic", {}),
+        (3, "static", {}),
+        (2, "dynamic", {"num_beams": 2}),
+        (2, "dynamic", {"cache_implementation": "static"}),
+    ],
+    ids=["batch-1", "per-sample", "shared", "beams", "static-cache"],
+)
 def test_eager_decoding_replays_each_expert_layers_adapter_from_a_graph_with_the_eager_adapters_result(
-    batch, expert_mode, monkeypatch
+    batch, expert_mode, generation, monkeypatch
 ):
-    """ "auto" decodes on an NVIDIA GPU with each expert layer's adapter replayed from a graph captured once per
+    """With "auto", eager decoding on an NVIDIA GPU replays each expert layer's adapter from a graph captured once per
     sequence at its first decoding step (x copied in, E(x) added to h + FFN(x)): the eager adapter's tokens and logits,
-    with per-sample weights and with one weight set for the batch ("static"). Only single-token steps: the prefill
-    runs the eager adapter."""
+    with per-sample weights, one weight set for the batch ("static"), beam search (whose cache reorders its rows) and
+    a static cache (whose decoding steps read a copy of the weights). Only single-token steps: the prefill runs the
+    eager adapter."""
     graphs = StandInGraphs(monkeypatch)
     model = make_model(expert_mode=expert_mode)
     ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13), prompt_ids(14, 15)][:batch])
     kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": images(int(ids.eq(IMAGE_TOKEN).sum()) // 4)}
+    kwargs.update(generation)
     tokens, logits = greedy(model, "eager", max_new_tokens=5, **kwargs)
     assert graphs.captures == graphs.replays == 0
     for call in (1, 2):  # each call's cache gets graphs of its own
@@ -1233,6 +1245,17 @@ def assert_continuous_batching_matches(model, reference):
 def test_continuous_batching_matches_generate_where_the_weights_ignore_the_input(mode):
     model = make_model(expert_mode=mode)
     assert_continuous_batching_matches(model, model)
+
+
+def test_continuous_batching_captures_no_adapter_graph(monkeypatch):
+    """Continuous batching generates the weights at every step (its paged cache holds many requests): a graph
+    captured for them would serve one step, so its steps run the eager adapter."""
+    graphs = StandInGraphs(monkeypatch)
+    model = make_model(expert_mode="static")
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    results = model.generate_batch(inputs=[prompt_ids(10, 11, 12)], generation_config=config, warmup=False)
+    assert [len(result.generated_tokens) for result in results.values()] == [4]  # three decoding steps of one token
+    assert graphs.captures == 0
 
 
 def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(tiny_llava):
