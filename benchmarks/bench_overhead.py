@@ -464,7 +464,8 @@ def adapter_host_time(settings, report):
             "fused op, direct launches",
             "custom op (a compiled graph's call), direct launches",
             "fork and join beside the FFN (a compiled graph's calls), with LLaVA's add",
-            'eager adapter replayed from a CUDA graph (eager decoding\'s "auto"): copy x in, replay, add',
+            'adapter replayed from a CUDA graph (eager decoding\'s "auto"; the fused kernels since run 11): copy x in, '
+            "replay, add",
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -661,8 +662,8 @@ def main(argv=None):
         f"(experts {counts['expert']:,}, {100 * counts['expert'] / counts['total']:.2f}%)."
     )
     # The adapters timed outside compiled graphs, and the one compiled decoding uses (the default, "auto"). Outside a
-    # compiled graph "auto" runs the eager adapter, replayed from CUDA graphs in eager decoding on an NVIDIA GPU (timed
-    # as "auto" where it can), so there the fused op is timed as such ("triton").
+    # compiled graph "auto" runs the eager adapter or, in eager decoding on an NVIDIA GPU, the fused kernels replayed
+    # from CUDA graphs (timed as "auto" where it can); the fused op launched directly is timed as "triton".
     kernels, compiled_kernel = ["eager"], "eager"
     if not fused.is_available(device):
         report.line("The fused expert kernel needs CUDA and Triton: HyperLLaVA runs its eager adapter only.")
@@ -682,7 +683,7 @@ def main(argv=None):
     labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in [*kernels, compiled_kernel]})
     if "auto" in kernels:
-        labels["auto"] = "HyperLLaVA (auto: eager adapter, replayed from CUDA graphs in eager decoding)"
+        labels["auto"] = "HyperLLaVA (auto: in eager decoding, replayed from CUDA graphs)"
     header = ["workload", *(labels[name] for name in candidates)]
     # (Eager decoding is host-bound, and noisy: its rows' host CPU time is the steadier measure.)
     rounds = {"prefill": repeats, "decode": 5, "train": repeats}

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import types
 
 # Nothing downloads at test time: every model, tokenizer and image is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,8 +167,33 @@ def tiny_llava():
     return LlavaForConditionalGeneration(config.to_llava_config()).double().eval(), config
 
 
+class StandInGraphs:
+    """CUDA graphs stood in for (on a CPU, in Triton's interpreter): a "capture" keeps the computation and its output,
+    a replay runs it again on the shared buffers and copies the result into that output, as a captured graph reads and
+    writes them at their addresses. Counts both."""
+
+    def __init__(self, monkeypatch):
+        from transformers_hyperllava import modeling_hyperllava
+
+        self.captures, self.replays = 0, 0
+        monkeypatch.setattr(modeling_hyperllava, "adapter_graphs_available", lambda device: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        monkeypatch.setattr(modeling_hyperllava.AdapterGraphs, "capture", lambda _, compute: self.capture(compute))
+
+    def capture(self, compute):
+        self.captures += 1
+        output = compute()
+
+        def replay():
+            self.replays += 1
+            with torch.inference_mode(output.is_inference()):  # (a graph writes its output in any mode)
+                output.copy_(compute())
+
+        return types.SimpleNamespace(replay=replay), output
+
+
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
     "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece", "sentencepiece_vocab_size",
-    "write_sentencepiece_tokenizer",
+    "write_sentencepiece_tokenizer", "StandInGraphs",
 ]  # fmt: skip

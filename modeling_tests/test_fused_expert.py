@@ -5,6 +5,7 @@ before Triton is first imported: when the suite did not start that way, `test_ke
 runs this file again in a child process that does.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -14,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import unittest.mock
 
 import numpy
 import pytest
@@ -24,9 +26,12 @@ from torch._inductor.utils import run_and_get_code
 from transformers import LlavaForConditionalGeneration
 
 from conftest import (
+    IMAGE_TOKEN,
     DispatchedOps,
+    StandInGraphs,
     compiled_generation,
     images,
+    left_pad,
     make_model,
     prompt_ids,
     randomize_experts,
@@ -35,6 +40,7 @@ from conftest import (
 )
 from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
 from transformers_hyperllava import fused_expert_hyperllava as fused
+from transformers_hyperllava.modeling_hyperllava import CACHE_ARG
 from transformers_hyperllava.tiny import tiny_config
 
 triton = pytest.importorskip("triton", reason="the fused expert kernel needs Triton (`pip install triton`)")
@@ -776,6 +782,166 @@ class RecordedLaunch:
 
     def __getitem__(self, grid):
         return lambda *args, **keywords: self.calls.append((self.kernel, args, keywords))
+
+
+def set_kernel(model, kernel):
+    for module in model.modules():
+        if hasattr(module, "expert_kernel"):
+            module.expert_kernel = kernel
+    return model
+
+
+def greedy(model, kernel, **kwargs):
+    set_kernel(model, kernel)
+    out = model.generate(**kwargs, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def graph_batch(batch, generation=None):
+    ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13), prompt_ids(14, 15)][:batch])
+    pixel_values = images(int(ids.eq(IMAGE_TOKEN).sum()) // 4)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "pixel_values": pixel_values.to(DEVICE)}
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "batch, expert_mode, generation",
+    [
+        (1, "dynamic", {}),
+        (3, "dynamic", {}),
+        (3, "static", {}),
+        (2, "dynamic", {"num_beams": 2}),
+        (2, "dynamic", {"cache_implementation": "static"}),
+    ],
+    ids=["batch-1", "per-sample", "shared", "beams", "static-cache"],
+)
+def test_eager_decoding_replays_each_expert_layers_adapter_from_a_graph_with_the_eager_adapters_result(
+    batch, expert_mode, generation, monkeypatch
+):
+    """With "auto", eager decoding on an NVIDIA GPU replays each expert layer's adapter (the fused decode kernels)
+    from a graph captured once per sequence at its first decoding step (x copied in, E(x) added to h + FFN(x)): the
+    eager adapter's tokens and logits, with per-sample weights, one weight set for the batch ("static"), beam search
+    (whose cache reorders its rows) and a static cache (whose decoding steps read a copy of the weights). Only
+    single-token steps: the prefill runs the eager adapter. (Stand-in graphs: `test_on_a_gpu_...` has CUDA's.)"""
+    graphs = StandInGraphs(monkeypatch)
+    model = make_model(expert_mode=expert_mode).to(DEVICE)
+    kwargs = {**graph_batch(batch), **generation, "max_new_tokens": 5}
+    tokens, logits = greedy(model, "eager", **kwargs)
+    assert graphs.captures == graphs.replays == 0
+    layers = len(model.config.language_expert_layer_indices)
+    for call in (1, 2):  # each call's cache gets graphs of its own
+        graph_tokens, graph_logits = greedy(model, "auto", **kwargs)
+        assert (graphs.captures, graphs.replays) == (call * layers, call * 4 * layers)  # 4 decoding steps a call
+        assert torch.equal(graph_tokens, tokens)
+        torch.testing.assert_close(graph_logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def decode_steps(model, steps, prefill_mode=contextlib.nullcontext, steps_mode=torch.no_grad):
+    """A prefill on one image and two words, then each step's tokens on the cache: each step's logits."""
+    ids = torch.tensor([prompt_ids("img", 10, 11)], device=DEVICE)
+    with prefill_mode():
+        cache = {
+            CACHE_ARG: getattr(model(input_ids=ids, pixel_values=images(1).to(DEVICE), use_cache=True), CACHE_ARG)
+        }
+        logits = [model(input_ids=torch.tensor([steps[0]], device=DEVICE), **cache).logits]
+    with steps_mode():
+        for step in steps[1:]:
+            logits.append(model(input_ids=torch.tensor([step], device=DEVICE), **cache).logits)
+    return torch.cat(logits, dim=1)
+
+
+@needs_kernels
+def test_a_step_that_the_graphs_were_not_sized_for_runs_the_eager_adapter(monkeypatch):
+    """Graphs are sized at a sequence's first decoding step; a later step of several tokens (assisted decoding's, or
+    one's own loop's) runs the eager adapter, and the single-token steps after it replay the graphs again."""
+    graphs = StandInGraphs(monkeypatch)
+    model = make_model().to(DEVICE)
+    steps = [[12], [13, 14, 15], [16]]
+    expected = decode_steps(set_kernel(model, "eager"), steps, torch.no_grad)
+    got = decode_steps(set_kernel(model, "auto"), steps, torch.no_grad)
+    layers = len(model.config.language_expert_layer_indices)
+    assert (graphs.captures, graphs.replays) == (layers, 2 * layers)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_a_cache_decoded_in_inference_mode_continues_outside_it_from_its_graphs(monkeypatch):
+    """The graphs' input buffer is an ordinary tensor even when the first steps ran in inference mode: a later call
+    may continue the cache outside it (an inference tensor could not be written there)."""
+    graphs = StandInGraphs(monkeypatch)
+    model = make_model().to(DEVICE)
+    steps = [[12], [13], [14]]
+    expected = decode_steps(set_kernel(model, "eager"), steps, torch.inference_mode)
+    got = decode_steps(set_kernel(model, "auto"), steps, torch.inference_mode)
+    layers = len(model.config.language_expert_layer_indices)
+    assert (graphs.captures, graphs.replays) == (layers, 3 * layers)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_a_graph_serves_only_steps_on_its_weights_device_without_autocast(monkeypatch):
+    """A layer that a device map puts elsewhere than the generated weights gets them moved there (not the ones the
+    graph reads), and a graph captured without autocast would not compute as the step under it: both eager."""
+    StandInGraphs(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    x, total = (torch.randn(2, 1, 24, generator=generator).to(DEVICE) for _ in range(2))
+    w_down = torch.randn(2, 24, 8, generator=generator).to(DEVICE) * 24**-0.5
+    w_up = torch.randn(2, 4, 24, generator=generator).to(DEVICE)
+    elsewhere = modeling_hyperllava.AdapterGraph(
+        w_down.to("meta"), w_up.to("meta"), modeling_hyperllava.AdapterGraphs()
+    )
+    here = modeling_hyperllava.AdapterGraph(w_down, w_up, modeling_hyperllava.AdapterGraphs())
+    with torch.no_grad():
+        assert elsewhere.add_to(total.clone(), x) is None
+        torch.testing.assert_close(
+            here.add_to(total.clone(), x), expert_adapter_reference(x, w_down, w_up, total), atol=1e-5, rtol=1e-5
+        )
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            assert here.add_to(total.clone(), x) is None
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
+def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, expert_mode, dtype):
+    """The real CUDA graphs: captured once per sequence and expert layer, replayed at every decoding step, with the
+    eager adapter's tokens and logits (bf16: E(x) added to h + FFN(x) is rounded twice, not once as baddbmm_ does)."""
+    model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
+    kwargs = graph_batch(batch)
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
+    tokens, logits = greedy(model, "eager", max_new_tokens=6, **kwargs)
+    replays = collections.Counter()
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted_replay(graph):
+        replays[id(graph)] += 1
+        replay(graph)
+
+    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
+        graph_tokens, graph_logits = greedy(model, "auto", max_new_tokens=6, **kwargs)
+    assert sorted(replays.values()) == [5] * len(model.config.language_expert_layer_indices)
+    assert torch.equal(graph_tokens, tokens)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(graph_logits, logits, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(monkeypatch):
+    fused_op = modeling_hyperllava.fused_expert_adapter
+
+    def fails_in_a_capture(*args):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("stand-in for an op that cannot be captured")
+        return fused_op(*args)
+
+    model = make_model().to(DEVICE)
+    kwargs = {**graph_batch(2), "max_new_tokens": 4}
+    tokens, logits = greedy(model, "eager", **kwargs)
+    monkeypatch.setattr(modeling_hyperllava, "fused_expert_adapter", fails_in_a_capture)
+    with pytest.warns(UserWarning, match="adapters run eagerly: capturing them as a CUDA graph failed: stand-in"):
+        graph_tokens, graph_logits = greedy(model, "auto", **kwargs)
+    assert torch.equal(graph_tokens, tokens)
+    torch.testing.assert_close(graph_logits, logits, atol=1e-5, rtol=1e-5)
 
 
 def compile_for(arch, kernel, args, keywords):

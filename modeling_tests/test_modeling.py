@@ -3,8 +3,6 @@
 import collections
 import copy
 import functools
-import types
-import unittest.mock
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from transformers.models.llava import modeling_llava
 from conftest import (
     IMAGE_TOKEN,
     DispatchedOps,
+    StandInGraphs,
     images,
     left_pad,
     make_model,
@@ -885,130 +884,6 @@ def test_a_decoding_step_adds_five_ops_per_expert_layer(batch, expert_mode):
     per_layer = 5 if batch == 1 or expert_mode == "dynamic" else 7
     extra = decode_step_ops(hyper, ids, mask) - decode_step_ops(llava, ids, mask)
     assert extra <= per_layer * expert_layers, (extra, expert_layers)
-
-
-class StandInGraphs:
-    """CUDA graphs stood in for on the CPU: a "capture" keeps the computation, a replay runs it again on the shared
-    buffers, as a captured graph reads and writes them at their addresses. Counts both."""
-
-    def __init__(self, monkeypatch):
-        self.captures, self.replays = 0, 0
-        monkeypatch.setattr(modeling_hyperllava, "adapter_graphs_available", lambda device: True)
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-        monkeypatch.setattr(modeling_hyperllava.AdapterGraphs, "capture", self.capture)
-
-    def capture(self, compute):
-        self.captures += 1
-
-        def replay():
-            self.replays += 1
-            compute()
-
-        return types.SimpleNamespace(replay=replay)
-
-
-def greedy(model, kernel, **kwargs):
-    for module in model.modules():
-        if hasattr(module, "expert_kernel"):
-            module.expert_kernel = kernel
-    out = model.generate(**kwargs, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.logits)
-
-
-@pytest.mark.parametrize(
-    "batch, expert_mode, generation",
-    [
-        (1, "dynamic", {}),
-        (3, "dynamic", {}),
-        (3, "static", {}),
-        (2, "dynamic", {"num_beams": 2}),
-        (2, "dynamic", {"cache_implementation": "static"}),
-    ],
-    ids=["batch-1", "per-sample", "shared", "beams", "static-cache"],
-)
-def test_eager_decoding_replays_each_expert_layers_adapter_from_a_graph_with_the_eager_adapters_result(
-    batch, expert_mode, generation, monkeypatch
-):
-    """With "auto", eager decoding on an NVIDIA GPU replays each expert layer's adapter from a graph captured once per
-    sequence at its first decoding step (x copied in, E(x) added to h + FFN(x)): the eager adapter's tokens and logits,
-    with per-sample weights, one weight set for the batch ("static"), beam search (whose cache reorders its rows) and
-    a static cache (whose decoding steps read a copy of the weights). Only single-token steps: the prefill runs the
-    eager adapter."""
-    graphs = StandInGraphs(monkeypatch)
-    model = make_model(expert_mode=expert_mode)
-    ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13), prompt_ids(14, 15)][:batch])
-    kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": images(int(ids.eq(IMAGE_TOKEN).sum()) // 4)}
-    kwargs.update(generation)
-    tokens, logits = greedy(model, "eager", max_new_tokens=5, **kwargs)
-    assert graphs.captures == graphs.replays == 0
-    for call in (1, 2):  # each call's cache gets graphs of its own
-        graph_tokens, graph_logits = greedy(model, "auto", max_new_tokens=5, **kwargs)
-        layers = len(model.config.language_expert_layer_indices)
-        assert (graphs.captures, graphs.replays) == (call * layers, call * 4 * layers)  # 4 decoding steps a call
-        assert torch.equal(graph_tokens, tokens)
-        torch.testing.assert_close(graph_logits, logits, atol=1e-5, rtol=1e-5)
-
-
-def test_a_step_that_the_graphs_were_not_sized_for_runs_the_eager_adapter(monkeypatch):
-    """Graphs are sized at a sequence's first decoding step; a later step of several tokens (assisted decoding's, or
-    one's own loop's) runs the eager adapter, and the single-token steps after it replay the graphs again."""
-    graphs = StandInGraphs(monkeypatch)
-    model = make_model()
-    for module in model.modules():
-        if hasattr(module, "expert_kernel"):
-            module.expert_kernel = "auto"
-    ids = torch.tensor([prompt_ids("img", 10, 11)])
-    steps, logits = [[12], [13, 14, 15], [16]], []
-    with torch.no_grad():  # (under autograd the adapter's views are not kept, nor graphs made)
-        cache = getattr(model(input_ids=ids, pixel_values=images(1), use_cache=True), CACHE_ARG)
-        for step in steps:
-            logits.append(model(input_ids=torch.tensor([step]), use_cache=True, **{CACHE_ARG: cache}).logits)
-    layers = len(model.config.language_expert_layer_indices)
-    assert (graphs.captures, graphs.replays) == (layers, 2 * layers)
-    full_ids = torch.cat([ids, torch.tensor([sum(steps, [])])], dim=1)
-    expected = full_recompute_logits(model, full_ids, ids.shape[1], images(1))[:, ids.shape[1] :]
-    torch.testing.assert_close(torch.cat(logits, dim=1), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_a_graph_serves_only_steps_on_its_weights_device_without_autocast(monkeypatch):
-    """A layer that a device map puts elsewhere than the generated weights gets them moved there (not the ones the
-    graph reads), and a graph captured without autocast would not compute as the step under it: both eager."""
-    StandInGraphs(monkeypatch)
-    x, total = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
-    w_down, w_up = torch.randn(2, 8, 4), torch.randn(2, 2, 8)
-    elsewhere = modeling_hyperllava.AdapterGraph(
-        w_down.to("meta"), w_up.to("meta"), modeling_hyperllava.AdapterGraphs()
-    )
-    here = modeling_hyperllava.AdapterGraph(w_down, w_up, modeling_hyperllava.AdapterGraphs())
-    assert not elsewhere.serves(x, total) and here.serves(x, total)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not here.serves(x, total)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
-def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, expert_mode, dtype):
-    """The real CUDA graphs: captured once per sequence and expert layer, replayed at every decoding step, with the
-    eager adapter's tokens and logits (bf16: E(x) added to h + FFN(x) is rounded twice, not once as baddbmm_ does)."""
-    model = make_model(dtype, expert_mode=expert_mode).cuda()
-    ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13), prompt_ids(14, 15)][:batch])
-    pixels = images(int(ids.eq(IMAGE_TOKEN).sum()) // 4).to("cuda", dtype)
-    kwargs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels, "max_new_tokens": 6}
-    tokens, logits = greedy(model, "eager", **kwargs)
-    replays = collections.Counter()
-    replay = torch.cuda.CUDAGraph.replay
-
-    def counted_replay(graph):
-        replays[id(graph)] += 1
-        replay(graph)
-
-    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
-        graph_tokens, graph_logits = greedy(model, "auto", **kwargs)
-    assert sorted(replays.values()) == [5] * len(model.config.language_expert_layer_indices)
-    assert torch.equal(graph_tokens, tokens)
-    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(graph_logits, logits, atol=tolerance, rtol=tolerance)
 
 
 # --- 9. bad input -----------------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ Where the paper's equations live:
   `_expand_inputs_for_generation` (generation); the weights continue with the cache they were generated for.
 """
 
+import contextlib
 import copy
 import inspect
+import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,21 +112,22 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=No
         if kernel == "auto" and ffn is not None and ADAPTER_BESIDE_FFN and not torch.is_grad_enabled():
             return expert_adapter_beside_ffn(x, w_down, w_up, residual, ffn)
         return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
+    decoding = ffn is not None and not torch.is_grad_enabled()
+    if decoding:
+        total = residual + ffn(x)
+        if kernel == "auto" and graph is not None and (out := graph.add_to(total, x)) is not None:
+            return out
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
-    if ffn is not None and not torch.is_grad_enabled():
-        total = residual + ffn(x)
-        if kernel == "auto" and graph is not None and graph.serves(x, total):
-            return graph.add_to(total, x)
+    bottleneck = swiglu_bottleneck(x, w_down)
+    if decoding:
         # Without autograd (decoding), W_u's product is added into the sum h + FFN(x) that this call makes: one op
         # and one kernel fewer per expert layer in host-bound eager decoding, and rounded once, as the fused kernel
         # does. Not where the dtypes differ (a float32 residual stream under autocast: an in-place op does not cast),
         # nor under autograd (below).
-        bottleneck = swiglu_bottleneck(x, w_down)
         if total.dtype == bottleneck.dtype == w_up.dtype:
             return total.baddbmm_(bottleneck, w_up)
         return total + torch.bmm(bottleneck, w_up)
-    bottleneck = swiglu_bottleneck(x, w_down)
     # E(x) before the FFN: activation checkpointing recomputes a layer only up to the last tensor saved for backward.
     # For LLaVA's layer that is the input of the FFN's down projection, so the recomputation skips that GEMM; with the
     # expert after the FFN it would run the whole FFN again (7.3 ms of a 7B training step's 448, docs/performance.md).
@@ -134,78 +138,107 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=No
 
 
 def adapter_graphs_available(device) -> bool:
-    """Whether eager decoding replays the adapters as CUDA graphs (`AdapterGraph`): on an NVIDIA GPU (PyTorch's ROCm
-    build calls AMD GPUs "cuda" devices too, where this was never run)."""
-    return torch.device(device).type == "cuda" and not torch.version.hip
+    """Whether eager decoding replays the adapters from CUDA graphs (`AdapterGraph`): where the fused kernels run (an
+    NVIDIA GPU with Triton), as the graphs hold those. (cuBLAS's GEMMs would write their split-K scratch to a
+    workspace that Torch owns and frees, e.g. whenever a compiled graph is recorded, while the graph keeps its
+    address; the kernels' scratch comes from the graph's own memory pool.)"""
+    return torch.device(device).type == "cuda" and fused_kernel_available(device)
 
 
 class AdapterGraphs:
-    """What one sequence's adapter graphs share: the input and output buffers they read and write (at addresses baked
-    into the graphs) and the memory pool their intermediates come from. Sized at the first decoding step; a step of
-    another shape (assisted decoding's several tokens) runs the eager adapter."""
+    """What one sequence's adapter graphs share: the input buffer they read (at an address baked into the graphs), a
+    zero residual, and the memory pool their scratch and outputs come from (the sequence's own: a cache continued in
+    another thread may replay its graphs while this one replays others). Sized at the first decoding step; a step of
+    another shape (assisted decoding's several tokens) runs the eager adapter, and so does every step after a capture
+    that failed."""
 
     def __init__(self):
-        self.x = self.delta = self.pool = None
+        self.x = self.zeros = self.pool = None
+        self.failed = False
 
     def serves(self, x, total) -> bool:
         if self.x is None:
-            if x.shape[1] != 1 or not adapter_graphs_available(x.device) or x.dtype != total.dtype:
+            if self.failed or x.shape[1] != 1 or x.dtype != total.dtype:
                 return False
-            self.x, self.delta = torch.empty_like(x), torch.empty_like(total)
+            # Not inference tensors, even when the first steps run in inference mode: a later call may continue the
+            # cache outside it, which could not write to them.
+            with torch.inference_mode(False):
+                self.x, self.zeros = torch.empty_like(x), torch.zeros_like(total)
         return (
-            (x.shape, x.dtype, x.device) == (self.x.shape, self.x.dtype, self.x.device)
-            and (total.shape, total.dtype) == (self.delta.shape, self.delta.dtype)
+            not self.failed
+            and (x.shape, x.dtype, x.device) == (self.x.shape, self.x.dtype, self.x.device)
+            and (total.shape, total.dtype) == (self.zeros.shape, self.zeros.dtype)
             and not torch.is_autocast_enabled(x.device.type)  # (the graphs were captured without it)
             and not torch.cuda.is_current_stream_capturing()  # (inside a capture of one's own: one graph, no replay)
         )
 
     def capture(self, compute):
-        """`compute` as a CUDA graph, captured on a side stream after a run there (which sets up what a first call
-        sets up, e.g. cuBLAS's workspace for that stream, outside the graph). The thread's side stream of the adapter
-        beside the FFN: one per thread and device, whose workspace is set up once (a new stream per sequence would
-        take one after another of Torch's pool of 32 per device, and a workspace for each). Not `torch.cuda.graph`:
-        on entry it waits for the GPU and empties the allocator's cache, which every `generate` call would then pay
-        per expert layer; nor `torch.cuda.make_graphed_callables`, which captures a backward graph too. Thread-local
-        capture: other threads' CUDA calls meanwhile are no error."""
+        """`compute` as a CUDA graph, and its output (read after each replay), or None if the capture failed (with a
+        warning; the sequence then runs the eager adapter). Captured on the thread's side stream of the adapter beside
+        the FFN, after a run there that compiles or finds the kernels outside the graph, under a lock: past 32
+        threads two share a side stream, and a stream takes one capture at a time. Not `torch.cuda.graph`: on entry
+        it waits for the GPU and empties the allocator's cache, which every `generate` call would then pay per expert
+        layer; nor `torch.cuda.make_graphed_callables`, which captures a backward graph too. Thread-local capture:
+        other threads' CUDA calls meanwhile are no error."""
         device, stream = self.x.device, _side_stream(self.x.device)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.device(device), torch.cuda.stream(stream):
-            compute()
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                compute()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        return graph
+        try:
+            with _CAPTURES, torch.cuda.device(device):
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    compute()
+                    graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                    try:
+                        output = compute()
+                    except BaseException:
+                        with contextlib.suppress(
+                            RuntimeError
+                        ):  # (the capture's own error, after the one that ended it)
+                            graph.capture_end()
+                        raise
+                    graph.capture_end()
+                torch.cuda.current_stream(device).wait_stream(stream)
+        except RuntimeError as error:
+            self.failed = True
+            warnings.warn(
+                f"the language expert's adapters run eagerly: capturing them as a CUDA graph failed: {error}"
+            )
+            return None
+        return graph, output
+
+
+_CAPTURES = threading.Lock()
 
 
 class AdapterGraph:
     """One expert layer's E(x) = SwiGLU(x W_d) W_u (Eq. 4) as a CUDA graph, for eager decoding: bound by the host's
     time per op, it then pays three calls per expert layer (copy x in, replay, add E(x) to h + FFN(x)) instead of the
-    eager adapter's five ops (docs/performance.md). The graph reads W_d and W_u where they are: it is kept with the
-    cache that holds them (`HyperLlamaModel._layer_weights`), and captured at the layer's first decoding step."""
+    eager adapter's five ops (docs/performance.md). The graph holds the fused decode kernels, with a zero residual, and
+    reads W_d and W_u where they are: it is kept with the cache that holds them (`HyperLlamaModel._layer_weights`), and
+    captured at the layer's first decoding step."""
 
     def __init__(self, w_down, w_up, shared: AdapterGraphs):
-        self.w_down, self.w_up, self.shared, self.graph = w_down, w_up, shared, None
-
-    def serves(self, x, total) -> bool:
-        # (A layer that a device map puts elsewhere than the weights gets them moved there: not the graph's.)
-        return x.device == self.w_down.device and self.shared.serves(x, total)
+        self.w_down, self.w_up, self.shared, self.captured = w_down, w_up, shared, None
 
     def add_to(self, total, x):
+        """`total + E(x)`, in place, from the graph; None where it does not serve this step (then the caller runs
+        the eager adapter). (A layer that a device map puts elsewhere than the weights gets them moved there: not
+        the ones the graph reads.)"""
         shared = self.shared
-        if self.graph is None:
-            w_down, w_up = self.w_down, self.w_up
-            if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
-                w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
-            self.graph = shared.capture(lambda: torch.bmm(swiglu_bottleneck(shared.x, w_down), w_up, out=shared.delta))
+        if x.device != self.w_down.device or not shared.serves(x, total):
+            return None
+        if self.captured is None:
+            self.captured = shared.capture(
+                lambda: fused_expert_adapter(shared.x, self.w_down, self.w_up, shared.zeros)
+            )
+            if self.captured is None:
+                return None
+        graph, adapter = self.captured
         shared.x.copy_(x)
-        self.graph.replay()
-        return total.add_(shared.delta)
+        graph.replay()
+        return total.add_(adapter)
 
 
 # The language expert's weights ride on the cache they were generated with, so that whoever continues the cache (a
