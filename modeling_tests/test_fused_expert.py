@@ -851,30 +851,24 @@ def decode_steps(model, steps, prefill_mode=contextlib.nullcontext, steps_mode=t
 
 
 @needs_kernels
-def test_a_step_that_the_graphs_were_not_sized_for_runs_the_eager_adapter(monkeypatch):
+@pytest.mark.parametrize(
+    "steps, prefill_mode, replayed_steps",
+    [([[12], [13, 14, 15], [16]], torch.no_grad, 2), ([[12], [13], [14]], torch.inference_mode, 3)],
+    ids=["a-step-of-three-tokens", "inference-mode-then-not"],
+)
+def test_a_decoding_loop_of_ones_own_replays_the_graphs_where_they_serve(
+    steps, prefill_mode, replayed_steps, monkeypatch
+):
     """Graphs are sized at a sequence's first decoding step; a later step of several tokens (assisted decoding's, or
-    one's own loop's) runs the eager adapter, and the single-token steps after it replay the graphs again."""
+    one's own loop's) runs the eager adapter, and the single-token steps after it replay the graphs again. Their input
+    buffer is an ordinary tensor even when the first steps ran in inference mode: a later call may continue the cache
+    outside it (an inference tensor could not be written there)."""
     graphs = StandInGraphs(monkeypatch)
     model = make_model().to(DEVICE)
-    steps = [[12], [13, 14, 15], [16]]
-    expected = decode_steps(set_kernel(model, "eager"), steps, torch.no_grad)
-    got = decode_steps(set_kernel(model, "auto"), steps, torch.no_grad)
+    expected = decode_steps(set_kernel(model, "eager"), steps, prefill_mode)
+    got = decode_steps(set_kernel(model, "auto"), steps, prefill_mode)
     layers = len(model.config.language_expert_layer_indices)
-    assert (graphs.captures, graphs.replays) == (layers, 2 * layers)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-
-
-@needs_kernels
-def test_a_cache_decoded_in_inference_mode_continues_outside_it_from_its_graphs(monkeypatch):
-    """The graphs' input buffer is an ordinary tensor even when the first steps ran in inference mode: a later call
-    may continue the cache outside it (an inference tensor could not be written there)."""
-    graphs = StandInGraphs(monkeypatch)
-    model = make_model().to(DEVICE)
-    steps = [[12], [13], [14]]
-    expected = decode_steps(set_kernel(model, "eager"), steps, torch.inference_mode)
-    got = decode_steps(set_kernel(model, "auto"), steps, torch.inference_mode)
-    layers = len(model.config.language_expert_layer_indices)
-    assert (graphs.captures, graphs.replays) == (layers, 3 * layers)
+    assert (graphs.captures, graphs.replays) == (layers, replayed_steps * layers)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
