@@ -169,23 +169,30 @@ def tiny_llava():
 
 class StandInGraphs:
     """CUDA graphs stood in for (on a CPU, in Triton's interpreter): a "capture" keeps the computation and its output,
-    a replay runs it again on the shared buffers and copies the result into that output, as a captured graph reads and
-    writes them at their addresses. Counts both."""
+    a replay runs it again and copies the result into that output, as a captured graph writes it. A graph reads its
+    buffers at the addresses they had at the capture: each replay asserts that they still have them. Counts both, and
+    keeps the memory pools that captures allocated from."""
 
     def __init__(self, monkeypatch):
         from transformers_hyperllava import modeling_hyperllava
 
-        self.captures, self.replays = 0, 0
+        self.captures, self.replays, self.pools = 0, 0, set()
         monkeypatch.setattr(modeling_hyperllava, "adapter_graphs_available", lambda device: True)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-        monkeypatch.setattr(modeling_hyperllava.AdapterGraphs, "capture", lambda _, compute: self.capture(compute))
+        monkeypatch.setattr(
+            modeling_hyperllava.AdapterGraphs, "capture", lambda shared, compute: self.capture(shared, compute)
+        )
 
-    def capture(self, compute):
+    def capture(self, shared, compute):
         self.captures += 1
-        output = compute()
+        if shared.pool is None:  # (the form of a real pool's id)
+            shared.pool = (0, self.captures)
+        self.pools.add(shared.pool)
+        output, addresses = compute(), (shared.x.data_ptr(), shared.zeros.data_ptr())
 
         def replay():
             self.replays += 1
+            assert (shared.x.data_ptr(), shared.zeros.data_ptr()) == addresses, "a buffer moved after the capture"
             with torch.inference_mode(output.is_inference()):  # (a graph writes its output in any mode)
                 output.copy_(compute())
 

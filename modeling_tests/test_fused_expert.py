@@ -8,6 +8,7 @@ runs this file again in a child process that does.
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -873,6 +874,34 @@ def test_a_decoding_loop_of_ones_own_replays_the_graphs_where_they_serve(
 
 
 @needs_kernels
+def test_a_copied_cache_captures_graphs_of_its_own(monkeypatch):
+    """Transformers' recipe for reusing a prompt, `copy.deepcopy(prompt_cache)`, on a cache whose graphs were captured
+    (CUDA graphs cannot be copied): the copy captures its own, which read the copy's weights, from a memory pool of its
+    own (copies may decode in several threads at once), and both continue as the eager adapter does."""
+    graphs = StandInGraphs(monkeypatch)
+    model = make_model().to(DEVICE)
+    ids = torch.tensor([prompt_ids("img", 10, 11)], device=DEVICE)
+
+    def continue_twice(kernel):
+        set_kernel(model, kernel)
+        with torch.no_grad():
+            cache = getattr(model(input_ids=ids, pixel_values=images(1).to(DEVICE), use_cache=True), CACHE_ARG)
+            model(input_ids=torch.tensor([[12]], device=DEVICE), **{CACHE_ARG: cache})
+            copied = copy.deepcopy(cache)
+            return [
+                model(input_ids=torch.tensor([[13]], device=DEVICE), **{CACHE_ARG: each}).logits
+                for each in (cache, copied)
+            ]
+
+    expected = continue_twice("eager")
+    got = continue_twice("auto")
+    layers = len(model.config.language_expert_layer_indices)
+    assert (graphs.captures, graphs.replays, len(graphs.pools)) == (2 * layers, 3 * layers, 2)
+    for got_logits, expected_logits in zip(got, expected):
+        torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
 def test_a_graph_serves_only_steps_on_its_weights_device_without_autocast(monkeypatch):
     """A layer that a device map puts elsewhere than the generated weights gets them moved there (not the ones the
     graph reads), and a graph captured without autocast would not compute as the step under it: both eager."""
@@ -920,11 +949,16 @@ def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, ex
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
-def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(monkeypatch):
+@pytest.mark.parametrize("invalidated", [False, True], ids=["an-error", "an-op-cuda-refuses"])
+def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(invalidated, monkeypatch):
+    """A capture that fails, by an error or by an op that CUDA does not allow in one (which invalidates it): a
+    warning, the eager adapter's tokens and logits, and nothing left capturing (a later call captures and replays)."""
     fused_op = modeling_hyperllava.fused_expert_adapter
 
     def fails_in_a_capture(*args):
         if torch.cuda.is_current_stream_capturing():
+            if invalidated:
+                torch.cuda.current_stream().synchronize()
             raise RuntimeError("stand-in for an op that cannot be captured")
         return fused_op(*args)
 
@@ -932,10 +966,22 @@ def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(mon
     kwargs = {**graph_batch(2), "max_new_tokens": 4}
     tokens, logits = greedy(model, "eager", **kwargs)
     monkeypatch.setattr(modeling_hyperllava, "fused_expert_adapter", fails_in_a_capture)
-    with pytest.warns(UserWarning, match="adapters run eagerly: capturing them as a CUDA graph failed: stand-in"):
+    with pytest.warns(UserWarning, match="adapters run eagerly: capturing them as a CUDA graph failed"):
         graph_tokens, graph_logits = greedy(model, "auto", **kwargs)
     assert torch.equal(graph_tokens, tokens)
     torch.testing.assert_close(graph_logits, logits, atol=1e-5, rtol=1e-5)
+    assert not torch.cuda.is_current_stream_capturing()
+    monkeypatch.undo()
+    replays = collections.Counter()
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted_replay(graph):
+        replays[id(graph)] += 1
+        replay(graph)
+
+    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
+        assert torch.equal(greedy(model, "auto", **kwargs)[0], tokens)
+    assert sorted(replays.values()) == [3] * len(model.config.language_expert_layer_indices)
 
 
 def compile_for(arch, kernel, args, keywords):

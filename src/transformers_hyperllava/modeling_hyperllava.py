@@ -10,7 +10,6 @@ Where the paper's equations live:
   `_expand_inputs_for_generation` (generation); the weights continue with the cache they were generated for.
 """
 
-import contextlib
 import copy
 import inspect
 import threading
@@ -193,20 +192,36 @@ class AdapterGraphs:
                     try:
                         output = compute()
                     except BaseException:
-                        with contextlib.suppress(
-                            RuntimeError
-                        ):  # (the capture's own error, after the one that ended it)
-                            graph.capture_end()
+                        self._end_failed_capture(graph, device)
                         raise
                     graph.capture_end()
                 torch.cuda.current_stream(device).wait_stream(stream)
-        except RuntimeError as error:
+        # Any failure, Triton's compiler's among them (its errors are no RuntimeError): the adapter can run without a
+        # graph. (A CUDA error that outlives it, the eager adapter then meets in its turn.)
+        except Exception as error:
             self.failed = True
             warnings.warn(
                 f"the language expert's adapters run eagerly: capturing them as a CUDA graph failed: {error}"
             )
             return None
         return graph, output
+
+    def _end_failed_capture(self, graph, device):
+        """Ends a capture that `compute` left with an error. One that CUDA invalidated (an op not allowed in a
+        capture) makes `capture_end` raise before it tells the allocator to stop putting this thread's allocations in
+        the pool, and the graph never releases the pool: both done here, as `torch.cuda.use_mem_pool` does for its
+        own."""
+        try:
+            graph.capture_end()
+        except RuntimeError:
+            torch._C._cuda_endAllocateToPool(device.index, self.pool)
+            torch._C._cuda_releasePool(device.index, self.pool)
+            self.pool = None
+
+    def __deepcopy__(self, memo):
+        # A copied cache (`copy.deepcopy(prompt_cache)`, Transformers' recipe for reusing a prompt) captures anew:
+        # CUDA graphs cannot be copied, and the copy's graphs read the copy's weights.
+        return AdapterGraphs()
 
 
 _CAPTURES = threading.Lock()
@@ -221,6 +236,9 @@ class AdapterGraph:
 
     def __init__(self, w_down, w_up, shared: AdapterGraphs):
         self.w_down, self.w_up, self.shared, self.captured = w_down, w_up, shared, None
+
+    def __deepcopy__(self, memo):
+        return AdapterGraph(*(copy.deepcopy(part, memo) for part in (self.w_down, self.w_up, self.shared)))
 
     def add_to(self, total, x):
         """`total + E(x)`, in place, from the graph; None where it does not serve this step (then the caller runs
