@@ -923,6 +923,19 @@ def test_a_graph_serves_only_steps_on_its_weights_device_without_autocast(monkey
             assert here.add_to(total.clone(), x) is None
 
 
+@contextlib.contextmanager
+def counted_replays():
+    """Yields a counter of the CUDA graph replays in the meantime, per graph."""
+    replays, replay = collections.Counter(), torch.cuda.CUDAGraph.replay
+
+    def counted_replay(graph):
+        replays[id(graph)] += 1
+        replay(graph)
+
+    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
+        yield replays
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
@@ -933,14 +946,7 @@ def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, ex
     kwargs = graph_batch(batch)
     kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
     tokens, logits = greedy(model, "eager", max_new_tokens=6, **kwargs)
-    replays = collections.Counter()
-    replay = torch.cuda.CUDAGraph.replay
-
-    def counted_replay(graph):
-        replays[id(graph)] += 1
-        replay(graph)
-
-    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
+    with counted_replays() as replays:
         graph_tokens, graph_logits = greedy(model, "auto", max_new_tokens=6, **kwargs)
     assert sorted(replays.values()) == [5] * len(model.config.language_expert_layer_indices)
     assert torch.equal(graph_tokens, tokens)
@@ -972,14 +978,7 @@ def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(inv
     torch.testing.assert_close(graph_logits, logits, atol=1e-5, rtol=1e-5)
     assert not torch.cuda.is_current_stream_capturing()
     monkeypatch.undo()
-    replays = collections.Counter()
-    replay = torch.cuda.CUDAGraph.replay
-
-    def counted_replay(graph):
-        replays[id(graph)] += 1
-        replay(graph)
-
-    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
+    with counted_replays() as replays:
         assert torch.equal(greedy(model, "auto", **kwargs)[0], tokens)
     assert sorted(replays.values()) == [3] * len(model.config.language_expert_layer_indices)
 
