@@ -101,8 +101,8 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=No
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
-        # call, but eager decoding did not measure faster with it, so "auto" uses it only inside a compiled graph
-        # (docs/performance.md).
+        # call, but eager decoding did not measure faster with it, so "auto" launches it only inside a compiled graph;
+        # eager decoding replays it from CUDA graphs of its own (`graph`, below; docs/performance.md).
         kernel == "auto"
         and torch.compiler.is_compiling()
         and fused_kernel_available(x.device)
