@@ -157,7 +157,7 @@ class AdapterGraphs:
 
     def serves(self, x, total) -> bool:
         if self.x is None:
-            if self.failed or x.shape[1] != 1 or x.dtype != total.dtype:
+            if x.shape[1] != 1 or x.dtype != total.dtype:
                 return False
             # Not inference tensors, even when the first steps run in inference mode: a later call may continue the
             # cache outside it, which could not write to them.
