@@ -9,6 +9,8 @@ Both models get random weights at the same shapes (the HyperLLaVA experts too, s
 also runs with its experts detached: a control that does LLaVA's computation with HyperLLaVA's code, so that what the
 experts cost is told apart from what the rest of the code costs. The models are measured in turn within each repeat,
 so that clock and thermal drift hit all alike, and every number is the median over the repeats after a warm-up.
+Eager decoding, which the host's load moves most, is also timed in lockstep: the models' `generate` calls take turns
+every few steps, and each step is compared with LLaVA's step of the same index.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import contextlib
 import functools
 import os
 import statistics
+import threading
 import time
 import traceback
 import unittest.mock
@@ -233,6 +236,135 @@ def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs
     """The median decoding step of one `generate` call: robust to the odd step that a garbage collection or another
     process on the host stretches, which a mean over the call would spread over every token."""
     return statistics.median(decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs))
+
+
+LOCKSTEP_BLOCK = 8  # decoding steps per turn
+
+
+class Turns:
+    """Threads taking turns one at a time in a fixed order: `wait(name)` until it is `name`'s turn, `pass_on(name)` to
+    hand it to the next one still running and wait for it to come back, `leave(name)` when done."""
+
+    def __init__(self, names):
+        self.order, self.live = list(names), set(names)
+        self.turn = self.order[0]
+        self.changed = threading.Condition()
+
+    def _next_after(self, name):
+        start = self.order.index(name) + 1
+        return next((other for other in self.order[start:] + self.order[:start] if other in self.live), None)
+
+    def wait(self, name):
+        with self.changed:
+            self.changed.wait_for(lambda: self.turn == name)
+
+    def pass_on(self, name):
+        with self.changed:
+            self.turn = self._next_after(name)
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.turn == name)
+
+    def leave(self, name):
+        with self.changed:
+            self.live.discard(name)
+            if self.turn == name:
+                self.turn = self._next_after(name)
+                self.changed.notify_all()
+
+
+class LockstepClock(LogitsProcessor):
+    """Times a `generate` call's decoding steps and, every `block` tokens, passes the turn on: at each token's logits
+    (after a synchronisation: nothing of this call's stays queued on the GPU) it ends a step, and when the turn comes
+    back it readies the model (`on_turn`) and starts the next. The first step of each block (`cold`) runs on a host
+    whose caches the others' steps filled: 24% longer for LLaVA's tiny model on a CPU when every step passed the turn,
+    while the variants of one HyperLLaVA, one model with other settings, stayed warm for each other."""
+
+    def __init__(self, name, turns, device, on_turn, block):
+        self.name, self.turns, self.device, self.on_turn, self.block = name, turns, device, on_turn, block
+        self.steps, self.calls, self.started = [], 0, None
+
+    def __call__(self, input_ids, scores):
+        synchronize(self.device)
+        if self.started is not None:
+            self.steps.append(time.perf_counter() - self.started)
+        if self.calls % self.block == 0:
+            self.turns.pass_on(self.name)
+            self.on_turn()
+        self.calls += 1
+        self.started = time.perf_counter()
+        return scores
+
+
+def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_BLOCK):
+    """Each candidate's decoding steps (seconds each, the prefill excluded) from `generate` calls that run side by
+    side, a thread each, taking turns in the order of `candidates` (name -> a function that readies the model and
+    returns it, called at each of its turns) every `block` steps. A candidate's k-th step runs next to the others'
+    k-th steps, a fraction of a second apart where whole calls in turn are seconds apart: the step-by-step ratios leave
+    out the host's drift, which moved LLaVA's eager step over 25-37 ms within one H200 run (docs/performance.md). A
+    candidate that fails is logged and left out (None); the others go on."""
+    turns = Turns(candidates)
+    clocks = {name: LockstepClock(name, turns, device, on_turn, block) for name, on_turn in candidates.items()}
+    failed = set()
+
+    def run(name):
+        try:
+            turns.wait(name)
+            with torch.no_grad():
+                candidates[name]().generate(
+                    **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    logits_processor=LogitsProcessorList([clocks[name]]),
+                )  # fmt: skip
+        except Exception:  # any failure: logged in full, "failed" in the report
+            traceback.print_exc()
+            failed.add(name)
+        finally:
+            turns.leave(name)
+
+    threads = [threading.Thread(target=run, args=(name,), name=f"lockstep {name}") for name in candidates]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {name: None if name in failed else clocks[name].steps for name in candidates}
+
+
+def lockstep_rounds(candidates, batch, new_tokens, device, repeats, warmup=1):
+    """`lockstep_decode_steps` in `warmup + repeats` rounds, each starting one candidate further along (so that none
+    always steps after the same one): each candidate's steps, round by round (the warm-up's dropped; None for one
+    that failed in any round)."""
+    names = list(candidates)
+    rounds = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        live = [name for name in order if rounds[name] is not None]
+        steps = lockstep_decode_steps({name: candidates[name] for name in live}, batch, new_tokens, device)
+        for name in live:
+            if steps[name] is None:
+                rounds[name] = None
+            elif round_ >= warmup:
+                rounds[name].append(steps[name])
+                print(f"  {name}, lockstep round {round_ + 1}: median step {statistics.median(steps[name]):.6g} s")
+    return rounds
+
+
+def warm_steps(steps, block=LOCKSTEP_BLOCK):
+    """A lockstep call's decoding steps but the first of each turn (`LockstepClock`), step 0 among them."""
+    return [step for index, step in enumerate(steps) if index % block]
+
+
+def lockstep_cell(rounds, base):
+    """A table cell for a candidate's lockstep rounds against LLaVA's: its median warm step, the median and quartiles
+    of the step-by-step ratios (each warm step over LLaVA's step of the same round and index), and the ratio of the
+    rounds' median first decoding steps (where a capture at the first step shows)."""
+    ratios = [
+        step / llava
+        for steps, llava_steps in zip(rounds, base, strict=True)
+        for step, llava in zip(warm_steps(steps), warm_steps(llava_steps), strict=True)
+    ]
+    low, middle, high = statistics.quantiles(ratios, n=4)
+    median_step = statistics.median(step for steps in rounds for step in warm_steps(steps))
+    first = statistics.median(steps[0] for steps in rounds) / statistics.median(steps[0] for steps in base)
+    return f"{median_step * 1e3:.3f} ms ({middle:.3f}x; steps {low:.3f}-{high:.3f}x; first step {first:.3f}x)"
 
 
 class ProfiledSteps(LogitsProcessor):
@@ -687,6 +819,7 @@ def main(argv=None):
     header = ["workload", *(labels[name] for name in candidates)]
     # (Eager decoding is host-bound, and noisy: its rows' host CPU time is the steadier measure.)
     rounds = {"prefill": repeats, "decode": 5, "train": repeats}
+    rounds["decode lockstep"] = 3
     rounds["compiled decode"] = 7  # (cheap once compiled)
     if device == "cuda":
         rounds["compiled decode GPU busy"] = rounds["train GPU busy"] = 3
@@ -711,7 +844,9 @@ def main(argv=None):
     without = "; the GPU-busy rows without one" if device == "cuda" else ""
     report.line(
         f"\nMedians of interleaved rounds after a warm-up{without} ({rounds_text}); ratio = HyperLLaVA / LLaVA, the "
-        "ratio of the medians; 'rounds': the quartiles of the ratios round by round.\n"
+        "ratio of the medians; 'rounds': the quartiles of the ratios round by round. 'Steps in lockstep': the "
+        "candidates' `generate` calls take turns a decoding step at a time; ratio = the median of the step-by-step "
+        "ratios, 'steps' their quartiles, the first decoding step (the rounds' medians) apart.\n"
     )
     if not args.only_compiled:  # (else straight to the compiled decode)
         report.table(header)
@@ -747,6 +882,19 @@ def main(argv=None):
                 # `interleaved` drops it; a candidate that failed has none.)
                 cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
                 record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
+            name = f"decode, batch {batch_size}, eager, per token, steps in lockstep"
+            with section(report, name):
+                steps = lockstep_rounds(candidates, decode, settings["new_tokens"], device, rounds["decode lockstep"])
+                if steps["llava"] is None:
+                    raise RuntimeError("LLaVA's run failed (see the log): no ratios")
+                llava_steps = [step for round_ in steps["llava"] for step in warm_steps(round_)]
+                cells = [name, f"{statistics.median(llava_steps) * 1e3:.3f} ms"]
+                cells += [
+                    "failed" if steps[other] is None else lockstep_cell(steps[other], steps["llava"])
+                    for other in candidates
+                    if other != "llava"
+                ]
+                report.row(cells)
 
     if not (args.only_compiled or args.only_eager_decode):
         name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"

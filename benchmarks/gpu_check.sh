@@ -10,7 +10,7 @@
 #       compiled decoding rows alone, every candidate at batch 1 and 16: about 7 minutes in all, which leaves a lent
 #       GPU's 15 minutes room for `profile_decode.py` after it
 #   BENCH_ARGS=--only-eager-decode OUT=/some/folder bash benchmarks/gpu_check.sh   # the eager decoding rows and the
-#       adapter's host time per call alone (run 11: 144 s)
+#       adapter's host time per call alone (run 11: 144 s; since then the rows in lockstep, about 70 s more)
 #
 # Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
 # (with every measurement as it is taken).

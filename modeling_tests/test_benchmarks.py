@@ -2,10 +2,12 @@
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -160,6 +162,104 @@ def test_profiled_steps_cover_the_decoding_steps_after_the_first(monkeypatch):
     assert events == ["forward"] * 2 + ["sync", "start"] + ["forward"] + ["sync", "stop"]
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def run_with_deadline(fn, seconds=30):
+    """`fn()`'s result, from a thread that must end within `seconds` (threads that wait for a turn forever would
+    otherwise hang the suite)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the calls never finished: a turn was not passed on"
+    return result[0]
+
+
+def test_lockstep_calls_take_turns_a_block_of_steps_at_a_time_and_time_their_own_steps(monkeypatch, capsys):
+    """Eager decoding's lockstep rows: the candidates' `generate` calls run one at a time, a block of steps each in
+    turn, each timing only its own steps; so a host load that changes from block to block, or a slow first step after
+    each turn (cold caches), leaves the step-by-step ratios of the warm steps exact. A call that fails is left out and
+    the others finish."""
+    clock, events, readied = FakeClock(), [], []
+    monkeypatch.setattr(bench_overhead, "time", clock)
+    monkeypatch.setattr(bench_overhead, "synchronize", lambda device: None)
+    block, new_tokens = 4, 11
+
+    class StandIn:
+        def __init__(self, name, cost, fails_at=None):
+            self.name, self.cost, self.fails_at = name, cost, fails_at
+
+        def generate(self, max_new_tokens, logits_processor, **kwargs):
+            after_turn = True
+            for token in range(max_new_tokens):  # token 0: the prefill
+                events.append((self.name, token))
+                if token == self.fails_at:
+                    raise RuntimeError("out of memory")
+                load = 1 + (token - 1) // block  # the host's load, changing between blocks
+                clock.now += self.cost * load + (5.0 if after_turn else 0.0)
+                calls = clock.now
+                for processor in logits_processor:
+                    processor(None, None)
+                after_turn = clock.now != calls or token == 0  # another call ran meanwhile: cold caches
+
+    def ready(model):  # (readying a model is no part of its step)
+        readied.append(model.name)
+        clock.now += 100.0
+        return model
+
+    models = {
+        "llava": StandIn("llava", 1.0),
+        "broken": StandIn("broken", 1.0, fails_at=6),
+        "hyper": StandIn("hyper", 1.2),
+    }
+    candidates = {name: lambda model=model: ready(model) for name, model in models.items()}
+    steps = run_with_deadline(
+        lambda: bench_overhead.lockstep_decode_steps(candidates, {}, new_tokens, "cpu", block=block)
+    )
+    # Turns after the prefill, then every `block` steps; "broken" fails in its second turn, the others go on.
+    turns = [(0, 1), (1, 5), (5, 9), (9, 11)]
+    order = [(name, token) for first, end in turns for name in models for token in range(first, end)]
+    assert events == [event for event in order if event[0] != "broken" or event[1] <= 6]
+    assert steps["broken"] is None
+    assert "RuntimeError: out of memory" in capsys.readouterr().err
+    assert len(steps["llava"]) == len(steps["hyper"]) == new_tokens - 1
+    assert steps["llava"][0] == 5.0 + 1.0  # the first decoding step: cold
+    ratios = [
+        hyper / llava
+        for hyper, llava in zip(
+            bench_overhead.warm_steps(steps["hyper"], block), bench_overhead.warm_steps(steps["llava"], block)
+        )
+    ]
+    assert len(ratios) == 7 and ratios == pytest.approx([1.2] * 7)
+    # Each call readied its model at each of its turns, the prefill's among them.
+    assert readied.count("llava") == readied.count("hyper") == len(turns)
+
+
+def test_a_lockstep_cell_gives_the_median_and_quartiles_of_the_warm_steps_ratios_and_the_first_steps_ratio():
+    """The lockstep rows pair each warm step with LLaVA's step of the same round and index (the first of each turn
+    left out), and give the first decoding step, where a capture shows, apart."""
+    block = bench_overhead.LOCKSTEP_BLOCK
+    llava = [[1.0 + index % 3 for index in range(2 * block)], [2.0 + index % 2 for index in range(2 * block)]]
+    hyper = [[1.1 * step for step in llava[0]], [1.2 * step for step in llava[1]]]
+    llava[0][0], llava[1][0], hyper[0][0], hyper[1][0] = 9.0, 7.0, 18.0, 21.0  # the first decoding steps
+    hyper[0][block] = 50.0  # a turn's first step: left out
+    hyper[1][3] = 1.15 * llava[1][3]  # one warm step's ratio 1.15
+    cell = bench_overhead.lockstep_cell(hyper, llava)
+    warm = [index for index in range(2 * block) if index % block]
+    ratios = [1.1] * len(warm) + [1.15 if index == 3 else 1.2 for index in warm]
+    low, middle, high = statistics.quantiles(ratios, n=4)
+    median_step = statistics.median([hyper[round_][index] for round_ in (0, 1) for index in warm])
+    first = statistics.median([18.0, 21.0]) / statistics.median([9.0, 7.0])
+    assert cell == f"{median_step * 1e3:.3f} ms ({middle:.3f}x; steps {low:.3f}-{high:.3f}x; first step {first:.3f}x)"
+    assert first == 19.5 / 8 and 1.1 < middle < 1.2
+
+
 def test_a_decoding_steps_cpu_time_leaves_out_time_the_thread_did_not_run():
     """The eager rows' second measure is the host thread's CPU time per step: a step in which the thread waits (here
     a sleep, standing in for another process taking the host) is longer by the wall clock only."""
@@ -224,8 +324,9 @@ def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_la
 
 
 def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, capsys):
-    """`--only-eager-decode`: the eager decoding rows at batch 1 and 16 (wall clock and host CPU time), and no
-    prefill, training or compiled rows; where CUDA graphs serve eager decoding, "auto" among the candidates."""
+    """`--only-eager-decode`: the eager decoding rows at batch 1 and 16 (wall clock, host CPU time, and steps in
+    lockstep), and no prefill, training or compiled rows; where CUDA graphs serve eager decoding, "auto" among the
+    candidates."""
     monkeypatch.setitem(bench_overhead.SIZES, "tiny", {**bench_overhead.SIZES["tiny"], "new_tokens": 3})
     timed = []
     decode = bench_overhead.decode_step_times
@@ -237,11 +338,12 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, caps
     monkeypatch.setattr(bench_overhead, "decode_step_times", counted)
     monkeypatch.setattr(bench_overhead, "adapter_graphs_available", lambda device: True)
     bench_overhead.main(["--size", "tiny", "--only-eager-decode"])
-    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [line.split(" | ")[0] for line in lines]
     assert rows[1:] == [
         f"| decode, batch {batch}, eager{what}"
         for batch in (1, 16)
-        for what in (", per token (3 new)", ", host CPU time per token")
+        for what in (", per token (3 new)", ", host CPU time per token", ", per token, steps in lockstep")
     ]
     # LLaVA, the control, the eager adapter and "auto", 6 rounds each (a warm-up and 5) at each batch size.
     assert sorted(set(timed)) == sorted(
@@ -250,3 +352,5 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, caps
         for kind, kernel in [("llava", None), ("hyperllava", "eager"), ("hyperllava", "auto")]
     )
     assert len(timed) == 2 * 4 * 6
+    # The lockstep rows: a cell for each HyperLLaVA (the control, the eager adapter, "auto"), none failed.
+    assert all(line.count("x; steps ") == 3 for line in lines if "lockstep" in line)
