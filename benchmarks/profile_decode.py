@@ -13,8 +13,9 @@ warm-up call that compiles, one call times the compiled forward calls (host time
 from the first token's logits to the end, so that only decoding steps count, and one is profiled from the second
 token's logits: its first decoding step (which records the CUDA graphs again when the call's new static cache gets new
 addresses) stays out of the per-step tables too. With --eager the models decode as `generate` does by default
-(host-bound at 7B), and HyperLLaVA runs with the eager adapter, on an NVIDIA GPU also with the fused one replayed
-from CUDA graphs ("auto") and, where the fused op runs, with that too ("triton"):
+(host-bound at 7B), and HyperLLaVA runs with the eager adapter, on an NVIDIA GPU also with its default there, one
+launch a layer ("auto"), with the fused kernels replayed from CUDA graphs instead ("graphs") and with the fused op
+("triton"):
 where each one's host time goes, op by op (the profiler slows the host, so the step times it shows are longer than
 unprofiled ones).
 """
@@ -166,10 +167,12 @@ def main(argv=None):
     candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
     if not args.eager:
         kernels = ["auto" if fused.is_available(device) else "eager"]
-    else:  # (and "auto", the fused kernels replayed from CUDA graphs, where eager decoding does that)
+    else:  # (and "auto", one launch a layer, where eager decoding does that, and the CUDA graphs instead: "graphs")
         kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
-        kernels += ["auto"] if modeling_hyperllava.adapter_graphs_available(device) else []
+        kernels += ["auto"] if modeling_hyperllava.decode_adapters_available(device) else []
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
+    if args.eager and "auto" in kernels:
+        candidates["graphs"] = lambda: variants.use("auto", decode="graphs")
     if kernels == ["auto"]:  # compiled with the fused op, beside the FFN on a second stream: also after the FFN
         candidates["after"] = lambda: variants.use("auto", beside_ffn=False)
     # The models are built once for every batch size (at 7B that is most of a short run's time).

@@ -177,7 +177,8 @@ class StandInGraphs:
         from transformers_hyperllava import modeling_hyperllava
 
         self.captures, self.replays, self.pools = 0, 0, set()
-        monkeypatch.setattr(modeling_hyperllava, "adapter_graphs_available", lambda device: True)
+        monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
+        monkeypatch.setattr(modeling_hyperllava, "EAGER_DECODE_ADAPTER", "graphs")
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
         monkeypatch.setattr(
             modeling_hyperllava.AdapterGraphs, "capture", lambda shared, compute: self.capture(shared, compute)

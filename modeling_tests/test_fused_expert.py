@@ -772,6 +772,7 @@ def test_cuda_graph_replay():
 
 LAUNCHED_KERNELS = (
     "_forward_kernel", "_decode_down_kernel", "_decode_up_kernel", "_backward_rows_kernel", "_rows_reduction_kernel",
+    "_decode_add_kernel",
 )  # fmt: skip
 
 
@@ -873,6 +874,22 @@ def test_a_decoding_loop_of_ones_own_replays_the_graphs_where_they_serve(
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def continue_a_copied_cache(model, kernel):
+    """A prefill and a decoding step, then a copy of the cache (`copy.deepcopy(prompt_cache)`, Transformers' recipe for
+    reusing a prompt) and a step on each: their logits, the cache and the copy."""
+    set_kernel(model, kernel)
+    ids = torch.tensor([prompt_ids("img", 10, 11)], device=DEVICE)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids, pixel_values=images(1).to(DEVICE), use_cache=True), CACHE_ARG)
+        model(input_ids=torch.tensor([[12]], device=DEVICE), **{CACHE_ARG: cache})
+        copied = copy.deepcopy(cache)
+        logits = [
+            model(input_ids=torch.tensor([[13]], device=DEVICE), **{CACHE_ARG: each}).logits
+            for each in (cache, copied)
+        ]
+    return logits, cache, copied
+
+
 @needs_kernels
 def test_a_copied_cache_captures_graphs_of_its_own(monkeypatch):
     """Transformers' recipe for reusing a prompt, `copy.deepcopy(prompt_cache)`, on a cache whose graphs were captured
@@ -880,21 +897,8 @@ def test_a_copied_cache_captures_graphs_of_its_own(monkeypatch):
     own (copies may decode in several threads at once), and both continue as the eager adapter does."""
     graphs = StandInGraphs(monkeypatch)
     model = make_model().to(DEVICE)
-    ids = torch.tensor([prompt_ids("img", 10, 11)], device=DEVICE)
-
-    def continue_twice(kernel):
-        set_kernel(model, kernel)
-        with torch.no_grad():
-            cache = getattr(model(input_ids=ids, pixel_values=images(1).to(DEVICE), use_cache=True), CACHE_ARG)
-            model(input_ids=torch.tensor([[12]], device=DEVICE), **{CACHE_ARG: cache})
-            copied = copy.deepcopy(cache)
-            return [
-                model(input_ids=torch.tensor([[13]], device=DEVICE), **{CACHE_ARG: each}).logits
-                for each in (cache, copied)
-            ]
-
-    expected = continue_twice("eager")
-    got = continue_twice("auto")
+    expected = continue_a_copied_cache(model, "eager")[0]
+    got = continue_a_copied_cache(model, "auto")[0]
     layers = len(model.config.language_expert_layer_indices)
     assert (graphs.captures, graphs.replays, len(graphs.pools)) == (2 * layers, 3 * layers, 2)
     for got_logits, expected_logits in zip(got, expected):
@@ -936,7 +940,15 @@ def counted_replays():
         yield replays
 
 
+@pytest.fixture
+def graphs_for_eager_decoding():
+    """Eager decoding's adapters from CUDA graphs (`EAGER_DECODE_ADAPTER`), which `monkeypatch.undo()` leaves so."""
+    with unittest.mock.patch.object(modeling_hyperllava, "EAGER_DECODE_ADAPTER", "graphs"):
+        yield
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+@pytest.mark.usefixtures("graphs_for_eager_decoding")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
 def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, expert_mode, dtype):
@@ -955,6 +967,7 @@ def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, ex
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+@pytest.mark.usefixtures("graphs_for_eager_decoding")
 @pytest.mark.parametrize("invalidated", [False, True], ids=["an-error", "an-op-cuda-refuses"])
 def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(invalidated, monkeypatch):
     """A capture that fails, by an error or by an op that CUDA does not allow in one (which invalidates it): a
@@ -981,6 +994,166 @@ def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(inv
     with counted_replays() as replays:
         assert torch.equal(greedy(model, "auto", **kwargs)[0], tokens)
     assert sorted(replays.values()) == [3] * len(model.config.language_expert_layer_indices)
+
+
+IN_PLACE_SHAPES = {
+    # (batch, d_in, d_out, r, weight batch): single-token decoding steps
+    "batch-1": (1, 64, 200, 16, 1),
+    "per-sample": (3, 96, 80, 16, 3),
+    "shared-odd": (4, 33, 47, 7, 1),
+    "d_in-in-three-blocks": (2, 600, 130, 16, 2),  # 256 of d_in per step: the last one masked
+    "16-rows-shared": (16, 40, 24, 4, 1),
+}
+
+
+def layer_views(weight_batch, d_in, d_out, r, dtype, seed=0):
+    """One layer's W_d and W_u as the model's eager decoding reads them: views into all three layers' weights
+    (batch stride: all of a sample's weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn(weight_batch, 3, d_in * 2 * r, generator=generator) * d_in**-0.5
+    up = torch.randn(weight_batch, 3, r * d_out, generator=generator) * r**-0.5
+    w_down, w_up = modeling_hyperllava.split_weights(torch.cat([down, up], dim=-1).to(DEVICE, dtype), d_in, r, d_out)
+    return w_down[:, 1], w_up[:, 1]
+
+
+@pytest.fixture
+def counted_in_place(monkeypatch):
+    """The one-launch kernel, counted: its launches through Triton's launcher and those of the compiled kernel."""
+    counted = CountedLaunches(fused._decode_add_kernel)
+    monkeypatch.setattr(fused, "_decode_add_kernel", counted)
+    return counted
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", IN_PLACE_SHAPES.values(), ids=IN_PLACE_SHAPES.keys())
+def test_the_in_place_decode_adapter_adds_e_of_x_to_total_in_one_launch(shape, dtype, counted_in_place):
+    """`total + E(x)` written into `total`, against the float64 reference, with W_d and W_u read where they are (one
+    layer's views into all layers' weights); every call one launch, the first through Triton's launcher (which
+    compiles the kernel) and later ones of the compiled kernel directly."""
+    batch, d_in, d_out, r, weight_batch = shape
+    w_down, w_up = layer_views(weight_batch, d_in, d_out, r, dtype)
+    assert w_down.stride(0) > w_down[0].numel()  # (all layers' weights between two samples: read in place)
+    adapter = fused.InPlaceDecodeAdapter(w_down, w_up)
+    generator = torch.Generator().manual_seed(1)
+    for call in (1, 2, 3):
+        x, total = (torch.randn(batch, 1, size, generator=generator).to(DEVICE, dtype) for size in (d_in, d_out))
+        want = expert_adapter_reference(x.double(), w_down.double(), w_up.double(), total.double())
+        assert adapter.add_to(total, x) is total
+        assert_close(total, want, TOLERANCE[dtype], f"call {call}")
+        assert (counted_in_place.through_triton, counted_in_place.direct) == (1, call - 1)
+
+
+@needs_kernels
+def test_the_in_place_decode_adapter_serves_only_calls_like_its_first_single_token_step(counted_in_place):
+    """A prefill (or a step of several tokens) before the first single-token step, and any later call unlike that
+    one (another batch, autocast, an input 2 bytes off a 16-byte boundary or not contiguous, as the compiled launch
+    assumes them): None, `total` untouched, no launch. So are all calls of a layout the kernel does not take (other
+    dtypes than the weights', over 16 rows per weight set, weights on another device)."""
+    w_down, w_up = layer_views(1, 24, 40, 4, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+
+    def inputs(batch, length=1, dtype=torch.float32):
+        return tuple(torch.randn(batch, length, size, generator=generator).to(DEVICE, dtype) for size in (24, 40))
+
+    def refused(adapter, x, total):
+        before = total.clone()
+        assert adapter.add_to(total, x) is None
+        assert torch.equal(total, before)
+
+    def unaligned(tensor):
+        storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+        return storage[1:].view(tensor.shape).copy_(tensor)
+
+    adapter = fused.InPlaceDecodeAdapter(w_down, w_up)
+    x, total = inputs(2, length=3)
+    refused(adapter, x, total)
+    x, total = inputs(2)
+    assert adapter.add_to(total, x) is total  # the first single-token step: served
+    refused(adapter, *inputs(3))
+    x, total = inputs(2)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        refused(adapter, x, total)
+    refused(adapter, unaligned(x), total)
+    refused(adapter, x, unaligned(total))
+    wide = torch.randn(2, 1, 80).to(DEVICE)
+    refused(adapter, x, wide[..., ::2])
+    assert counted_in_place.through_triton + counted_in_place.direct == 1
+    assert adapter.add_to(total, x) is total  # and a call like the first again
+
+    for adapter, (x, total) in [
+        (fused.InPlaceDecodeAdapter(w_down.bfloat16(), w_up.bfloat16()), inputs(2)),
+        (fused.InPlaceDecodeAdapter(w_down, w_up), inputs(17)),  # 17 rows of one weight set
+        (fused.InPlaceDecodeAdapter(w_down.to("meta"), w_up.to("meta")), inputs(2)),
+    ]:
+        refused(adapter, x, total)
+        refused(adapter, x, total)
+    assert counted_in_place.through_triton + counted_in_place.direct == 2
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "batch, expert_mode, generation, dtype",
+    [
+        (1, "dynamic", {}, torch.float32),
+        (3, "dynamic", {}, torch.float32),
+        (3, "dynamic", {}, torch.bfloat16),
+        (3, "static", {}, torch.float32),
+        (2, "dynamic", {"num_beams": 2}, torch.float32),
+        (2, "dynamic", {"cache_implementation": "static"}, torch.float32),
+    ],
+    ids=["batch-1", "per-sample", "per-sample-bf16", "shared", "beams", "static-cache"],
+)
+def test_eager_decoding_adds_each_expert_layers_adapter_in_one_launch_with_the_eager_adapters_result(
+    batch, expert_mode, generation, dtype, counted_in_place, monkeypatch
+):
+    """With "auto", eager decoding on an NVIDIA GPU adds each expert layer's adapter to h + FFN(x) with one launch
+    at every single-token step: the eager adapter's tokens and logits, with per-sample weights, one weight set for the
+    batch ("static"), beam search (whose cache reorders its rows) and a static cache (whose decoding steps read a copy
+    of the weights); in bf16 E(x) is rounded once, as `baddbmm_` rounds it. The prefill runs the eager adapter; each
+    call's first step goes through Triton's launcher."""
+    monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
+    model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
+    kwargs = {**graph_batch(batch), **generation, "max_new_tokens": 5}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
+    tokens, logits = greedy(model, "eager", **kwargs)
+    assert counted_in_place.through_triton == counted_in_place.direct == 0
+    layers = len(model.config.language_expert_layer_indices)
+    for call in (1, 2):  # each call's cache gets adapters of its own
+        in_place_tokens, in_place_logits = greedy(model, "auto", **kwargs)
+        launches = (counted_in_place.through_triton, counted_in_place.direct)
+        assert launches == (call * layers, call * 3 * layers)  # 4 decoding steps a call
+        assert torch.equal(in_place_tokens, tokens)
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(in_place_logits, logits, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernels
+def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_launch_where_it_serves(
+    counted_in_place, monkeypatch
+):
+    """A step of several tokens (assisted decoding's, or one's own loop's) runs the eager adapter and the
+    single-token steps around it launch the kernel; a copied cache (`copy.deepcopy(prompt_cache)`) gets adapters that
+    read the copy's weights; all as the eager adapter computes."""
+    monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
+    model = make_model().to(DEVICE)
+    layers = len(model.config.language_expert_layer_indices)
+    steps = [[12], [13, 14, 15], [16]]
+    expected = decode_steps(set_kernel(model, "eager"), steps, torch.no_grad)
+    got = decode_steps(set_kernel(model, "auto"), steps, torch.no_grad)
+    assert counted_in_place.through_triton + counted_in_place.direct == 2 * layers
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    expected = continue_a_copied_cache(model, "eager")[0]
+    got, cache, copied = continue_a_copied_cache(model, "auto")
+    for got_logits, expected_logits in zip(got, expected):
+        torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=1e-4)
+    (_, original), (copied_weights, copy_) = (
+        getattr(each, modeling_hyperllava.LAYER_WEIGHTS) for each in (cache, copied)
+    )
+    for idx, (w_down, _, adapter) in copy_.items():
+        assert adapter.w_down.data_ptr() == w_down.data_ptr() != original[idx][2].w_down.data_ptr()
+        assert w_down.untyped_storage().data_ptr() == copied_weights.untyped_storage().data_ptr()
 
 
 def compile_for(arch, kernel, args, keywords):
@@ -1043,8 +1216,9 @@ def global_memory_order(ptx, pointer_parameter):
 def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
     """Triton's interpreter runs the kernels as Python, so it accepts what the compiler refuses: a loop-carried
     variable that changes dtype, a tl.dot under 16 wide, Python the compiler does not know. Every launch that the op
-    makes, forward (with and without the FFN's output) and backward, at the tested shapes and 7B's prefill and decode,
-    with the block sizes the launchers pick for 132 SMs, is compiled here for the GPU, whether or not there is one."""
+    makes, forward (with and without the FFN's output) and backward, and eager decoding's one launch, at the tested
+    shapes and 7B's prefill and decode, with the block sizes the launchers pick for 132 SMs, is compiled here for the
+    GPU, whether or not there is one."""
     monkeypatch.setattr(fused, "_multiprocessor_count", lambda device: 132)
     monkeypatch.setattr(fused, "_dependent_launch", lambda device: arch >= 90)  # as the launchers decide on the GPU
     monkeypatch.setattr(fused, "_DECODE_LAUNCHES", {})  # on a GPU: none compiled by an earlier test
@@ -1062,6 +1236,9 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
         for ffn_out in (None, residual.to(dtype)):
             fused._launch(x, w_down, w_up, residual, ffn_out)  # (what the op launches: its checks refuse CPU tensors)
         fused._expert_adapter_backward(residual.to(dtype), x, w_down, w_up)
+        if batch // weight_batch <= 16:  # eager decoding's one launch, at a single-token step
+            step = torch.empty(batch, 1, d_in, dtype=dtype), torch.empty(batch, 1, d_out, dtype=dtype)
+            assert fused.InPlaceDecodeAdapter(w_down, w_up).add_to(step[1], step[0]) is step[1]  # (recorded, not run)
     assert {kernel.__name__ for kernel, _, _ in launches} == set(LAUNCHED_KERNELS)
     for kernel, args, keywords in launches:
         assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
@@ -1136,9 +1313,9 @@ def test_dependent_launch_from_hopper_on(monkeypatch, fresh_dependent_launch, ca
 
 
 def test_a_call_whose_tensors_are_not_on_the_current_gpu_launches_with_theirs_current(monkeypatch):
-    """Without two GPUs: stand-ins for the device check, the device switch and the launches. Both ways into the kernels
-    (the direct path outside autograd, and the custom op's own call, which compiled graphs make) launch with the
-    tensors' device current."""
+    """Without two GPUs: stand-ins for the device check, the device switch and the launches. Every way into the kernels
+    (the direct path outside autograd, the custom op's own call, which compiled graphs make, and eager decoding's one
+    launch) launches with the tensors' device current."""
     current = []  # the devices made current, innermost last
 
     @contextlib.contextmanager
@@ -1162,7 +1339,12 @@ def test_a_call_whose_tensors_are_not_on_the_current_gpu_launches_with_theirs_cu
     with torch.no_grad():
         fused.fused_expert_adapter(x, w_down, w_up, residual)
     fused.fused_expert_adapter(x, w_down, w_up, residual)  # with autograd: through the custom op
-    assert launched_on == [[x.device], [x.device]] and current == []
+    # and eager decoding's one launch a layer
+    monkeypatch.setattr(
+        fused.InPlaceDecodeAdapter, "_launch", lambda self, total, x: launched_on.append(list(current))
+    )
+    fused.InPlaceDecodeAdapter(w_down, w_up).add_to(residual, x)
+    assert launched_on == [[x.device]] * 3 and current == []
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

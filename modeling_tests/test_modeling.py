@@ -13,7 +13,6 @@ from transformers.models.llava import modeling_llava
 from conftest import (
     IMAGE_TOKEN,
     DispatchedOps,
-    StandInGraphs,
     images,
     left_pad,
     make_model,
@@ -1122,15 +1121,23 @@ def test_continuous_batching_matches_generate_where_the_weights_ignore_the_input
     assert_continuous_batching_matches(model, model)
 
 
-def test_continuous_batching_captures_no_adapter_graph(monkeypatch):
-    """Continuous batching generates the weights at every step (its paged cache holds many requests): a graph
-    captured for them would serve one step, so its steps run the eager adapter."""
-    graphs = StandInGraphs(monkeypatch)
+@pytest.mark.parametrize("adapter", ["one launch", "graphs"])
+def test_continuous_batching_makes_no_adapter_for_eager_decoding(adapter, monkeypatch):
+    """Continuous batching generates the weights at every step (its paged cache holds many requests): an adapter
+    compiled or captured for them would serve one step, so its steps run the eager adapter."""
+    made = []
+    monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
+    monkeypatch.setattr(modeling_hyperllava, "EAGER_DECODE_ADAPTER", adapter)
+    monkeypatch.setattr(modeling_hyperllava, "InPlaceDecodeAdapter", lambda *pair: made.append(pair))
+    monkeypatch.setattr(modeling_hyperllava, "AdapterGraph", lambda *pair, shared: made.append(pair))
     model = make_model(expert_mode="static")
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
     results = model.generate_batch(inputs=[prompt_ids(10, 11, 12)], generation_config=config, warmup=False)
     assert [len(result.generated_tokens) for result in results.values()] == [4]  # three decoding steps of one token
-    assert graphs.captures == 0
+    assert made == []
+    with torch.no_grad():  # (as a decoding step on a cache of one's own makes them)
+        model(input_ids=torch.tensor([prompt_ids(10, 11)]), use_cache=True)
+    assert len(made) == len(model.config.language_expert_layer_indices)
 
 
 def test_continuous_batching_without_a_language_expert_generates_llavas_tokens(tiny_llava):

@@ -18,6 +18,7 @@ without Triton (then `is_available()` is False and the model uses its eager path
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import threading
@@ -289,6 +290,46 @@ def _decode_up_kernel(
     hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty).to(tl.float32)
     out += tl.sum(hidden[:, None] * w.to(tl.float32), axis=0)
     tl.store(out_ptr + row * d_out + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@_kernel
+def _decode_add_kernel(
+    x_ptr, w_down_ptr, w_up_ptr, total_ptr,
+    rows, d_in, r, d_out, w_down_stride, w_up_stride,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Program (j, m, g): adds E(x[m]) to total[m] in place, over output columns [j * BLOCK_N, ...), for row m of
+    problem g: the whole adapter in one launch (`InPlaceDecodeAdapter`). Every program of a row computes the row's
+    bottleneck itself, reading all of its W_d (from L2 after the first program's read: 256 KiB a row at 7B): a few
+    microseconds of GPU time, where the two-launch decode path costs eager decoding, bound by the host's time per
+    call, a second launch and a buffer for the partial sums."""
+    group = tl.program_id(2).to(tl.int64)
+    row = group * rows + tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < r
+    w_down = w_down_ptr + group * w_down_stride
+    gate = tl.zeros([BLOCK_R], dtype=tl.float32)
+    up = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, d_in, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < d_in
+        x = tl.load(x_ptr + row * d_in + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+        gate_columns = w_down + offs_k[:, None] * (2 * r) + offs_r[None, :]  # (the first r columns feed the gate)
+        mask = mask_k[:, None] & mask_r[None, :]
+        gate += tl.sum(x * tl.load(gate_columns, mask=mask, other=0.0).to(tl.float32), axis=0)
+        up += tl.sum(x * tl.load(gate_columns + r, mask=mask, other=0.0).to(tl.float32), axis=0)
+    # Rounded to the weights' dtype as the other kernels round it; padded entries are 0 * 0 = 0.
+    hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty).to(tl.float32)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < d_out
+    w = tl.load(
+        w_up_ptr + group * w_up_stride + offs_r[:, None] * d_out + offs_n[None, :],
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    total = total_ptr + row * d_out + offs_n
+    out = tl.load(total, mask=mask_n, other=0.0).to(tl.float32) + tl.sum(hidden[:, None] * w, axis=0)
+    tl.store(total, out.to(total_ptr.dtype.element_ty), mask=mask_n)
 
 
 @_kernel
@@ -627,6 +668,83 @@ def _decode_block(size, row_programs, sms, smallest, largest):
     `largest` (a d_in so long that the tile grows rather than the number of partial sums)."""
     programs_per_row = triton.cdiv(sms, row_programs)
     return max(smallest, min(largest, triton.next_power_of_2(triton.cdiv(size, programs_per_row))))
+
+
+class InPlaceDecodeAdapter:
+    """One expert layer's adapter for the eager decoding steps of a sequence: `total + E(x)`, added in place to
+    `total` (the layer's h + FFN(x)) by one launch of `_decode_add_kernel`, which reads the sequence's W_d and W_u
+    where they are. Eager decoding is bound by the host's time per call: this adds one launch per expert layer to
+    LLaVA's step, where the fused op adds two launches, two buffers and the lookup of its call's signature, and the
+    CUDA graphs three calls (copy x in, replay, add).
+
+    Made where the fused kernels run (an NVIDIA GPU with Triton; Triton's interpreter on a CPU). Serves calls like its
+    first single-token step, if the kernel takes that one: x and total in the weights' dtype, on their device,
+    contiguous, 16-byte aligned (as fresh tensors are: the launches are compiled for it), at most 16 rows per weight
+    set, no autocast. `add_to` returns None for any other call (a prefill, a step of several tokens, autocast), which
+    the caller then runs otherwise."""
+
+    def __init__(self, w_down, w_up):
+        self.w_down, self.w_up = w_down, w_up
+        self.layout = self.arguments = self.launch = None
+
+    def __deepcopy__(self, memo):
+        # (A copied cache's weights are copies: its adapters read those.)
+        return InPlaceDecodeAdapter(copy.deepcopy(self.w_down, memo), copy.deepcopy(self.w_up, memo))
+
+    def add_to(self, total, x):
+        layout = (x.shape, total.shape, x.dtype, total.dtype, x.device)
+        if self.layout is None:
+            if x.dim() != 3 or x.shape[1] != 1:  # (a prefill, or assisted decoding's steps of several tokens)
+                return None
+            self.layout, self.arguments = layout, self._arguments(total, x)
+        if (
+            layout != self.layout
+            or self.arguments is None
+            or (x.data_ptr() | total.data_ptr()) % 16
+            or not (x.is_contiguous() and total.is_contiguous())
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        if _elsewhere(x):  # (a kernel loaded for one device launches with it current)
+            with torch.cuda.device(x.device):
+                return self._launch(total, x)
+        return self._launch(total, x)
+
+    def _arguments(self, total, x):
+        """The kernel's grid and its arguments after the tensors (constexprs last: a compiled kernel takes them all),
+        or None where it does not take this call."""
+        w_down, w_up = self.w_down, self.w_up
+        if not (w_down.dim() == w_up.dim() == 3 and x.device == w_down.device == w_up.device):
+            return None
+        groups, rows, d_in, r, d_out = _problem(x, w_up)
+        if not (
+            x.dtype == total.dtype == w_down.dtype == w_up.dtype
+            and groups in (1, x.shape[0])
+            and 0 < rows <= _DECODE_MAX_ROWS
+            and w_down.shape == (groups, d_in, 2 * r)
+            and total.shape == (*x.shape[:-1], d_out)
+            and w_down[0].is_contiguous()
+            and w_up[0].is_contiguous()
+        ):
+            return None
+        block_r = triton.next_power_of_2(r)
+        block_k = min(triton.next_power_of_2(d_in), _DECODE_TILE // (2 * block_r))
+        block_n = _decode_block(d_out, groups * rows, _multiprocessor_count(x.device), 16, _DECODE_TILE // block_r)
+        grid = (triton.cdiv(d_out, block_n), rows, groups)
+        return grid, (rows, d_in, r, d_out, w_down.stride(0), w_up.stride(0), block_k, block_r, block_n)
+
+    def _launch(self, total, x):
+        grid, tail = self.arguments
+        if self.launch is not None:
+            self.launch(x, self.w_down, self.w_up, total, *tail)
+            return total
+        names = ("BLOCK_K", "BLOCK_R", "BLOCK_N")
+        compiled = _decode_add_kernel[grid](
+            x, self.w_down, self.w_up, total, *tail[:-3], **dict(zip(names, tail[-3:])), **_OPTIONS
+        )
+        if compiled is not None:  # (Triton's interpreter compiles nothing)
+            self.launch = compiled[grid]
+        return total
 
 
 @_expert_adapter.register_fake

@@ -11,6 +11,7 @@ Where the paper's equations live:
 """
 
 import copy
+import functools
 import inspect
 import threading
 import warnings
@@ -43,7 +44,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hyperllava import HyperLlavaConfig
-from .fused_expert_hyperllava import _side_stream, beats_eager, expert_adapter_beside_ffn, fused_expert_adapter
+from .fused_expert_hyperllava import (
+    InPlaceDecodeAdapter,
+    _side_stream,
+    beats_eager,
+    expert_adapter_beside_ffn,
+    fused_expert_adapter,
+)
 from .fused_expert_hyperllava import is_available as fused_kernel_available
 
 # Transformers 5.24 renamed the forward argument `past_key_values` to `cache`; we pass on whichever the installed
@@ -91,13 +98,22 @@ def split_weights(weights, in_dim, rank, out_dim):
 # and less wall-clock time (run 9, docs/performance.md).
 ADAPTER_BESIDE_FFN = True
 
+# How "auto" adds the language expert's adapter in eager decoding on an NVIDIA GPU, where the step is bound by the
+# host's time per call: "one launch" of a kernel that adds E(x) to h + FFN(x) in place (`InPlaceDecodeAdapter`), or
+# "graphs", the fused decode kernels replayed from a CUDA graph (`AdapterGraph`: three calls, 28 us of host time per
+# expert layer beyond LLaVA's in run 11, which predicts 1.019x at batch 1 and 1.027x at batch 16). The first is
+# predicted at about a third of that from the launches' host time; both stay until a GPU run has measured it
+# (docs/performance.md, "Next GPU run").
+EAGER_DECODE_ADAPTER = "one launch"
 
-def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=None):
+
+def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=None):
     """`residual [+ ffn(x)] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out). `ffn`: the FFN beside
     which the expert sits (the language expert's), applied to x too; its output is added to the residual first.
-    `graph`: this layer's `AdapterGraph` (eager decoding on an NVIDIA GPU), which "auto" replays where it serves.
+    `decode`: this layer's adapter for eager decoding steps on an NVIDIA GPU (`InPlaceDecodeAdapter` or
+    `AdapterGraph`, `EAGER_DECODE_ADAPTER`), which "auto" uses where it serves.
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
@@ -114,7 +130,7 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=No
     decoding = ffn is not None and not torch.is_grad_enabled()
     if decoding:
         total = residual + ffn(x)
-        if kernel == "auto" and graph is not None and (out := graph.add_to(total, x)) is not None:
+        if kernel == "auto" and decode is not None and (out := decode.add_to(total, x)) is not None:
             return out
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
@@ -136,9 +152,9 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, graph=No
     return residual + expert
 
 
-def adapter_graphs_available(device) -> bool:
-    """Whether eager decoding replays the adapters from CUDA graphs (`AdapterGraph`): where the fused kernels run (an
-    NVIDIA GPU with Triton), as the graphs hold those. (cuBLAS's GEMMs would write their split-K scratch to a
+def decode_adapters_available(device) -> bool:
+    """Whether eager decoding adds the adapters with the fused kernels (`EAGER_DECODE_ADAPTER`): where they run (an
+    NVIDIA GPU with Triton). The CUDA graphs hold those too. (cuBLAS's GEMMs would write their split-K scratch to a
     workspace that Torch owns and frees, e.g. whenever a compiled graph is recorded, while the graph keeps its
     address; the kernels' scratch comes from the graph's own memory pool.)"""
     return torch.device(device).type == "cuda" and fused_kernel_available(device)
@@ -460,7 +476,7 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
         self.expert_kernel = expert_kernel
 
     # The weights come positionally so that activation checkpointing sees them as inputs, reentrant or not.
-    def forward(self, hidden_states, expert_down=None, expert_up=None, expert_graph=None, **kwargs):
+    def forward(self, hidden_states, expert_down=None, expert_up=None, expert_decode=None, **kwargs):
         residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden_states = residual + hidden_states
@@ -472,7 +488,7 @@ class HyperLlamaDecoderLayer(LlamaDecoderLayer):
         # the expert before the FFN under autograd (cheaper recomputation under activation checkpointing) and adds its
         # last product into the FFN's sum without (one op fewer in decoding).
         return expert_adapter(
-            normed, expert_down, expert_up, hidden_states, self.expert_kernel, ffn=self.mlp, graph=expert_graph
+            normed, expert_down, expert_up, hidden_states, self.expert_kernel, ffn=self.mlp, decode=expert_decode
         )
 
 
@@ -658,9 +674,10 @@ class HyperLlamaModel(LlamaModel):
         )
 
     def _layer_weights(self, weights, cache):
-        """Each expert layer's (W_d, W_u), views into `weights`, and where they are kept, its `AdapterGraph`. Made once
-        per sequence: kept on `cache` for the decoding steps that continue it with the same weights, as making them (a
-        split and two unbinds: 36 views) cost eager decoding about 1% of its step. Kept and reused only without
+        """Each expert layer's (W_d, W_u), views into `weights`, and where they are kept on an NVIDIA GPU, its adapter
+        for eager decoding steps (`EAGER_DECODE_ADAPTER`). Made once per sequence: kept on `cache` for the decoding
+        steps that continue it with the same weights, as making them (a split and two unbinds: 36 views) cost eager
+        decoding about 1% of its step. Kept and reused only without
         autograd (views made under it would carry one forward's graph into the next; views made without it would drop
         the gradient of a forward under it), and not inside a compiled graph, where views cost nothing."""
         keep = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -672,10 +689,14 @@ class HyperLlamaModel(LlamaModel):
         # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
         layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
         if keep:
-            # (Not continuous batching's paged cache: every step there brings new weights, and would capture anew.)
-            if adapter_graphs_available(weights.device) and not isinstance(cache, PagedAttentionCache):
-                shared = AdapterGraphs()
-                layer_weights = {idx: (*pair, AdapterGraph(*pair, shared)) for idx, pair in layer_weights.items()}
+            # (Not continuous batching's paged cache: every step there brings new weights, and would compile or
+            # capture anew.)
+            if decode_adapters_available(weights.device) and not isinstance(cache, PagedAttentionCache):
+                if EAGER_DECODE_ADAPTER == "one launch":
+                    decode = InPlaceDecodeAdapter
+                else:
+                    decode = functools.partial(AdapterGraph, shared=AdapterGraphs())  # (one per sequence)
+                layer_weights = {idx: (*pair, decode(*pair)) for idx, pair in layer_weights.items()}
             setattr(cache, LAYER_WEIGHTS, (weights, layer_weights))
         return layer_weights
 
