@@ -308,16 +308,19 @@ def _decode_add_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < r
     w_down = w_down_ptr + group * w_down_stride
-    gate = tl.zeros([BLOCK_R], dtype=tl.float32)
-    up = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Products summed element-wise over the steps and reduced once after them: a reduction per step would synchronise
+    # the program's warps at every step.
+    gate = tl.zeros([BLOCK_K, BLOCK_R], dtype=tl.float32)
+    up = tl.zeros([BLOCK_K, BLOCK_R], dtype=tl.float32)
     for start in range(0, d_in, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < d_in
         x = tl.load(x_ptr + row * d_in + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
         gate_columns = w_down + offs_k[:, None] * (2 * r) + offs_r[None, :]  # (the first r columns feed the gate)
         mask = mask_k[:, None] & mask_r[None, :]
-        gate += tl.sum(x * tl.load(gate_columns, mask=mask, other=0.0).to(tl.float32), axis=0)
-        up += tl.sum(x * tl.load(gate_columns + r, mask=mask, other=0.0).to(tl.float32), axis=0)
+        gate += x * tl.load(gate_columns, mask=mask, other=0.0).to(tl.float32)
+        up += x * tl.load(gate_columns + r, mask=mask, other=0.0).to(tl.float32)
+    gate, up = tl.sum(gate, axis=0), tl.sum(up, axis=0)
     # Rounded to the weights' dtype as the other kernels round it; padded entries are 0 * 0 = 0.
     hidden = (gate * tl.sigmoid(gate) * up).to(w_up_ptr.dtype.element_ty).to(tl.float32)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -729,7 +732,8 @@ class InPlaceDecodeAdapter:
             return None
         block_r = triton.next_power_of_2(r)
         block_k = min(triton.next_power_of_2(d_in), _DECODE_TILE // (2 * block_r))
-        block_n = _decode_block(d_out, groups * rows, _multiprocessor_count(x.device), 16, _DECODE_TILE // block_r)
+        # About a program per SM, each of which reads all of its row's W_d: more would only add reads of L2.
+        block_n = _decode_block(d_out, groups * rows, _multiprocessor_count(x.device), 64, _DECODE_TILE // block_r)
         grid = (triton.cdiv(d_out, block_n), rows, groups)
         return grid, (rows, d_in, r, d_out, w_down.stride(0), w_up.stride(0), block_k, block_r, block_n)
 
