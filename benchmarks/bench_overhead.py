@@ -1016,7 +1016,7 @@ def main(argv=None):
             busy = interleaved(
                 candidates, lambda _, get: train_busy_seconds(get(), train), rounds["train GPU busy"], warmup=0
             )
-            record(name, busy)
+            record(name, busy, columns=decode_candidates)
 
     report.line(f"\nTotal {time.perf_counter() - started:.0f} s.")
 

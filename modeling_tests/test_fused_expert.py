@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
 
 from conftest import (
@@ -1025,6 +1026,7 @@ def counted_in_place(monkeypatch):
 
 
 @needs_kernels
+@torch.no_grad()  # (as decoding runs it: under autograd it refuses, as the in-place write would escape autograd)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", IN_PLACE_SHAPES.values(), ids=IN_PLACE_SHAPES.keys())
 def test_the_in_place_decode_adapter_adds_e_of_x_to_total_in_one_launch(shape, dtype, counted_in_place):
@@ -1045,11 +1047,13 @@ def test_the_in_place_decode_adapter_adds_e_of_x_to_total_in_one_launch(shape, d
 
 
 @needs_kernels
+@torch.no_grad()
 def test_the_in_place_decode_adapter_serves_only_calls_like_its_first_single_token_step(counted_in_place):
     """A prefill (or a step of several tokens) before the first single-token step, and any later call unlike that
     one (another batch, autocast, an input 2 bytes off a 16-byte boundary or not contiguous, as the compiled launch
-    assumes them): None, `total` untouched, no launch. So are all calls of a layout the kernel does not take (other
-    dtypes than the weights', over 16 rows per weight set, weights on another device)."""
+    assumes them), under autograd or under a mode that must see the ops (FlopCounterMode: the eager adapter's FLOPs
+    are counted): None, `total` untouched, no launch. So are all calls of a layout the kernel does not take (other
+    dtypes than the weights', over 16 rows per weight set, weights on another device, a rank over 256)."""
     w_down, w_up = layer_views(1, 24, 40, 4, torch.float32)
     generator = torch.Generator().manual_seed(1)
 
@@ -1078,6 +1082,10 @@ def test_the_in_place_decode_adapter_serves_only_calls_like_its_first_single_tok
     refused(adapter, x, unaligned(total))
     wide = torch.randn(2, 1, 80).to(DEVICE)
     refused(adapter, x, wide[..., ::2])
+    with FlopCounterMode(display=False):
+        refused(adapter, x, total)
+    with torch.enable_grad():  # (the in-place write would escape autograd)
+        refused(adapter, x, total)
     assert counted_in_place.through_triton + counted_in_place.direct == 1
     assert adapter.add_to(total, x) is total  # and a call like the first again
 
@@ -1085,10 +1093,66 @@ def test_the_in_place_decode_adapter_serves_only_calls_like_its_first_single_tok
         (fused.InPlaceDecodeAdapter(w_down.bfloat16(), w_up.bfloat16()), inputs(2)),
         (fused.InPlaceDecodeAdapter(w_down, w_up), inputs(17)),  # 17 rows of one weight set
         (fused.InPlaceDecodeAdapter(w_down.to("meta"), w_up.to("meta")), inputs(2)),
+        (fused.InPlaceDecodeAdapter(*layer_views(1, 24, 40, 257, torch.float32)), inputs(2)),
     ]:
         refused(adapter, x, total)
         refused(adapter, x, total)
     assert counted_in_place.through_triton + counted_in_place.direct == 2
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
+@torch.no_grad()
+def test_the_in_place_decode_adapter_launches_in_a_cuda_graph_capture_once_its_kernel_is_loaded():
+    """Loading a kernel's module is not allowed in a stream capture: inside one, an adapter that has not launched yet
+    refuses the call (the eager adapter, which can be captured, runs instead); once it has launched, its launch is
+    captured, and the graph's replays add E(x) to whatever x and total hold then."""
+    w_down, w_up = layer_views(2, 96, 80, 16, torch.float32)
+    x, total = (torch.randn(2, 1, size, device=DEVICE) for size in (96, 80))
+    fresh = fused.InPlaceDecodeAdapter(w_down, w_up)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        assert fresh.add_to(total, x) is None
+    adapter = fused.InPlaceDecodeAdapter(w_down, w_up)
+    assert adapter.add_to(total.clone(), x) is not None  # (launched through Triton: loaded)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert adapter.add_to(total, x) is total
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        total.copy_(torch.randn_like(total))
+        before = total.clone()
+        graph.replay()
+        want = expert_adapter_reference(*(t.double() for t in (x, w_down, w_up, before)))
+        assert_close(total, want, TOLERANCE[torch.float32], "replay")
+
+
+@needs_kernels
+def test_a_failed_launch_warns_and_leaves_the_sequence_to_the_eager_adapter(monkeypatch):
+    """A launch through Triton that fails (here a stand-in for its compiler's error, which is no RuntimeError): a
+    warning, and every step of that sequence runs the eager adapter, with its tokens and logits."""
+
+    class CompilationError(Exception):
+        pass
+
+    attempts = []
+
+    class FailingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                attempts.append(grid)
+                raise CompilationError("stand-in for a compiler error")
+
+            return launch
+
+    monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
+    model = make_model().to(DEVICE)
+    kwargs = {**graph_batch(2), "max_new_tokens": 4}
+    tokens, logits = greedy(model, "eager", **kwargs)
+    monkeypatch.setattr(fused, "_decode_add_kernel", FailingKernel())
+    with pytest.warns(UserWarning, match="adapters run eagerly: launching their decoding kernel failed"):
+        failed_tokens, failed_logits = greedy(model, "auto", **kwargs)
+    assert torch.equal(failed_tokens, tokens)
+    torch.testing.assert_close(failed_logits, logits, atol=1e-5, rtol=1e-5)
+    assert len(attempts) == len(model.config.language_expert_layer_indices)  # one a layer: none after it failed
 
 
 @needs_kernels
@@ -1238,7 +1302,8 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
         fused._expert_adapter_backward(residual.to(dtype), x, w_down, w_up)
         if batch // weight_batch <= 16:  # eager decoding's one launch, at a single-token step
             step = torch.empty(batch, 1, d_in, dtype=dtype), torch.empty(batch, 1, d_out, dtype=dtype)
-            assert fused.InPlaceDecodeAdapter(w_down, w_up).add_to(step[1], step[0]) is step[1]  # (recorded, not run)
+            with torch.no_grad():
+                assert fused.InPlaceDecodeAdapter(w_down, w_up).add_to(step[1], step[0]) is step[1]  # (recorded)
     assert {kernel.__name__ for kernel, _, _ in launches} == set(LAUNCHED_KERNELS)
     for kernel, args, keywords in launches:
         assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
@@ -1343,7 +1408,8 @@ def test_a_call_whose_tensors_are_not_on_the_current_gpu_launches_with_theirs_cu
     monkeypatch.setattr(
         fused.InPlaceDecodeAdapter, "_launch", lambda self, total, x: launched_on.append(list(current))
     )
-    fused.InPlaceDecodeAdapter(w_down, w_up).add_to(residual, x)
+    with torch.no_grad():
+        fused.InPlaceDecodeAdapter(w_down, w_up).add_to(residual, x)
     assert launched_on == [[x.device]] * 3 and current == []
 
 

@@ -22,6 +22,7 @@ import copy
 import functools
 import os
 import threading
+import warnings
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -683,8 +684,12 @@ class InPlaceDecodeAdapter:
     Made where the fused kernels run (an NVIDIA GPU with Triton; Triton's interpreter on a CPU). Serves calls like its
     first single-token step, if the kernel takes that one: x and total in the weights' dtype, on their device,
     contiguous, 16-byte aligned (as fresh tensors are: the launches are compiled for it), at most 16 rows per weight
-    set, no autocast. `add_to` returns None for any other call (a prefill, a step of several tokens, autocast), which
-    the caller then runs otherwise."""
+    set and a rank of at most 256, no autocast, and nothing that needs to see the ops (`_plain_eager_call`: a dispatch
+    mode such as FlopCounterMode, a tracer, vmap). `add_to` returns None for any other call (a prefill, a step of
+    several tokens, ...), which the caller then runs otherwise, and for every call after a launch through Triton
+    failed (with a warning; Triton's compiler's errors among them). The first launch, which loads the kernel, is not
+    made inside a CUDA graph capture (loading a module is not allowed in one); once loaded, the launch can be
+    captured."""
 
     def __init__(self, w_down, w_up):
         self.w_down, self.w_up = w_down, w_up
@@ -706,6 +711,8 @@ class InPlaceDecodeAdapter:
             or (x.data_ptr() | total.data_ptr()) % 16
             or not (x.is_contiguous() and total.is_contiguous())
             or torch.is_autocast_enabled(x.device.type)
+            or not _plain_eager_call(x, total)
+            or (self.launch is None and x.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return None
         if _elsewhere(x):  # (a kernel loaded for one device launches with it current)
@@ -731,6 +738,8 @@ class InPlaceDecodeAdapter:
         ):
             return None
         block_r = triton.next_power_of_2(r)
+        if block_r > 256:  # (the W_u tile of a program's 64 columns would not fit its registers)
+            return None
         block_k = min(triton.next_power_of_2(d_in), _DECODE_TILE // (2 * block_r))
         # About a program per SM, each of which reads all of its row's W_d: more would only add reads of L2.
         block_n = _decode_block(d_out, groups * rows, _multiprocessor_count(x.device), 64, _DECODE_TILE // block_r)
@@ -743,9 +752,18 @@ class InPlaceDecodeAdapter:
             self.launch(x, self.w_down, self.w_up, total, *tail)
             return total
         names = ("BLOCK_K", "BLOCK_R", "BLOCK_N")
-        compiled = _decode_add_kernel[grid](
-            x, self.w_down, self.w_up, total, *tail[:-3], **dict(zip(names, tail[-3:])), **_OPTIONS
-        )
+        try:
+            compiled = _decode_add_kernel[grid](
+                x, self.w_down, self.w_up, total, *tail[:-3], **dict(zip(names, tail[-3:])), **_OPTIONS
+            )
+        # Any failure, Triton's compiler's among them (its errors are no RuntimeError): the eager adapter can run
+        # instead. (Compiling fails before the launch, which leaves `total` as it was.)
+        except Exception as error:
+            self.arguments = None
+            warnings.warn(
+                f"the language expert's adapters run eagerly: launching their decoding kernel failed: {error}"
+            )
+            return None
         if compiled is not None:  # (Triton's interpreter compiles nothing)
             self.launch = compiled[grid]
         return total
