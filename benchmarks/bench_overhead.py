@@ -277,8 +277,8 @@ class Turns:
 class LockstepClock(LogitsProcessor):
     """Times a `generate` call's decoding steps and, every `block` tokens, passes the turn on: at each token's logits
     (after a synchronisation: nothing of this call's stays queued on the GPU) it ends a step, and when the turn comes
-    back it readies the model (`on_turn`) and starts the next. The first step of each block (`cold`) runs on a host
-    whose caches the others' steps filled: 24% longer for LLaVA's tiny model on a CPU when every step passed the turn,
+    back it readies the model (`on_turn`) and starts the next. The first step of each block (left out by `warm_steps`)
+    runs on a host whose caches the others' steps filled: 24% longer for LLaVA's tiny model on a CPU when every step passed the turn,
     while the variants of one HyperLLaVA, one model with other settings, stayed warm for each other."""
 
     def __init__(self, name, turns, device, on_turn, block):

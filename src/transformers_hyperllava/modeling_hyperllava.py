@@ -154,9 +154,9 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
 
 def decode_adapters_available(device) -> bool:
     """Whether eager decoding adds the adapters with the fused kernels (`EAGER_DECODE_ADAPTER`): where they run (an
-    NVIDIA GPU with Triton). The CUDA graphs hold those too. (cuBLAS's GEMMs would write their split-K scratch to a
-    workspace that Torch owns and frees, e.g. whenever a compiled graph is recorded, while the graph keeps its
-    address; the kernels' scratch comes from the graph's own memory pool.)"""
+    NVIDIA GPU with Triton). The CUDA graphs hold those kernels too, not the eager adapter's: cuBLAS's GEMMs would
+    write their split-K scratch to a workspace that Torch owns and frees (e.g. whenever a compiled graph is recorded)
+    while the graph keeps its address; the kernels' scratch comes from the graph's own memory pool."""
     return torch.device(device).type == "cuda" and fused_kernel_available(device)
 
 
@@ -677,9 +677,9 @@ class HyperLlamaModel(LlamaModel):
         """Each expert layer's (W_d, W_u), views into `weights`, and where they are kept on an NVIDIA GPU, its adapter
         for eager decoding steps (`EAGER_DECODE_ADAPTER`). Made once per sequence: kept on `cache` for the decoding
         steps that continue it with the same weights, as making them (a split and two unbinds: 36 views) cost eager
-        decoding about 1% of its step. Kept and reused only without
-        autograd (views made under it would carry one forward's graph into the next; views made without it would drop
-        the gradient of a forward under it), and not inside a compiled graph, where views cost nothing."""
+        decoding about 1% of its step. Kept and reused only without autograd (views made under it would carry one
+        forward's graph into the next; views made without it would drop the gradient of a forward under it), and not
+        inside a compiled graph, where views cost nothing."""
         keep = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         kept = getattr(cache, LAYER_WEIGHTS, None) if keep else None
         if kept is not None and kept[0] is weights:
