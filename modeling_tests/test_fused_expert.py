@@ -800,43 +800,55 @@ def greedy(model, kernel, **kwargs):
     return out.sequences, torch.stack(out.logits)
 
 
-def graph_batch(batch, generation=None):
+def decoding_batch(batch, generation=None):
     ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13), prompt_ids(14, 15)][:batch])
     pixel_values = images(int(ids.eq(IMAGE_TOKEN).sum()) // 4)
     return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "pixel_values": pixel_values.to(DEVICE)}
 
 
+DECODING_CASES = {  # (batch, expert mode, generate's arguments, dtype)
+    "batch-1": (1, "dynamic", {}, torch.float32),
+    "per-sample": (3, "dynamic", {}, torch.float32),
+    "per-sample-bf16": (3, "dynamic", {}, torch.bfloat16),
+    "shared": (3, "static", {}, torch.float32),
+    "beams": (2, "dynamic", {"num_beams": 2}, torch.float32),
+    "static-cache": (2, "dynamic", {"cache_implementation": "static"}, torch.float32),
+}
+
+
+def check_auto_decodes_as_the_eager_adapter(case, counts, per_later_step):
+    """Generates 5 tokens (4 decoding steps) with the eager adapter, then twice with "auto": the same tokens and
+    logits (within bf16's rounding: E(x) rounded once or twice), and after call n, `counts()` (what "auto" made or
+    launched once per sequence and layer, and at each later step) equal to n * layers and n * per_later_step *
+    layers: each call's cache gets eager decoding's adapters of its own, and the eager adapter makes none."""
+    batch, expert_mode, generation, dtype = case
+    model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
+    kwargs = {**decoding_batch(batch), **generation, "max_new_tokens": 5}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
+    tokens, logits = greedy(model, "eager", **kwargs)
+    assert counts() == (0, 0)
+    layers = len(model.config.language_expert_layer_indices)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for call in (1, 2):
+        auto_tokens, auto_logits = greedy(model, "auto", **kwargs)
+        assert counts() == (call * layers, call * per_later_step * layers)
+        assert torch.equal(auto_tokens, tokens)
+        torch.testing.assert_close(auto_logits, logits, atol=tolerance, rtol=tolerance)
+
+
 @needs_kernels
-@pytest.mark.parametrize(
-    "batch, expert_mode, generation",
-    [
-        (1, "dynamic", {}),
-        (3, "dynamic", {}),
-        (3, "static", {}),
-        (2, "dynamic", {"num_beams": 2}),
-        (2, "dynamic", {"cache_implementation": "static"}),
-    ],
-    ids=["batch-1", "per-sample", "shared", "beams", "static-cache"],
-)
+@pytest.mark.parametrize("case", DECODING_CASES.values(), ids=DECODING_CASES.keys())
 def test_eager_decoding_replays_each_expert_layers_adapter_from_a_graph_with_the_eager_adapters_result(
-    batch, expert_mode, generation, monkeypatch
+    case, monkeypatch
 ):
     """With "auto", eager decoding on an NVIDIA GPU replays each expert layer's adapter (the fused decode kernels)
     from a graph captured once per sequence at its first decoding step (x copied in, E(x) added to h + FFN(x)): the
     eager adapter's tokens and logits, with per-sample weights, one weight set for the batch ("static"), beam search
-    (whose cache reorders its rows) and a static cache (whose decoding steps read a copy of the weights). Only
-    single-token steps: the prefill runs the eager adapter. (Stand-in graphs: `test_on_a_gpu_...` has CUDA's.)"""
+    (whose cache reorders its rows) and a static cache (whose decoding steps read a copy of the weights), in float32
+    and bf16. Only single-token steps: the prefill runs the eager adapter. (Stand-in graphs: `test_on_a_gpu_...` has
+    CUDA's.)"""
     graphs = StandInGraphs(monkeypatch)
-    model = make_model(expert_mode=expert_mode).to(DEVICE)
-    kwargs = {**graph_batch(batch), **generation, "max_new_tokens": 5}
-    tokens, logits = greedy(model, "eager", **kwargs)
-    assert graphs.captures == graphs.replays == 0
-    layers = len(model.config.language_expert_layer_indices)
-    for call in (1, 2):  # each call's cache gets graphs of its own
-        graph_tokens, graph_logits = greedy(model, "auto", **kwargs)
-        assert (graphs.captures, graphs.replays) == (call * layers, call * 4 * layers)  # 4 decoding steps a call
-        assert torch.equal(graph_tokens, tokens)
-        torch.testing.assert_close(graph_logits, logits, atol=1e-4, rtol=1e-4)
+    check_auto_decodes_as_the_eager_adapter(case, lambda: (graphs.captures, graphs.replays), per_later_step=4)
 
 
 def decode_steps(model, steps, prefill_mode=contextlib.nullcontext, steps_mode=torch.no_grad):
@@ -956,7 +968,7 @@ def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, ex
     """The real CUDA graphs: captured once per sequence and expert layer, replayed at every decoding step, with the
     eager adapter's tokens and logits (bf16: E(x) added to h + FFN(x) is rounded twice, not once as baddbmm_ does)."""
     model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
-    kwargs = graph_batch(batch)
+    kwargs = decoding_batch(batch)
     kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
     tokens, logits = greedy(model, "eager", max_new_tokens=6, **kwargs)
     with counted_replays() as replays:
@@ -983,7 +995,7 @@ def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(inv
         return fused_op(*args)
 
     model = make_model().to(DEVICE)
-    kwargs = {**graph_batch(2), "max_new_tokens": 4}
+    kwargs = {**decoding_batch(2), "max_new_tokens": 4}
     tokens, logits = greedy(model, "eager", **kwargs)
     monkeypatch.setattr(modeling_hyperllava, "fused_expert_adapter", fails_in_a_capture)
     with pytest.warns(UserWarning, match="adapters run eagerly: capturing them as a CUDA graph failed"):
@@ -1145,7 +1157,7 @@ def test_a_failed_launch_warns_and_leaves_the_sequence_to_the_eager_adapter(monk
 
     monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
     model = make_model().to(DEVICE)
-    kwargs = {**graph_batch(2), "max_new_tokens": 4}
+    kwargs = {**decoding_batch(2), "max_new_tokens": 4}
     tokens, logits = greedy(model, "eager", **kwargs)
     monkeypatch.setattr(fused, "_decode_add_kernel", FailingKernel())
     with pytest.warns(UserWarning, match="adapters run eagerly: launching their decoding kernel failed"):
@@ -1156,20 +1168,9 @@ def test_a_failed_launch_warns_and_leaves_the_sequence_to_the_eager_adapter(monk
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "batch, expert_mode, generation, dtype",
-    [
-        (1, "dynamic", {}, torch.float32),
-        (3, "dynamic", {}, torch.float32),
-        (3, "dynamic", {}, torch.bfloat16),
-        (3, "static", {}, torch.float32),
-        (2, "dynamic", {"num_beams": 2}, torch.float32),
-        (2, "dynamic", {"cache_implementation": "static"}, torch.float32),
-    ],
-    ids=["batch-1", "per-sample", "per-sample-bf16", "shared", "beams", "static-cache"],
-)
+@pytest.mark.parametrize("case", DECODING_CASES.values(), ids=DECODING_CASES.keys())
 def test_eager_decoding_adds_each_expert_layers_adapter_in_one_launch_with_the_eager_adapters_result(
-    batch, expert_mode, generation, dtype, counted_in_place, monkeypatch
+    case, counted_in_place, monkeypatch
 ):
     """With "auto", eager decoding on an NVIDIA GPU adds each expert layer's adapter to h + FFN(x) with one launch
     at every single-token step: the eager adapter's tokens and logits, with per-sample weights, one weight set for the
@@ -1177,19 +1178,9 @@ def test_eager_decoding_adds_each_expert_layers_adapter_in_one_launch_with_the_e
     of the weights); in bf16 E(x) is rounded once, as `baddbmm_` rounds it. The prefill runs the eager adapter; each
     call's first step goes through Triton's launcher."""
     monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
-    model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
-    kwargs = {**graph_batch(batch), **generation, "max_new_tokens": 5}
-    kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
-    tokens, logits = greedy(model, "eager", **kwargs)
-    assert counted_in_place.through_triton == counted_in_place.direct == 0
-    layers = len(model.config.language_expert_layer_indices)
-    for call in (1, 2):  # each call's cache gets adapters of its own
-        in_place_tokens, in_place_logits = greedy(model, "auto", **kwargs)
-        launches = (counted_in_place.through_triton, counted_in_place.direct)
-        assert launches == (call * layers, call * 3 * layers)  # 4 decoding steps a call
-        assert torch.equal(in_place_tokens, tokens)
-        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-        torch.testing.assert_close(in_place_logits, logits, atol=tolerance, rtol=tolerance)
+    # (Each sequence's first step through Triton's launcher, its 3 later ones launching the compiled kernel.)
+    launches = counted_in_place
+    check_auto_decodes_as_the_eager_adapter(case, lambda: (launches.through_triton, launches.direct), per_later_step=3)
 
 
 @needs_kernels
