@@ -39,8 +39,6 @@ from transformers_hyperllava import (  # noqa: E402
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
 from transformers_hyperllava.modeling_hyperllava import (  # noqa: E402
-    AdapterGraph,
-    AdapterGraphs,
     HyperExpert,
     decode_adapters_available,
     expert_adapter,
@@ -109,17 +107,15 @@ class HyperVariants:
     """One built HyperLLaVA run as several variants on the same weights: `use("eager")` or `use("auto")` picks the
     adapter, `use(None)` detaches the experts (the control: the model then skips them, as if it had none),
     `use("auto", beside_ffn=False)` has a compiled decoding step compute the adapter after the FFN rather than beside
-    it on a second stream, the default (`modeling_hyperllava.ADAPTER_BESIDE_FFN`), and `use("auto", decode="graphs")`
-    has eager decoding replay it from CUDA graphs rather than launch it once a layer, the default
-    (`modeling_hyperllava.EAGER_DECODE_ADAPTER`). Both settings are process-wide: every `use` sets them."""
+    it on a second stream, the default (`modeling_hyperllava.ADAPTER_BESIDE_FFN`, a process-wide setting: every `use`
+    sets it)."""
 
     def __init__(self, model):
         self.model = model
         self.experts = {name: module for name, module in model.named_modules() if isinstance(module, HyperExpert)}
 
-    def use(self, kernel, beside_ffn=True, decode="one launch"):
+    def use(self, kernel, beside_ffn=True):
         modeling_hyperllava.ADAPTER_BESIDE_FFN = beside_ffn
-        modeling_hyperllava.EAGER_DECODE_ADAPTER = decode
         for name, expert in self.experts.items():
             parent, _, leaf = name.rpartition(".")
             setattr(self.model.get_submodule(parent), leaf, None if kernel is None else expert)
@@ -598,8 +594,7 @@ def adapter_host_time(settings, report):
             "fused op, direct launches",
             "custom op (a compiled graph's call), direct launches",
             "fork and join beside the FFN (a compiled graph's calls), with LLaVA's add",
-            "adapter replayed from a CUDA graph (the fused kernels since run 11): copy x in, replay, add",
-            'one launch (eager decoding\'s "auto" since session 23): E(x) added to h + FFN(x) in place',
+            'one launch (eager decoding\'s "auto"): E(x) added to h + FFN(x) in place',
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -633,14 +628,12 @@ def adapter_host_time(settings, report):
                 )
             )
             cells.append(host_microseconds_per_call(beside_the_ffn))
-            for decode in (AdapterGraph(w_down, w_up, AdapterGraphs()), fused.InPlaceDecodeAdapter(w_down, w_up)):
-                cells.append(
-                    host_microseconds_per_call(
-                        lambda decode=decode: expert_adapter(
-                            x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, decode=decode
-                        )
-                    )
+            decode = fused.InPlaceDecodeAdapter(w_down, w_up)
+            cells.append(
+                host_microseconds_per_call(
+                    lambda: expert_adapter(x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, decode=decode)
                 )
+            )
         report.row([name, *(f"{us:.1f}" for us in cells)])
 
 
@@ -799,8 +792,7 @@ def main(argv=None):
     )
     # The adapters timed outside compiled graphs, and the one compiled decoding uses (the default, "auto"). Outside a
     # compiled graph "auto" runs the eager adapter or, in eager decoding on an NVIDIA GPU, one launch a layer (timed as
-    # "auto" where it can, and with the fused kernels replayed from CUDA graphs instead as "graphs"); the fused op
-    # launched directly is timed as "triton".
+    # "auto" where it can); the fused op launched directly is timed as "triton".
     kernels, compiled_kernel = ["eager"], "eager"
     if not fused.is_available(device):
         report.line("The fused expert kernel needs CUDA and Triton: HyperLLaVA runs its eager adapter only.")
@@ -819,14 +811,9 @@ def main(argv=None):
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
     labels = {"llava": "LLaVA", "no experts": "HyperLLaVA, experts detached (control)"}
     labels.update({kernel: f"HyperLLaVA ({kernel} adapter)" for kernel in [*kernels, compiled_kernel]})
-    # Eager decoding's rows also time the adapters replayed from CUDA graphs (`EAGER_DECODE_ADAPTER`): the other rows
-    # would time "auto" again.
-    decode_candidates = dict(candidates)
     if "auto" in kernels:
         labels["auto"] = "HyperLLaVA (auto: in eager decoding, one launch a layer)"
-        labels["graphs"] = "HyperLLaVA (auto, in eager decoding replayed from CUDA graphs)"
-        decode_candidates["graphs"] = lambda: variants.use("auto", decode="graphs")
-    header = ["workload", *(labels[name] for name in decode_candidates)]
+    header = ["workload", *(labels[name] for name in candidates)]
     # (Eager decoding is host-bound, and noisy: its rows' host CPU time is the steadier measure.)
     rounds = {"prefill": repeats, "decode": 5, "train": repeats}
     rounds["decode lockstep"] = 3
@@ -834,9 +821,8 @@ def main(argv=None):
     if device == "cuda":
         rounds["compiled decode GPU busy"] = rounds["train GPU busy"] = 3
 
-    def record(workload, values, unit=1e3, suffix=" ms", columns=None):
-        """One row: `values` holds each candidate's rounds (or one value); a column of `columns` (default: the
-        candidates of `values`) that has none reads "-" (not run)."""
+    def record(workload, values, unit=1e3, suffix=" ms"):
+        """One row: `values` holds each candidate's rounds (or one value)."""
         rounds = {
             name: value if value is None or isinstance(value, list) else [value] for name, value in values.items()
         }
@@ -845,12 +831,8 @@ def main(argv=None):
             raise RuntimeError("LLaVA's run failed (see the log): no ratios")
         cells = [workload, f"{statistics.median(base) * unit:.3f}{suffix}"]
         cells += [
-            "-"
-            if name not in rounds
-            else "failed"
-            if rounds[name] is None
-            else ratio_cell(rounds[name], base, unit, suffix)
-            for name in columns or rounds
+            "failed" if rounds[name] is None else ratio_cell(rounds[name], base, unit, suffix)
+            for name in rounds
             if name != "llava"
         ]
         report.row(cells)
@@ -876,7 +858,7 @@ def main(argv=None):
                 with torch.no_grad():
                     return wall_time(lambda: model(**prefill, logits_to_keep=1), device)
 
-            record(name, interleaved(candidates, prefill_time, rounds["prefill"]), columns=decode_candidates)
+            record(name, interleaved(candidates, prefill_time, rounds["prefill"]))
 
     if not args.only_compiled:
         for batch_size in (1, 16):
@@ -890,25 +872,23 @@ def main(argv=None):
                 return statistics.median(wall)
 
             with section(report, name):
-                per_round = interleaved(decode_candidates, eager_decode, rounds["decode"])
+                per_round = interleaved(candidates, eager_decode, rounds["decode"])
                 record(name, per_round)
                 # The wall clock of a host-bound step moves with the host's load (LLaVA's batch-1 step took 22-36 ms in
                 # one H200 run); the thread's CPU time leaves out the time it did not run. (The warm-up round dropped, as
                 # `interleaved` drops it; a candidate that failed has none.)
-                cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in decode_candidates}
+                cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
                 record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
             name = f"decode, batch {batch_size}, eager, per token, steps in lockstep"
             with section(report, name):
-                steps = lockstep_rounds(
-                    decode_candidates, decode, settings["new_tokens"], device, rounds["decode lockstep"]
-                )
+                steps = lockstep_rounds(candidates, decode, settings["new_tokens"], device, rounds["decode lockstep"])
                 if steps["llava"] is None:
                     raise RuntimeError("LLaVA's run failed (see the log): no ratios")
                 llava_steps = [step for round_ in steps["llava"] for step in warm_steps(round_)]
                 cells = [name, f"{statistics.median(llava_steps) * 1e3:.3f} ms"]
                 cells += [
                     "failed" if steps[other] is None else lockstep_cell(steps[other], steps["llava"])
-                    for other in decode_candidates
+                    for other in candidates
                     if other != "llava"
                 ]
                 report.row(cells)
@@ -921,11 +901,11 @@ def main(argv=None):
                 prepare_training(model)
 
             trained = interleaved(candidates, lambda _, get: train_seconds(get(), train, device), rounds["train"])
-            record(name, trained, columns=decode_candidates)
+            record(name, trained)
             if device == "cuda":
                 peaks = {candidate: train_peak_bytes(get(), train, device) for candidate, get in candidates.items()}
                 name = "train peak memory (GiB), each model as if alone on the device"
-                record(name, peaks, 2**-30, " GiB", columns=decode_candidates)
+                record(name, peaks, 2**-30, " GiB")
             else:
                 report.line("\nTraining peak memory: skipped (measured with the CUDA caching allocator; none on CPU).")
         variants.use(kernels[0])
@@ -1016,7 +996,7 @@ def main(argv=None):
             busy = interleaved(
                 candidates, lambda _, get: train_busy_seconds(get(), train), rounds["train GPU busy"], warmup=0
             )
-            record(name, busy, columns=decode_candidates)
+            record(name, busy)
 
     report.line(f"\nTotal {time.perf_counter() - started:.0f} s.")
 

@@ -14,9 +14,7 @@ from the first token's logits to the end, so that only decoding steps count, and
 token's logits: its first decoding step (which records the CUDA graphs again when the call's new static cache gets new
 addresses) stays out of the per-step tables too. With --eager the models decode as `generate` does by default
 (host-bound at 7B), and HyperLLaVA runs with the eager adapter, on an NVIDIA GPU also with its default there, one
-launch a layer ("auto"), with the fused kernels replayed from CUDA graphs instead ("graphs") and with the fused op
-("triton"):
-where each one's host time goes, op by op (the profiler slows the host, so the step times it shows are longer than
+launch a layer ("auto"), and with the fused op ("triton"): where each one's host time goes, op by op (the profiler slows the host, so the step times it shows are longer than
 unprofiled ones).
 """
 
@@ -167,12 +165,10 @@ def main(argv=None):
     candidates = {"llava": lambda: llava, "no experts": lambda: variants.use(None)}
     if not args.eager:
         kernels = ["auto" if fused.is_available(device) else "eager"]
-    else:  # (and "auto", one launch a layer, where eager decoding does that, and the CUDA graphs instead: "graphs")
+    else:  # (and "auto", one launch a layer, where eager decoding does that)
         kernels = ["eager", "triton"] if fused.is_available(device) else ["eager"]
         kernels += ["auto"] if modeling_hyperllava.decode_adapters_available(device) else []
     candidates.update({kernel: lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
-    if args.eager and "auto" in kernels:
-        candidates["graphs"] = lambda: variants.use("auto", decode="graphs")
     if kernels == ["auto"]:  # compiled with the fused op, beside the FFN on a second stream: also after the FFN
         candidates["after"] = lambda: variants.use("auto", beside_ffn=False)
     # The models are built once for every batch size (at 7B that is most of a short run's time).

@@ -3,7 +3,6 @@ import contextlib
 import io
 import json
 import os
-import types
 
 # Nothing downloads at test time: every model, tokenizer and image is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,41 +166,8 @@ def tiny_llava():
     return LlavaForConditionalGeneration(config.to_llava_config()).double().eval(), config
 
 
-class StandInGraphs:
-    """CUDA graphs stood in for (on a CPU, in Triton's interpreter): a "capture" keeps the computation and its output,
-    a replay runs it again and copies the result into that output, as a captured graph writes it. A graph reads its
-    buffers at the addresses they had at the capture: each replay asserts that they still have them. Counts both, and
-    keeps the memory pools that captures allocated from."""
-
-    def __init__(self, monkeypatch):
-        from transformers_hyperllava import modeling_hyperllava
-
-        self.captures, self.replays, self.pools = 0, 0, set()
-        monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
-        monkeypatch.setattr(modeling_hyperllava, "EAGER_DECODE_ADAPTER", "graphs")
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-        monkeypatch.setattr(
-            modeling_hyperllava.AdapterGraphs, "capture", lambda shared, compute: self.capture(shared, compute)
-        )
-
-    def capture(self, shared, compute):
-        self.captures += 1
-        if shared.pool is None:  # (the form of a real pool's id)
-            shared.pool = (0, self.captures)
-        self.pools.add(shared.pool)
-        output, addresses = compute(), (shared.x.data_ptr(), shared.zeros.data_ptr())
-
-        def replay():
-            self.replays += 1
-            assert (shared.x.data_ptr(), shared.zeros.data_ptr()) == addresses, "a buffer moved after the capture"
-            with torch.inference_mode(output.is_inference()):  # (a graph writes its output in any mode)
-                output.copy_(compute())
-
-        return types.SimpleNamespace(replay=replay), output
-
-
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
     "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece", "sentencepiece_vocab_size",
-    "write_sentencepiece_tokenizer", "StandInGraphs",
+    "write_sentencepiece_tokenizer",
 ]  # fmt: skip

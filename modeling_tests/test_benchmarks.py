@@ -282,27 +282,19 @@ def test_a_decoding_steps_cpu_time_leaves_out_time_the_thread_did_not_run():
     assert wall[1] >= 0.2 and cpu[1] < 0.1
 
 
-def test_only_the_after_the_ffn_and_the_graphs_variants_switch_the_defaults_off(monkeypatch):
-    """The switches are process-wide, and the variants take turns on one model: each `use` sets them, so that the
-    variant timed after the "after" one runs beside the FFN again, and the one after "graphs" decodes with one launch
-    a layer again, as by default."""
+def test_only_the_after_the_ffn_variant_switches_the_default_off(monkeypatch):
+    """The switch is process-wide, and the variants take turns on one model: each `use` sets it, so that the variant
+    timed after the "after" one runs beside the FFN again, as by default."""
     from transformers_hyperllava import HyperLlavaForConditionalGeneration, modeling_hyperllava
     from transformers_hyperllava.tiny import tiny_config
 
     monkeypatch.setattr(modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)
-    monkeypatch.setattr(modeling_hyperllava, "EAGER_DECODE_ADAPTER", "one launch")
     variants = bench_overhead.HyperVariants(HyperLlavaForConditionalGeneration(tiny_config()))
     seen = []
-    for kernel, settings in [
-        ("auto", {"beside_ffn": False}), ("auto", {}), ("auto", {"decode": "graphs"}), (None, {}), ("eager", {}),
-    ]:  # fmt: skip
+    for kernel, settings in [("auto", {"beside_ffn": False}), ("auto", {}), (None, {}), ("eager", {})]:
         model = variants.use(kernel, **settings)
-        switches = modeling_hyperllava.ADAPTER_BESIDE_FFN, modeling_hyperllava.EAGER_DECODE_ADAPTER
-        seen.append((*switches, model.config.expert_kernel))
-    assert seen == [
-        (False, "one launch", "auto"), (True, "one launch", "auto"), (True, "graphs", "auto"),
-        (True, "one launch", "auto"), (True, "one launch", "eager"),
-    ]  # fmt: skip
+        seen.append((modeling_hyperllava.ADAPTER_BESIDE_FFN, model.config.expert_kernel))
+    assert seen == [(False, "auto"), (True, "auto"), (True, "auto"), (True, "eager")]
 
 
 def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_launches_through_triton(monkeypatch):
@@ -334,7 +326,7 @@ def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_la
 def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, capsys):
     """`--only-eager-decode`: the eager decoding rows at batch 1 and 16 (wall clock, host CPU time, and steps in
     lockstep), and no prefill, training or compiled rows; where the fused kernels serve eager decoding, "auto" (one
-    launch a layer) and "graphs" among the candidates."""
+    launch a layer) among the candidates."""
     monkeypatch.setitem(bench_overhead.SIZES, "tiny", {**bench_overhead.SIZES["tiny"], "new_tokens": 3})
     timed = []
     decode = bench_overhead.decode_step_times
@@ -345,9 +337,8 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, caps
 
     monkeypatch.setattr(bench_overhead, "decode_step_times", counted)
     monkeypatch.setattr(bench_overhead, "decode_adapters_available", lambda device: True)
-    switches = {"ADAPTER_BESIDE_FFN": True, "EAGER_DECODE_ADAPTER": "one launch"}
-    for switch, value in switches.items():  # (restored after the benchmark's variants set them)
-        monkeypatch.setattr(bench_overhead.modeling_hyperllava, switch, value)
+    # (Restored after the benchmark's variants set it.)
+    monkeypatch.setattr(bench_overhead.modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)
     bench_overhead.main(["--size", "tiny", "--only-eager-decode"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     rows = [line.split(" | ")[0] for line in lines]
@@ -356,12 +347,12 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, caps
         for batch in (1, 16)
         for what in (", per token (3 new)", ", host CPU time per token", ", per token, steps in lockstep")
     ]
-    # LLaVA, the control, the eager adapter, "auto" and "graphs", 6 rounds each (a warm-up and 5) at each batch size.
+    # LLaVA, the control, the eager adapter and "auto", 6 rounds each (a warm-up and 5) at each batch size.
     assert sorted(set(timed)) == sorted(
         (kind, batch, kernel)
         for batch in (1, 16)
         for kind, kernel in [("llava", None), ("hyperllava", "eager"), ("hyperllava", "auto")]
     )
-    assert len(timed) == 2 * 5 * 6
-    # The lockstep rows: a cell for each HyperLLaVA (the control, the eager adapter, "auto", "graphs"), none failed.
-    assert all(line.count("x; steps ") == 4 for line in lines if "lockstep" in line)
+    assert len(timed) == 2 * 4 * 6
+    # The lockstep rows: a cell for each HyperLLaVA (the control, the eager adapter, "auto"), none failed.
+    assert all(line.count("x; steps ") == 3 for line in lines if "lockstep" in line)

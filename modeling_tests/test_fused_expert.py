@@ -5,7 +5,6 @@ before Triton is first imported: when the suite did not start that way, `test_ke
 runs this file again in a child process that does.
 """
 
-import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -16,7 +15,6 @@ import re
 import subprocess
 import sys
 import threading
-import unittest.mock
 
 import numpy
 import pytest
@@ -30,7 +28,6 @@ from transformers import LlavaForConditionalGeneration
 from conftest import (
     IMAGE_TOKEN,
     DispatchedOps,
-    StandInGraphs,
     compiled_generation,
     images,
     left_pad,
@@ -838,55 +835,13 @@ def check_auto_decodes_as_the_eager_adapter(case, counts, per_later_step):
         torch.testing.assert_close(auto_logits, logits, atol=tolerance, rtol=tolerance)
 
 
-@needs_kernels
-@pytest.mark.parametrize("case", DECODING_CASES.values(), ids=DECODING_CASES.keys())
-def test_eager_decoding_replays_each_expert_layers_adapter_from_a_graph_with_the_eager_adapters_result(
-    case, monkeypatch
-):
-    """With "auto", eager decoding on an NVIDIA GPU replays each expert layer's adapter (the fused decode kernels)
-    from a graph captured once per sequence at its first decoding step (x copied in, E(x) added to h + FFN(x)): the
-    eager adapter's tokens and logits, with per-sample weights, one weight set for the batch ("static"), beam search
-    (whose cache reorders its rows) and a static cache (whose decoding steps read a copy of the weights), in float32
-    and bf16. Only single-token steps: the prefill runs the eager adapter. (Stand-in graphs: `test_on_a_gpu_...` has
-    CUDA's.)"""
-    graphs = StandInGraphs(monkeypatch)
-    check_auto_decodes_as_the_eager_adapter(case, lambda: (graphs.captures, graphs.replays), per_later_step=4)
-
-
-def decode_steps(model, steps, prefill_mode=contextlib.nullcontext, steps_mode=torch.no_grad):
+@torch.no_grad()
+def decode_steps(model, steps):
     """A prefill on one image and two words, then each step's tokens on the cache: each step's logits."""
     ids = torch.tensor([prompt_ids("img", 10, 11)], device=DEVICE)
-    with prefill_mode():
-        cache = {
-            CACHE_ARG: getattr(model(input_ids=ids, pixel_values=images(1).to(DEVICE), use_cache=True), CACHE_ARG)
-        }
-        logits = [model(input_ids=torch.tensor([steps[0]], device=DEVICE), **cache).logits]
-    with steps_mode():
-        for step in steps[1:]:
-            logits.append(model(input_ids=torch.tensor([step], device=DEVICE), **cache).logits)
+    cache = {CACHE_ARG: getattr(model(input_ids=ids, pixel_values=images(1).to(DEVICE), use_cache=True), CACHE_ARG)}
+    logits = [model(input_ids=torch.tensor([step], device=DEVICE), **cache).logits for step in steps]
     return torch.cat(logits, dim=1)
-
-
-@needs_kernels
-@pytest.mark.parametrize(
-    "steps, prefill_mode, replayed_steps",
-    [([[12], [13, 14, 15], [16]], torch.no_grad, 2), ([[12], [13], [14]], torch.inference_mode, 3)],
-    ids=["a-step-of-three-tokens", "inference-mode-then-not"],
-)
-def test_a_decoding_loop_of_ones_own_replays_the_graphs_where_they_serve(
-    steps, prefill_mode, replayed_steps, monkeypatch
-):
-    """Graphs are sized at a sequence's first decoding step; a later step of several tokens (assisted decoding's, or
-    one's own loop's) runs the eager adapter, and the single-token steps after it replay the graphs again. Their input
-    buffer is an ordinary tensor even when the first steps ran in inference mode: a later call may continue the cache
-    outside it (an inference tensor could not be written there)."""
-    graphs = StandInGraphs(monkeypatch)
-    model = make_model().to(DEVICE)
-    expected = decode_steps(set_kernel(model, "eager"), steps, prefill_mode)
-    got = decode_steps(set_kernel(model, "auto"), steps, prefill_mode)
-    layers = len(model.config.language_expert_layer_indices)
-    assert (graphs.captures, graphs.replays) == (layers, replayed_steps * layers)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def continue_a_copied_cache(model, kernel):
@@ -903,112 +858,6 @@ def continue_a_copied_cache(model, kernel):
             for each in (cache, copied)
         ]
     return logits, cache, copied
-
-
-@needs_kernels
-def test_a_copied_cache_captures_graphs_of_its_own(monkeypatch):
-    """Transformers' recipe for reusing a prompt, `copy.deepcopy(prompt_cache)`, on a cache whose graphs were captured
-    (CUDA graphs cannot be copied): the copy captures its own, which read the copy's weights, from a memory pool of its
-    own (copies may decode in several threads at once), and both continue as the eager adapter does."""
-    graphs = StandInGraphs(monkeypatch)
-    model = make_model().to(DEVICE)
-    expected = continue_a_copied_cache(model, "eager")[0]
-    got = continue_a_copied_cache(model, "auto")[0]
-    layers = len(model.config.language_expert_layer_indices)
-    assert (graphs.captures, graphs.replays, len(graphs.pools)) == (2 * layers, 3 * layers, 2)
-    for got_logits, expected_logits in zip(got, expected):
-        torch.testing.assert_close(got_logits, expected_logits, atol=1e-4, rtol=1e-4)
-
-
-@needs_kernels
-def test_a_graph_serves_only_steps_on_its_weights_device_without_autocast(monkeypatch):
-    """A layer that a device map puts elsewhere than the generated weights gets them moved there (not the ones the
-    graph reads), and a graph captured without autocast would not compute as the step under it: both eager."""
-    StandInGraphs(monkeypatch)
-    generator = torch.Generator().manual_seed(0)
-    x, total = (torch.randn(2, 1, 24, generator=generator).to(DEVICE) for _ in range(2))
-    w_down = torch.randn(2, 24, 8, generator=generator).to(DEVICE) * 24**-0.5
-    w_up = torch.randn(2, 4, 24, generator=generator).to(DEVICE)
-    elsewhere = modeling_hyperllava.AdapterGraph(
-        w_down.to("meta"), w_up.to("meta"), modeling_hyperllava.AdapterGraphs()
-    )
-    here = modeling_hyperllava.AdapterGraph(w_down, w_up, modeling_hyperllava.AdapterGraphs())
-    with torch.no_grad():
-        assert elsewhere.add_to(total.clone(), x) is None
-        torch.testing.assert_close(
-            here.add_to(total.clone(), x), expert_adapter_reference(x, w_down, w_up, total), atol=1e-5, rtol=1e-5
-        )
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            assert here.add_to(total.clone(), x) is None
-
-
-@contextlib.contextmanager
-def counted_replays():
-    """Yields a counter of the CUDA graph replays in the meantime, per graph."""
-    replays, replay = collections.Counter(), torch.cuda.CUDAGraph.replay
-
-    def counted_replay(graph):
-        replays[id(graph)] += 1
-        replay(graph)
-
-    with unittest.mock.patch.object(torch.cuda.CUDAGraph, "replay", counted_replay):
-        yield replays
-
-
-@pytest.fixture
-def graphs_for_eager_decoding():
-    """Eager decoding's adapters from CUDA graphs (`EAGER_DECODE_ADAPTER`), which `monkeypatch.undo()` leaves so."""
-    with unittest.mock.patch.object(modeling_hyperllava, "EAGER_DECODE_ADAPTER", "graphs"):
-        yield
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
-@pytest.mark.usefixtures("graphs_for_eager_decoding")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, expert_mode", [(1, "dynamic"), (3, "dynamic"), (3, "static")])
-def test_on_a_gpu_eager_decoding_replays_the_adapters_from_cuda_graphs(batch, expert_mode, dtype):
-    """The real CUDA graphs: captured once per sequence and expert layer, replayed at every decoding step, with the
-    eager adapter's tokens and logits (bf16: E(x) added to h + FFN(x) is rounded twice, not once as baddbmm_ does)."""
-    model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
-    kwargs = decoding_batch(batch)
-    kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype)
-    tokens, logits = greedy(model, "eager", max_new_tokens=6, **kwargs)
-    with counted_replays() as replays:
-        graph_tokens, graph_logits = greedy(model, "auto", max_new_tokens=6, **kwargs)
-    assert sorted(replays.values()) == [5] * len(model.config.language_expert_layer_indices)
-    assert torch.equal(graph_tokens, tokens)
-    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(graph_logits, logits, atol=tolerance, rtol=tolerance)
-
-
-@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
-@pytest.mark.usefixtures("graphs_for_eager_decoding")
-@pytest.mark.parametrize("invalidated", [False, True], ids=["an-error", "an-op-cuda-refuses"])
-def test_a_failed_capture_warns_and_leaves_the_sequence_to_the_eager_adapter(invalidated, monkeypatch):
-    """A capture that fails, by an error or by an op that CUDA does not allow in one (which invalidates it): a
-    warning, the eager adapter's tokens and logits, and nothing left capturing (a later call captures and replays)."""
-    fused_op = modeling_hyperllava.fused_expert_adapter
-
-    def fails_in_a_capture(*args):
-        if torch.cuda.is_current_stream_capturing():
-            if invalidated:
-                torch.cuda.current_stream().synchronize()
-            raise RuntimeError("stand-in for an op that cannot be captured")
-        return fused_op(*args)
-
-    model = make_model().to(DEVICE)
-    kwargs = {**decoding_batch(2), "max_new_tokens": 4}
-    tokens, logits = greedy(model, "eager", **kwargs)
-    monkeypatch.setattr(modeling_hyperllava, "fused_expert_adapter", fails_in_a_capture)
-    with pytest.warns(UserWarning, match="adapters run eagerly: capturing them as a CUDA graph failed"):
-        graph_tokens, graph_logits = greedy(model, "auto", **kwargs)
-    assert torch.equal(graph_tokens, tokens)
-    torch.testing.assert_close(graph_logits, logits, atol=1e-5, rtol=1e-5)
-    assert not torch.cuda.is_current_stream_capturing()
-    monkeypatch.undo()
-    with counted_replays() as replays:
-        assert torch.equal(greedy(model, "auto", **kwargs)[0], tokens)
-    assert sorted(replays.values()) == [3] * len(model.config.language_expert_layer_indices)
 
 
 IN_PLACE_SHAPES = {
@@ -1196,8 +1045,8 @@ def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_l
     model = make_model().to(DEVICE)
     layers = len(model.config.language_expert_layer_indices)
     steps = [[12], [13, 14, 15], [16]]
-    expected = decode_steps(set_kernel(model, "eager"), steps, torch.no_grad)
-    got = decode_steps(set_kernel(model, "auto"), steps, torch.no_grad)
+    expected = decode_steps(set_kernel(model, "eager"), steps)
+    got = decode_steps(set_kernel(model, "auto"), steps)
     assert counted_in_place.through_triton + counted_in_place.direct == 2 * layers
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 

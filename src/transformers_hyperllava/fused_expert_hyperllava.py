@@ -678,8 +678,9 @@ class InPlaceDecodeAdapter:
     """One expert layer's adapter for the eager decoding steps of a sequence: `total + E(x)`, added in place to
     `total` (the layer's h + FFN(x)) by one launch of `_decode_add_kernel`, which reads the sequence's W_d and W_u
     where they are. Eager decoding is bound by the host's time per call: this adds one launch per expert layer to
-    LLaVA's step, where the fused op adds two launches, two buffers and the lookup of its call's signature, and the
-    CUDA graphs three calls (copy x in, replay, add).
+    LLaVA's step, where the fused op adds two launches, two buffers and the lookup of its call's signature (on an
+    H200's host, run 12: 22.5 us a call with LLaVA's add, the fused op's direct launches 31.9, its kernels replayed
+    from a CUDA graph with x copied in and E(x) added 27.1).
 
     Made where the fused kernels run (an NVIDIA GPU with Triton; Triton's interpreter on a CPU). Serves calls like its
     first single-token step, if the kernel takes that one: x and total in the weights' dtype, on their device,

@@ -11,10 +11,7 @@ Where the paper's equations live:
 """
 
 import copy
-import functools
 import inspect
-import threading
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +43,6 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_hyperllava import HyperLlavaConfig
 from .fused_expert_hyperllava import (
     InPlaceDecodeAdapter,
-    _side_stream,
     beats_eager,
     expert_adapter_beside_ffn,
     fused_expert_adapter,
@@ -98,27 +94,20 @@ def split_weights(weights, in_dim, rank, out_dim):
 # and less wall-clock time (run 9, docs/performance.md).
 ADAPTER_BESIDE_FFN = True
 
-# How "auto" adds the language expert's adapter in eager decoding on an NVIDIA GPU, where the step is bound by the
-# host's time per call: "one launch" of a kernel that adds E(x) to h + FFN(x) in place (`InPlaceDecodeAdapter`), or
-# "graphs", the fused decode kernels replayed from a CUDA graph (`AdapterGraph`: three calls, 28 us of host time per
-# expert layer beyond LLaVA's in run 11, which predicts 1.019x at batch 1 and 1.027x at batch 16). The first is
-# predicted at about a third of that from the launches' host time; both stay until a GPU run has measured it
-# (docs/performance.md, "Next GPU run").
-EAGER_DECODE_ADAPTER = "one launch"
-
 
 def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=None):
     """`residual [+ ffn(x)] + E(x)`, by the fused kernel or in plain PyTorch; weights per sample or shared (batch 1).
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out). `ffn`: the FFN beside
     which the expert sits (the language expert's), applied to x too; its output is added to the residual first.
-    `decode`: this layer's adapter for eager decoding steps on an NVIDIA GPU (`InPlaceDecodeAdapter` or
-    `AdapterGraph`, `EAGER_DECODE_ADAPTER`), which "auto" uses where it serves.
+    `decode`: this layer's adapter for eager decoding steps on an NVIDIA GPU (`InPlaceDecodeAdapter`: E(x) added to
+    h + FFN(x) by one launch), which "auto" uses where it serves.
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
         # call, but eager decoding did not measure faster with it, so "auto" launches it only inside a compiled graph;
-        # eager decoding replays it from CUDA graphs of its own (`graph`, below; docs/performance.md).
+        # eager decoding, bound by the host's time per call, launches one kernel a layer instead (`decode`, below: 1.005x
+        # LLaVA's step at batch 1 where the fused op took 1.026x, run 12; docs/performance.md).
         kernel == "auto"
         and torch.compiler.is_compiling()
         and fused_kernel_available(x.device)
@@ -153,126 +142,9 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
 
 
 def decode_adapters_available(device) -> bool:
-    """Whether eager decoding adds the adapters with the fused kernels (`EAGER_DECODE_ADAPTER`): where they run (an
-    NVIDIA GPU with Triton). The CUDA graphs hold those kernels too, not the eager adapter's: cuBLAS's GEMMs would
-    write their split-K scratch to a workspace that Torch owns and frees (e.g. whenever a compiled graph is recorded)
-    while the graph keeps its address; the kernels' scratch comes from the graph's own memory pool."""
+    """Whether eager decoding adds the adapters with one launch of a fused kernel a layer (`InPlaceDecodeAdapter`):
+    where the fused kernels run (an NVIDIA GPU with Triton)."""
     return torch.device(device).type == "cuda" and fused_kernel_available(device)
-
-
-class AdapterGraphs:
-    """What one sequence's adapter graphs share: the input buffer they read (at an address baked into the graphs), a
-    zero residual, and the memory pool their scratch and outputs come from (the sequence's own: a cache continued in
-    another thread may replay its graphs while this one replays others). Sized at the first decoding step; a step of
-    another shape (assisted decoding's several tokens) runs the eager adapter, and so does every step after a capture
-    that failed."""
-
-    def __init__(self):
-        self.x = self.zeros = self.pool = None
-        self.failed = False
-
-    def serves(self, x, total) -> bool:
-        if self.x is None:
-            if x.shape[1] != 1 or x.dtype != total.dtype:
-                return False
-            # Not inference tensors, even when the first steps run in inference mode: a later call may continue the
-            # cache outside it, which could not write to them.
-            with torch.inference_mode(False):
-                self.x, self.zeros = torch.empty_like(x), torch.zeros_like(total)
-        return (
-            not self.failed
-            and (x.shape, x.dtype, x.device) == (self.x.shape, self.x.dtype, self.x.device)
-            and (total.shape, total.dtype) == (self.zeros.shape, self.zeros.dtype)
-            and not torch.is_autocast_enabled(x.device.type)  # (the graphs were captured without it)
-            and not torch.cuda.is_current_stream_capturing()  # (inside a capture of one's own: one graph, no replay)
-        )
-
-    def capture(self, compute):
-        """`compute` as a CUDA graph, and its output (read after each replay), or None if the capture failed (with a
-        warning; the sequence then runs the eager adapter). Captured on the thread's side stream of the adapter beside
-        the FFN, after a run there that compiles or finds the kernels outside the graph, under a lock: past 32
-        threads two share a side stream, and a stream takes one capture at a time. Not `torch.cuda.graph`: on entry
-        it waits for the GPU and empties the allocator's cache, which every `generate` call would then pay per expert
-        layer; nor `torch.cuda.make_graphed_callables`, which captures a backward graph too. Thread-local capture:
-        other threads' CUDA calls meanwhile are no error."""
-        device, stream = self.x.device, _side_stream(self.x.device)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with _CAPTURES, torch.cuda.device(device):
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    compute()
-                    graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                    try:
-                        output = compute()
-                    except BaseException:
-                        self._end_failed_capture(graph, device)
-                        raise
-                    graph.capture_end()
-                torch.cuda.current_stream(device).wait_stream(stream)
-        # Any failure, Triton's compiler's among them (its errors are no RuntimeError): the adapter can run without a
-        # graph. (A CUDA error that outlives it, the eager adapter then meets in its turn.)
-        except Exception as error:
-            self.failed = True
-            warnings.warn(
-                f"the language expert's adapters run eagerly: capturing them as a CUDA graph failed: {error}"
-            )
-            return None
-        return graph, output
-
-    def _end_failed_capture(self, graph, device):
-        """Ends a capture that `compute` left with an error. One that CUDA invalidated (an op not allowed in a
-        capture) makes `capture_end` raise before it tells the allocator to stop putting this thread's allocations in
-        the pool, and the graph never releases the pool: both done here, as `torch.cuda.use_mem_pool` does for its
-        own."""
-        try:
-            graph.capture_end()
-        except RuntimeError:
-            torch._C._cuda_endAllocateToPool(device.index, self.pool)
-            torch._C._cuda_releasePool(device.index, self.pool)
-            self.pool = None
-
-    def __deepcopy__(self, memo):
-        # A copied cache (`copy.deepcopy(prompt_cache)`, Transformers' recipe for reusing a prompt) captures anew:
-        # CUDA graphs cannot be copied, and the copy's graphs read the copy's weights.
-        return AdapterGraphs()
-
-
-_CAPTURES = threading.Lock()
-
-
-class AdapterGraph:
-    """One expert layer's E(x) = SwiGLU(x W_d) W_u (Eq. 4) as a CUDA graph, for eager decoding: bound by the host's
-    time per op, it then pays three calls per expert layer (copy x in, replay, add E(x) to h + FFN(x)) instead of the
-    eager adapter's five ops (docs/performance.md). The graph holds the fused decode kernels, with a zero residual, and
-    reads W_d and W_u where they are: it is kept with the cache that holds them (`HyperLlamaModel._layer_weights`), and
-    captured at the layer's first decoding step."""
-
-    def __init__(self, w_down, w_up, shared: AdapterGraphs):
-        self.w_down, self.w_up, self.shared, self.captured = w_down, w_up, shared, None
-
-    def __deepcopy__(self, memo):
-        return AdapterGraph(*(copy.deepcopy(part, memo) for part in (self.w_down, self.w_up, self.shared)))
-
-    def add_to(self, total, x):
-        """`total + E(x)`, in place, from the graph; None where it does not serve this step (then the caller runs
-        the eager adapter). (A layer that a device map puts elsewhere than the weights gets them moved there: not
-        the ones the graph reads.)"""
-        shared = self.shared
-        if x.device != self.w_down.device or not shared.serves(x, total):
-            return None
-        if self.captured is None:
-            self.captured = shared.capture(
-                lambda: fused_expert_adapter(shared.x, self.w_down, self.w_up, shared.zeros)
-            )
-            if self.captured is None:
-                return None
-        graph, adapter = self.captured
-        shared.x.copy_(x)
-        graph.replay()
-        return total.add_(adapter)
 
 
 # The language expert's weights ride on the cache they were generated with, so that whoever continues the cache (a
@@ -675,7 +547,7 @@ class HyperLlamaModel(LlamaModel):
 
     def _layer_weights(self, weights, cache):
         """Each expert layer's (W_d, W_u), views into `weights`, and where they are kept on an NVIDIA GPU, its adapter
-        for eager decoding steps (`EAGER_DECODE_ADAPTER`). Made once per sequence: kept on `cache` for the decoding
+        for eager decoding steps (`InPlaceDecodeAdapter`). Made once per sequence: kept on `cache` for the decoding
         steps that continue it with the same weights, as making them (a split and two unbinds: 36 views) cost eager
         decoding about 1% of its step. Kept and reused only without autograd (views made under it would carry one
         forward's graph into the next; views made without it would drop the gradient of a forward under it), and not
@@ -689,14 +561,9 @@ class HyperLlamaModel(LlamaModel):
         # One unbind for all layers: per-layer indexing would cost two more ops per layer and decode step.
         layer_weights = dict(zip(self.expert_layers, zip(expert_down.unbind(1), expert_up.unbind(1))))
         if keep:
-            # (Not continuous batching's paged cache: every step there brings new weights, and would compile or
-            # capture anew.)
+            # (Not continuous batching's paged cache: every step there brings new weights.)
             if decode_adapters_available(weights.device) and not isinstance(cache, PagedAttentionCache):
-                if EAGER_DECODE_ADAPTER == "one launch":
-                    decode = InPlaceDecodeAdapter
-                else:
-                    decode = functools.partial(AdapterGraph, shared=AdapterGraphs())  # (one per sequence)
-                layer_weights = {idx: (*pair, decode(*pair)) for idx, pair in layer_weights.items()}
+                layer_weights = {idx: (*pair, InPlaceDecodeAdapter(*pair)) for idx, pair in layer_weights.items()}
             setattr(cache, LAYER_WEIGHTS, (weights, layer_weights))
         return layer_weights
 
