@@ -594,7 +594,7 @@ def adapter_host_time(settings, report):
             "fused op, direct launches",
             "custom op (a compiled graph's call), direct launches",
             "fork and join beside the FFN (a compiled graph's calls), with LLaVA's add",
-            'one launch (eager decoding\'s "auto"): E(x) added to h + FFN(x) in place',
+            "one launch (eager decoding's \"auto\" since session 24): h + FFN(x) + E(x), in place of LLaVA's add",
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -628,7 +628,7 @@ def adapter_host_time(settings, report):
                 )
             )
             cells.append(host_microseconds_per_call(beside_the_ffn))
-            decode = fused.InPlaceDecodeAdapter(w_down, w_up)
+            decode = fused.DecodeAdapter(w_down, w_up)
             cells.append(
                 host_microseconds_per_call(
                     lambda: expert_adapter(x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, decode=decode)
@@ -770,7 +770,12 @@ def main(argv=None):
         action="store_true",
         help="only the eager decoding rows and the adapter's host time per call (about 2 minutes on an H200)",
     )
+    parser.add_argument(
+        "--decode-batch", type=int, nargs="+", default=[1, 16], help="the eager decoding rows' batch sizes (1 and 16)"
+    )
     args = parser.parse_args(argv)
+    if min(args.decode_batch) < 1:
+        parser.error(f"--decode-batch sizes must be at least 1, got {args.decode_batch}")
     settings = dict(SIZES[args.size])
     settings["repeats"] = args.repeats or settings["repeats"]
     device, dtype, repeats = settings["device"], settings["dtype"], settings["repeats"]
@@ -861,7 +866,7 @@ def main(argv=None):
             record(name, interleaved(candidates, prefill_time, rounds["prefill"]))
 
     if not args.only_compiled:
-        for batch_size in (1, 16):
+        for batch_size in args.decode_batch:
             decode = make_batch(config, settings, batch_size, settings["text_tokens"])
             name = f"decode, batch {batch_size}, eager, per token ({settings['new_tokens']} new)"
             cpu = {}  # each candidate's host CPU time per token, every round's

@@ -323,10 +323,11 @@ def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_la
     assert fused._DecodeLaunches.__name__ == "_DecodeLaunches"  # (put back)
 
 
-def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, capsys):
-    """`--only-eager-decode`: the eager decoding rows at batch 1 and 16 (wall clock, host CPU time, and steps in
-    lockstep), and no prefill, training or compiled rows; where the fused kernels serve eager decoding, "auto" (one
-    launch a layer) among the candidates."""
+@pytest.mark.parametrize("batches", [(), (16,)], ids=["default", "batch-16"])
+def test_only_eager_decode_times_the_eager_decoding_rows_alone(batches, monkeypatch, capsys):
+    """`--only-eager-decode`: the eager decoding rows at batch 1 and 16, or at those of `--decode-batch` (wall clock,
+    host CPU time, and steps in lockstep), and no prefill, training or compiled rows; where the fused kernels serve
+    eager decoding, "auto" (one launch a layer) among the candidates."""
     monkeypatch.setitem(bench_overhead.SIZES, "tiny", {**bench_overhead.SIZES["tiny"], "new_tokens": 3})
     timed = []
     decode = bench_overhead.decode_step_times
@@ -339,20 +340,22 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(monkeypatch, caps
     monkeypatch.setattr(bench_overhead, "decode_adapters_available", lambda device: True)
     # (Restored after the benchmark's variants set it.)
     monkeypatch.setattr(bench_overhead.modeling_hyperllava, "ADAPTER_BESIDE_FFN", True)
-    bench_overhead.main(["--size", "tiny", "--only-eager-decode"])
+    options = ["--decode-batch", *map(str, batches)] if batches else []
+    bench_overhead.main(["--size", "tiny", "--only-eager-decode", *options])
+    batches = batches or (1, 16)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     rows = [line.split(" | ")[0] for line in lines]
     assert rows[1:] == [
         f"| decode, batch {batch}, eager{what}"
-        for batch in (1, 16)
+        for batch in batches
         for what in (", per token (3 new)", ", host CPU time per token", ", per token, steps in lockstep")
     ]
     # LLaVA, the control, the eager adapter and "auto", 6 rounds each (a warm-up and 5) at each batch size.
     assert sorted(set(timed)) == sorted(
         (kind, batch, kernel)
-        for batch in (1, 16)
+        for batch in batches
         for kind, kernel in [("llava", None), ("hyperllava", "eager"), ("hyperllava", "auto")]
     )
-    assert len(timed) == 2 * 4 * 6
+    assert len(timed) == len(batches) * 4 * 6
     # The lockstep rows: a cell for each HyperLLaVA (the control, the eager adapter, "auto"), none failed.
     assert all(line.count("x; steps ") == 3 for line in lines if "lockstep" in line)

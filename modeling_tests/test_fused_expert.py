@@ -860,7 +860,7 @@ def continue_a_copied_cache(model, kernel):
     return logits, cache, copied
 
 
-IN_PLACE_SHAPES = {
+ONE_LAUNCH_SHAPES = {
     # (batch, d_in, d_out, r, weight batch): single-token decoding steps
     "batch-1": (1, 64, 200, 16, 1),
     "per-sample": (3, 96, 80, 16, 3),
@@ -880,8 +880,14 @@ def layer_views(weight_batch, d_in, d_out, r, dtype, seed=0):
     return w_down[:, 1], w_up[:, 1]
 
 
+def step_inputs(batch, d_in, d_out, dtype=torch.float32, length=1, generator=None):
+    """A decoding step's x, residual and FFN output."""
+    sizes = (d_in, d_out, d_out)
+    return tuple(torch.randn(batch, length, size, generator=generator).to(DEVICE, dtype) for size in sizes)
+
+
 @pytest.fixture
-def counted_in_place(monkeypatch):
+def counted_one_launch(monkeypatch):
     """The one-launch kernel, counted: its launches through Triton's launcher and those of the compiled kernel."""
     counted = CountedLaunches(fused._decode_add_kernel)
     monkeypatch.setattr(fused, "_decode_add_kernel", counted)
@@ -889,103 +895,126 @@ def counted_in_place(monkeypatch):
 
 
 @needs_kernels
-@torch.no_grad()  # (as decoding runs it: under autograd it refuses, as the in-place write would escape autograd)
+@torch.no_grad()  # (as decoding runs it: under autograd it refuses)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", IN_PLACE_SHAPES.values(), ids=IN_PLACE_SHAPES.keys())
-def test_the_in_place_decode_adapter_adds_e_of_x_to_total_in_one_launch(shape, dtype, counted_in_place):
-    """`total + E(x)` written into `total`, against the float64 reference, with W_d and W_u read where they are (one
-    layer's views into all layers' weights); every call one launch, the first through Triton's launcher (which
-    compiles the kernel) and later ones of the compiled kernel directly."""
+@pytest.mark.parametrize("shape", ONE_LAUNCH_SHAPES.values(), ids=ONE_LAUNCH_SHAPES.keys())
+def test_the_decode_adapter_sums_the_residual_the_ffns_output_and_e_of_x_in_one_launch(
+    shape, dtype, counted_one_launch
+):
+    """`residual + ffn_out + E(x)` in a new tensor, against the float64 reference, with W_d and W_u read where they
+    are (one layer's views into all layers' weights) and the inputs left as they were; every call one launch, the
+    first through Triton's launcher (which compiles the kernel) and later ones of the compiled kernel directly."""
     batch, d_in, d_out, r, weight_batch = shape
     w_down, w_up = layer_views(weight_batch, d_in, d_out, r, dtype)
     assert w_down.stride(0) > w_down[0].numel()  # (all layers' weights between two samples: read in place)
-    adapter = fused.InPlaceDecodeAdapter(w_down, w_up)
+    adapter = fused.DecodeAdapter(w_down, w_up)
     generator = torch.Generator().manual_seed(1)
     for call in (1, 2, 3):
-        x, total = (torch.randn(batch, 1, size, generator=generator).to(DEVICE, dtype) for size in (d_in, d_out))
-        want = expert_adapter_reference(x.double(), w_down.double(), w_up.double(), total.double())
-        assert adapter.add_to(total, x) is total
-        assert_close(total, want, TOLERANCE[dtype], f"call {call}")
-        assert (counted_in_place.through_triton, counted_in_place.direct) == (1, call - 1)
+        inputs = step_inputs(batch, d_in, d_out, dtype, generator=generator)
+        before = [tensor.clone() for tensor in inputs]
+        x, residual, ffn_out = (tensor.double() for tensor in inputs)
+        want = expert_adapter_reference(x, w_down.double(), w_up.double(), residual, ffn_out)
+        out = adapter(*inputs)
+        assert_close(out, want, TOLERANCE[dtype], f"call {call}")
+        assert all(torch.equal(tensor, kept) for tensor, kept in zip(inputs, before))
+        assert (counted_one_launch.through_triton, counted_one_launch.direct) == (1, call - 1)
 
 
 @needs_kernels
 @torch.no_grad()
-def test_the_in_place_decode_adapter_serves_only_calls_like_its_first_single_token_step(counted_in_place):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_decode_adapter_rounds_the_residual_add_as_llava_does_then_adds_e_of_x(dtype):
+    """residual + FFN(x) is rounded before E(x) is added, as LLaVA's add rounds it (and the eager adapter adds W_u's
+    product into that sum): with eps the dtype's spacing at 1, 1 + eps/2 rounds (to even) to 1, and E(x) = eps/4 then
+    leaves it at 1, where one rounding of all three terms would give 1 + eps. (Triton's interpreter casts to bf16 by
+    truncation, so on a CPU only float16 tells the two apart; on a GPU both do.)"""
+    d, r, eps = 8, 2, torch.finfo(dtype).eps
+    x, residual, ffn_out = torch.zeros(1, 1, d), torch.ones(1, 1, d), torch.full((1, 1, d), eps / 2)
+    x[..., 0] = 1.0
+    w_down, w_up = torch.zeros(1, d, 2 * r), torch.zeros(1, r, d)
+    w_down[0, 0, 0], w_down[0, 0, r] = 16.0, 2.0**-4  # the bottleneck's first unit: SiLU(16) / 16, 1 once rounded
+    w_up[0, 0] = eps / 4
+    x, w_down, w_up, residual, ffn_out = (t.to(DEVICE, dtype) for t in (x, w_down, w_up, residual, ffn_out))
+    assert torch.tensor(1 + eps / 2 + eps / 4).to(dtype) == 1 + eps  # (one rounding)
+    eager = modeling_hyperllava.expert_adapter(x, w_down, w_up, residual, ffn=lambda _: ffn_out)
+    assert torch.equal(eager, torch.ones_like(eager))
+    assert torch.equal(fused.DecodeAdapter(w_down, w_up)(x, residual, ffn_out), eager)
+
+
+@needs_kernels
+@torch.no_grad()
+def test_the_decode_adapter_serves_only_calls_like_its_first_single_token_step(counted_one_launch):
     """A prefill (or a step of several tokens) before the first single-token step, and any later call unlike that
     one (another batch, autocast, an input 2 bytes off a 16-byte boundary or not contiguous, as the compiled launch
     assumes them), under autograd or under a mode that must see the ops (FlopCounterMode: the eager adapter's FLOPs
-    are counted): None, `total` untouched, no launch. So are all calls of a layout the kernel does not take (other
-    dtypes than the weights', over 16 rows per weight set, weights on another device, a rank over 256)."""
+    are counted): None, no launch. So are all calls of a layout the kernel does not take (other dtypes than the
+    weights', over 16 rows per weight set, weights on another device, a rank over 256)."""
     w_down, w_up = layer_views(1, 24, 40, 4, torch.float32)
     generator = torch.Generator().manual_seed(1)
 
-    def inputs(batch, length=1, dtype=torch.float32):
-        return tuple(torch.randn(batch, length, size, generator=generator).to(DEVICE, dtype) for size in (24, 40))
-
-    def refused(adapter, x, total):
-        before = total.clone()
-        assert adapter.add_to(total, x) is None
-        assert torch.equal(total, before)
+    def inputs(batch, length=1):
+        return step_inputs(batch, 24, 40, length=length, generator=generator)
 
     def unaligned(tensor):
         storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
         return storage[1:].view(tensor.shape).copy_(tensor)
 
-    adapter = fused.InPlaceDecodeAdapter(w_down, w_up)
-    x, total = inputs(2, length=3)
-    refused(adapter, x, total)
-    x, total = inputs(2)
-    assert adapter.add_to(total, x) is total  # the first single-token step: served
-    refused(adapter, *inputs(3))
-    x, total = inputs(2)
+    adapter = fused.DecodeAdapter(w_down, w_up)
+    assert adapter(*inputs(2, length=3)) is None
+    x, residual, ffn_out = inputs(2)
+    assert adapter(x, residual, ffn_out) is not None  # the first single-token step: served
+    assert adapter(*inputs(3)) is None
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        refused(adapter, x, total)
-    refused(adapter, unaligned(x), total)
-    refused(adapter, x, unaligned(total))
+        assert adapter(x, residual, ffn_out) is None
+    assert adapter(unaligned(x), residual, ffn_out) is None
+    assert adapter(x, unaligned(residual), ffn_out) is None
+    assert adapter(x, residual, unaligned(ffn_out)) is None
     wide = torch.randn(2, 1, 80).to(DEVICE)
-    refused(adapter, x, wide[..., ::2])
+    assert adapter(x, wide[..., ::2], ffn_out) is None
+    assert adapter(x, residual, wide[..., ::2]) is None
     with FlopCounterMode(display=False):
-        refused(adapter, x, total)
-    with torch.enable_grad():  # (the in-place write would escape autograd)
-        refused(adapter, x, total)
-    assert counted_in_place.through_triton + counted_in_place.direct == 1
-    assert adapter.add_to(total, x) is total  # and a call like the first again
+        assert adapter(x, residual, ffn_out) is None
+    with torch.enable_grad():
+        assert adapter(x, residual, ffn_out) is None
+    assert counted_one_launch.through_triton + counted_one_launch.direct == 1
+    assert adapter(x, residual, ffn_out) is not None  # and a call like the first again
 
-    for adapter, (x, total) in [
-        (fused.InPlaceDecodeAdapter(w_down.bfloat16(), w_up.bfloat16()), inputs(2)),
-        (fused.InPlaceDecodeAdapter(w_down, w_up), inputs(17)),  # 17 rows of one weight set
-        (fused.InPlaceDecodeAdapter(w_down.to("meta"), w_up.to("meta")), inputs(2)),
-        (fused.InPlaceDecodeAdapter(*layer_views(1, 24, 40, 257, torch.float32)), inputs(2)),
+    for adapter, inputs_ in [
+        (fused.DecodeAdapter(w_down.bfloat16(), w_up.bfloat16()), inputs(2)),
+        (fused.DecodeAdapter(w_down, w_up), (x, residual, ffn_out.bfloat16())),
+        (fused.DecodeAdapter(w_down, w_up), (x, residual, wide)),  # an FFN output of another width
+        (fused.DecodeAdapter(w_down, w_up), inputs(17)),  # 17 rows of one weight set
+        (fused.DecodeAdapter(w_down.to("meta"), w_up.to("meta")), inputs(2)),
+        (fused.DecodeAdapter(*layer_views(1, 24, 40, 257, torch.float32)), inputs(2)),
     ]:
-        refused(adapter, x, total)
-        refused(adapter, x, total)
-    assert counted_in_place.through_triton + counted_in_place.direct == 2
+        assert adapter(*inputs_) is None
+        assert adapter(*inputs_) is None
+    assert counted_one_launch.through_triton + counted_one_launch.direct == 2
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need CUDA")
 @torch.no_grad()
-def test_the_in_place_decode_adapter_launches_in_a_cuda_graph_capture_once_its_kernel_is_loaded():
+def test_the_decode_adapter_launches_in_a_cuda_graph_capture_once_its_kernel_is_loaded():
     """Loading a kernel's module is not allowed in a stream capture: inside one, an adapter that has not launched yet
     refuses the call (the eager adapter, which can be captured, runs instead); once it has launched, its launch is
-    captured, and the graph's replays add E(x) to whatever x and total hold then."""
+    captured, and the graph's replays sum whatever x, the residual and the FFN's output hold then."""
     w_down, w_up = layer_views(2, 96, 80, 16, torch.float32)
-    x, total = (torch.randn(2, 1, size, device=DEVICE) for size in (96, 80))
-    fresh = fused.InPlaceDecodeAdapter(w_down, w_up)
+    inputs = step_inputs(2, 96, 80)
+    fresh = fused.DecodeAdapter(w_down, w_up)
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
-        assert fresh.add_to(total, x) is None
-    adapter = fused.InPlaceDecodeAdapter(w_down, w_up)
-    assert adapter.add_to(total.clone(), x) is not None  # (launched through Triton: loaded)
+        assert fresh(*inputs) is None
+    adapter = fused.DecodeAdapter(w_down, w_up)
+    assert adapter(*inputs) is not None  # (launched through Triton: loaded)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        assert adapter.add_to(total, x) is total
+        out = adapter(*inputs)
     for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        total.copy_(torch.randn_like(total))
-        before = total.clone()
+        for tensor in inputs:
+            tensor.copy_(torch.randn_like(tensor))
         graph.replay()
-        want = expert_adapter_reference(*(t.double() for t in (x, w_down, w_up, before)))
-        assert_close(total, want, TOLERANCE[torch.float32], "replay")
+        x, residual, ffn_out = (tensor.double() for tensor in inputs)
+        want = expert_adapter_reference(x, w_down.double(), w_up.double(), residual, ffn_out)
+        assert_close(out, want, TOLERANCE[torch.float32], "replay")
 
 
 @needs_kernels
@@ -1021,7 +1050,7 @@ def test_a_failed_launch_warns_and_leaves_the_sequence_to_the_eager_adapter(monk
 @needs_kernels
 @pytest.mark.parametrize("case", DECODING_CASES.values(), ids=DECODING_CASES.keys())
 def test_eager_decoding_adds_each_expert_layers_adapter_in_one_launch_with_the_eager_adapters_result(
-    case, counted_in_place, monkeypatch
+    case, counted_one_launch, monkeypatch
 ):
     """With "auto", eager decoding on an NVIDIA GPU adds each expert layer's adapter to h + FFN(x) with one launch
     at every single-token step: the eager adapter's tokens and logits, with per-sample weights, one weight set for the
@@ -1030,13 +1059,13 @@ def test_eager_decoding_adds_each_expert_layers_adapter_in_one_launch_with_the_e
     call's first step goes through Triton's launcher."""
     monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
     # (Each sequence's first step through Triton's launcher, its 3 later ones launching the compiled kernel.)
-    launches = counted_in_place
+    launches = counted_one_launch
     check_auto_decodes_as_the_eager_adapter(case, lambda: (launches.through_triton, launches.direct), per_later_step=3)
 
 
 @needs_kernels
 def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_launch_where_it_serves(
-    counted_in_place, monkeypatch
+    counted_one_launch, monkeypatch
 ):
     """A step of several tokens (assisted decoding's, or one's own loop's) runs the eager adapter and the
     single-token steps around it launch the kernel; a copied cache (`copy.deepcopy(prompt_cache)`) gets adapters that
@@ -1047,7 +1076,7 @@ def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_l
     steps = [[12], [13, 14, 15], [16]]
     expected = decode_steps(set_kernel(model, "eager"), steps)
     got = decode_steps(set_kernel(model, "auto"), steps)
-    assert counted_in_place.through_triton + counted_in_place.direct == 2 * layers
+    assert counted_one_launch.through_triton + counted_one_launch.direct == 2 * layers
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
     expected = continue_a_copied_cache(model, "eager")[0]
@@ -1143,9 +1172,9 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
             fused._launch(x, w_down, w_up, residual, ffn_out)  # (what the op launches: its checks refuse CPU tensors)
         fused._expert_adapter_backward(residual.to(dtype), x, w_down, w_up)
         if batch // weight_batch <= 16:  # eager decoding's one launch, at a single-token step
-            step = torch.empty(batch, 1, d_in, dtype=dtype), torch.empty(batch, 1, d_out, dtype=dtype)
+            step = (torch.empty(batch, 1, size, dtype=dtype) for size in (d_in, d_out, d_out))
             with torch.no_grad():
-                assert fused.InPlaceDecodeAdapter(w_down, w_up).add_to(step[1], step[0]) is step[1]  # (recorded)
+                assert fused.DecodeAdapter(w_down, w_up)(*step) is not None  # (recorded)
     assert {kernel.__name__ for kernel, _, _ in launches} == set(LAUNCHED_KERNELS)
     for kernel, args, keywords in launches:
         assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
@@ -1247,11 +1276,9 @@ def test_a_call_whose_tensors_are_not_on_the_current_gpu_launches_with_theirs_cu
         fused.fused_expert_adapter(x, w_down, w_up, residual)
     fused.fused_expert_adapter(x, w_down, w_up, residual)  # with autograd: through the custom op
     # and eager decoding's one launch a layer
-    monkeypatch.setattr(
-        fused.InPlaceDecodeAdapter, "_launch", lambda self, total, x: launched_on.append(list(current))
-    )
+    monkeypatch.setattr(fused.DecodeAdapter, "_launch", lambda self, *tensors: launched_on.append(list(current)))
     with torch.no_grad():
-        fused.InPlaceDecodeAdapter(w_down, w_up).add_to(residual, x)
+        fused.DecodeAdapter(w_down, w_up)(x, residual, residual)
     assert launched_on == [[x.device]] * 3 and current == []
 
 

@@ -1126,7 +1126,7 @@ def test_continuous_batching_makes_no_adapter_for_eager_decoding(monkeypatch):
     for them would serve one step, so its steps run the eager adapter."""
     made = []
     monkeypatch.setattr(modeling_hyperllava, "decode_adapters_available", lambda device: True)
-    monkeypatch.setattr(modeling_hyperllava, "InPlaceDecodeAdapter", lambda *pair: made.append(pair))
+    monkeypatch.setattr(modeling_hyperllava, "DecodeAdapter", lambda *pair: made.append(pair))
     model = make_model(expert_mode="static")
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0)
     results = model.generate_batch(inputs=[prompt_ids(10, 11, 12)], generation_config=config, warmup=False)

@@ -295,15 +295,15 @@ def _decode_up_kernel(
 
 @_kernel
 def _decode_add_kernel(
-    x_ptr, w_down_ptr, w_up_ptr, total_ptr,
+    x_ptr, w_down_ptr, w_up_ptr, residual_ptr, ffn_ptr, out_ptr,
     rows, d_in, r, d_out, w_down_stride, w_up_stride,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Program (j, m, g): adds E(x[m]) to total[m] in place, over output columns [j * BLOCK_N, ...), for row m of
-    problem g: the whole adapter in one launch (`InPlaceDecodeAdapter`). Every program of a row computes the row's
+    """Program (j, m, g): output columns [j * BLOCK_N, ...) of residual + FFN(x) + E(x) for row m of problem g: the
+    whole adapter and LLaVA's residual add in one launch (`DecodeAdapter`). Every program of a row computes the row's
     bottleneck itself, reading all of its W_d (from L2 after the first program's read: 256 KiB a row at 7B): a few
-    microseconds of GPU time, where the two-launch decode path costs eager decoding, bound by the host's time per
-    call, a second launch and a buffer for the partial sums."""
+    microseconds of GPU time, where eager decoding, bound by the host's time per call, would pay a second launch and a
+    buffer for the partial sums."""
     group = tl.program_id(2).to(tl.int64)
     row = group * rows + tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
@@ -331,9 +331,10 @@ def _decode_add_kernel(
         mask=mask_r[:, None] & mask_n[None, :],
         other=0.0,
     ).to(tl.float32)
-    total = total_ptr + row * d_out + offs_n
-    out = tl.load(total, mask=mask_n, other=0.0).to(tl.float32) + tl.sum(hidden[:, None] * w, axis=0)
-    tl.store(total, out.to(total_ptr.dtype.element_ty), mask=mask_n)
+    # residual + FFN(x) rounded first, as LLaVA's add rounds it (and the eager adapter's sum that `baddbmm_` adds to).
+    out = _residual(residual_ptr, ffn_ptr, row * d_out + offs_n, mask_n, True, out_ptr.dtype.element_ty)
+    out += tl.sum(hidden[:, None] * w, axis=0)
+    tl.store(out_ptr + row * d_out + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @_kernel
@@ -674,54 +675,57 @@ def _decode_block(size, row_programs, sms, smallest, largest):
     return max(smallest, min(largest, triton.next_power_of_2(triton.cdiv(size, programs_per_row))))
 
 
-class InPlaceDecodeAdapter:
-    """One expert layer's adapter for the eager decoding steps of a sequence: `total + E(x)`, added in place to
-    `total` (the layer's h + FFN(x)) by one launch of `_decode_add_kernel`, which reads the sequence's W_d and W_u
-    where they are. Eager decoding is bound by the host's time per call: this adds one launch per expert layer to
-    LLaVA's step, where the fused op adds two launches, two buffers and the lookup of its call's signature (on an
-    H200's host, run 12: 22.5 us a call with LLaVA's add, the fused op's direct launches 31.9, its kernels replayed
-    from a CUDA graph with x copied in and E(x) added 27.1).
+class DecodeAdapter:
+    """One expert layer's adapter for the eager decoding steps of a sequence: `residual + FFN(x) + E(x)` by one launch
+    of `_decode_add_kernel`, which reads the sequence's W_d and W_u where they are, in place of LLaVA's residual add.
+    Eager decoding is bound by the host's time per call: this costs a step one launch per expert layer where LLaVA's
+    add costs one op, while the fused op adds two launches, two buffers and the lookup of its call's signature, and
+    the eager adapter five ops (on an H200's host, run 12, a call with LLaVA's add: the fused op 31.9 us, the eager
+    adapter 56.1, the add alone 6.8).
 
     Made where the fused kernels run (an NVIDIA GPU with Triton; Triton's interpreter on a CPU). Serves calls like its
-    first single-token step, if the kernel takes that one: x and total in the weights' dtype, on their device,
-    contiguous, 16-byte aligned (as fresh tensors are: the launches are compiled for it), at most 16 rows per weight
-    set and a rank of at most 256, no autocast, and nothing that needs to see the ops (`_plain_eager_call`: a dispatch
-    mode such as FlopCounterMode, a tracer, vmap). `add_to` returns None for any other call (a prefill, a step of
-    several tokens, ...), which the caller then runs otherwise, and for every call after a launch through Triton
-    failed (with a warning; Triton's compiler's errors among them). The first launch, which loads the kernel, is not
-    made inside a CUDA graph capture (loading a module is not allowed in one); once loaded, the launch can be
-    captured."""
+    first single-token step, if the kernel takes that one: x, the residual and the FFN's output in the weights' dtype,
+    on their device, contiguous, 16-byte aligned (as fresh tensors are: the launches are compiled for it), at most 16
+    rows per weight set and a rank of at most 256, no autocast, and nothing that needs to see the ops
+    (`_plain_eager_call`: a dispatch mode such as FlopCounterMode, a tracer, vmap). Returns None for any other call (a
+    prefill, a step of several tokens, ...), which the caller then runs otherwise, and for every call after a launch
+    through Triton failed (with a warning; Triton's compiler's errors among them). The first launch, which loads the
+    kernel, is not made inside a CUDA graph capture (loading a module is not allowed in one); once loaded, the launch
+    can be captured."""
 
     def __init__(self, w_down, w_up):
         self.w_down, self.w_up = w_down, w_up
-        self.layout = self.arguments = self.launch = None
+        self.layout = self.arguments = self.launch = self.device_type = None
 
     def __deepcopy__(self, memo):
         # (A copied cache's weights are copies: its adapters read those.)
-        return InPlaceDecodeAdapter(copy.deepcopy(self.w_down, memo), copy.deepcopy(self.w_up, memo))
+        return DecodeAdapter(copy.deepcopy(self.w_down, memo), copy.deepcopy(self.w_up, memo))
 
-    def add_to(self, total, x):
-        layout = (x.shape, total.shape, x.dtype, total.dtype, x.device)
+    def __call__(self, x, residual, ffn_out):
+        """`residual + ffn_out + E(x)`, a new tensor, or None where this call is not served."""
+        layout = (x.shape, x.dtype, residual.shape, residual.dtype, ffn_out.shape, ffn_out.dtype, x.get_device())
         if self.layout is None:
             if x.dim() != 3 or x.shape[1] != 1:  # (a prefill, or assisted decoding's steps of several tokens)
                 return None
-            self.layout, self.arguments = layout, self._arguments(total, x)
+            self.layout, self.arguments = layout, self._arguments(x, residual, ffn_out)
+            self.device_type = x.device.type
         if (
             layout != self.layout
             or self.arguments is None
-            or (x.data_ptr() | total.data_ptr()) % 16
-            or not (x.is_contiguous() and total.is_contiguous())
-            or torch.is_autocast_enabled(x.device.type)
-            or not _plain_eager_call(x, total)
+            or (x.data_ptr() | residual.data_ptr() | ffn_out.data_ptr()) % 16
+            or not (x.is_contiguous() and residual.is_contiguous() and ffn_out.is_contiguous())
+            or torch.is_autocast_enabled(self.device_type)
+            or not _plain_eager_call(x, residual, ffn_out)
             or (self.launch is None and x.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return None
+        out = torch.empty_like(residual)  # (a new tensor: whoever holds the FFN's output or the residual keeps them)
         if _elsewhere(x):  # (a kernel loaded for one device launches with it current)
             with torch.cuda.device(x.device):
-                return self._launch(total, x)
-        return self._launch(total, x)
+                return self._launch(x, residual, ffn_out, out)
+        return self._launch(x, residual, ffn_out, out)
 
-    def _arguments(self, total, x):
+    def _arguments(self, x, residual, ffn_out):
         """The kernel's grid and its arguments after the tensors (constexprs last: a compiled kernel takes them all),
         or None where it does not take this call."""
         w_down, w_up = self.w_down, self.w_up
@@ -729,11 +733,11 @@ class InPlaceDecodeAdapter:
             return None
         groups, rows, d_in, r, d_out = _problem(x, w_up)
         if not (
-            x.dtype == total.dtype == w_down.dtype == w_up.dtype
+            x.dtype == residual.dtype == ffn_out.dtype == w_down.dtype == w_up.dtype
             and groups in (1, x.shape[0])
             and 0 < rows <= _DECODE_MAX_ROWS
             and w_down.shape == (groups, d_in, 2 * r)
-            and total.shape == (*x.shape[:-1], d_out)
+            and residual.shape == ffn_out.shape == (*x.shape[:-1], d_out)
             and w_down[0].is_contiguous()
             and w_up[0].is_contiguous()
         ):
@@ -747,18 +751,19 @@ class InPlaceDecodeAdapter:
         grid = (triton.cdiv(d_out, block_n), rows, groups)
         return grid, (rows, d_in, r, d_out, w_down.stride(0), w_up.stride(0), block_k, block_r, block_n)
 
-    def _launch(self, total, x):
+    def _launch(self, x, residual, ffn_out, out):
         grid, tail = self.arguments
         if self.launch is not None:
-            self.launch(x, self.w_down, self.w_up, total, *tail)
-            return total
+            self.launch(x, self.w_down, self.w_up, residual, ffn_out, out, *tail)
+            return out
         names = ("BLOCK_K", "BLOCK_R", "BLOCK_N")
         try:
             compiled = _decode_add_kernel[grid](
-                x, self.w_down, self.w_up, total, *tail[:-3], **dict(zip(names, tail[-3:])), **_OPTIONS
-            )
+                x, self.w_down, self.w_up, residual, ffn_out, out, *tail[:-3], **dict(zip(names, tail[-3:])),
+                **_OPTIONS,
+            )  # fmt: skip
         # Any failure, Triton's compiler's among them (its errors are no RuntimeError): the eager adapter can run
-        # instead. (Compiling fails before the launch, which leaves `total` as it was.)
+        # instead.
         except Exception as error:
             self.arguments = None
             warnings.warn(
@@ -767,7 +772,7 @@ class InPlaceDecodeAdapter:
             return None
         if compiled is not None:  # (Triton's interpreter compiles nothing)
             self.launch = compiled[grid]
-        return total
+        return out
 
 
 @_expert_adapter.register_fake

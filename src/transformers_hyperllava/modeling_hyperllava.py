@@ -42,7 +42,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hyperllava import HyperLlavaConfig
 from .fused_expert_hyperllava import (
-    InPlaceDecodeAdapter,
+    DecodeAdapter,
     beats_eager,
     expert_adapter_beside_ffn,
     fused_expert_adapter,
@@ -100,8 +100,8 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
 
     x: (B, T, d_in), w_down: (B|1, d_in, 2r), w_up: (B|1, r, d_out), residual: (B, T, d_out). `ffn`: the FFN beside
     which the expert sits (the language expert's), applied to x too; its output is added to the residual first.
-    `decode`: this layer's adapter for eager decoding steps on an NVIDIA GPU (`InPlaceDecodeAdapter`: E(x) added to
-    h + FFN(x) by one launch), which "auto" uses where it serves.
+    `decode`: this layer's adapter for eager decoding steps on an NVIDIA GPU (`DecodeAdapter`: the whole sum by one
+    launch), which "auto" uses where it serves.
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
@@ -118,9 +118,10 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
         return fused_expert_adapter(x, w_down, w_up, residual, None if ffn is None else ffn(x))
     decoding = ffn is not None and not torch.is_grad_enabled()
     if decoding:
-        total = residual + ffn(x)
-        if kernel == "auto" and decode is not None and (out := decode.add_to(total, x)) is not None:
+        ffn_out = ffn(x)
+        if kernel == "auto" and decode is not None and (out := decode(x, residual, ffn_out)) is not None:
             return out
+        total = residual + ffn_out
     if w_down.shape[0] != x.shape[0]:  # one weight set shared by the batch
         w_down, w_up = w_down.expand(x.shape[0], -1, -1), w_up.expand(x.shape[0], -1, -1)
     bottleneck = swiglu_bottleneck(x, w_down)
@@ -142,7 +143,7 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
 
 
 def decode_adapters_available(device) -> bool:
-    """Whether eager decoding adds the adapters with one launch of a fused kernel a layer (`InPlaceDecodeAdapter`):
+    """Whether eager decoding adds the adapters with one launch of a fused kernel a layer (`DecodeAdapter`):
     where the fused kernels run (an NVIDIA GPU with Triton)."""
     return torch.device(device).type == "cuda" and fused_kernel_available(device)
 
@@ -547,7 +548,7 @@ class HyperLlamaModel(LlamaModel):
 
     def _layer_weights(self, weights, cache):
         """Each expert layer's (W_d, W_u), views into `weights`, and where they are kept on an NVIDIA GPU, its adapter
-        for eager decoding steps (`InPlaceDecodeAdapter`). Made once per sequence: kept on `cache` for the decoding
+        for eager decoding steps (`DecodeAdapter`). Made once per sequence: kept on `cache` for the decoding
         steps that continue it with the same weights, as making them (a split and two unbinds: 36 views) cost eager
         decoding about 1% of its step. Kept and reused only without autograd (views made under it would carry one
         forward's graph into the next; views made without it would drop the gradient of a forward under it), and not
@@ -563,7 +564,7 @@ class HyperLlamaModel(LlamaModel):
         if keep:
             # (Not continuous batching's paged cache: every step there brings new weights.)
             if decode_adapters_available(weights.device) and not isinstance(cache, PagedAttentionCache):
-                layer_weights = {idx: (*pair, InPlaceDecodeAdapter(*pair)) for idx, pair in layer_weights.items()}
+                layer_weights = {idx: (*pair, DecodeAdapter(*pair)) for idx, pair in layer_weights.items()}
             setattr(cache, LAYER_WEIGHTS, (weights, layer_weights))
         return layer_weights
 
