@@ -768,7 +768,7 @@ def main(argv=None):
     rows.add_argument(
         "--only-eager-decode",
         action="store_true",
-        help="only the eager decoding rows and the adapter's host time per call (about 2 minutes on an H200)",
+        help="only the eager decoding rows and the adapter's host time per call (about 4 minutes on an H200)",
     )
     parser.add_argument(
         "--decode-batch", type=int, nargs="+", default=[1, 16], help="the eager decoding rows' batch sizes (1 and 16)"

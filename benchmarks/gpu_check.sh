@@ -11,8 +11,8 @@
 #       compiled decoding rows alone, every candidate at batch 1 and 16: about 7 minutes in all, which leaves a lent
 #       GPU's 15 minutes room for `profile_decode.py` after it
 #   BENCH_ARGS=--only-eager-decode OUT=/some/folder bash benchmarks/gpu_check.sh   # the eager decoding rows and the
-#       adapter's host time per call alone (run 11: 144 s; since then the rows in lockstep and a sixth candidate,
-#       about 120 s more)
+#       adapter's host time per call alone (run 12: 350 s with six candidates; four since, about 240 s); add
+#       "--decode-batch 16" for batch 16's rows alone
 #
 # Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
 # (with every measurement as it is taken).
@@ -37,11 +37,11 @@ cat "$OUT/env.log"
 
 # Compiling the kernels for every tested shape and dtype dominates this step (86 s on an H200 in run 7, with the
 # model-level tests: three of them compile a tiny model's decoding step with Inductor, one of them new since).
-# Among them eager decoding with one launch a layer and with the adapters replayed from CUDA graphs, against the
-# eager adapter (the one-launch kernel's tests since session 23: about 30 s more). Then a model split
+# Among them eager decoding with one launch a layer, against the eager adapter (run 12: 101 s in all, with the CUDA
+# graphs' tests since removed). Then a model split
 # over the GPU and the CPU (a second device, which no CPU-only run has) against the unsplit one.
 # Not the tests that compile launches for A100 and H100 without running them: the CPU runs them as well (45 s).
-echo "== fused kernel tests (CUDA), eager decoding's adapters (one launch, CUDA graphs), a model split over GPU and CPU"
+echo "== fused kernel tests (CUDA), eager decoding's one launch, a model split over GPU and CPU"
 timeout -s INT -k 10 170 "$PYTHON" -m pytest modeling_tests/test_fused_expert.py -q -rs -p no:cacheprovider \
     -k "not compiles_for_the_gpu and not read_what_the_kernel_before_wrote" \
     modeling_tests/test_loading.py::test_a_model_split_over_gpu_and_cpu_gives_the_same_logits_and_tokens \
