@@ -629,6 +629,8 @@ def adapter_host_time(settings, report):
             )
             cells.append(host_microseconds_per_call(beside_the_ffn))
             decode = fused.DecodeAdapter(w_down, w_up)
+            if decode(x, residual, ffn_out) is None:  # (else the cell would time the eager adapter)
+                raise RuntimeError("the one launch does not serve a decoding step's call")
             cells.append(
                 host_microseconds_per_call(
                     lambda: expert_adapter(x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, decode=decode)

@@ -14,8 +14,8 @@ from the first token's logits to the end, so that only decoding steps count, and
 token's logits: its first decoding step (which records the CUDA graphs again when the call's new static cache gets new
 addresses) stays out of the per-step tables too. With --eager the models decode as `generate` does by default
 (host-bound at 7B), and HyperLLaVA runs with the eager adapter, on an NVIDIA GPU also with its default there, one
-launch a layer ("auto"), and with the fused op ("triton"): where each one's host time goes, op by op (the profiler slows the host, so the step times it shows are longer than
-unprofiled ones).
+launch a layer ("auto"), and with the fused op ("triton"): where each one's host time goes, op by op (the profiler
+slows the host, so the step times it shows are longer than unprofiled ones).
 """
 
 import argparse

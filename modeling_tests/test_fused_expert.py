@@ -817,9 +817,9 @@ DECODING_CASES = {  # (batch, expert mode, generate's arguments, dtype)
 
 def check_auto_decodes_as_the_eager_adapter(case, counts, per_later_step):
     """Generates 5 tokens (4 decoding steps) with the eager adapter, then twice with "auto": the same tokens and
-    logits (within bf16's rounding: E(x) rounded once or twice), and after call n, `counts()` (what "auto" made or
-    launched once per sequence and layer, and at each later step) equal to n * layers and n * per_later_step *
-    layers: each call's cache gets eager decoding's adapters of its own, and the eager adapter makes none."""
+    logits (within bf16's rounding: the bottleneck's sums in another order), and after call n, `counts()` (what "auto"
+    launched once per sequence and layer, and at each later step) equal to n * layers and n * per_later_step * layers:
+    each call's cache gets eager decoding's adapters of its own, and the eager adapter launches none."""
     batch, expert_mode, generation, dtype = case
     model = make_model(dtype, expert_mode=expert_mode).to(DEVICE)
     kwargs = {**decoding_batch(batch), **generation, "max_new_tokens": 5}
@@ -948,7 +948,7 @@ def test_the_decode_adapter_serves_only_calls_like_its_first_single_token_step(c
     one (another batch, autocast, an input 2 bytes off a 16-byte boundary or not contiguous, as the compiled launch
     assumes them), under autograd or under a mode that must see the ops (FlopCounterMode: the eager adapter's FLOPs
     are counted): None, no launch. So are all calls of a layout the kernel does not take (other dtypes than the
-    weights', over 16 rows per weight set, weights on another device, a rank over 256)."""
+    weights', other widths, over 16 rows per weight set, inputs or weights on another device, a rank over 256)."""
     w_down, w_up = layer_views(1, 24, 40, 4, torch.float32)
     generator = torch.Generator().manual_seed(1)
 
@@ -983,6 +983,7 @@ def test_the_decode_adapter_serves_only_calls_like_its_first_single_token_step(c
         (fused.DecodeAdapter(w_down.bfloat16(), w_up.bfloat16()), inputs(2)),
         (fused.DecodeAdapter(w_down, w_up), (x, residual, ffn_out.bfloat16())),
         (fused.DecodeAdapter(w_down, w_up), (x, residual, wide)),  # an FFN output of another width
+        (fused.DecodeAdapter(w_down, w_up), (x, residual.to("meta"), ffn_out)),  # a residual elsewhere
         (fused.DecodeAdapter(w_down, w_up), inputs(17)),  # 17 rows of one weight set
         (fused.DecodeAdapter(w_down.to("meta"), w_up.to("meta")), inputs(2)),
         (fused.DecodeAdapter(*layer_views(1, 24, 40, 257, torch.float32)), inputs(2)),

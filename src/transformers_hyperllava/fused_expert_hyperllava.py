@@ -729,7 +729,8 @@ class DecodeAdapter:
         """The kernel's grid and its arguments after the tensors (constexprs last: a compiled kernel takes them all),
         or None where it does not take this call."""
         w_down, w_up = self.w_down, self.w_up
-        if not (w_down.dim() == w_up.dim() == 3 and x.device == w_down.device == w_up.device):
+        devices = (x.device, residual.device, ffn_out.device, w_down.device, w_up.device)
+        if not (w_down.dim() == w_up.dim() == 3 and len(set(devices)) == 1):
             return None
         groups, rows, d_in, r, d_out = _problem(x, w_up)
         if not (

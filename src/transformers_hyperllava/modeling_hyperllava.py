@@ -106,8 +106,9 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
         # call, but eager decoding did not measure faster with it, so "auto" launches it only inside a compiled graph;
-        # eager decoding, bound by the host's time per call, launches one kernel a layer instead (`decode`, below: 1.005x
-        # LLaVA's step at batch 1 where the fused op took 1.026x, run 12; docs/performance.md).
+        # eager decoding, bound by the host's time per call, launches one kernel a layer instead (`decode`, below; its
+        # first form, after LLaVA's add, measured 1.005x LLaVA's step at batch 1 where the fused op took 1.026x, run 12;
+        # docs/performance.md).
         kernel == "auto"
         and torch.compiler.is_compiling()
         and fused_kernel_available(x.device)
