@@ -279,17 +279,18 @@ class LockstepClock(LogitsProcessor):
 
     def __init__(self, name, turns, device, on_turn, block):
         self.name, self.turns, self.device, self.on_turn, self.block = name, turns, device, on_turn, block
-        self.steps, self.calls, self.started = [], 0, None
+        self.steps, self.cpu_steps, self.calls, self.started = [], [], 0, None
 
     def __call__(self, input_ids, scores):
         synchronize(self.device)
         if self.started is not None:
-            self.steps.append(time.perf_counter() - self.started)
+            self.steps.append(time.perf_counter() - self.started[0])
+            self.cpu_steps.append(time.thread_time() - self.started[1])
         if self.calls % self.block == 0:
             self.turns.pass_on(self.name)
             self.on_turn()
         self.calls += 1
-        self.started = time.perf_counter()
+        self.started = time.perf_counter(), time.thread_time()
         return scores
 
 
@@ -323,6 +324,13 @@ def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_
         thread.start()
     for thread in threads:
         thread.join()
+    # In the log: the steps' thread CPU time, the time the call's thread ran (whole calls: all of the step, on a GPU
+    # as on a CPU), which tells a step that waited from one that worked longer.
+    for name in candidates.keys() - failed:
+        cpu, wall = (
+            statistics.median(warm_steps(steps, block)) for steps in (clocks[name].cpu_steps, clocks[name].steps)
+        )
+        print(f"  {name}, lockstep: median warm step {wall:.6g} s, thread CPU time {cpu:.6g} s")
     return {name: None if name in failed else clocks[name].steps for name in candidates}
 
 

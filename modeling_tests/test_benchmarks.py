@@ -169,6 +169,9 @@ class FakeClock:
     def perf_counter(self):
         return self.now
 
+    def thread_time(self):  # (a thread that ran half the time)
+        return self.now / 2
+
 
 def run_with_deadline(fn, seconds=30):
     """`fn()`'s result, from a thread that must end within `seconds` (threads that wait for a turn forever would
@@ -227,7 +230,11 @@ def test_lockstep_calls_take_turns_a_block_of_steps_at_a_time_and_time_their_own
     order = [(name, token) for first, end in turns for name in models for token in range(first, end)]
     assert events == [event for event in order if event[0] != "broken" or event[1] <= 6]
     assert steps["broken"] is None
-    assert "RuntimeError: out of memory" in capsys.readouterr().err
+    output = capsys.readouterr()
+    assert "RuntimeError: out of memory" in output.err
+    # The log gives each call's median warm step and its thread CPU time.
+    warm = statistics.median(bench_overhead.warm_steps(steps["hyper"], block))
+    assert f"  hyper, lockstep: median warm step {warm:.6g} s, thread CPU time {warm / 2:.6g} s" in output.out
     assert len(steps["llava"]) == len(steps["hyper"]) == new_tokens - 1
     assert steps["llava"][0] == 5.0 + 1.0  # the first decoding step: cold
     ratios = [
