@@ -326,7 +326,7 @@ def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_
         thread.join()
     # In the log: the steps' thread CPU time, the time the call's thread ran (whole calls: all of the step, on a GPU
     # as on a CPU), which tells a step that waited from one that worked longer.
-    for name in candidates.keys() - failed:
+    for name in [name for name in candidates if name not in failed]:
         cpu, wall = (
             statistics.median(warm_steps(steps, block)) for steps in (clocks[name].cpu_steps, clocks[name].steps)
         )
