@@ -797,7 +797,7 @@ def greedy(model, kernel, **kwargs):
     return out.sequences, torch.stack(out.logits)
 
 
-def decoding_batch(batch, generation=None):
+def decoding_batch(batch):
     ids, mask = left_pad([prompt_ids("img", 10, 11, 12), prompt_ids("img", 13), prompt_ids(14, 15)][:batch])
     pixel_values = images(int(ids.eq(IMAGE_TOKEN).sum()) // 4)
     return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "pixel_values": pixel_values.to(DEVICE)}
