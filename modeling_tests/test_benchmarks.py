@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_overhead  # noqa: E402
+import probe_launches  # noqa: E402
 
 
 def test_interleaved_takes_turns_and_leaves_a_failing_candidate_out(capsys):
@@ -366,3 +367,31 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(batches, monkeypa
     assert len(timed) == len(batches) * 4 * 6
     # The lockstep rows: a cell for each HyperLLaVA (the control, the eager adapter, "auto"), none failed.
     assert all(line.count("x; steps ") == 3 for line in lines if "lockstep" in line)
+
+
+def test_a_probe_runs_after_each_probed_layers_ffn_and_changes_no_output():
+    """The probes time a launch inside LLaVA's step: each must run once per probed layer and forward, leave the
+    logits alone (a forward hook's return value would replace the FFN's output; the PyTorch op's probe returns its
+    output tensor), and be gone afterwards."""
+    from transformers import LlavaForConditionalGeneration
+
+    from transformers_hyperllava.tiny import tiny_config
+
+    config = tiny_config(num_hidden_layers=4)
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config.to_llava_config()).eval()
+    input_ids = torch.randint(5, 60, (2, 7))
+    op = probe_launches.make_probes(torch.device("cpu"))["PyTorch op"]
+    calls = []
+
+    def probe():
+        calls.append(len(calls))
+        return op()
+
+    with torch.no_grad():
+        expected = llava(input_ids=input_ids).logits
+        with probe_launches.probed(llava, [1, 3], probe) as model:
+            assert torch.equal(model(input_ids=input_ids).logits, expected)
+        assert len(calls) == 2
+        llava(input_ids=input_ids)
+    assert len(calls) == 2

@@ -105,10 +105,9 @@ def expert_adapter(x, w_down, w_up, residual, kernel="eager", ffn=None, decode=N
     """
     if kernel == "triton" or (
         # The fused decode kernel takes half the eager adapter's GPU time and, launched directly, less host time a
-        # call, but eager decoding did not measure faster with it, so "auto" launches it only inside a compiled graph;
-        # eager decoding, bound by the host's time per call, launches one kernel a layer instead (`decode`, below; its
-        # first form, after LLaVA's add, measured 1.005x LLaVA's step at batch 1 where the fused op took 1.026x, run 12;
-        # docs/performance.md).
+        # call, but eager decoding measured slower with it, so "auto" launches it only inside a compiled graph; eager
+        # decoding launches one kernel a layer instead (`decode`, below: level with the eager adapter at batch 1 and
+        # 1-2% faster at batch 16, where the fused op was the slowest of the three, run 13; docs/performance.md).
         kernel == "auto"
         and torch.compiler.is_compiling()
         and fused_kernel_available(x.device)

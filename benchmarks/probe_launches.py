@@ -1,0 +1,142 @@
+"""What one launch costs eager decoding inside the step, by kind of launch: LLaVA decodes with a probe after the FFN of
+each layer where HyperLLaVA has its language expert, each probe a launch that does nothing, in turns with LLaVA alone
+and HyperLLaVA's adapters.
+
+    python benchmarks/probe_launches.py --size 7b     # CUDA: about 3 minutes
+    python benchmarks/probe_launches.py --size tiny   # CPU: the probes that need no GPU (7B's depth, toy widths)
+
+Why: on the H200 machine a launch through Triton (the fused op, eager decoding's one launch a layer, and before them
+the CUDA graphs' replays) cost eager decoding several times what its calls take alone, while the eager adapter's
+PyTorch ops cost about what they take alone (docs/performance.md, run 13: the one launch 23.7 us a call alone, LLaVA's
+add 6.7, yet about 75 us a layer in the step). The probes tell which part of a launch that is: the hook that calls the
+probe (the floor of every probe), a PyTorch op, an empty Triton kernel launched as the one launch is (Triton's cached
+launcher, six tensor arguments), the same twice in a row (a cost of the first launch after PyTorch's, or of every
+one), and an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver).
+A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers.
+"""
+
+import argparse
+import contextlib
+import functools
+import os
+import statistics
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from bench_overhead import (  # noqa: E402
+    SIZES,
+    HyperVariants,
+    build_models,
+    decode_step_times,
+    interleaved,
+    make_batch,
+    ratio_cell,
+)
+from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
+from transformers_hyperllava.modeling_hyperllava import decode_adapters_available  # noqa: E402
+
+
+@contextlib.contextmanager
+def probed(model, layers, probe):
+    """`model` with `probe()` called after the FFN of each layer in `layers` (its output left as it is)."""
+
+    def after_the_ffn(module, args, output):
+        probe()  # (a hook that returned something would replace the FFN's output)
+
+    decoder_layers = model.model.language_model.layers
+    handles = [decoder_layers[i].mlp.register_forward_hook(after_the_ffn) for i in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class TritonProbe:
+    """An empty Triton kernel's launch on one program, launched as eager decoding's one launch is: the first through
+    Triton's launcher, the later ones by the compiled kernel's cached launcher."""
+
+    def __init__(self, kernel, args):
+        self.kernel, self.args, self.launch = kernel, args, None
+
+    def __call__(self):
+        if self.launch is not None:
+            self.launch(*self.args)
+            return
+        compiled = self.kernel[(1,)](*self.args)
+        if compiled is not None:  # (Triton's interpreter compiles nothing)
+            self.launch = compiled[(1, 1, 1)]
+
+
+def make_probes(device):
+    """Each probe's name and the function it calls after each probed FFN."""
+    a, b, out = (torch.zeros(1, device=device) for _ in range(3))
+    probes = {"hook alone": lambda: None, "PyTorch op": lambda: torch.add(a, b, out=out)}
+    if fused.is_available(device):
+        import triton
+
+        @triton.jit
+        def _empty_kernel(a, b, c, d, e, f):
+            pass
+
+        # 16 elements each: aligned as fresh tensors are (the one launch's kernel is compiled for 16-byte alignment).
+        tensors = TritonProbe(_empty_kernel, [torch.zeros(16, device=device) for _ in range(6)])
+        probes["Triton, 6 tensors"] = tensors
+        probes["Triton, 6 tensors, twice"] = lambda: (tensors(), tensors())
+        # Integers that Triton does not specialise (1) nor mark divisible by 16.
+        probes["Triton, 6 integers"] = TritonProbe(_empty_kernel, [7] * 6)
+    return probes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (1 and 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (5)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens per call (64)")
+    args = parser.parse_args(argv)
+    settings = dict(SIZES[args.size])
+    device = torch.device(settings["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--size 7b needs a CUDA GPU (use --size tiny on a CPU)")
+    config, llava, hyper = build_models(args.size, settings)
+    layers = hyper.model.language_model.expert_layers
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
+    print(f"# Probes after the FFN of layers {list(layers)}: {name}, {settings['dtype']}, torch {torch.__version__}")
+
+    variants = HyperVariants(hyper)
+    candidates = {"llava": lambda: contextlib.nullcontext(llava)}
+    for probe_name, probe in make_probes(device).items():
+        candidates[f"LLaVA + {probe_name}"] = functools.partial(probed, llava, layers, probe)
+    kernels = ["eager", "auto"] if decode_adapters_available(device) else ["eager"]
+    candidates["HyperLLaVA, experts detached"] = lambda: contextlib.nullcontext(variants.use(None))
+    for kernel in kernels:
+        candidates[f"HyperLLaVA, {kernel} adapter"] = lambda kernel=kernel: contextlib.nullcontext(
+            variants.use(kernel)
+        )
+
+    for batch_size in args.batch:
+        batch = make_batch(config, settings, batch_size, settings["text_tokens"])
+
+        def step(_, enter, batch=batch):
+            with enter() as model:
+                return statistics.median(decode_step_times(model, batch, args.new_tokens, device)[0])
+
+        rounds = interleaved(candidates, step, args.repeats)
+        base = rounds["llava"]
+        print(f"\n## Batch {batch_size}, eager decoding, median step ({args.new_tokens} new tokens)\n")
+        print(f"| candidate | step (ratio to LLaVA) | over LLaVA's step, per layer of {len(layers)} |")
+        print("|---|---|---|")
+        for candidate, values in rounds.items():
+            if values is None:
+                print(f"| {candidate} | failed | |")
+                continue
+            per_layer = (statistics.median(values) - statistics.median(base)) / len(layers) * 1e6
+            print(f"| {candidate} | {ratio_cell(values, base)} | {per_layer:+.1f} us |")
+
+
+if __name__ == "__main__":
+    main()
