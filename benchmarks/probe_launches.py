@@ -2,7 +2,7 @@
 each layer where HyperLLaVA has its language expert, each probe a launch that does nothing, in turns with LLaVA alone
 and HyperLLaVA's adapters.
 
-    python benchmarks/probe_launches.py --size 7b     # CUDA: about 3 minutes
+    python benchmarks/probe_launches.py --size 7b     # CUDA: about 4 minutes
     python benchmarks/probe_launches.py --size tiny   # CPU: the probes that need no GPU (7B's depth, toy widths)
 
 Why: on the H200 machine a launch through Triton (the fused op, eager decoding's one launch a layer, and before them
@@ -11,7 +11,8 @@ PyTorch ops cost about what they take alone (docs/performance.md, run 13: the on
 add 6.7, yet about 75 us a layer in the step). The probes tell which part of a launch that is: the hook that calls the
 probe (the floor of every probe), a PyTorch op, an empty Triton kernel launched as the one launch is (Triton's cached
 launcher, six tensor arguments), the same twice in a row (a cost of the first launch after PyTorch's, or of every
-one), and an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver).
+one), an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver), and a
+CUDA graph of the PyTorch op, replayed.
 A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers.
 """
 
@@ -75,6 +76,11 @@ def make_probes(device):
     """Each probe's name and the function it calls after each probed FFN."""
     a, b, out = (torch.zeros(1, device=device) for _ in range(3))
     probes = {"hook alone": lambda: None, "PyTorch op": lambda: torch.add(a, b, out=out)}
+    if device.type == "cuda":  # (the removed CUDA-graph adapters replayed a graph a layer: run 12, 1.070x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.add(a, b, out=out)
+        probes["CUDA graph replay (of that op)"] = graph.replay
     if fused.is_available(device):
         import triton
 
