@@ -13,7 +13,8 @@ probe (the floor of every probe), a PyTorch op, an empty Triton kernel launched 
 launcher, six tensor arguments), the same twice in a row (a cost of the first launch after PyTorch's, or of every
 one), an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver), and a
 CUDA graph of the PyTorch op, replayed.
-A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers.
+A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its
+calls themselves: more in the step than in the calls means the launch slows what follows it.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import contextlib
 import functools
 import os
 import statistics
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,11 +43,14 @@ from transformers_hyperllava.modeling_hyperllava import decode_adapters_availabl
 
 
 @contextlib.contextmanager
-def probed(model, layers, probe):
-    """`model` with `probe()` called after the FFN of each layer in `layers` (its output left as it is)."""
+def probed(model, layers, probe, seconds):
+    """`model` with `probe()` called after the FFN of each layer in `layers` (its output left as it is), the host
+    seconds of each call appended to `seconds`: whether a probe costs the step its own time, or slows what follows."""
 
     def after_the_ffn(module, args, output):
+        started = time.perf_counter()
         probe()  # (a hook that returned something would replace the FFN's output)
+        seconds.append(time.perf_counter() - started)
 
     decoder_layers = model.model.language_model.layers
     handles = [decoder_layers[i].mlp.register_forward_hook(after_the_ffn) for i in layers]
@@ -114,9 +119,11 @@ def main(argv=None):
     print(f"# Probes after the FFN of layers {list(layers)}: {name}, {settings['dtype']}, torch {torch.__version__}")
 
     variants = HyperVariants(hyper)
-    candidates = {"llava": lambda: contextlib.nullcontext(llava)}
+    candidates, probe_seconds = {"llava": lambda: contextlib.nullcontext(llava)}, {}
     for probe_name, probe in make_probes(device).items():
-        candidates[f"LLaVA + {probe_name}"] = functools.partial(probed, llava, layers, probe)
+        name = f"LLaVA + {probe_name}"
+        probe_seconds[name] = []
+        candidates[name] = functools.partial(probed, llava, layers, probe, probe_seconds[name])
     kernels = ["eager", "auto"] if decode_adapters_available(device) else ["eager"]
     candidates["HyperLLaVA, experts detached"] = lambda: contextlib.nullcontext(variants.use(None))
     for kernel in kernels:
@@ -134,14 +141,21 @@ def main(argv=None):
         rounds = interleaved(candidates, step, args.repeats)
         base = rounds["llava"]
         print(f"\n## Batch {batch_size}, eager decoding, median step ({args.new_tokens} new tokens)\n")
-        print(f"| candidate | step (ratio to LLaVA) | over LLaVA's step, per layer of {len(layers)} |")
-        print("|---|---|---|")
+        print(
+            f"| candidate | step (ratio to LLaVA) | over LLaVA's step, per layer of {len(layers)} | host time in the "
+            "probe, per call (median) |"
+        )
+        print("|---|---|---|---|")
         for candidate, values in rounds.items():
             if values is None:
-                print(f"| {candidate} | failed | |")
+                print(f"| {candidate} | failed | | |")
                 continue
             per_layer = (statistics.median(values) - statistics.median(base)) / len(layers) * 1e6
-            print(f"| {candidate} | {ratio_cell(values, base)} | {per_layer:+.1f} us |")
+            inside = probe_seconds.get(candidate)
+            inside = f"{statistics.median(inside) * 1e6:.1f} us" if inside else ""
+            print(f"| {candidate} | {ratio_cell(values, base)} | {per_layer:+.1f} us | {inside} |")
+            if inside:
+                probe_seconds[candidate].clear()  # (the next batch size's calls apart)
 
 
 if __name__ == "__main__":

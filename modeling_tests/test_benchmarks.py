@@ -372,7 +372,7 @@ def test_only_eager_decode_times_the_eager_decoding_rows_alone(batches, monkeypa
 def test_a_probe_runs_after_each_probed_layers_ffn_and_changes_no_output():
     """The probes time a launch inside LLaVA's step: each must run once per probed layer and forward, leave the
     logits alone (a forward hook's return value would replace the FFN's output; the PyTorch op's probe returns its
-    output tensor), and be gone afterwards."""
+    output tensor), have each call's host time noted, and be gone afterwards."""
     from transformers import LlavaForConditionalGeneration
 
     from transformers_hyperllava.tiny import tiny_config
@@ -390,8 +390,9 @@ def test_a_probe_runs_after_each_probed_layers_ffn_and_changes_no_output():
 
     with torch.no_grad():
         expected = llava(input_ids=input_ids).logits
-        with probe_launches.probed(llava, [1, 3], probe) as model:
+        seconds = []
+        with probe_launches.probed(llava, [1, 3], probe, seconds) as model:
             assert torch.equal(model(input_ids=input_ids).logits, expected)
-        assert len(calls) == 2
+        assert len(calls) == len(seconds) == 2
         llava(input_ids=input_ids)
-    assert len(calls) == 2
+    assert len(calls) == len(seconds) == 2
