@@ -11,7 +11,8 @@
 #       compiled decoding rows alone, every candidate at batch 1 and 16: about 7 minutes in all, which leaves a lent
 #       GPU's 15 minutes room for `profile_decode.py` after it
 #   BENCH_ARGS=--only-eager-decode OUT=/some/folder bash benchmarks/gpu_check.sh   # the eager decoding rows and the
-#       adapter's host time per call alone (run 12: 350 s with six candidates; five since, about 290 s); add
+#       adapter's host time per call alone (run 13: 301 s with five candidates; about 150 s since, without the rows
+#       in lockstep, which run on a CPU only); add
 #       "--decode-batch 16" for batch 16's rows alone
 #
 # Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
