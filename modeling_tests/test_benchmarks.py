@@ -317,16 +317,18 @@ def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_la
 
     model = HyperLlavaForConditionalGeneration(tiny_config()).eval()  # (text only: no visual expert call)
     expert_layers = model.config.language_expert_layer_indices
-    for index in expert_layers:  # a slow FFN: 5 ms a call, far more than the tiny adapter takes
+    # A slow FFN: 50 ms a call, far more than the tiny adapter takes, its first calls included (a prefill's first ops
+    # took 16 ms on a loaded 2-core CI machine).
+    for index in expert_layers:
         mlp = model.model.language_model.layers[index].mlp
-        monkeypatch.setattr(mlp, "forward", lambda x, forward=mlp.forward: (time.sleep(0.005), forward(x))[1])
+        monkeypatch.setattr(mlp, "forward", lambda x, forward=mlp.forward: (time.sleep(0.05), forward(x))[1])
     ids = torch.tensor([[1, 5, 6, 7]])
     with profile_decode.adapter_clock() as clock, torch.no_grad():
         model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         x, residual = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
         fused._DecodeLaunches(x, torch.randn(1, 32, 8), torch.randn(1, 4, 32), residual, None)
     assert len(clock["seconds"]) == 4 * len(expert_layers)  # the prefill and 3 decoding steps
-    assert max(clock["seconds"]) < 0.005
+    assert max(clock["seconds"]) < 0.05
     assert clock["through triton"] == 1
     assert fused._DecodeLaunches.__name__ == "_DecodeLaunches"  # (put back)
 
