@@ -11,8 +11,10 @@ PyTorch ops cost about what they take alone (docs/performance.md, run 13: the on
 add 6.7, yet about 75 us a layer in the step). The probes tell which part of a launch that is: the hook that calls the
 probe (the floor of every probe), a PyTorch op, an empty Triton kernel launched as the one launch is (Triton's cached
 launcher, six tensor arguments), the same twice in a row (a cost of the first launch after PyTorch's, or of every
-one), an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver), and a
-CUDA graph of the PyTorch op, replayed.
+one), an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver), the empty
+kernel launched by PyTorch's own launcher of Triton's kernels (the one Inductor's code launches with: one call into
+C++ and none of Triton's Python; with tensors, or with their addresses, which it does not check), and a CUDA graph of
+the PyTorch op, replayed.
 A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its
 calls themselves: more in the step than in the calls means the launch slows what follows it.
 """
@@ -70,11 +72,54 @@ class TritonProbe:
 
     def __call__(self):
         if self.launch is not None:
-            self.launch(*self.args)
+            self.launch()
             return
         compiled = self.kernel[(1,)](*self.args)
         if compiled is not None:  # (Triton's interpreter compiles nothing)
-            self.launch = compiled[(1, 1, 1)]
+            self.launch = self.later_launches(compiled)
+
+    def later_launches(self, compiled):
+        return functools.partial(compiled[(1, 1, 1)], *self.args)
+
+
+class TorchLauncherProbe(TritonProbe):
+    """The same, the later launches by PyTorch's launcher of Triton's compiled kernels, on the first launch's stream;
+    `by_address`: the tensors passed as their addresses."""
+
+    def __init__(self, kernel, args, by_address):
+        super().__init__(kernel, args)
+        self.by_address = by_address
+
+    def later_launches(self, compiled):
+        args = [tensor.data_ptr() for tensor in self.args] if self.by_address else self.args
+        types, args = torch_launcher_arguments(compiled, args)
+        metadata, stream = compiled.metadata, torch.cuda.current_stream().cuda_stream
+        launch = torch._C._StaticCudaLauncher._launch_kernel
+        return functools.partial(
+            launch, compiled.function, 1, 1, 1, metadata.num_warps, metadata.shared, types, args, stream
+        )
+
+
+def torch_launcher_arguments(compiled, args):
+    """The argument types that PyTorch's launcher takes for Triton's `compiled` kernel ("O" a tensor, which it checks
+    with the driver as Triton does, "K" an address) and the arguments: `args`, then a null address for each of
+    Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for each size in their metadata,
+    and an empty kernel needs none)."""
+    scratch = [None for size in ("global_scratch_size", "profile_scratch_size") if hasattr(compiled.metadata, size)]
+    types = "".join("O" if isinstance(arg, torch.Tensor) else "K" for arg in args) + "O" * len(scratch)
+    return types, (*args, *scratch)
+
+
+@functools.cache
+def empty_kernel():
+    """A Triton kernel of six pointer arguments that does nothing."""
+    import triton
+
+    @triton.jit
+    def _empty_kernel(a, b, c, d, e, f):
+        pass
+
+    return _empty_kernel
 
 
 def make_probes(device):
@@ -87,18 +132,15 @@ def make_probes(device):
             torch.add(a, b, out=out)
         probes["CUDA graph replay (of that op)"] = graph.replay
     if fused.is_available(device):
-        import triton
-
-        @triton.jit
-        def _empty_kernel(a, b, c, d, e, f):
-            pass
-
         # 16 elements each: aligned as fresh tensors are (the one launch's kernel is compiled for 16-byte alignment).
-        tensors = TritonProbe(_empty_kernel, [torch.zeros(16, device=device) for _ in range(6)])
-        probes["Triton, 6 tensors"] = tensors
-        probes["Triton, 6 tensors, twice"] = lambda: (tensors(), tensors())
+        tensors = [torch.zeros(16, device=device) for _ in range(6)]
+        probes["Triton, 6 tensors"] = triton_tensors = TritonProbe(empty_kernel(), tensors)
+        probes["Triton, 6 tensors, twice"] = lambda: (triton_tensors(), triton_tensors())
         # Integers that Triton does not specialise (1) nor mark divisible by 16.
-        probes["Triton, 6 integers"] = TritonProbe(_empty_kernel, [7] * 6)
+        probes["Triton, 6 integers"] = TritonProbe(empty_kernel(), [7] * 6)
+        if hasattr(torch._C, "_StaticCudaLauncher"):  # (since torch 2.8)
+            probes["PyTorch's launcher, 6 tensors"] = TorchLauncherProbe(empty_kernel(), tensors, by_address=False)
+            probes["PyTorch's launcher, 6 addresses"] = TorchLauncherProbe(empty_kernel(), tensors, by_address=True)
     return probes
 
 

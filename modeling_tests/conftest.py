@@ -158,6 +158,38 @@ def write_sentencepiece_tokenizer(folder, model):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def compile_for(arch, kernel, args, keywords):
+    """Compile a launch's kernel for a CUDA architecture as Triton would at the launch, specialised as Triton
+    specialises it on the arguments (16-byte aligned pointers and integers divisible by 16 marked so, an integer 1 made
+    a constant), with no GPU needed. The launch's arguments, positional or by keyword, are the kernel's; its other
+    keywords are compiler options."""
+    import triton
+    from triton._C import libtriton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+
+    if not hasattr(libtriton, "native_specialize_impl"):  # what a launch runs on each argument
+        pytest.skip(f"Triton {triton.__version__} specialises a launch's arguments otherwise than 3.6 and 3.9 do")
+    native_specialize_impl = libtriton.native_specialize_impl
+
+    named = {name: value for name, value in keywords.items() if name in kernel.arg_names}
+    arguments = dict(zip(kernel.arg_names, args)) | named
+    assert len(args) + len(named) == len(arguments) == len(kernel.arg_names), f"{kernel.__name__}: arguments missing"
+    options = {name: value for name, value in keywords.items() if name not in kernel.arg_names}
+    constexprs = {kernel.arg_names[i]: arguments[kernel.arg_names[i]] for i in kernel.constexprs}
+    signature, attributes = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name], attribute = native_specialize_impl(BaseBackend, arguments[name], False, True, True)
+        if signature[name] == "constexpr":  # an integer 1
+            constexprs[name] = arguments[name]
+        elif attribute:
+            attributes[(i,)] = BaseBackend.parse_attr(attribute)
+    source = triton.compiler.ASTSource(kernel, signature, constexprs, attributes)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 @pytest.fixture
 def tiny_llava():
     """A stock LLaVA with random weights (float64) and the HyperLLaVA config that matches it."""
@@ -168,6 +200,6 @@ def tiny_llava():
 
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
-    "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece", "sentencepiece_vocab_size",
-    "write_sentencepiece_tokenizer",
+    "compile_for", "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece",
+    "sentencepiece_vocab_size", "write_sentencepiece_tokenizer",
 ]  # fmt: skip

@@ -417,3 +417,22 @@ def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_pro
     for name in probes:
         assert float(table[name][2].removesuffix(" us |")) > 0
     assert all(table[name][2] == " |" for name in hyper)
+
+
+def test_pytorchs_launcher_gets_an_argument_for_each_parameter_of_the_compiled_empty_kernel():
+    """The probes that launch the empty kernel by PyTorch's launcher must hand it one argument per parameter of the
+    kernel Triton compiled (the PTX's parameter list, Triton's scratch buffers' among them), typed as tensors or as
+    addresses: the driver reads as many as the kernel has. Compiled for an H100/H200 (sm_90), with no GPU needed."""
+    pytest.importorskip("triton")
+    from conftest import compile_for
+
+    tensors = [torch.zeros(16) for _ in range(6)]
+    compiled = compile_for(90, probe_launches.empty_kernel(), tensors, {})
+    entry = compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0]
+    parameters = entry.count(".param ")
+    addresses = [tensor.data_ptr() for tensor in tensors]
+    for args, kind in ((tensors, "O"), (addresses, "K")):
+        types, launched = probe_launches.torch_launcher_arguments(compiled, args)
+        assert len(types) == len(launched) == parameters
+        assert types[:6] == kind * 6 and list(launched[:6]) == args
+        assert set(types[6:]) <= {"O"} and set(launched[6:]) <= {None}  # (null: an empty kernel uses no scratch)

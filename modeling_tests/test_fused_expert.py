@@ -28,6 +28,7 @@ from transformers import LlavaForConditionalGeneration
 from conftest import (
     IMAGE_TOKEN,
     DispatchedOps,
+    compile_for,
     compiled_generation,
     images,
     left_pad,
@@ -1090,38 +1091,6 @@ def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_l
     for idx, (w_down, _, adapter) in copy_.items():
         assert adapter.w_down.data_ptr() == w_down.data_ptr() != original[idx][2].w_down.data_ptr()
         assert w_down.untyped_storage().data_ptr() == copied_weights.untyped_storage().data_ptr()
-
-
-def compile_for(arch, kernel, args, keywords):
-    """Compile a launch's kernel for a CUDA architecture as Triton would at the launch, specialised as Triton
-    specialises it on the arguments (16-byte aligned pointers and integers divisible by 16 marked so, an integer 1 made
-    a constant), with no GPU needed. The launch's arguments, positional or by keyword, are the kernel's; its other
-    keywords are compiler options."""
-    import triton
-    from triton._C import libtriton
-    from triton.backends.compiler import BaseBackend, GPUTarget
-
-    if not hasattr(libtriton, "native_specialize_impl"):  # what a launch runs on each argument
-        pytest.skip(f"Triton {triton.__version__} specialises a launch's arguments otherwise than 3.6 and 3.9 do")
-    native_specialize_impl = libtriton.native_specialize_impl
-
-    named = {name: value for name, value in keywords.items() if name in kernel.arg_names}
-    arguments = dict(zip(kernel.arg_names, args)) | named
-    assert len(args) + len(named) == len(arguments) == len(kernel.arg_names), f"{kernel.__name__}: arguments missing"
-    options = {name: value for name, value in keywords.items() if name not in kernel.arg_names}
-    constexprs = {kernel.arg_names[i]: arguments[kernel.arg_names[i]] for i in kernel.constexprs}
-    signature, attributes = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name], attribute = native_specialize_impl(BaseBackend, arguments[name], False, True, True)
-        if signature[name] == "constexpr":  # an integer 1
-            constexprs[name] = arguments[name]
-        elif attribute:
-            attributes[(i,)] = BaseBackend.parse_attr(attribute)
-    source = triton.compiler.ASTSource(kernel, signature, constexprs, attributes)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def global_memory_order(ptx, pointer_parameter):
