@@ -2,7 +2,7 @@
 each layer where HyperLLaVA has its language expert, each probe a launch that does nothing, in turns with LLaVA alone
 and HyperLLaVA's adapters.
 
-    python benchmarks/probe_launches.py --size 7b     # CUDA: about 4 minutes
+    python benchmarks/probe_launches.py --size 7b     # CUDA: about 5 minutes
     python benchmarks/probe_launches.py --size tiny   # CPU: the probes that need no GPU (7B's depth, toy widths)
 
 Why: on the H200 machine a launch through Triton (the fused op, eager decoding's one launch a layer, and before them
@@ -14,7 +14,8 @@ launcher, six tensor arguments), the same twice in a row (a cost of the first la
 one), an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver), the empty
 kernel launched by PyTorch's own launcher of Triton's kernels (the one Inductor's code launches with: one call into
 C++ and none of Triton's Python; with tensors, or with their addresses, which it does not check), and a CUDA graph of
-the PyTorch op, replayed.
+the PyTorch op, replayed. Beside them HyperLLaVA runs detached, with its eager adapter, with "auto" (the one launch a
+layer) and with "auto" whose one launch goes through PyTorch's launcher (if that launch writes what Triton's does).
 A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its
 calls themselves: more in the step than in the calls means the launch slows what follows it.
 """
@@ -41,6 +42,7 @@ from bench_overhead import (  # noqa: E402
     ratio_cell,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
+from transformers_hyperllava import modeling_hyperllava  # noqa: E402
 from transformers_hyperllava.modeling_hyperllava import decode_adapters_available  # noqa: E402
 
 
@@ -83,31 +85,67 @@ class TritonProbe:
 
 
 class TorchLauncherProbe(TritonProbe):
-    """The same, the later launches by PyTorch's launcher of Triton's compiled kernels, on the first launch's stream;
-    `by_address`: the tensors passed as their addresses."""
+    """The same, the later launches by PyTorch's launcher of Triton's compiled kernels; `by_address`: the tensors
+    passed as their addresses."""
 
     def __init__(self, kernel, args, by_address):
         super().__init__(kernel, args)
         self.by_address = by_address
 
     def later_launches(self, compiled):
-        args = [tensor.data_ptr() for tensor in self.args] if self.by_address else self.args
-        types, args = torch_launcher_arguments(compiled, args)
-        metadata, stream = compiled.metadata, torch.cuda.current_stream().cuda_stream
-        launch = torch._C._StaticCudaLauncher._launch_kernel
-        return functools.partial(
-            launch, compiled.function, 1, 1, 1, metadata.num_warps, metadata.shared, types, args, stream
-        )
+        launch = TorchLaunch(compiled, (1, 1, 1), len(self.args), (), self.by_address)
+        return functools.partial(launch, *self.args)
+
+
+class TorchLaunch:
+    """Triton's `compiled` kernel launched on `grid` by PyTorch's launcher of Triton's kernels, on the current stream,
+    called as the compiled kernel's own launcher is (every argument in the kernel's order, constexprs too): first
+    `tensors` tensors, then `tail`, the same at every call (given here). `by_address`: the tensors are passed as their
+    addresses, which PyTorch's launcher does not check with the driver as it checks a tensor's."""
+
+    def __init__(self, compiled, grid, tensors, tail, by_address):
+        self.grid, self.tensors, self.by_address = grid, tensors, by_address
+        stand_ins = (0 if by_address else torch.empty(0),) * tensors  # (what each tensor is passed as)
+        self.types, kept = torch_launcher_arguments(compiled, (*stand_ins, *tail))
+        self.tail = kept[tensors:]  # (Triton specialises no tensor argument away)
+        self.kernel = (compiled.function, *grid, compiled.metadata.num_warps, compiled.metadata.shared)
+
+    def __call__(self, *args):
+        tensors = args[: self.tensors]
+        if self.by_address:
+            tensors = [tensor.data_ptr() for tensor in tensors]
+        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+        torch._C._StaticCudaLauncher._launch_kernel(*self.kernel, self.types, (*tensors, *self.tail), stream)
+
+
+# PyTorch's launcher's letters for Triton's scalar parameter types.
+_SCALAR_TYPES = {"i32": "i", "i64": "l", "u32": "I", "u64": "K", "fp32": "f", "fp64": "d"}
 
 
 def torch_launcher_arguments(compiled, args):
-    """The argument types that PyTorch's launcher takes for Triton's `compiled` kernel ("O" a tensor, which it checks
-    with the driver as Triton does, "K" an address) and the arguments: `args`, then a null address for each of
-    Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for each size in their metadata,
-    and an empty kernel needs none)."""
+    """The argument types that PyTorch's launcher takes for Triton's `compiled` kernel, given every argument in the
+    kernel's order, and the arguments it is passed: those that are the compiled kernel's parameters (not the
+    constexprs, Triton's own and the integers 1 that it specialised as constants), then a null address for each of
+    Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for each size in their metadata;
+    an empty kernel and the one launch use none). A pointer parameter is "O" for a tensor, which PyTorch's launcher
+    checks with the driver as Triton does, or "K" for an address."""
+    signature = compiled.src.signature  # (each parameter's type by name, "constexpr" for a constant)
+    types, kept = "", []
+    for name, arg in zip(compiled.src.fn.arg_names, args, strict=True):
+        kind = signature[name]
+        if kind != "constexpr":
+            types += ("O" if isinstance(arg, torch.Tensor) else "K") if kind.startswith("*") else _SCALAR_TYPES[kind]
+            kept.append(arg)
     scratch = [None for size in ("global_scratch_size", "profile_scratch_size") if hasattr(compiled.metadata, size)]
-    types = "".join("O" if isinstance(arg, torch.Tensor) else "K" for arg in args) + "O" * len(scratch)
-    return types, (*args, *scratch)
+    return types + "O" * len(scratch), (*kept, *scratch)
+
+
+class TorchLaunchedDecodeAdapter(fused.DecodeAdapter):
+    """The one launch a layer ("auto" in eager decoding), its later launches by PyTorch's launcher, the tensors passed
+    as their addresses."""
+
+    def _later_launches(self, compiled, grid):
+        return TorchLaunch(compiled, grid, 6, self.arguments[1], by_address=True)
 
 
 @functools.cache
@@ -144,6 +182,36 @@ def make_probes(device):
     return probes
 
 
+@contextlib.contextmanager
+def torch_launched_adapters(variants):
+    """HyperLLaVA with "auto" adapters whose one launch a layer goes through PyTorch's launcher (the adapters are
+    made at each call's prefill)."""
+    made = modeling_hyperllava.DecodeAdapter
+    modeling_hyperllava.DecodeAdapter = TorchLaunchedDecodeAdapter
+    try:
+        yield variants.use("auto")
+    finally:
+        modeling_hyperllava.DecodeAdapter = made
+
+
+@torch.no_grad()
+def torch_launch_matches_tritons(config, batch, device, dtype):
+    """Whether a layer's one launch by PyTorch's launcher writes, bit for bit, what Triton's launch of the same kernel
+    on the same inputs writes, at `config`'s widths with a weight set per sequence: an adapter whose launch got wrong
+    arguments would otherwise only be timed."""
+    d, r = config.text_config.hidden_size, config.expert_bottleneck_dim
+    generator = torch.Generator(device).manual_seed(0)
+    w_down, w_up, *steps = (
+        torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.1
+        for shape in [(batch, d, 2 * r), (batch, r, d)] + [(batch, 1, d)] * 6
+    )
+    outputs = []
+    for adapter in (fused.DecodeAdapter(w_down, w_up), TorchLaunchedDecodeAdapter(w_down, w_up)):
+        outputs.append([adapter(*steps[:3]), adapter(*steps[3:])])  # (the second call is a later launch)
+    served = all(out is not None for pair in outputs for out in pair)
+    return served and isinstance(adapter.launch, TorchLaunch) and all(map(torch.equal, *outputs))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -172,6 +240,14 @@ def main(argv=None):
         candidates[f"HyperLLaVA, {kernel} adapter"] = lambda kernel=kernel: contextlib.nullcontext(
             variants.use(kernel)
         )
+    if "auto" in kernels and hasattr(torch._C, "_StaticCudaLauncher"):
+        try:
+            same = all(torch_launch_matches_tritons(config, size, device, settings["dtype"]) for size in args.batch)
+        except Exception as error:  # (the other candidates still run)
+            same = f"False, it failed: {error!r}"
+        print(f"# The one launch by PyTorch's launcher writes what Triton's launch of it writes: {same}")
+        if same is True:  # (otherwise its step times would be those of a wrong launch)
+            candidates["HyperLLaVA, auto adapter, PyTorch's launcher"] = lambda: torch_launched_adapters(variants)
 
     for batch_size in args.batch:
         batch = make_batch(config, settings, batch_size, settings["text_tokens"])

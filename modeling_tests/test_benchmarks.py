@@ -1,5 +1,6 @@
 """What the benchmark scripts do with their measurements (their numbers come from `.ci/run` and GPU runs, not tests)."""
 
+import re
 import statistics
 import sys
 import threading
@@ -419,6 +420,17 @@ def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_pro
     assert all(table[name][2] == " |" for name in hyper)
 
 
+def ptx_parameters(compiled):
+    """The kinds of a compiled kernel's parameters, in order, read off its PTX: "pointer", "32-bit" or "64-bit"."""
+    entry = compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0]
+    parameters = re.findall(r"\.param \.(\w+)( \.ptr)?", entry)
+    return ["pointer" if pointer else f"{size[1:]}-bit" for size, pointer in parameters]
+
+
+# PyTorch's launcher's letter for each kind of parameter (tensors passed as tensors, "O", or as addresses, "K").
+LAUNCHER_KINDS = {"O": "pointer", "K": "pointer", "i": "32-bit", "I": "32-bit", "l": "64-bit"}
+
+
 def test_pytorchs_launcher_gets_an_argument_for_each_parameter_of_the_compiled_empty_kernel():
     """The probes that launch the empty kernel by PyTorch's launcher must hand it one argument per parameter of the
     kernel Triton compiled (the PTX's parameter list, Triton's scratch buffers' among them), typed as tensors or as
@@ -428,11 +440,41 @@ def test_pytorchs_launcher_gets_an_argument_for_each_parameter_of_the_compiled_e
 
     tensors = [torch.zeros(16) for _ in range(6)]
     compiled = compile_for(90, probe_launches.empty_kernel(), tensors, {})
-    entry = compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0]
-    parameters = entry.count(".param ")
+    parameters = ptx_parameters(compiled)
     addresses = [tensor.data_ptr() for tensor in tensors]
     for args, kind in ((tensors, "O"), (addresses, "K")):
         types, launched = probe_launches.torch_launcher_arguments(compiled, args)
-        assert len(types) == len(launched) == parameters
+        assert [LAUNCHER_KINDS[letter] for letter in types] == parameters
+        assert len(launched) == len(parameters)
         assert types[:6] == kind * 6 and list(launched[:6]) == args
-        assert set(types[6:]) <= {"O"} and set(launched[6:]) <= {None}  # (null: an empty kernel uses no scratch)
+        assert set(launched[6:]) <= {None}  # (null: an empty kernel uses no scratch)
+
+
+@pytest.mark.parametrize(
+    "batch, weight_sets", [(1, 1), (16, 16), (16, 1)], ids=["batch-1", "batch-16", "batch-16-shared-weights"]
+)
+def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_them(batch, weight_sets):
+    """The probe's "auto" adapters by PyTorch's launcher (`TorchLaunchedDecodeAdapter`) pass the arguments of the
+    adapter's call minus those that Triton compiled as constants (its constexprs, and an integer 1: the rows per
+    weight set, at batch 1 and with a weight set per sequence), with the right width each: the compiled kernel's
+    parameters, read off the PTX of the one launch's kernel compiled for a 7B decoding step on an H100/H200."""
+    pytest.importorskip("triton")
+    from conftest import compile_for
+    from transformers_hyperllava import fused_expert_hyperllava as fused
+
+    d, r = 4096, 16
+    w_down, w_up = torch.zeros(weight_sets, d, 2 * r), torch.zeros(weight_sets, r, d)
+    x, residual, ffn_out, out = (torch.zeros(batch, 1, d) for _ in range(4))
+    adapter = probe_launches.TorchLaunchedDecodeAdapter(w_down, w_up)
+    grid, tail = adapter.arguments = adapter._arguments(x, residual, ffn_out)
+    args = (x, w_down, w_up, residual, ffn_out, out, *tail)
+    compiled = compile_for(90, fused._decode_add_kernel, args, fused._OPTIONS)
+    compiled.function = 0  # (no GPU: no loaded kernel)
+    launch = adapter._later_launches(compiled, grid)
+    assert [LAUNCHER_KINDS[letter] for letter in launch.types] == ptx_parameters(compiled)
+    assert launch.types.startswith("K" * 6)  # (by address)
+    constants = {name for name, kind in compiled.src.signature.items() if kind == "constexpr"}
+    names = fused._decode_add_kernel.arg_names
+    kept = [value for name, value in zip(names[6:], tail) if name not in constants]
+    assert [value for value in launch.tail if value is not None] == kept  # (None: a scratch buffer's null address)
+    assert ("rows" in constants) == (batch == weight_sets)
