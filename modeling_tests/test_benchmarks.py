@@ -453,7 +453,7 @@ def test_pytorchs_launcher_gets_an_argument_for_each_parameter_of_the_compiled_e
 @pytest.mark.parametrize(
     "batch, weight_sets", [(1, 1), (16, 16), (16, 1)], ids=["batch-1", "batch-16", "batch-16-shared-weights"]
 )
-def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_them(batch, weight_sets):
+def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_them(batch, weight_sets, monkeypatch):
     """The probe's "auto" adapters by PyTorch's launcher (`TorchLaunchedDecodeAdapter`) pass the arguments of the
     adapter's call minus those that Triton compiled as constants (its constexprs, and an integer 1: the rows per
     weight set, at batch 1 and with a weight set per sequence), with the right width each: the compiled kernel's
@@ -478,3 +478,13 @@ def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_th
     kept = [value for name, value in zip(names[6:], tail) if name not in constants]
     assert [value for value in launch.tail if value is not None] == kept  # (None: a scratch buffer's null address)
     assert ("rows" in constants) == (batch == weight_sets)
+    # A later call: its own tensors' addresses, the kernel's launch settings, the current stream (a stand-in launcher).
+    calls = []
+    launcher = SimpleNamespace(_launch_kernel=lambda *arguments: calls.append(arguments))
+    monkeypatch.setattr(torch._C, "_StaticCudaLauncher", launcher, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 12345, raising=False)
+    x, residual, ffn_out, out = (torch.zeros(batch, 1, d) for _ in range(4))
+    launch(x, w_down, w_up, residual, ffn_out, out, *tail)
+    settings = (0, *grid, compiled.metadata.num_warps, compiled.metadata.shared, launch.types)
+    addresses = tuple(tensor.data_ptr() for tensor in (x, w_down, w_up, residual, ffn_out, out))
+    assert calls == [(*settings, (*addresses, *launch.tail), 12345)]
