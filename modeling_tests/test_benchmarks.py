@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_overhead  # noqa: E402
 import probe_launches  # noqa: E402
+from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
 
 
 def test_interleaved_takes_turns_and_leaves_a_failing_candidate_out(capsys):
@@ -109,7 +110,6 @@ def test_the_plain_launch_column_launches_the_decode_kernels_without_dependent_l
     """The microbenchmark's column of plain launches must time kernels compiled and launched without programmatic
     dependent launch, though the device has it and launches kept from earlier calls were made with it; afterwards the
     kept launches serve again."""
-    fused = bench_overhead.fused
     launches = []
 
     class Recorded:
@@ -313,7 +313,6 @@ def test_the_adapter_clock_times_each_adapter_call_without_its_ffn_and_counts_la
     import profile_decode
 
     from transformers_hyperllava import HyperLlavaForConditionalGeneration
-    from transformers_hyperllava import fused_expert_hyperllava as fused
     from transformers_hyperllava.tiny import tiny_config
 
     model = HyperLlavaForConditionalGeneration(tiny_config()).eval()  # (text only: no visual expert call)
@@ -439,7 +438,7 @@ def test_pytorchs_launcher_gets_an_argument_for_each_parameter_of_the_compiled_e
     from conftest import compile_for
 
     tensors = [torch.zeros(16) for _ in range(6)]
-    compiled = compile_for(90, probe_launches.empty_kernel(), tensors, {})
+    compiled = compile_for(90, probe_launches.empty_kernel(), tensors, fused._OPTIONS)
     parameters = ptx_parameters(compiled)
     addresses = [tensor.data_ptr() for tensor in tensors]
     for args, kind in ((tensors, "O"), (addresses, "K")):
@@ -460,7 +459,6 @@ def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_th
     parameters, read off the PTX of the one launch's kernel compiled for a 7B decoding step on an H100/H200."""
     pytest.importorskip("triton")
     from conftest import compile_for
-    from transformers_hyperllava import fused_expert_hyperllava as fused
 
     d, r = 4096, 16
     w_down, w_up = torch.zeros(weight_sets, d, 2 * r), torch.zeros(weight_sets, r, d)
