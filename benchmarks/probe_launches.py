@@ -127,8 +127,8 @@ def torch_launcher_arguments(compiled, args):
     kernel's order, and the arguments it is passed: those that are the compiled kernel's parameters (not the
     constexprs, Triton's own and the integers 1 that it specialised as constants), then a null address for each of
     Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for each size in their metadata;
-    an empty kernel and the one launch use none). A pointer parameter is "O" for a tensor, which PyTorch's launcher
-    checks with the driver as Triton does, or "K" for an address."""
+    an empty kernel and the one launch use none, and a kernel that uses one is refused). A pointer parameter is "O"
+    for a tensor, which PyTorch's launcher checks with the driver as Triton does, or "K" for an address."""
     signature = compiled.src.signature  # (each parameter's type by name, "constexpr" for a constant)
     types, kept = "", []
     for name, arg in zip(compiled.src.fn.arg_names, args, strict=True):
@@ -136,7 +136,10 @@ def torch_launcher_arguments(compiled, args):
         if kind != "constexpr":
             types += ("O" if isinstance(arg, torch.Tensor) else "K") if kind.startswith("*") else _SCALAR_TYPES[kind]
             kept.append(arg)
-    scratch = [None for size in ("global_scratch_size", "profile_scratch_size") if hasattr(compiled.metadata, size)]
+    sizes = [getattr(compiled.metadata, size, None) for size in ("global_scratch_size", "profile_scratch_size")]
+    if any(sizes):  # (a null address there would have the kernel write where it must not)
+        raise ValueError(f"{compiled.metadata.name} uses Triton's scratch memory, which this launch does not provide")
+    scratch = [None for size in sizes if size is not None]
     return types + "O" * len(scratch), (*kept, *scratch)
 
 

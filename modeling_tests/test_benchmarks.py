@@ -486,3 +486,14 @@ def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_th
     settings = (0, *grid, compiled.metadata.num_warps, compiled.metadata.shared, launch.types)
     addresses = tuple(tensor.data_ptr() for tensor in (x, w_down, w_up, residual, ffn_out, out))
     assert calls == [(*settings, (*addresses, *launch.tail), 12345)]
+
+
+@pytest.mark.parametrize("scratch", ["global_scratch_size", "profile_scratch_size"])
+def test_pytorchs_launcher_refuses_a_kernel_that_uses_tritons_scratch_memory(scratch):
+    """The probes pass null for Triton's scratch buffers: a kernel that uses one (a size in its metadata) would write
+    through that null address, so it is refused before any launch."""
+    metadata = {"name": "kernel_with_scratch", "global_scratch_size": 0, "profile_scratch_size": 0, scratch: 128}
+    source = SimpleNamespace(signature={"a": "*fp32"}, fn=SimpleNamespace(arg_names=["a"]))
+    compiled = SimpleNamespace(src=source, metadata=SimpleNamespace(**metadata))
+    with pytest.raises(ValueError, match="kernel_with_scratch uses Triton's scratch memory"):
+        probe_launches.torch_launcher_arguments(compiled, [torch.zeros(16)])
