@@ -21,8 +21,10 @@ calls themselves: more in the step than in the calls means the launch slows what
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
+import multiprocessing
 import os
 import statistics
 import time
@@ -109,6 +111,7 @@ class TorchLaunch:
         self.types, kept = torch_launcher_arguments(compiled, (*stand_ins, *tail))
         self.tail = kept[tensors:]  # (Triton specialises no tensor argument away)
         self.kernel = (compiled.function, *grid, compiled.metadata.num_warps, compiled.metadata.shared)
+        self.compiled = compiled  # (its module stays loaded while it is referenced)
 
     def __call__(self, *args):
         tensors = args[: self.tensors]
@@ -127,8 +130,9 @@ def torch_launcher_arguments(compiled, args):
     kernel's order, and the arguments it is passed: those that are the compiled kernel's parameters (not the
     constexprs, Triton's own and the integers 1 that it specialised as constants), then a null address for each of
     Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for each size in their metadata;
-    an empty kernel and the one launch use none, and a kernel that uses one is refused). A pointer parameter is "O"
-    for a tensor, which PyTorch's launcher checks with the driver as Triton does, or "K" for an address."""
+    an empty kernel and the one launch use none, and a kernel that uses one is refused, as is one compiled for a
+    launch with options that PyTorch's launcher does not make). A pointer parameter is "O" for a tensor, which
+    PyTorch's launcher checks with the driver as Triton does, or "K" for an address."""
     signature = compiled.src.signature  # (each parameter's type by name, "constexpr" for a constant)
     types, kept = "", []
     for name, arg in zip(compiled.src.fn.arg_names, args, strict=True):
@@ -136,9 +140,13 @@ def torch_launcher_arguments(compiled, args):
         if kind != "constexpr":
             types += ("O" if isinstance(arg, torch.Tensor) else "K") if kind.startswith("*") else _SCALAR_TYPES[kind]
             kept.append(arg)
-    sizes = [getattr(compiled.metadata, size, None) for size in ("global_scratch_size", "profile_scratch_size")]
+    metadata = compiled.metadata
+    sizes = [getattr(metadata, size, None) for size in ("global_scratch_size", "profile_scratch_size")]
     if any(sizes):  # (a null address there would have the kernel write where it must not)
-        raise ValueError(f"{compiled.metadata.name} uses Triton's scratch memory, which this launch does not provide")
+        raise ValueError(f"{metadata.name} uses Triton's scratch memory, which this launch does not provide")
+    options = {"launch_pdl": False, "launch_cooperative_grid": False, "num_ctas": 1}
+    if any(getattr(metadata, option, plain) != plain for option, plain in options.items()):
+        raise ValueError(f"{metadata.name} was compiled for a launch that PyTorch's launcher does not make: {options}")
     scratch = [None for size in sizes if size is not None]
     return types + "O" * len(scratch), (*kept, *scratch)
 
@@ -197,12 +205,21 @@ def torch_launched_adapters(variants):
         modeling_hyperllava.DecodeAdapter = made
 
 
-@torch.no_grad()
-def torch_launch_matches_tritons(config, batch, device, dtype):
-    """Whether a layer's one launch by PyTorch's launcher writes, bit for bit, what Triton's launch of the same kernel
-    on the same inputs writes, at `config`'s widths with a weight set per sequence: an adapter whose launch got wrong
-    arguments would otherwise only be timed."""
+def launch_checked_apart(config, batches, device, dtype):
+    """`torch_launch_matches_tritons` at each batch size, in a process of its own: a launch that faulted would leave
+    its process's CUDA context broken, and here that would fail every candidate after it."""
     d, r = config.text_config.hidden_size, config.expert_bottleneck_dim
+    spawned = multiprocessing.get_context("spawn")  # (a fork would share this process's CUDA state)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawned) as apart:
+        checks = [apart.submit(torch_launch_matches_tritons, d, r, batch, device, dtype) for batch in batches]
+        return all(check.result(timeout=180) for check in checks)
+
+
+@torch.no_grad()
+def torch_launch_matches_tritons(d, r, batch, device, dtype):
+    """Whether a layer's one launch by PyTorch's launcher writes, bit for bit, what Triton's launch of the same kernel
+    on the same inputs writes, at widths `d` and rank `r` with a weight set per sequence: an adapter whose launch got
+    wrong arguments would otherwise only be timed."""
     generator = torch.Generator(device).manual_seed(0)
     w_down, w_up, *steps = (
         torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.1
@@ -245,7 +262,7 @@ def main(argv=None):
         )
     if "auto" in kernels and hasattr(torch._C, "_StaticCudaLauncher"):
         try:
-            same = all(torch_launch_matches_tritons(config, size, device, settings["dtype"]) for size in args.batch)
+            same = launch_checked_apart(config, args.batch, device, settings["dtype"])
         except Exception as error:  # (the other candidates still run)
             same = f"False, it failed: {error!r}"
         print(f"# The one launch by PyTorch's launcher writes what Triton's launch of it writes: {same}")

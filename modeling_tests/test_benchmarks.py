@@ -488,12 +488,35 @@ def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_th
     assert calls == [(*settings, (*addresses, *launch.tail), 12345)]
 
 
-@pytest.mark.parametrize("scratch", ["global_scratch_size", "profile_scratch_size"])
-def test_pytorchs_launcher_refuses_a_kernel_that_uses_tritons_scratch_memory(scratch):
-    """The probes pass null for Triton's scratch buffers: a kernel that uses one (a size in its metadata) would write
-    through that null address, so it is refused before any launch."""
-    metadata = {"name": "kernel_with_scratch", "global_scratch_size": 0, "profile_scratch_size": 0, scratch: 128}
-    source = SimpleNamespace(signature={"a": "*fp32"}, fn=SimpleNamespace(arg_names=["a"]))
-    compiled = SimpleNamespace(src=source, metadata=SimpleNamespace(**metadata))
-    with pytest.raises(ValueError, match="kernel_with_scratch uses Triton's scratch memory"):
+@pytest.mark.parametrize(
+    "field, value, refusal",
+    [
+        ("global_scratch_size", 128, "uses Triton's scratch memory"),
+        ("profile_scratch_size", 128, "uses Triton's scratch memory"),
+        ("launch_pdl", True, "was compiled for a launch that PyTorch's launcher does not make"),
+        ("launch_cooperative_grid", True, "was compiled for a launch that PyTorch's launcher does not make"),
+        ("num_ctas", 2, "was compiled for a launch that PyTorch's launcher does not make"),
+    ],
+)
+def test_pytorchs_launcher_refuses_a_kernel_it_would_launch_wrongly(field, value, refusal):
+    """The probes pass null for Triton's scratch buffers and launch one plain grid of one-CTA programs: a kernel that
+    uses a scratch buffer (a size in its metadata) would write through that null address, and one compiled for
+    programmatic dependent launch, a cooperative grid or clusters would be launched otherwise than Triton launches
+    it; each is refused before any launch."""
+    plain = {"global_scratch_size": 0, "profile_scratch_size": 0, "launch_pdl": False, "num_ctas": 1}
+    metadata = SimpleNamespace(**{"name": "the_kernel", **plain, field: value})
+    compiled = SimpleNamespace(src=SimpleNamespace(signature={"a": "*fp32"}, fn=SimpleNamespace(arg_names=["a"])))
+    compiled.metadata = metadata
+    with pytest.raises(ValueError, match=f"the_kernel {re.escape(refusal)}"):
         probe_launches.torch_launcher_arguments(compiled, [torch.zeros(16)])
+    compiled.metadata = SimpleNamespace(name="the_kernel", **plain)
+    assert probe_launches.torch_launcher_arguments(compiled, [torch.zeros(16)])[0] == "OOO"
+
+
+def test_the_launch_check_runs_in_a_process_of_its_own_and_fails_where_nothing_was_compiled():
+    """The check that the one launch by PyTorch's launcher writes what Triton's launch writes runs in a spawned process
+    (a faulting launch there leaves this process's CUDA context alone): on a CPU, where Triton compiles no kernel for
+    the adapter to launch, it must come back False, not True and not an error."""
+    from transformers_hyperllava.tiny import tiny_config
+
+    assert probe_launches.launch_checked_apart(tiny_config(), [1, 2], torch.device("cpu"), torch.float32) is False

@@ -700,7 +700,7 @@ class DecodeAdapter:
 
     def __deepcopy__(self, memo):
         # (A copied cache's weights are copies: its adapters read those.)
-        return DecodeAdapter(copy.deepcopy(self.w_down, memo), copy.deepcopy(self.w_up, memo))
+        return type(self)(copy.deepcopy(self.w_down, memo), copy.deepcopy(self.w_up, memo))
 
     def __call__(self, x, residual, ffn_out):
         """`residual + ffn_out + E(x)`, a new tensor, or None where this call is not served."""
