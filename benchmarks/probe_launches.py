@@ -106,7 +106,7 @@ class TorchLaunch:
     addresses, which PyTorch's launcher does not check with the driver as it checks a tensor's."""
 
     def __init__(self, compiled, grid, tensors, tail, by_address):
-        self.grid, self.tensors, self.by_address = grid, tensors, by_address
+        self.tensors, self.by_address = tensors, by_address
         stand_ins = (0 if by_address else torch.empty(0),) * tensors  # (what each tensor is passed as)
         self.types, kept = torch_launcher_arguments(compiled, (*stand_ins, *tail))
         self.tail = kept[tensors:]  # (Triton specialises no tensor argument away)
