@@ -15,7 +15,8 @@ one), an empty kernel that takes integers only (Triton checks each tensor argume
 kernel launched by PyTorch's own launcher of Triton's kernels (the one Inductor's code launches with: one call into
 C++ and none of Triton's Python; with tensors, or with their addresses, which it does not check), and a CUDA graph of
 the PyTorch op, replayed. Beside them HyperLLaVA runs detached, with its eager adapter, with "auto" (the one launch a
-layer) and with "auto" whose one launch goes through PyTorch's launcher (if that launch writes what Triton's does).
+layer) whose later launches go through Triton's compiled kernel's launcher (as before session 27), and with the
+library's "auto", whose later launches go through PyTorch's launcher (if that launch writes what Triton's does).
 A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its
 calls themselves: more in the step than in the calls means the launch slows what follows it.
 """
@@ -87,76 +88,41 @@ class TritonProbe:
 
 
 class TorchLauncherProbe(TritonProbe):
-    """The same, the later launches by PyTorch's launcher of Triton's compiled kernels; `by_address`: the tensors
-    passed as their addresses."""
+    """The same, the later launches by PyTorch's launcher of Triton's compiled kernels (as the library's adapter
+    launches: `fused._TorchLaunch`); `by_address`: the tensors passed as their addresses, as the adapter passes them,
+    else as tensors, whose pointers PyTorch's launcher checks with the driver as Triton's launcher does."""
 
     def __init__(self, kernel, args, by_address):
         super().__init__(kernel, args)
         self.by_address = by_address
 
     def later_launches(self, compiled):
-        launch = TorchLaunch(compiled, (1, 1, 1), len(self.args), (), self.by_address)
+        launch = (fused._TorchLaunch if self.by_address else TensorsTorchLaunch)(
+            compiled, (1, 1, 1), len(self.args), ()
+        )
         return functools.partial(launch, *self.args)
 
 
-class TorchLaunch:
-    """Triton's `compiled` kernel launched on `grid` by PyTorch's launcher of Triton's kernels, on the current stream,
-    called as the compiled kernel's own launcher is (every argument in the kernel's order, constexprs too): first
-    `tensors` tensors, then `tail`, the same at every call (given here). `by_address`: the tensors are passed as their
-    addresses, which PyTorch's launcher does not check with the driver as it checks a tensor's."""
+class TensorsTorchLaunch(fused._TorchLaunch):
+    """`fused._TorchLaunch`, its tensors passed as tensors ("O")."""
 
-    def __init__(self, compiled, grid, tensors, tail, by_address):
-        self.tensors, self.by_address = tensors, by_address
-        stand_ins = (0 if by_address else torch.empty(0),) * tensors  # (what each tensor is passed as)
-        self.types, kept = torch_launcher_arguments(compiled, (*stand_ins, *tail))
-        self.tail = kept[tensors:]  # (Triton specialises no tensor argument away)
-        self.kernel = (compiled.function, *grid, compiled.metadata.num_warps, compiled.metadata.shared)
-        self.compiled = compiled  # (its module stays loaded while it is referenced)
+    def __init__(self, compiled, grid, tensors, tail):
+        super().__init__(compiled, grid, tensors, tail)
+        self.types = "O" * tensors + self.types[tensors:]
 
     def __call__(self, *args):
-        tensors = args[: self.tensors]
-        if self.by_address:
-            tensors = [tensor.data_ptr() for tensor in tensors]
         stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
-        torch._C._StaticCudaLauncher._launch_kernel(*self.kernel, self.types, (*tensors, *self.tail), stream)
+        torch._C._StaticCudaLauncher._launch_kernel(
+            *self.kernel, self.types, (*args[: self.tensors], *self.tail), stream
+        )
 
 
-# PyTorch's launcher's letters for Triton's scalar parameter types.
-_SCALAR_TYPES = {"i32": "i", "i64": "l", "u32": "I", "u64": "K", "fp32": "f", "fp64": "d"}
-
-
-def torch_launcher_arguments(compiled, args):
-    """The argument types that PyTorch's launcher takes for Triton's `compiled` kernel, given every argument in the
-    kernel's order, and the arguments it is passed: those that are the compiled kernel's parameters (not the
-    constexprs, Triton's own and the integers 1 that it specialised as constants), then a null address for each of
-    Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for each size in their metadata;
-    an empty kernel and the one launch use none, and a kernel that uses one is refused, as is one compiled for a
-    launch with options that PyTorch's launcher does not make). A pointer parameter is "O" for a tensor, which
-    PyTorch's launcher checks with the driver as Triton does, or "K" for an address."""
-    signature = compiled.src.signature  # (each parameter's type by name, "constexpr" for a constant)
-    types, kept = "", []
-    for name, arg in zip(compiled.src.fn.arg_names, args, strict=True):
-        kind = signature[name]
-        if kind != "constexpr":
-            types += ("O" if isinstance(arg, torch.Tensor) else "K") if kind.startswith("*") else _SCALAR_TYPES[kind]
-            kept.append(arg)
-    metadata = compiled.metadata
-    sizes = [getattr(metadata, size, None) for size in ("global_scratch_size", "profile_scratch_size")]
-    if any(sizes):  # (a null address there would have the kernel write where it must not)
-        raise ValueError(f"{metadata.name} uses Triton's scratch memory, which this launch does not provide")
-    options = {"launch_pdl": False, "launch_cooperative_grid": False, "num_ctas": 1}
-    if any(getattr(metadata, option, plain) != plain for option, plain in options.items()):
-        raise ValueError(f"{metadata.name} was compiled for a launch that PyTorch's launcher does not make: {options}")
-    scratch = [None for size in sizes if size is not None]
-    return types + "O" * len(scratch), (*kept, *scratch)
-
-
-class TorchLaunchedDecodeAdapter(fused.DecodeAdapter):
-    """The one launch a layer ("auto" in eager decoding), its later launches by PyTorch's launcher, the tensors passed
-    as their addresses."""
+class TritonLaunchedDecodeAdapter(fused.DecodeAdapter):
+    """The one launch a layer ("auto" in eager decoding), its later launches by Triton's compiled kernel's own
+    launcher (as before session 27)."""
 
     def _later_launches(self, compiled, grid):
-        return TorchLaunch(compiled, grid, 6, self.arguments[1], by_address=True)
+        return compiled[grid]
 
 
 @functools.cache
@@ -194,11 +160,11 @@ def make_probes(device):
 
 
 @contextlib.contextmanager
-def torch_launched_adapters(variants):
-    """HyperLLaVA with "auto" adapters whose one launch a layer goes through PyTorch's launcher (the adapters are
-    made at each call's prefill)."""
+def triton_launched_adapters(variants):
+    """HyperLLaVA with "auto" adapters whose later launches go through Triton's compiled kernel's own launcher (the
+    adapters are made at each call's prefill)."""
     made = modeling_hyperllava.DecodeAdapter
-    modeling_hyperllava.DecodeAdapter = TorchLaunchedDecodeAdapter
+    modeling_hyperllava.DecodeAdapter = TritonLaunchedDecodeAdapter
     try:
         yield variants.use("auto")
     finally:
@@ -217,19 +183,19 @@ def launch_checked_apart(config, batches, device, dtype):
 
 @torch.no_grad()
 def torch_launch_matches_tritons(d, r, batch, device, dtype):
-    """Whether a layer's one launch by PyTorch's launcher writes, bit for bit, what Triton's launch of the same kernel
-    on the same inputs writes, at widths `d` and rank `r` with a weight set per sequence: an adapter whose launch got
-    wrong arguments would otherwise only be timed."""
+    """Whether a layer's one launch by PyTorch's launcher (the library's adapter) writes, bit for bit, what Triton's
+    launch of the same kernel on the same inputs writes, at widths `d` and rank `r` with a weight set per sequence: an
+    adapter whose launch got wrong arguments would otherwise only be timed."""
     generator = torch.Generator(device).manual_seed(0)
     w_down, w_up, *steps = (
         torch.randn(shape, generator=generator, device=device, dtype=dtype) * 0.1
         for shape in [(batch, d, 2 * r), (batch, r, d)] + [(batch, 1, d)] * 6
     )
-    outputs = []
-    for adapter in (fused.DecodeAdapter(w_down, w_up), TorchLaunchedDecodeAdapter(w_down, w_up)):
+    outputs, adapters = [], (TritonLaunchedDecodeAdapter(w_down, w_up), fused.DecodeAdapter(w_down, w_up))
+    for adapter in adapters:
         outputs.append([adapter(*steps[:3]), adapter(*steps[3:])])  # (the second call is a later launch)
     served = all(out is not None for pair in outputs for out in pair)
-    return served and isinstance(adapter.launch, TorchLaunch) and all(map(torch.equal, *outputs))
+    return served and isinstance(adapters[1].launch, fused._TorchLaunch) and all(map(torch.equal, *outputs))
 
 
 def main(argv=None):
@@ -254,20 +220,20 @@ def main(argv=None):
         name = f"LLaVA + {probe_name}"
         probe_seconds[name] = []
         candidates[name] = functools.partial(probed, llava, layers, probe, probe_seconds[name])
-    kernels = ["eager", "auto"] if decode_adapters_available(device) else ["eager"]
     candidates["HyperLLaVA, experts detached"] = lambda: contextlib.nullcontext(variants.use(None))
-    for kernel in kernels:
-        candidates[f"HyperLLaVA, {kernel} adapter"] = lambda kernel=kernel: contextlib.nullcontext(
-            variants.use(kernel)
-        )
-    if "auto" in kernels and hasattr(torch._C, "_StaticCudaLauncher"):
+    candidates["HyperLLaVA, eager adapter"] = lambda: contextlib.nullcontext(variants.use("eager"))
+    if decode_adapters_available(device):
+        candidates["HyperLLaVA, auto adapter, Triton's launcher"] = lambda: triton_launched_adapters(variants)
+    if decode_adapters_available(device) and hasattr(torch._C, "_StaticCudaLauncher"):
         try:
             same = launch_checked_apart(config, args.batch, device, settings["dtype"])
         except Exception as error:  # (the other candidates still run)
             same = f"False, it failed: {error!r}"
         print(f"# The one launch by PyTorch's launcher writes what Triton's launch of it writes: {same}")
         if same is True:  # (otherwise its step times would be those of a wrong launch)
-            candidates["HyperLLaVA, auto adapter, PyTorch's launcher"] = lambda: torch_launched_adapters(variants)
+            candidates["HyperLLaVA, auto adapter (PyTorch's launcher)"] = lambda: contextlib.nullcontext(
+                variants.use("auto")
+            )
 
     for batch_size in args.batch:
         batch = make_batch(config, settings, batch_size, settings["text_tokens"])

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 # Nothing downloads at test time: every model, tokenizer and image is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,6 +191,18 @@ def compile_for(arch, kernel, args, keywords):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def ptx_parameters(compiled):
+    """The kinds of a compiled kernel's parameters, in order, read off its PTX: "pointer", "32-bit" or "64-bit"."""
+    entry = compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0]
+    parameters = re.findall(r"\.param \.(\w+)( \.ptr)?", entry)
+    return ["pointer" if pointer else f"{size[1:]}-bit" for size, pointer in parameters]
+
+
+# PyTorch's launcher of Triton's kernels: its letter for each kind of parameter (tensors passed as tensors, "O", or
+# as addresses, "K").
+LAUNCHER_KINDS = {"O": "pointer", "K": "pointer", "i": "32-bit", "I": "32-bit", "l": "64-bit"}
+
+
 @pytest.fixture
 def tiny_llava():
     """A stock LLaVA with random weights (float64) and the HyperLLaVA config that matches it."""
@@ -200,6 +213,6 @@ def tiny_llava():
 
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
-    "compile_for", "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece",
+    "compile_for", "ptx_parameters", "LAUNCHER_KINDS", "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece",
     "sentencepiece_vocab_size", "write_sentencepiece_tokenizer",
 ]  # fmt: skip

@@ -1,6 +1,5 @@
 """What the benchmark scripts do with their measurements (their numbers come from `.ci/run` and GPU runs, not tests)."""
 
-import re
 import statistics
 import sys
 import threading
@@ -419,98 +418,22 @@ def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_pro
     assert all(table[name][2] == " |" for name in hyper)
 
 
-def ptx_parameters(compiled):
-    """The kinds of a compiled kernel's parameters, in order, read off its PTX: "pointer", "32-bit" or "64-bit"."""
-    entry = compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0]
-    parameters = re.findall(r"\.param \.(\w+)( \.ptr)?", entry)
-    return ["pointer" if pointer else f"{size[1:]}-bit" for size, pointer in parameters]
-
-
-# PyTorch's launcher's letter for each kind of parameter (tensors passed as tensors, "O", or as addresses, "K").
-LAUNCHER_KINDS = {"O": "pointer", "K": "pointer", "i": "32-bit", "I": "32-bit", "l": "64-bit"}
-
-
 def test_pytorchs_launcher_gets_an_argument_for_each_parameter_of_the_compiled_empty_kernel():
     """The probes that launch the empty kernel by PyTorch's launcher must hand it one argument per parameter of the
-    kernel Triton compiled (the PTX's parameter list, Triton's scratch buffers' among them), typed as tensors or as
-    addresses: the driver reads as many as the kernel has. Compiled for an H100/H200 (sm_90), with no GPU needed."""
+    kernel Triton compiled (the PTX's parameter list, Triton's scratch buffers' among them), typed as addresses (as the
+    adapter passes them) or as tensors: the driver reads as many as the kernel has. Compiled for an H100/H200 (sm_90),
+    with no GPU needed."""
     pytest.importorskip("triton")
-    from conftest import compile_for
+    from conftest import LAUNCHER_KINDS, compile_for, ptx_parameters
 
     tensors = [torch.zeros(16) for _ in range(6)]
     compiled = compile_for(90, probe_launches.empty_kernel(), tensors, fused._OPTIONS)
     parameters = ptx_parameters(compiled)
-    addresses = [tensor.data_ptr() for tensor in tensors]
-    for args, kind in ((tensors, "O"), (addresses, "K")):
-        types, launched = probe_launches.torch_launcher_arguments(compiled, args)
-        assert [LAUNCHER_KINDS[letter] for letter in types] == parameters
-        assert len(launched) == len(parameters)
-        assert types[:6] == kind * 6 and list(launched[:6]) == args
-        assert set(launched[6:]) <= {None}  # (null: an empty kernel uses no scratch)
-
-
-@pytest.mark.parametrize(
-    "batch, weight_sets", [(1, 1), (16, 16), (16, 1)], ids=["batch-1", "batch-16", "batch-16-shared-weights"]
-)
-def test_pytorchs_launcher_gets_the_one_launchs_parameters_as_triton_compiled_them(batch, weight_sets, monkeypatch):
-    """The probe's "auto" adapters by PyTorch's launcher (`TorchLaunchedDecodeAdapter`) pass the arguments of the
-    adapter's call minus those that Triton compiled as constants (its constexprs, and an integer 1: the rows per
-    weight set, at batch 1 and with a weight set per sequence), with the right width each: the compiled kernel's
-    parameters, read off the PTX of the one launch's kernel compiled for a 7B decoding step on an H100/H200."""
-    pytest.importorskip("triton")
-    from conftest import compile_for
-
-    d, r = 4096, 16
-    w_down, w_up = torch.zeros(weight_sets, d, 2 * r), torch.zeros(weight_sets, r, d)
-    x, residual, ffn_out, out = (torch.zeros(batch, 1, d) for _ in range(4))
-    adapter = probe_launches.TorchLaunchedDecodeAdapter(w_down, w_up)
-    grid, tail = adapter.arguments = adapter._arguments(x, residual, ffn_out)
-    args = (x, w_down, w_up, residual, ffn_out, out, *tail)
-    compiled = compile_for(90, fused._decode_add_kernel, args, fused._OPTIONS)
-    compiled.function = 0  # (no GPU: no loaded kernel)
-    launch = adapter._later_launches(compiled, grid)
-    assert [LAUNCHER_KINDS[letter] for letter in launch.types] == ptx_parameters(compiled)
-    assert launch.types.startswith("K" * 6)  # (by address)
-    constants = {name for name, kind in compiled.src.signature.items() if kind == "constexpr"}
-    names = fused._decode_add_kernel.arg_names
-    kept = [value for name, value in zip(names[6:], tail) if name not in constants]
-    assert [value for value in launch.tail if value is not None] == kept  # (None: a scratch buffer's null address)
-    assert ("rows" in constants) == (batch == weight_sets)
-    # A later call: its own tensors' addresses, the kernel's launch settings, the current stream (a stand-in launcher).
-    calls = []
-    launcher = SimpleNamespace(_launch_kernel=lambda *arguments: calls.append(arguments))
-    monkeypatch.setattr(torch._C, "_StaticCudaLauncher", launcher, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 12345, raising=False)
-    x, residual, ffn_out, out = (torch.zeros(batch, 1, d) for _ in range(4))
-    launch(x, w_down, w_up, residual, ffn_out, out, *tail)
-    settings = (0, *grid, compiled.metadata.num_warps, compiled.metadata.shared, launch.types)
-    addresses = tuple(tensor.data_ptr() for tensor in (x, w_down, w_up, residual, ffn_out, out))
-    assert calls == [(*settings, (*addresses, *launch.tail), 12345)]
-
-
-@pytest.mark.parametrize(
-    "field, value, refusal",
-    [
-        ("global_scratch_size", 128, "uses Triton's scratch memory"),
-        ("profile_scratch_size", 128, "uses Triton's scratch memory"),
-        ("launch_pdl", True, "was compiled for a launch that PyTorch's launcher does not make"),
-        ("launch_cooperative_grid", True, "was compiled for a launch that PyTorch's launcher does not make"),
-        ("num_ctas", 2, "was compiled for a launch that PyTorch's launcher does not make"),
-    ],
-)
-def test_pytorchs_launcher_refuses_a_kernel_it_would_launch_wrongly(field, value, refusal):
-    """The probes pass null for Triton's scratch buffers and launch one plain grid of one-CTA programs: a kernel that
-    uses a scratch buffer (a size in its metadata) would write through that null address, and one compiled for
-    programmatic dependent launch, a cooperative grid or clusters would be launched otherwise than Triton launches
-    it; each is refused before any launch."""
-    plain = {"global_scratch_size": 0, "profile_scratch_size": 0, "launch_pdl": False, "num_ctas": 1}
-    metadata = SimpleNamespace(**{"name": "the_kernel", **plain, field: value})
-    compiled = SimpleNamespace(src=SimpleNamespace(signature={"a": "*fp32"}, fn=SimpleNamespace(arg_names=["a"])))
-    compiled.metadata = metadata
-    with pytest.raises(ValueError, match=f"the_kernel {re.escape(refusal)}"):
-        probe_launches.torch_launcher_arguments(compiled, [torch.zeros(16)])
-    compiled.metadata = SimpleNamespace(name="the_kernel", **plain)
-    assert probe_launches.torch_launcher_arguments(compiled, [torch.zeros(16)])[0] == "OOO"
+    for launch, kind in ((fused._TorchLaunch, "K"), (probe_launches.TensorsTorchLaunch, "O")):
+        launched = launch(compiled, (1, 1, 1), 6, ())
+        assert [LAUNCHER_KINDS[letter] for letter in launched.types] == parameters
+        assert launched.types[:6] == kind * 6
+        assert len(launched.tail) == len(parameters) - 6 and set(launched.tail) <= {None}  # (null: no scratch used)
 
 
 def test_the_launch_check_runs_in_a_process_of_its_own_and_fails_where_nothing_was_compiled():

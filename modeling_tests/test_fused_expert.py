@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy
 import pytest
@@ -27,6 +28,7 @@ from transformers import LlavaForConditionalGeneration
 
 from conftest import (
     IMAGE_TOKEN,
+    LAUNCHER_KINDS,
     DispatchedOps,
     compile_for,
     compiled_generation,
@@ -34,6 +36,7 @@ from conftest import (
     left_pad,
     make_model,
     prompt_ids,
+    ptx_parameters,
     randomize_experts,
     recorded_compilation,
     training_batch,
@@ -226,8 +229,14 @@ class CountedLaunches:
 
 
 class CountedCompiled:
+    """A compiled kernel's stand-in: its launches by its own launcher counted; the rest is the compiled kernel's (what
+    PyTorch's launcher reads off it, which `counted_one_launch` counts)."""
+
     def __init__(self, counts, compiled):
         self.counts, self.compiled = counts, compiled
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
 
     def __getitem__(self, grid):
         launch = self.compiled[grid]
@@ -887,11 +896,21 @@ def step_inputs(batch, d_in, d_out, dtype=torch.float32, length=1, generator=Non
     return tuple(torch.randn(batch, length, size, generator=generator).to(DEVICE, dtype) for size in sizes)
 
 
+class CountedTorchLaunch(fused._TorchLaunch):
+    """PyTorch's launcher's launches of a counted compiled kernel (a `CountedCompiled`), counted as its direct ones."""
+
+    def __call__(self, *args):
+        self.compiled.counts.direct += 1
+        super().__call__(*args)
+
+
 @pytest.fixture
 def counted_one_launch(monkeypatch):
-    """The one-launch kernel, counted: its launches through Triton's launcher and those of the compiled kernel."""
+    """The one-launch kernel, counted: its launches through Triton's launcher and those of the compiled kernel (by
+    PyTorch's launcher on CUDA, by the compiled kernel's own in Triton's interpreter)."""
     counted = CountedLaunches(fused._decode_add_kernel)
     monkeypatch.setattr(fused, "_decode_add_kernel", counted)
+    monkeypatch.setattr(fused, "_TorchLaunch", CountedTorchLaunch)
     return counted
 
 
@@ -904,7 +923,8 @@ def test_the_decode_adapter_sums_the_residual_the_ffns_output_and_e_of_x_in_one_
 ):
     """`residual + ffn_out + E(x)` in a new tensor, against the float64 reference, with W_d and W_u read where they
     are (one layer's views into all layers' weights) and the inputs left as they were; every call one launch, the
-    first through Triton's launcher (which compiles the kernel) and later ones of the compiled kernel directly."""
+    first through Triton's launcher (which compiles the kernel) and later ones of the compiled kernel directly, on
+    CUDA by PyTorch's launcher."""
     batch, d_in, d_out, r, weight_batch = shape
     w_down, w_up = layer_views(weight_batch, d_in, d_out, r, dtype)
     assert w_down.stride(0) > w_down[0].numel()  # (all layers' weights between two samples: read in place)
@@ -919,6 +939,7 @@ def test_the_decode_adapter_sums_the_residual_the_ffns_output_and_e_of_x_in_one_
         assert_close(out, want, TOLERANCE[dtype], f"call {call}")
         assert all(torch.equal(tensor, kept) for tensor, kept in zip(inputs, before))
         assert (counted_one_launch.through_triton, counted_one_launch.direct) == (1, call - 1)
+    assert isinstance(adapter.launch, fused._TorchLaunch) == ON_CUDA
 
 
 @needs_kernels
@@ -1091,6 +1112,108 @@ def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_l
     for idx, (w_down, _, adapter) in copy_.items():
         assert adapter.w_down.data_ptr() == w_down.data_ptr() != original[idx][2].w_down.data_ptr()
         assert w_down.untyped_storage().data_ptr() == copied_weights.untyped_storage().data_ptr()
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the parent process runs it: it compiles for the GPU, which needs no GPU")
+@pytest.mark.parametrize(
+    "batch, weight_sets", [(1, 1), (16, 16), (16, 1)], ids=["batch-1", "batch-16", "batch-16-shared-weights"]
+)
+def test_on_cuda_the_later_launches_pass_pytorchs_launcher_the_parameters_triton_compiled(
+    batch, weight_sets, monkeypatch
+):
+    """On CUDA the adapter's later launches go through PyTorch's launcher, which must get the arguments of the
+    adapter's call minus those that Triton compiled as constants (its constexprs, and an integer 1: the rows per
+    weight set, at batch 1 and with a weight set per sequence), each with the right width: the compiled kernel's
+    parameters, read off the PTX of the one launch's kernel compiled for a 7B decoding step on an H100/H200. A later
+    call passes its own tensors' addresses, the kernel's launch settings and the current stream (a stand-in launcher
+    records them)."""
+    d, r = 4096, 16
+    w_down, w_up = torch.zeros(weight_sets, d, 2 * r), torch.zeros(weight_sets, r, d)
+    x, residual, ffn_out, out = (torch.zeros(batch, 1, d) for _ in range(4))
+    adapter = fused.DecodeAdapter(w_down, w_up)
+    grid, tail = adapter.arguments = adapter._arguments(x, residual, ffn_out)
+    adapter.device_type = "cuda"  # (as its first call on a GPU sets it)
+    compiled = compile_for(
+        90, fused._decode_add_kernel, (x, w_down, w_up, residual, ffn_out, out, *tail), fused._OPTIONS
+    )
+    compiled.function = 0  # (no GPU: no loaded kernel)
+    calls = []
+    launcher = SimpleNamespace(_launch_kernel=lambda *arguments: calls.append(arguments))
+    monkeypatch.setattr(torch._C, "_StaticCudaLauncher", launcher, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 12345, raising=False)
+    launch = adapter._later_launches(compiled, grid)
+    assert [LAUNCHER_KINDS[letter] for letter in launch.types] == ptx_parameters(compiled)
+    assert launch.types.startswith("K" * 6)  # (by address)
+    constants = {name for name, kind in compiled.src.signature.items() if kind == "constexpr"}
+    names = fused._decode_add_kernel.arg_names
+    kept = [value for name, value in zip(names[6:], tail) if name not in constants]
+    assert [value for value in launch.tail if value is not None] == kept  # (None: a scratch buffer's null address)
+    assert ("rows" in constants) == (batch == weight_sets)
+    x, residual, ffn_out, out = (torch.zeros(batch, 1, d) for _ in range(4))
+    launch(x, w_down, w_up, residual, ffn_out, out, *tail)
+    settings = (0, *grid, compiled.metadata.num_warps, compiled.metadata.shared, launch.types)
+    addresses = tuple(tensor.data_ptr() for tensor in (x, w_down, w_up, residual, ffn_out, out))
+    assert calls == [(*settings, (*addresses, *launch.tail), 12345)]
+
+
+class StandInCompiled:
+    """A compiled kernel's stand-in for the choice of its later launches: six pointers, an integer and a constexpr;
+    its own launcher returns what it was asked for."""
+
+    def __init__(self, metadata):
+        names = [*"abcdef", "n", "BLOCK"]
+        self.src = SimpleNamespace(signature={**dict.fromkeys("abcdef", "*fp32"), "n": "i32", "BLOCK": "constexpr"})
+        self.src.fn = SimpleNamespace(arg_names=names)
+        self.metadata, self.function = metadata, 0
+
+    def __getitem__(self, grid):
+        return ("its own launcher", grid)
+
+
+@pytest.mark.parametrize(
+    "field, value, refusal",
+    [
+        ("global_scratch_size", 128, "uses Triton's scratch memory"),
+        ("profile_scratch_size", 128, "uses Triton's scratch memory"),
+        ("launch_pdl", True, "was compiled for a launch that PyTorch's launcher does not make"),
+        ("launch_cooperative_grid", True, "was compiled for a launch that PyTorch's launcher does not make"),
+        ("num_ctas", 2, "was compiled for a launch that PyTorch's launcher does not make"),
+    ],
+)
+def test_the_later_launches_keep_the_compiled_kernels_own_launcher_where_pytorchs_would_launch_otherwise(
+    field, value, refusal, monkeypatch
+):
+    """PyTorch's launcher gets null for Triton's scratch buffers and launches one plain grid of one-CTA programs: a
+    kernel that uses a scratch buffer (a size in its metadata) would write through that null address, and one compiled
+    for programmatic dependent launch, a cooperative grid or clusters would be launched otherwise than Triton launches
+    it. Each is refused, and the adapter keeps the compiled kernel's own launcher; so it does while a launch hook of
+    Triton's is set (a profiler's, which PyTorch's launcher would not call), with a torch that has no such launcher
+    (before 2.8), and off CUDA (Triton's interpreter's stand-ins)."""
+    plain = {"global_scratch_size": 0, "profile_scratch_size": 0, "launch_pdl": False, "num_ctas": 1}
+    plain |= {"num_warps": 4, "shared": 1024}
+    monkeypatch.setattr(torch._C, "_StaticCudaLauncher", object(), raising=False)
+    adapter = fused.DecodeAdapter(None, None)
+    adapter.arguments, adapter.device_type = ((3, 1, 2), (7, 64)), "cuda"
+
+    launch = adapter._later_launches(StandInCompiled(SimpleNamespace(name="the_kernel", **plain)), (3, 1, 2))
+    assert isinstance(launch, fused._TorchLaunch)
+    assert (launch.types, launch.tail) == ("KKKKKKiOO", (7, None, None))  # (the two scratch buffers' nulls)
+    assert launch.kernel == (0, 3, 1, 2, 4, 1024)  # (the function, the grid, the warps, the shared memory)
+
+    refused = StandInCompiled(SimpleNamespace(**{"name": "the_kernel", **plain, field: value}))
+    with pytest.raises(ValueError, match=f"the_kernel {re.escape(refusal)}"):
+        fused._torch_launcher_arguments(refused, [0] * 6 + [7, 64])
+    assert adapter._later_launches(refused, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
+
+    compiled = StandInCompiled(SimpleNamespace(name="the_kernel", **plain))
+    with monkeypatch.context() as hooked:
+        hooked.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+        assert adapter._later_launches(compiled, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
+    adapter.device_type = "cpu"
+    assert adapter._later_launches(compiled, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
+    adapter.device_type = "cuda"
+    monkeypatch.delattr(torch._C, "_StaticCudaLauncher")
+    assert adapter._later_launches(compiled, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
 
 
 def global_memory_order(ptx, pointer_parameter):

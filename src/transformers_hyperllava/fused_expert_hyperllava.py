@@ -778,9 +778,69 @@ class DecodeAdapter:
 
     def _later_launches(self, compiled, grid):
         """What launches the kernel that Triton compiled for this adapter's calls from the second call on, given every
-        argument in the kernel's order: the compiled kernel's own launcher. (`benchmarks/probe_launches.py` puts
-        PyTorch's launcher of Triton's kernels in its place, to measure that one in the step.)"""
+        argument in the kernel's order: on CUDA PyTorch's launcher of Triton's kernels, where it launches this kernel
+        as Triton would; otherwise (an older torch, a stand-in kernel in Triton's interpreter) the compiled kernel's own
+        launcher. (`benchmarks/probe_launches.py` times both in the step.)"""
+        if self.device_type == "cuda" and hasattr(torch._C, "_StaticCudaLauncher"):  # (since torch 2.8)
+            with contextlib.suppress(ValueError):
+                return _TorchLaunch(compiled, grid, 6, self.arguments[1])
         return compiled[grid]
+
+
+class _TorchLaunch:
+    """Triton's `compiled` kernel launched on `grid` by PyTorch's launcher of Triton's kernels (the one Inductor's code
+    launches with) on the current stream: one call into C++, where the compiled kernel's own launcher runs Triton's
+    Python around its call and checks each tensor's pointer with the driver. Called as that launcher is (every argument
+    in the kernel's order, constexprs too): first `tensors` tensors, passed as their addresses (the caller checked
+    their device), then `tail`, the same at every call (given here). A kernel that PyTorch's launcher would launch
+    otherwise than Triton does is refused with a ValueError (`_torch_launcher_arguments`), and so is any while
+    Triton's launch hooks are set."""
+
+    def __init__(self, compiled, grid, tensors, tail):
+        knobs = getattr(triton, "knobs", None)  # (since Triton 3.4; before, the hooks were the compiled kernel's)
+        hooks = knobs.runtime if knobs else type(compiled)
+        if any(getattr(hook, "calls", hook) for hook in (hooks.launch_enter_hook, hooks.launch_exit_hook)):
+            raise ValueError("Triton's launch hooks are set (a profiler's?): PyTorch's launcher would not call them")
+        self.tensors = tensors
+        self.types, kept = _torch_launcher_arguments(compiled, (0,) * tensors + tuple(tail))
+        self.tail = kept[tensors:]  # (Triton specialises no tensor argument away)
+        self.kernel = (compiled.function, *grid, compiled.metadata.num_warps, compiled.metadata.shared)
+        self.compiled = compiled  # (its module, and so `compiled.function`, stays loaded while it is referenced)
+
+    def __call__(self, *args):
+        addresses = [tensor.data_ptr() for tensor in args[: self.tensors]]
+        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+        torch._C._StaticCudaLauncher._launch_kernel(*self.kernel, self.types, (*addresses, *self.tail), stream)
+
+
+# PyTorch's launcher's letters for Triton's scalar parameter types.
+_SCALAR_TYPES = {"i32": "i", "i64": "l", "u32": "I", "u64": "K", "fp32": "f", "fp64": "d"}
+
+
+def _torch_launcher_arguments(compiled, args):
+    """The argument types that PyTorch's launcher takes for Triton's `compiled` kernel, given every argument in the
+    kernel's order, and the arguments it is passed: those that are the compiled kernel's parameters (not the
+    constexprs: Triton's own and the integers 1 that it specialised as constants), pointers as addresses ("K"), then
+    a null address for each of Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for
+    each size in their metadata). Refused (ValueError): a kernel that uses a scratch buffer (the null address would
+    have it write where it must not), or one compiled for a launch with options that PyTorch's launcher does not
+    make."""
+    signature = compiled.src.signature  # (each parameter's type by name, "constexpr" for a constant)
+    types, kept = "", []
+    for name, arg in zip(compiled.src.fn.arg_names, args, strict=True):
+        kind = signature[name]
+        if kind != "constexpr":
+            types += "K" if kind.startswith("*") else _SCALAR_TYPES[kind]
+            kept.append(arg)
+    metadata = compiled.metadata
+    sizes = [getattr(metadata, size, None) for size in ("global_scratch_size", "profile_scratch_size")]
+    if any(sizes):
+        raise ValueError(f"{metadata.name} uses Triton's scratch memory, which this launch does not provide")
+    options = {"launch_pdl": False, "launch_cooperative_grid": False, "num_ctas": 1}
+    if any(getattr(metadata, option, plain) != plain for option, plain in options.items()):
+        raise ValueError(f"{metadata.name} was compiled for a launch that PyTorch's launcher does not make: {options}")
+    scratch = [None for size in sizes if size is not None]
+    return types + "O" * len(scratch), (*kept, *scratch)
 
 
 @_expert_adapter.register_fake
