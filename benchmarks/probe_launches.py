@@ -4,21 +4,23 @@ and HyperLLaVA's adapters.
 
     python benchmarks/probe_launches.py --size 7b     # CUDA: about 5 minutes
     python benchmarks/probe_launches.py --size tiny   # CPU: the probes that need no GPU (7B's depth, toy widths)
+    python benchmarks/probe_launches.py --size 7b --adapters-only --repeats 24 --new-tokens 16   # about 3.5 minutes
 
-Why: on the H200 machine a launch through Triton (the fused op, eager decoding's one launch a layer, and before them
-the CUDA graphs' replays) cost eager decoding several times what its calls take alone, while the eager adapter's
+Why: on the H200 machine a launch through Triton (the fused op, eager decoding's one launch a layer, and before them the
+CUDA graphs' replays) seemed to cost eager decoding several times what its calls take alone, while the eager adapter's
 PyTorch ops cost about what they take alone (docs/performance.md, run 13: the one launch 23.7 us a call alone, LLaVA's
-add 6.7, yet about 75 us a layer in the step). The probes tell which part of a launch that is: the hook that calls the
-probe (the floor of every probe), a PyTorch op, an empty Triton kernel launched as the one launch is (Triton's cached
-launcher, six tensor arguments), the same twice in a row (a cost of the first launch after PyTorch's, or of every
+add 6.7, yet about 75 us a layer in the step; run 14 did not bear that out, on a host too noisy to tell 1% apart:
+`--adapters-only` with many short rounds is for that). The probes tell which part of a launch that is: the hook that
+calls the probe (the floor of every probe), a PyTorch op, an empty Triton kernel launched as the one launch is (Triton's
+cached launcher, six tensor arguments), the same twice in a row (a cost of the first launch after PyTorch's, or of every
 one), an empty kernel that takes integers only (Triton checks each tensor argument's pointer with the driver), the empty
-kernel launched by PyTorch's own launcher of Triton's kernels (the one Inductor's code launches with: one call into
-C++ and none of Triton's Python; with tensors, or with their addresses, which it does not check), and a CUDA graph of
-the PyTorch op, replayed. Beside them HyperLLaVA runs detached, with its eager adapter, with "auto" (the one launch a
-layer) whose later launches go through Triton's compiled kernel's launcher (as before session 27), and with the
-library's "auto", whose later launches go through PyTorch's launcher (if that launch writes what Triton's does).
-A probe's cost per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its
-calls themselves: more in the step than in the calls means the launch slows what follows it.
+kernel launched by PyTorch's own launcher of Triton's kernels (the one Inductor's code launches with: one call into C++
+and none of Triton's Python; with tensors, or with their addresses, which it does not check), and a CUDA graph of the
+PyTorch op, replayed. Beside them HyperLLaVA runs detached, with its eager adapter, with "auto" (the one launch a layer)
+whose later launches go through Triton's compiled kernel's launcher (as before session 27), and with the library's
+"auto", whose later launches go through PyTorch's launcher (if that launch writes what Triton's does). A probe's cost
+per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its calls themselves:
+more in the step than in the calls means the launch slows what follows it.
 """
 
 import argparse
@@ -204,6 +206,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (1 and 16)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (5)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per call (64)")
+    parser.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="LLaVA and HyperLLaVA's variants alone, no probes: fewer candidates a round, so more rounds in the time",
+    )
     args = parser.parse_args(argv)
     settings = dict(SIZES[args.size])
     device = torch.device(settings["device"])
@@ -216,7 +223,7 @@ def main(argv=None):
 
     variants = HyperVariants(hyper)
     candidates, probe_seconds = {"llava": lambda: contextlib.nullcontext(llava)}, {}
-    for probe_name, probe in make_probes(device).items():
+    for probe_name, probe in ({} if args.adapters_only else make_probes(device)).items():
         name = f"LLaVA + {probe_name}"
         probe_seconds[name] = []
         candidates[name] = functools.partial(probed, llava, layers, probe, probe_seconds[name])

@@ -399,13 +399,16 @@ def test_a_probe_runs_after_each_probed_layers_ffn_and_changes_no_output():
     assert len(calls) == len(seconds) == 2
 
 
-def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_probes_own_time(capsys):
-    """On a CPU: LLaVA alone, the probes that need no GPU and HyperLLaVA's variants, each with its step over LLaVA's
-    per probed layer, and the probes with their calls' own host time (the candidates' cells read off the table)."""
-    probe_launches.main(["--size", "tiny", "--batch", "1", "--repeats", "1", "--new-tokens", "3"])
+@pytest.mark.parametrize("adapters_only", [False, True], ids=["with-probes", "adapters-only"])
+def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_probes_own_time(adapters_only, capsys):
+    """On a CPU: LLaVA alone, the probes that need no GPU (none with `--adapters-only`) and HyperLLaVA's variants,
+    each with its step over LLaVA's per probed layer, and the probes with their calls' own host time (the candidates'
+    cells read off the table)."""
+    flags = ["--adapters-only"] if adapters_only else []
+    probe_launches.main(["--size", "tiny", "--batch", "1", "--repeats", "1", "--new-tokens", "3", *flags])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     table = {row[0].removeprefix("| "): row[1:] for row in rows[1:]}  # (after the header)
-    probes = ["LLaVA + hook alone", "LLaVA + PyTorch op"]
+    probes = [] if adapters_only else ["LLaVA + hook alone", "LLaVA + PyTorch op"]
     hyper = ["HyperLLaVA, experts detached", "HyperLLaVA, eager adapter"]
     assert list(table) == ["llava", *probes, *hyper]
     assert table["llava"][1] == "+0.0 us"

@@ -680,9 +680,9 @@ class DecodeAdapter:
     of `_decode_add_kernel`, which reads the sequence's W_d and W_u where they are, in place of LLaVA's residual add.
     Eager decoding is bound by the host's time per call: this costs a step one launch per expert layer where LLaVA's
     add costs one op, while the fused op adds two launches, two buffers and the lookup of its call's signature, and
-    the eager adapter five ops (on an H200's host, run 13, a call alone: this 23.7 us, the fused op with LLaVA's add
-    32.1, the eager adapter 56.3, the add alone 6.7; yet in the step this measured about what the eager adapter did,
-    1.06x LLaVA's step at batch 1 and 1.06-1.09x at 16, docs/performance.md).
+    the eager adapter five ops. From the second call on, PyTorch's launcher launches the compiled kernel
+    (`_later_launches`). On an H200's host (run 14, docs/performance.md) a call took 22.6 us at batch 1 against
+    LLaVA's add 7.7 and the eager adapter's 63.0.
 
     Made where the fused kernels run (an NVIDIA GPU with Triton; Triton's interpreter on a CPU). Serves calls like its
     first single-token step, if the kernel takes that one: x, the residual and the FFN's output in the weights' dtype,
