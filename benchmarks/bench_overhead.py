@@ -585,6 +585,14 @@ class _Forgetful(dict):
         pass
 
 
+class TritonLaunchedDecodeAdapter(fused.DecodeAdapter):
+    """Eager decoding's one launch a layer with its later launches by Triton's compiled kernel's own launcher, as the
+    library launched them before commit de6e9ec (since then by PyTorch's launcher): for comparison."""
+
+    def _later_launches(self, compiled, grid):
+        return compiled[grid]
+
+
 def adapter_host_time(settings, report):
     """What a language-expert layer's adapter costs the host in an eager decoding step, against the add of LLaVA's
     layer that it takes the place of (the FFN's output to the residual)."""
@@ -602,7 +610,8 @@ def adapter_host_time(settings, report):
             "fused op, direct launches",
             "custom op (a compiled graph's call), direct launches",
             "fork and join beside the FFN (a compiled graph's calls), with LLaVA's add",
-            "one launch (eager decoding's \"auto\" since session 24): h + FFN(x) + E(x), in place of LLaVA's add",
+            "one launch (eager decoding's \"auto\"): h + FFN(x) + E(x), in place of LLaVA's add",
+            "the same, its later launches by Triton's launcher (the library's before commit de6e9ec)",
         ]
     )
     for name, batch in (("decode B=1", 1), ("decode B=16, per-sample weights", 16)):
@@ -636,14 +645,17 @@ def adapter_host_time(settings, report):
                 )
             )
             cells.append(host_microseconds_per_call(beside_the_ffn))
-            decode = fused.DecodeAdapter(w_down, w_up)
-            if decode(x, residual, ffn_out) is None:  # (else the cell would time the eager adapter)
-                raise RuntimeError("the one launch does not serve a decoding step's call")
-            cells.append(
-                host_microseconds_per_call(
-                    lambda: expert_adapter(x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, decode=decode)
+            for one_launch in (fused.DecodeAdapter, TritonLaunchedDecodeAdapter):
+                decode = one_launch(w_down, w_up)
+                if decode(x, residual, ffn_out) is None:  # (else the cell would time the eager adapter)
+                    raise RuntimeError("the one launch does not serve a decoding step's call")
+                cells.append(
+                    host_microseconds_per_call(
+                        lambda decode=decode: expert_adapter(
+                            x, w_down, w_up, residual, "auto", ffn=lambda _: ffn_out, decode=decode
+                        )
+                    )
                 )
-            )
         report.row([name, *(f"{us:.1f}" for us in cells)])
 
 

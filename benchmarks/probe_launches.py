@@ -17,7 +17,7 @@ one), an empty kernel that takes integers only (Triton checks each tensor argume
 kernel launched by PyTorch's own launcher of Triton's kernels (the one Inductor's code launches with: one call into C++
 and none of Triton's Python; with tensors, or with their addresses, which it does not check), and a CUDA graph of the
 PyTorch op, replayed. Beside them HyperLLaVA runs detached, with its eager adapter, with "auto" (the one launch a layer)
-whose later launches go through Triton's compiled kernel's launcher (as before session 27), and with the library's
+whose later launches go through Triton's compiled kernel's launcher (as before commit de6e9ec), and with the library's
 "auto", whose later launches go through PyTorch's launcher (if that launch writes what Triton's does). A probe's cost
 per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its calls themselves:
 more in the step than in the calls means the launch slows what follows it.
@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from bench_overhead import (  # noqa: E402
     SIZES,
     HyperVariants,
+    TritonLaunchedDecodeAdapter,
     build_models,
     decode_step_times,
     interleaved,
@@ -117,14 +118,6 @@ class TensorsTorchLaunch(fused._TorchLaunch):
         torch._C._StaticCudaLauncher._launch_kernel(
             *self.kernel, self.types, (*args[: self.tensors], *self.tail), stream
         )
-
-
-class TritonLaunchedDecodeAdapter(fused.DecodeAdapter):
-    """The one launch a layer ("auto" in eager decoding), its later launches by Triton's compiled kernel's own
-    launcher (as before session 27)."""
-
-    def _later_launches(self, compiled, grid):
-        return compiled[grid]
 
 
 @functools.cache

@@ -213,6 +213,6 @@ def tiny_llava():
 
 __all__ = [
     "randomize_experts", "make_model", "prompt_ids", "images", "left_pad", "training_batch", "DispatchedOps",
-    "compile_for", "ptx_parameters", "LAUNCHER_KINDS", "compiled_generation", "recorded_compilation", "IMAGE_TOKEN", "train_sentencepiece",
-    "sentencepiece_vocab_size", "write_sentencepiece_tokenizer",
+    "compile_for", "ptx_parameters", "LAUNCHER_KINDS", "compiled_generation", "recorded_compilation", "IMAGE_TOKEN",
+    "train_sentencepiece", "sentencepiece_vocab_size", "write_sentencepiece_tokenizer",
 ]  # fmt: skip

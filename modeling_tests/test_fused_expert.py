@@ -991,6 +991,8 @@ def test_the_decode_adapter_serves_only_calls_like_its_first_single_token_step(c
     assert adapter(unaligned(x), residual, ffn_out) is None
     assert adapter(x, unaligned(residual), ffn_out) is None
     assert adapter(x, residual, unaligned(ffn_out)) is None
+    assert adapter(x, residual.to("meta"), ffn_out) is None  # (later launches pass addresses: on another device)
+    assert adapter(x, residual, ffn_out.to("meta")) is None
     wide = torch.randn(2, 1, 80).to(DEVICE)
     assert adapter(x, wide[..., ::2], ffn_out) is None
     assert adapter(x, residual, wide[..., ::2]) is None
@@ -1158,7 +1160,9 @@ def test_on_cuda_the_later_launches_pass_pytorchs_launcher_the_parameters_triton
 
 class StandInCompiled:
     """A compiled kernel's stand-in for the choice of its later launches: six pointers, an integer and a constexpr;
-    its own launcher returns what it was asked for."""
+    its own launcher returns what it was asked for. (Before Triton 3.4 the launch hooks were the compiled kernel's.)"""
+
+    launch_enter_hook = launch_exit_hook = None
 
     def __init__(self, metadata):
         names = [*"abcdef", "n", "BLOCK"]
@@ -1170,25 +1174,39 @@ class StandInCompiled:
         return ("its own launcher", grid)
 
 
-@pytest.mark.parametrize(
-    "field, value, refusal",
-    [
-        ("global_scratch_size", 128, "uses Triton's scratch memory"),
-        ("profile_scratch_size", 128, "uses Triton's scratch memory"),
-        ("launch_pdl", True, "was compiled for a launch that PyTorch's launcher does not make"),
-        ("launch_cooperative_grid", True, "was compiled for a launch that PyTorch's launcher does not make"),
-        ("num_ctas", 2, "was compiled for a launch that PyTorch's launcher does not make"),
-    ],
-)
+OTHERWISE = "was compiled for a launch that PyTorch's launcher does not make"
+REFUSED = {
+    "global scratch": (
+        lambda compiled: setattr(compiled.metadata, "global_scratch_size", 128),
+        "uses Triton's scratch",
+    ),
+    "profile scratch": (
+        lambda compiled: setattr(compiled.metadata, "profile_scratch_size", 128),
+        "uses Triton's scratch",
+    ),
+    "dependent launch": (lambda compiled: setattr(compiled.metadata, "launch_pdl", True), OTHERWISE),
+    "cooperative grid": (lambda compiled: setattr(compiled.metadata, "launch_cooperative_grid", True), OTHERWISE),
+    "clusters": (lambda compiled: setattr(compiled.metadata, "num_ctas", 2), OTHERWISE),
+    "sanitizer": (lambda compiled: setattr(compiled.metadata, "instrumentation_mode", "gsan"), OTHERWISE),
+    "1-bit scalar": (
+        lambda compiled: compiled.src.signature.update(n="i1"),
+        "takes n as i1, which this launch does not",
+    ),
+}
+
+
+@pytest.mark.parametrize("refuse, refusal", REFUSED.values(), ids=REFUSED.keys())
 def test_the_later_launches_keep_the_compiled_kernels_own_launcher_where_pytorchs_would_launch_otherwise(
-    field, value, refusal, monkeypatch
+    refuse, refusal, monkeypatch
 ):
     """PyTorch's launcher gets null for Triton's scratch buffers and launches one plain grid of one-CTA programs: a
-    kernel that uses a scratch buffer (a size in its metadata) would write through that null address, and one compiled
-    for programmatic dependent launch, a cooperative grid or clusters would be launched otherwise than Triton launches
-    it. Each is refused, and the adapter keeps the compiled kernel's own launcher; so it does while a launch hook of
-    Triton's is set (a profiler's, which PyTorch's launcher would not call), with a torch that has no such launcher
-    (before 2.8), and off CUDA (Triton's interpreter's stand-ins)."""
+    kernel that uses a scratch buffer (a size in its metadata) would write through that null address, one compiled for
+    programmatic dependent launch, a cooperative grid or clusters would be launched otherwise than Triton launches it,
+    one instrumented by Triton (its sanitizer) takes parameters of Triton's own, and a scalar parameter of a type the
+    launch does not pass would fail when the adapter is called. Each is refused, and the adapter keeps the compiled
+    kernel's own launcher; so it does while a launch hook of Triton's is set (a profiler's, which PyTorch's launcher
+    would not call), with a torch that has no such launcher (before 2.8), and off CUDA (Triton's interpreter's
+    stand-ins)."""
     plain = {"global_scratch_size": 0, "profile_scratch_size": 0, "launch_pdl": False, "num_ctas": 1}
     plain |= {"num_warps": 4, "shared": 1024}
     monkeypatch.setattr(torch._C, "_StaticCudaLauncher", object(), raising=False)
@@ -1200,14 +1218,16 @@ def test_the_later_launches_keep_the_compiled_kernels_own_launcher_where_pytorch
     assert (launch.types, launch.tail) == ("KKKKKKiOO", (7, None, None))  # (the two scratch buffers' nulls)
     assert launch.kernel == (0, 3, 1, 2, 4, 1024)  # (the function, the grid, the warps, the shared memory)
 
-    refused = StandInCompiled(SimpleNamespace(**{"name": "the_kernel", **plain, field: value}))
+    refused = StandInCompiled(SimpleNamespace(name="the_kernel", **plain))
+    refuse(refused)
     with pytest.raises(ValueError, match=f"the_kernel {re.escape(refusal)}"):
         fused._torch_launcher_arguments(refused, [0] * 6 + [7, 64])
     assert adapter._later_launches(refused, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
 
     compiled = StandInCompiled(SimpleNamespace(name="the_kernel", **plain))
     with monkeypatch.context() as hooked:
-        hooked.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+        hooks = triton.knobs.runtime if hasattr(triton, "knobs") else StandInCompiled
+        hooked.setattr(hooks, "launch_enter_hook", lambda metadata: None)
         assert adapter._later_launches(compiled, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
     adapter.device_type = "cpu"
     assert adapter._later_launches(compiled, (3, 1, 2)) == ("its own launcher", (3, 1, 2))
@@ -1387,6 +1407,13 @@ def test_a_call_on_a_gpu_that_is_not_the_current_one_runs_there():
         want = expert_adapter_reference(*(t.double() for t in inputs))
         assert_close(out, want, TOLERANCE[torch.float32], "output")
         assert_close(torch.ops.hyperllava.expert_adapter(*inputs), want, TOLERANCE[torch.float32], "op output")
+        # Eager decoding's one launch a layer: the first through Triton's launcher, the second by PyTorch's.
+        w_down, w_up = (t.to("cuda:1") for t in layer_views(2, 96, 80, 16, torch.float32))
+        adapter = fused.DecodeAdapter(w_down, w_up)
+        for call in (1, 2):
+            x, residual, ffn_out = (t.to("cuda:1") for t in step_inputs(2, 96, 80))
+            want = expert_adapter_reference(*(t.double() for t in (x, w_down, w_up, residual, ffn_out)))
+            assert_close(adapter(x, residual, ffn_out), want, TOLERANCE[torch.float32], f"call {call}")
 
 
 def test_is_available(monkeypatch):

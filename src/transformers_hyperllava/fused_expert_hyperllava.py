@@ -680,8 +680,8 @@ class DecodeAdapter:
     of `_decode_add_kernel`, which reads the sequence's W_d and W_u where they are, in place of LLaVA's residual add.
     Eager decoding is bound by the host's time per call: this costs a step one launch per expert layer where LLaVA's
     add costs one op, while the fused op adds two launches, two buffers and the lookup of its call's signature, and
-    the eager adapter five ops. From the second call on, PyTorch's launcher launches the compiled kernel
-    (`_later_launches`). On an H200's host (run 14, docs/performance.md) a call took 22.6 us at batch 1 against
+    the eager adapter five ops. From the second call on, PyTorch's launcher launches the compiled kernel on CUDA where
+    it can (`_later_launches`). On an H200's host (run 14, docs/performance.md) a call took 22.6 us at batch 1 against
     LLaVA's add 7.7 and the eager adapter's 63.0.
 
     Made where the fused kernels run (an NVIDIA GPU with Triton; Triton's interpreter on a CPU). Serves calls like its
@@ -704,7 +704,9 @@ class DecodeAdapter:
 
     def __call__(self, x, residual, ffn_out):
         """`residual + ffn_out + E(x)`, a new tensor, or None where this call is not served."""
-        layout = (x.shape, x.dtype, residual.shape, residual.dtype, ffn_out.shape, ffn_out.dtype, x.get_device())
+        # (Every tensor's device: later launches pass addresses, which nothing checks against the device.)
+        devices = (x.device, residual.device, ffn_out.device)
+        layout = (x.shape, x.dtype, residual.shape, residual.dtype, ffn_out.shape, ffn_out.dtype, devices)
         if self.layout is None:
             if x.dim() != 3 or x.shape[1] != 1:  # (a prefill, or assisted decoding's steps of several tokens)
                 return None
@@ -783,18 +785,19 @@ class DecodeAdapter:
         launcher. (`benchmarks/probe_launches.py` times both in the step.)"""
         if self.device_type == "cuda" and hasattr(torch._C, "_StaticCudaLauncher"):  # (since torch 2.8)
             with contextlib.suppress(ValueError):
+                # (Six tensors: x, W_d, W_u, the residual, the FFN's output and the output.)
                 return _TorchLaunch(compiled, grid, 6, self.arguments[1])
         return compiled[grid]
 
 
 class _TorchLaunch:
     """Triton's `compiled` kernel launched on `grid` by PyTorch's launcher of Triton's kernels (the one Inductor's code
-    launches with) on the current stream: one call into C++, where the compiled kernel's own launcher runs Triton's
+    launches with) on the current stream: one call into C++, whereas the compiled kernel's own launcher runs Triton's
     Python around its call and checks each tensor's pointer with the driver. Called as that launcher is (every argument
     in the kernel's order, constexprs too): first `tensors` tensors, passed as their addresses (the caller checked
     their device), then `tail`, the same at every call (given here). A kernel that PyTorch's launcher would launch
     otherwise than Triton does is refused with a ValueError (`_torch_launcher_arguments`), and so is any while
-    Triton's launch hooks are set."""
+    Triton's launch hooks are set (when this is made: a hook set later is not called for its launches)."""
 
     def __init__(self, compiled, grid, tensors, tail):
         knobs = getattr(triton, "knobs", None)  # (since Triton 3.4; before, the hooks were the compiled kernel's)
@@ -823,20 +826,24 @@ def _torch_launcher_arguments(compiled, args):
     constexprs: Triton's own and the integers 1 that it specialised as constants), pointers as addresses ("K"), then
     a null address for each of Triton's scratch buffers that the kernel takes (Triton's newer kernels take one for
     each size in their metadata). Refused (ValueError): a kernel that uses a scratch buffer (the null address would
-    have it write where it must not), or one compiled for a launch with options that PyTorch's launcher does not
-    make."""
+    have it write where it must not), one that takes a scalar of a type not in `_SCALAR_TYPES`, or one compiled for a
+    launch with options that PyTorch's launcher does not make or with Triton's instrumentation."""
     signature = compiled.src.signature  # (each parameter's type by name, "constexpr" for a constant)
     types, kept = "", []
     for name, arg in zip(compiled.src.fn.arg_names, args, strict=True):
         kind = signature[name]
-        if kind != "constexpr":
-            types += "K" if kind.startswith("*") else _SCALAR_TYPES[kind]
-            kept.append(arg)
+        if kind == "constexpr":
+            continue
+        if not (kind.startswith("*") or kind in _SCALAR_TYPES):
+            raise ValueError(f"{compiled.metadata.name} takes {name} as {kind}, which this launch does not pass")
+        types += "K" if kind.startswith("*") else _SCALAR_TYPES[kind]
+        kept.append(arg)
     metadata = compiled.metadata
     sizes = [getattr(metadata, size, None) for size in ("global_scratch_size", "profile_scratch_size")]
     if any(sizes):
         raise ValueError(f"{metadata.name} uses Triton's scratch memory, which this launch does not provide")
-    options = {"launch_pdl": False, "launch_cooperative_grid": False, "num_ctas": 1}
+    # (Triton's instrumentation, such as its sanitizer, adds parameters of its own.)
+    options = {"launch_pdl": False, "launch_cooperative_grid": False, "num_ctas": 1, "instrumentation_mode": ""}
     if any(getattr(metadata, option, plain) != plain for option, plain in options.items()):
         raise ValueError(f"{metadata.name} was compiled for a launch that PyTorch's launcher does not make: {options}")
     scratch = [None for size in sizes if size is not None]
