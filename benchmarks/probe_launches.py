@@ -114,7 +114,7 @@ class TensorsTorchLaunch(fused._TorchLaunch):
         self.types = "O" * tensors + self.types[tensors:]
 
     def __call__(self, *args):
-        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+        stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
         torch._C._StaticCudaLauncher._launch_kernel(
             *self.kernel, self.types, (*args[: self.tensors], *self.tail), stream
         )

@@ -1142,7 +1142,8 @@ def test_on_cuda_the_later_launches_pass_pytorchs_launcher_the_parameters_triton
     calls = []
     launcher = SimpleNamespace(_launch_kernel=lambda *arguments: calls.append(arguments))
     monkeypatch.setattr(torch._C, "_StaticCudaLauncher", launcher, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 12345, raising=False)
+    streams = {x.get_device(): 12345}  # (the current stream of x's device)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", streams.__getitem__, raising=False)
     launch = adapter._later_launches(compiled, grid)
     assert [LAUNCHER_KINDS[letter] for letter in launch.types] == ptx_parameters(compiled)
     assert launch.types.startswith("K" * 6)  # (by address)

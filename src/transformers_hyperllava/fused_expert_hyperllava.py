@@ -812,7 +812,7 @@ class _TorchLaunch:
 
     def __call__(self, *args):
         addresses = [tensor.data_ptr() for tensor in args[: self.tensors]]
-        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+        stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
         torch._C._StaticCudaLauncher._launch_kernel(*self.kernel, self.types, (*addresses, *self.tail), stream)
 
 
