@@ -58,6 +58,10 @@ INTERPRETED = not ON_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(
     not (ON_CUDA or INTERPRETED), reason="no CUDA: run by test_kernels_in_triton_interpreter with TRITON_INTERPRET=1"
 )
+# Tests that compile kernels for the GPU (no GPU needed): under TRITON_INTERPRET a kernel is interpreted, not compiled.
+compiled_not_interpreted = pytest.mark.skipif(
+    INTERPRETED, reason="the parent process runs it: it compiles the kernels"
+)
 
 
 @pytest.mark.skipif(ON_CUDA or INTERPRETED, reason="the kernel tests run directly in this process")
@@ -1116,7 +1120,7 @@ def test_a_decoding_loop_of_ones_own_and_a_copied_cache_add_the_adapter_in_one_l
         assert w_down.untyped_storage().data_ptr() == copied_weights.untyped_storage().data_ptr()
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the parent process runs it: it compiles for the GPU, which needs no GPU")
+@compiled_not_interpreted
 @pytest.mark.parametrize(
     "batch, weight_sets", [(1, 1), (16, 16), (16, 1)], ids=["batch-1", "batch-16", "batch-16-shared-weights"]
 )
@@ -1257,9 +1261,7 @@ def global_memory_order(ptx, pointer_parameter):
     return order
 
 
-@pytest.mark.skipif(
-    INTERPRETED, reason="the parent process runs it: under TRITON_INTERPRET the kernels are interpreted, not compiled"
-)
+@compiled_not_interpreted
 @pytest.mark.parametrize("arch", [75, 80, 90], ids=["T4", "A100", "H100-H200"])  # (T4: Colab's usual GPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
@@ -1294,9 +1296,7 @@ def test_every_launch_compiles_for_the_gpu(monkeypatch, arch, dtype):
         assert compile_for(arch, kernel, args, keywords).asm["cubin"], kernel.__name__
 
 
-@pytest.mark.skipif(
-    INTERPRETED, reason="the parent process runs it: under TRITON_INTERPRET the kernels are interpreted, not compiled"
-)
+@compiled_not_interpreted
 def test_on_hopper_the_decode_kernels_read_what_the_kernel_before_wrote_only_after_waiting_for_it(monkeypatch):
     """With programmatic dependent launch a kernel can start before the one ahead of it has finished. The down kernel
     must wait for it before any read (x is its output) and only then let the up kernel start; the up kernel may read
