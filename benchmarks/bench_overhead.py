@@ -9,8 +9,8 @@ Both models get random weights at the same shapes (the HyperLLaVA experts too, s
 also runs with its experts detached: a control that does LLaVA's computation with HyperLLaVA's code, so that what the
 experts cost is told apart from what the rest of the code costs. The models are measured in turn within each repeat,
 so that clock and thermal drift hit all alike, and every number is the median over the repeats after a warm-up.
-Eager decoding, which the host's load moves most, is also timed in lockstep on a CPU: the models' `generate` calls take
-turns every few steps, and each step is compared with LLaVA's step of the same index.
+Eager decoding, which the host's load moves most, is also timed in lockstep: the models take turns every few
+decoding steps, each continuing its own sequence, and each step is compared with LLaVA's step of the same index.
 """
 
 import argparse
@@ -18,7 +18,6 @@ import contextlib
 import functools
 import os
 import statistics
-import threading
 import time
 import traceback
 import unittest.mock
@@ -39,6 +38,7 @@ from transformers_hyperllava import (  # noqa: E402
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
 from transformers_hyperllava.modeling_hyperllava import (  # noqa: E402
+    CACHE_ARG,
     HyperExpert,
     decode_adapters_available,
     expert_adapter,
@@ -213,16 +213,25 @@ class DecodeClock(LogitsProcessor):
         return scores
 
 
+def timed_generate(model, inputs, new_tokens, device, **generate_kwargs):
+    """One greedy `generate` call that makes `new_tokens` tokens: its output, and its decoding steps (the first
+    forward, the prefill, excluded) in seconds each, by the wall clock and in the calling thread's CPU time."""
+    clock = DecodeClock(device)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]), **generate_kwargs,
+        )  # fmt: skip
+    wall, cpu = (
+        [later - earlier for earlier, later in zip(times, times[1:])] for times in (clock.times, clock.cpu_times)
+    )
+    return output, wall, cpu
+
+
 def decode_step_times(model, batch, new_tokens, device, **generate_kwargs):
     """The decoding steps of one `generate` call (the prefill excluded), in seconds each: by the wall clock, and in the
     calling thread's CPU time."""
-    clock = DecodeClock(device)
-    with torch.no_grad():
-        model.generate(
-            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            logits_processor=LogitsProcessorList([clock]), **generate_kwargs,
-        )  # fmt: skip
-    return [[later - earlier for earlier, later in zip(times, times[1:])] for times in (clock.times, clock.cpu_times)]
+    return timed_generate(model, batch, new_tokens, device, **generate_kwargs)[1:]
 
 
 def decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs):
@@ -236,102 +245,52 @@ def decode_seconds_per_token(model, batch, new_tokens, device, **generate_kwargs
     return statistics.median(decode_step_seconds(model, batch, new_tokens, device, **generate_kwargs))
 
 
-LOCKSTEP_BLOCK = 8  # decoding steps per turn
-
-
-class Turns:
-    """Threads taking turns one at a time in a fixed order: `wait(name)` until it is `name`'s turn, `pass_on(name)` to
-    hand it to the next one still running and wait for it to come back, `leave(name)` when done."""
-
-    def __init__(self, names):
-        self.order, self.live = list(names), set(names)
-        self.turn = self.order[0]
-        self.changed = threading.Condition()
-
-    def _next_after(self, name):
-        start = self.order.index(name) + 1
-        return next((other for other in self.order[start:] + self.order[:start] if other in self.live), None)
-
-    def wait(self, name):
-        with self.changed:
-            self.changed.wait_for(lambda: self.turn == name)
-
-    def pass_on(self, name):
-        with self.changed:
-            self.turn = self._next_after(name)
-            self.changed.notify_all()
-            self.changed.wait_for(lambda: self.turn == name)
-
-    def leave(self, name):
-        with self.changed:
-            self.live.discard(name)
-            if self.turn == name:
-                self.turn = self._next_after(name)
-                self.changed.notify_all()
-
-
-class LockstepClock(LogitsProcessor):
-    """Times a `generate` call's decoding steps and, every `block` tokens, passes the turn on: at each token's logits
-    (after a synchronisation: nothing of this call's stays queued on the GPU) it ends a step, and when the turn comes
-    back it readies the model (`on_turn`) and starts the next. The first step of each block (left out by `warm_steps`)
-    runs on a host whose caches the others' steps filled: 24% longer for LLaVA's tiny model on a CPU when every step passed the turn,
-    while the variants of one HyperLLaVA, one model with other settings, stayed warm for each other."""
-
-    def __init__(self, name, turns, device, on_turn, block):
-        self.name, self.turns, self.device, self.on_turn, self.block = name, turns, device, on_turn, block
-        self.steps, self.cpu_steps, self.calls, self.started = [], [], 0, None
-
-    def __call__(self, input_ids, scores):
-        synchronize(self.device)
-        if self.started is not None:
-            self.steps.append(time.perf_counter() - self.started[0])
-            self.cpu_steps.append(time.thread_time() - self.started[1])
-        if self.calls % self.block == 0:
-            self.turns.pass_on(self.name)
-            self.on_turn()
-        self.calls += 1
-        self.started = time.perf_counter(), time.thread_time()
-        return scores
+LOCKSTEP_BLOCK = 8  # timed decoding steps per turn
 
 
 def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_BLOCK):
-    """Each candidate's decoding steps (seconds each, the prefill excluded) from `generate` calls that run side by
-    side, a thread each, taking turns in the order of `candidates` (name -> a function that readies the model and
-    returns it, called at each of its turns) every `block` steps. A candidate's k-th step runs next to the others'
-    k-th steps, a fraction of a second apart where whole calls in turn are seconds apart: the step-by-step ratios leave
-    out the host's drift, which moved LLaVA's eager step over 25-37 ms within one H200 run (docs/performance.md). A
-    candidate that fails is logged and left out (None); the others go on."""
-    turns = Turns(candidates)
-    clocks = {name: LockstepClock(name, turns, device, on_turn, block) for name, on_turn in candidates.items()}
-    failed = set()
+    """Each candidate's decoding steps (seconds each, the prefill excluded; `new_tokens` of them, rounded up to whole
+    turns) from `generate` calls that take turns in the order of `candidates` (name -> a function that readies the
+    model and returns it, called at each of its turns): each turn continues the candidate's sequence, and its cache,
+    by `block` + 1 tokens and times the last `block` steps. A candidate's k-th step runs next to the others' k-th
+    steps, a fraction of a second apart where whole calls in turn are seconds apart: the step-by-step ratios leave out
+    the host's drift, which moved LLaVA's eager step over 25-37 ms within one H200 run (docs/performance.md).
 
-    def run(name):
-        try:
-            turns.wait(name)
-            with torch.no_grad():
-                candidates[name]().generate(
-                    **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                    logits_processor=LogitsProcessorList([clocks[name]]),
-                )  # fmt: skip
-        except Exception:  # any failure: logged in full, "failed" in the report
-            traceback.print_exc()
-            failed.add(name)
-        finally:
-            turns.leave(name)
-
-    threads = [threading.Thread(target=run, args=(name,), name=f"lockstep {name}") for name in candidates]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    # In the log: the steps' thread CPU time, the time the call's thread ran (whole calls: all of the step, on a GPU
-    # as on a CPU), which tells a step that waited from one that worked longer.
-    for name in [name for name in candidates if name not in failed]:
-        cpu, wall = (
-            statistics.median(warm_steps(steps, block)) for steps in (clocks[name].cpu_steps, clocks[name].steps)
-        )
+    A turn's first token is made untimed (the first turn's is the prefill's): that step runs on a host whose caches the
+    others' steps filled (24% longer for LLaVA's tiny model on a CPU when every step passed the turn, while the variants
+    of one HyperLLaVA, one model with other settings, stayed warm for each other). The turns run in this thread, one
+    `generate` call each: on the H200 machine's host a `generate` in a thread of its own did three times the host work
+    per step (run 13). A candidate that fails is logged and left out (None); the others go on."""
+    inputs = dict.fromkeys(candidates, batch)  # what each one's next turn continues: the prompt, then its sequence
+    steps = {name: [] for name in candidates}
+    cpu_steps = {name: [] for name in candidates}
+    for _ in range(-(-new_tokens // block)):
+        for name, ready in candidates.items():
+            if steps[name] is None:
+                continue
+            try:
+                output, wall, cpu = timed_generate(
+                    ready(), inputs[name], block + 1, device, return_dict_in_generate=True
+                )
+            except Exception:  # any failure: logged in full, "failed" in the report
+                traceback.print_exc()
+                steps[name] = None
+                continue
+            steps[name] += wall
+            cpu_steps[name] += cpu
+            # (The benchmark's prompts have no padding: every position is attended to.)
+            sequences = output.sequences
+            inputs[name] = {
+                "input_ids": sequences,
+                "attention_mask": torch.ones_like(sequences),
+                CACHE_ARG: getattr(output, CACHE_ARG),
+            }
+    # In the log: the steps' thread CPU time, the time the thread ran, which tells a step that waited (another
+    # process took the host) from one that worked longer.
+    for name in [name for name in candidates if steps[name] is not None]:
+        cpu, wall = (statistics.median(times[1:]) for times in (cpu_steps[name], steps[name]))
         print(f"  {name}, lockstep: median warm step {wall:.6g} s, thread CPU time {cpu:.6g} s")
-    return {name: None if name in failed else clocks[name].steps for name in candidates}
+    return steps
 
 
 def lockstep_rounds(candidates, batch, new_tokens, device, repeats, warmup=1):
@@ -353,22 +312,17 @@ def lockstep_rounds(candidates, batch, new_tokens, device, repeats, warmup=1):
     return rounds
 
 
-def warm_steps(steps, block=LOCKSTEP_BLOCK):
-    """A lockstep call's decoding steps but the first of each turn (`LockstepClock`), step 0 among them."""
-    return [step for index, step in enumerate(steps) if index % block]
-
-
 def lockstep_cell(rounds, base):
     """A table cell for a candidate's lockstep rounds against LLaVA's: its median warm step, the median and quartiles
-    of the step-by-step ratios (each warm step over LLaVA's step of the same round and index), and the ratio of the
-    rounds' median first decoding steps (where a capture at the first step shows)."""
+    of the step-by-step ratios (each warm step, every one but the first decoding step, over LLaVA's step of the same
+    round and index), and the ratio of the rounds' median first decoding steps (where per-sequence work shows)."""
     ratios = [
         step / llava
         for steps, llava_steps in zip(rounds, base, strict=True)
-        for step, llava in zip(warm_steps(steps), warm_steps(llava_steps), strict=True)
+        for step, llava in zip(steps[1:], llava_steps[1:], strict=True)
     ]
     low, middle, high = statistics.quantiles(ratios, n=4)
-    median_step = statistics.median(step for steps in rounds for step in warm_steps(steps))
+    median_step = statistics.median(step for steps in rounds for step in steps[1:])
     first = statistics.median(steps[0] for steps in rounds) / statistics.median(steps[0] for steps in base)
     return f"{median_step * 1e3:.3f} ms ({middle:.3f}x; steps {low:.3f}-{high:.3f}x; first step {first:.3f}x)"
 
@@ -790,7 +744,7 @@ def main(argv=None):
     rows.add_argument(
         "--only-eager-decode",
         action="store_true",
-        help="only the eager decoding rows and the adapter's host time per call (about 2.5 minutes on an H200)",
+        help="only the eager decoding rows and the adapter's host time per call (about 5 minutes on an H200)",
     )
     parser.add_argument(
         "--decode-batch", type=int, nargs="+", default=[1, 16], help="the eager decoding rows' batch sizes (1 and 16)"
@@ -842,13 +796,9 @@ def main(argv=None):
         labels["auto"] = "HyperLLaVA (auto: in eager decoding, one launch a layer)"
     header = ["workload", *(labels[name] for name in candidates)]
     # (Eager decoding is host-bound, and noisy: its rows' host CPU time is the steadier measure.)
-    rounds = {"prefill": repeats, "decode": 5, "train": repeats}
-    # In lockstep each `generate` runs in a thread of its own, which on the H200 machine's host did three times the host
-    # work per step (run 13: the steps' thread CPU time equal to their wall clock, 57-90 ms against 20 ms in whole
-    # calls, with one OpenMP thread too): there those rows time another host regime than eager decoding's. CPU only.
-    lockstep = device == "cpu"
-    if lockstep:
-        rounds["decode lockstep"] = 3
+    # (Lockstep rounds of 64 steps each: on the 2-core CPU the control's median step ratio came within 0.3% of 1 in 3
+    # rounds, with the steps' quartiles 5% apart; 5 narrow it further.)
+    rounds = {"prefill": repeats, "decode": 5, "decode lockstep": 5, "train": repeats}
     rounds["compiled decode"] = 7  # (cheap once compiled)
     if device == "cuda":
         rounds["compiled decode GPU busy"] = rounds["train GPU busy"] = 3
@@ -874,14 +824,8 @@ def main(argv=None):
     report.line(
         f"\nMedians of interleaved rounds after a warm-up{without} ({rounds_text}); ratio = HyperLLaVA / LLaVA, the "
         "ratio of the medians; 'rounds': the quartiles of the ratios round by round."
-        + (
-            " 'Steps in lockstep': the candidates' `generate` calls take turns a decoding step at a time; ratio = the "
-            "median of the step-by-step ratios, 'steps' their quartiles, the first decoding step (the rounds' medians) "
-            "apart."
-            if lockstep
-            else ""
-        )
-        + "\n"
+        + " 'Steps in lockstep': the candidates take turns every few decoding steps; ratio = the median of the "
+        "step-by-step ratios, 'steps' their quartiles, the first decoding step (the rounds' medians) apart.\n"
     )
     if not args.only_compiled:  # (else straight to the compiled decode)
         report.table(header)
@@ -917,22 +861,19 @@ def main(argv=None):
                 # `interleaved` drops it; a candidate that failed has none.)
                 cpu_rounds = {name: None if per_round[name] is None else cpu[name][1:] for name in candidates}
                 record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
-            if lockstep:
-                name = f"decode, batch {batch_size}, eager, per token, steps in lockstep"
-                with section(report, name):
-                    steps = lockstep_rounds(
-                        candidates, decode, settings["new_tokens"], device, rounds["decode lockstep"]
-                    )
-                    if steps["llava"] is None:
-                        raise RuntimeError("LLaVA's run failed (see the log): no ratios")
-                    llava_steps = [step for round_ in steps["llava"] for step in warm_steps(round_)]
-                    cells = [name, f"{statistics.median(llava_steps) * 1e3:.3f} ms"]
-                    cells += [
-                        "failed" if steps[other] is None else lockstep_cell(steps[other], steps["llava"])
-                        for other in candidates
-                        if other != "llava"
-                    ]
-                    report.row(cells)
+            name = f"decode, batch {batch_size}, eager, per token, steps in lockstep"
+            with section(report, name):
+                steps = lockstep_rounds(candidates, decode, settings["new_tokens"], device, rounds["decode lockstep"])
+                if steps["llava"] is None:
+                    raise RuntimeError("LLaVA's run failed (see the log): no ratios")
+                llava_steps = [step for round_ in steps["llava"] for step in round_[1:]]
+                cells = [name, f"{statistics.median(llava_steps) * 1e3:.3f} ms"]
+                cells += [
+                    "failed" if steps[other] is None else lockstep_cell(steps[other], steps["llava"])
+                    for other in candidates
+                    if other != "llava"
+                ]
+                report.row(cells)
 
     if not (args.only_compiled or args.only_eager_decode):
         name = f"train step (fwd+bwd, checkpointing), batch {settings['train_batch']} x {settings['train_length']}"

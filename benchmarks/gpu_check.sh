@@ -11,9 +11,8 @@
 #       compiled decoding rows alone, every candidate at batch 1 and 16: about 7 minutes in all, which leaves a lent
 #       GPU's 15 minutes room for `profile_decode.py` after it
 #   BENCH_ARGS=--only-eager-decode OUT=/some/folder bash benchmarks/gpu_check.sh   # the eager decoding rows and the
-#       adapter's host time per call alone (run 13: 301 s with five candidates; about 150 s since, without the rows
-#       in lockstep, which run on a CPU only); add
-#       "--decode-batch 16" for batch 16's rows alone
+#       adapter's host time per call alone (run 14: 157 s without the rows in lockstep, which since session 28 run on
+#       a GPU too, in one thread: about 5 minutes with them); add "--decode-batch 16" for batch 16's rows alone
 #
 # Writes under $OUT: env.log, test_fused_expert.log, bench_7b.md (the report, written as it goes) and bench_7b.log
 # (with every measurement as it is taken).
@@ -54,7 +53,8 @@ tail -n 15 "$OUT/test_fused_expert.log"
 # three at batch 16, each followed by its GPU busy time per step (profiled); the training step's GPU busy time is
 # profiled last. A run cut short by the timeout still leaves the numbers before in bench_7b.md (345 s on an H200 in
 # run 7; since then 4 more compiled rounds per batch size and the compiled rows' GPU busy time, about 50 s more, a
-# fourth compiled candidate, about 40 s, and 2 eager decoding rounds fewer, about 30 s less).
+# fourth compiled candidate, about 40 s, 2 eager decoding rounds fewer, about 30 s less, and since session 28 the eager
+# rows in lockstep, about 2 minutes: the whole benchmark needs more than the 410 s here, and BENCH_ARGS picks a part).
 echo "== 7B overhead benchmark"
 timeout -s INT -k 10 410 "$PYTHON" benchmarks/bench_overhead.py --size 7b --out "$OUT/bench_7b.md" ${BENCH_ARGS:-} \
     >"$OUT/bench_7b.log" 2>&1 || failed=1

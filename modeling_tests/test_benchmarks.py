@@ -2,7 +2,6 @@
 
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,43 +173,38 @@ class FakeClock:
         return self.now / 2
 
 
-def run_with_deadline(fn, seconds=30):
-    """`fn()`'s result, from a thread that must end within `seconds` (threads that wait for a turn forever would
-    otherwise hang the suite)."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the calls never finished: a turn was not passed on"
-    return result[0]
-
-
-def test_lockstep_calls_take_turns_a_block_of_steps_at_a_time_and_time_their_own_steps(monkeypatch, capsys):
-    """Eager decoding's lockstep rows: the candidates' `generate` calls run one at a time, a block of steps each in
-    turn, each timing only its own steps; so a host load that changes from block to block, or a slow first step after
-    each turn (cold caches), leaves the step-by-step ratios of the warm steps exact. A call that fails is left out and
-    the others finish."""
-    clock, events, readied = FakeClock(), [], []
+def test_lockstep_turns_continue_each_candidates_sequence_and_time_a_block_of_steps(monkeypatch, capsys):
+    """Eager decoding's lockstep rows: the candidates take turns, a `generate` call each, every turn continuing the
+    candidate's own sequence and cache by an untimed step and a block of timed ones; so a host load that changes from
+    turn to turn, or a slow first step after each turn (cold caches), leaves the step-by-step ratios exact. A call
+    that fails is left out and the others finish."""
+    clock, calls, readied = FakeClock(), [], []
     monkeypatch.setattr(bench_overhead, "time", clock)
     monkeypatch.setattr(bench_overhead, "synchronize", lambda device: None)
-    block, new_tokens = 4, 11
+    block, new_tokens = 4, 10  # three turns
+    prompt = {"input_ids": torch.tensor([[7, 8, 9]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    cache_arg = bench_overhead.CACHE_ARG
 
     class StandIn:
-        def __init__(self, name, cost, fails_at=None):
-            self.name, self.cost, self.fails_at = name, cost, fails_at
+        def __init__(self, name, cost, fails_in_turn=None):
+            self.name, self.cost, self.fails_in_turn, self.turn = name, cost, fails_in_turn, 0
 
-        def generate(self, max_new_tokens, logits_processor, **kwargs):
-            after_turn = True
-            for token in range(max_new_tokens):  # token 0: the prefill
-                events.append((self.name, token))
-                if token == self.fails_at:
-                    raise RuntimeError("out of memory")
-                load = 1 + (token - 1) // block  # the host's load, changing between blocks
-                clock.now += self.cost * load + (5.0 if after_turn else 0.0)
-                calls = clock.now
+        def generate(
+            self, max_new_tokens, min_new_tokens, do_sample, logits_processor, return_dict_in_generate, **inputs
+        ):
+            calls.append((self.name, inputs))
+            assert max_new_tokens == min_new_tokens == block + 1 and not do_sample and return_dict_in_generate
+            if self.turn == self.fails_in_turn:
+                raise RuntimeError("out of memory")
+            for token in range(max_new_tokens):
+                # The host's load changes from turn to turn; each turn's first forward runs cold, and so does the
+                # sequence's first decoding step (per-sequence work).
+                clock.now += self.cost * (1 + self.turn) + 5.0 * (token == 0) + 3.0 * (token == 1 and self.turn == 0)
                 for processor in logits_processor:
                     processor(None, None)
-                after_turn = clock.now != calls or token == 0  # another call ran meanwhile: cold caches
+            sequences = torch.cat([inputs["input_ids"], torch.full((1, max_new_tokens), self.turn)], dim=1)
+            self.turn += 1
+            return SimpleNamespace(sequences=sequences, **{cache_arg: object()})
 
     def ready(model):  # (readying a model is no part of its step)
         readied.append(model.name)
@@ -219,50 +213,82 @@ def test_lockstep_calls_take_turns_a_block_of_steps_at_a_time_and_time_their_own
 
     models = {
         "llava": StandIn("llava", 1.0),
-        "broken": StandIn("broken", 1.0, fails_at=6),
+        "broken": StandIn("broken", 1.0, fails_in_turn=1),
         "hyper": StandIn("hyper", 1.2),
     }
     candidates = {name: lambda model=model: ready(model) for name, model in models.items()}
-    steps = run_with_deadline(
-        lambda: bench_overhead.lockstep_decode_steps(candidates, {}, new_tokens, "cpu", block=block)
-    )
-    # Turns after the prefill, then every `block` steps; "broken" fails in its second turn, the others go on.
-    turns = [(0, 1), (1, 5), (5, 9), (9, 11)]
-    order = [(name, token) for first, end in turns for name in models for token in range(first, end)]
-    assert events == [event for event in order if event[0] != "broken" or event[1] <= 6]
+    steps = bench_overhead.lockstep_decode_steps(candidates, prompt, new_tokens, "cpu", block=block)
+    # Turn by turn in the candidates' order; "broken" fails in its second turn, the others go on.
+    assert [name for name, _ in calls] == ["llava", "broken", "hyper"] * 2 + ["llava", "hyper"]
     assert steps["broken"] is None
     output = capsys.readouterr()
     assert "RuntimeError: out of memory" in output.err
+    # A first turn starts from the prompt, every later one continues the turn before: its tokens and its cache.
+    for name in ("llava", "hyper"):
+        inputs = [inputs for called, inputs in calls if called == name]
+        assert inputs[0] == prompt
+        for turn, continued in enumerate(inputs[1:], 1):
+            made = torch.arange(turn).repeat_interleave(block + 1)[None]
+            assert torch.equal(continued["input_ids"], torch.cat([prompt["input_ids"], made], dim=1))
+            assert torch.equal(continued["attention_mask"], torch.ones_like(continued["input_ids"]))
+        assert (
+            len({id(inputs[cache_arg]) for inputs in inputs[1:]}) == 2
+        )  # each turn's, as the turn before returned it
+    assert len(steps["llava"]) == len(steps["hyper"]) == 3 * block
+    assert steps["llava"][0] == 1.0 + 3.0  # the first decoding step, apart
+    ratios = [hyper / llava for hyper, llava in zip(steps["hyper"][1:], steps["llava"][1:], strict=True)]
+    assert ratios == pytest.approx([1.2] * (3 * block - 1))
     # The log gives each call's median warm step and its thread CPU time.
-    warm = statistics.median(bench_overhead.warm_steps(steps["hyper"], block))
+    warm = statistics.median(steps["hyper"][1:])
     assert f"  hyper, lockstep: median warm step {warm:.6g} s, thread CPU time {warm / 2:.6g} s" in output.out
-    assert len(steps["llava"]) == len(steps["hyper"]) == new_tokens - 1
-    assert steps["llava"][0] == 5.0 + 1.0  # the first decoding step: cold
-    ratios = [
-        hyper / llava
-        for hyper, llava in zip(
-            bench_overhead.warm_steps(steps["hyper"], block), bench_overhead.warm_steps(steps["llava"], block)
+    # Each call readied its model at each of its turns.
+    assert readied.count("llava") == readied.count("hyper") == 3 and readied.count("broken") == 2
+
+
+def test_lockstep_turns_decode_what_one_generate_call_decodes():
+    """The turns continue HyperLLaVA's sequences with their caches, and with them the language expert's weights
+    generated at the prefill: their tokens are those of one `generate` call."""
+    from transformers_hyperllava import HyperLlavaForConditionalGeneration
+    from transformers_hyperllava.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = HyperLlavaForConditionalGeneration(tiny_config()).eval()
+    with torch.no_grad():  # (fresh experts compute nothing: zero W_u)
+        for name, parameter in model.named_parameters():
+            if "expert" in name:
+                parameter.normal_(0.0, 0.5)
+    prompt = bench_overhead.make_batch(model.config, {"device": "cpu", "dtype": torch.float32}, 2, 5)
+    block, turns = 3, 3
+    outputs = []
+
+    def generate(**kwargs):  # (each turn's output recorded)
+        outputs.append(type(model).generate(model, **kwargs))
+        return outputs[-1]
+
+    model.generate = generate
+    steps = bench_overhead.lockstep_decode_steps({"hyper": lambda: model}, prompt, turns * block, "cpu", block=block)
+    assert len(outputs) == turns and len(steps["hyper"]) == turns * block
+    sequences = outputs[-1].sequences
+    with torch.no_grad():
+        whole = type(model).generate(
+            model, **prompt, max_new_tokens=turns * (block + 1), min_new_tokens=turns * (block + 1), do_sample=False
         )
-    ]
-    assert len(ratios) == 7 and ratios == pytest.approx([1.2] * 7)
-    # Each call readied its model at each of its turns, the prefill's among them.
-    assert readied.count("llava") == readied.count("hyper") == len(turns)
+    assert torch.equal(sequences, whole)
+    assert len(set(sequences[:, prompt["input_ids"].shape[1] :].flatten().tolist())) > 2  # (not one token repeated)
 
 
 def test_a_lockstep_cell_gives_the_median_and_quartiles_of_the_warm_steps_ratios_and_the_first_steps_ratio():
-    """The lockstep rows pair each warm step with LLaVA's step of the same round and index (the first of each turn
-    left out), and give the first decoding step, where a capture shows, apart."""
-    block = bench_overhead.LOCKSTEP_BLOCK
-    llava = [[1.0 + index % 3 for index in range(2 * block)], [2.0 + index % 2 for index in range(2 * block)]]
+    """The lockstep rows pair each warm step with LLaVA's step of the same round and index, and give the first
+    decoding step, where per-sequence work shows, apart."""
+    steps = 2 * bench_overhead.LOCKSTEP_BLOCK
+    llava = [[1.0 + index % 3 for index in range(steps)], [2.0 + index % 2 for index in range(steps)]]
     hyper = [[1.1 * step for step in llava[0]], [1.2 * step for step in llava[1]]]
     llava[0][0], llava[1][0], hyper[0][0], hyper[1][0] = 9.0, 7.0, 18.0, 21.0  # the first decoding steps
-    hyper[0][block] = 50.0  # a turn's first step: left out
     hyper[1][3] = 1.15 * llava[1][3]  # one warm step's ratio 1.15
     cell = bench_overhead.lockstep_cell(hyper, llava)
-    warm = [index for index in range(2 * block) if index % block]
-    ratios = [1.1] * len(warm) + [1.15 if index == 3 else 1.2 for index in warm]
+    ratios = [1.1] * (steps - 1) + [1.15 if index == 3 else 1.2 for index in range(1, steps)]
     low, middle, high = statistics.quantiles(ratios, n=4)
-    median_step = statistics.median([hyper[round_][index] for round_ in (0, 1) for index in warm])
+    median_step = statistics.median([hyper[round_][index] for round_ in (0, 1) for index in range(1, steps)])
     first = statistics.median([18.0, 21.0]) / statistics.median([9.0, 7.0])
     assert cell == f"{median_step * 1e3:.3f} ms ({middle:.3f}x; steps {low:.3f}-{high:.3f}x; first step {first:.3f}x)"
     assert first == 19.5 / 8 and 1.1 < middle < 1.2
