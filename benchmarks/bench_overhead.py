@@ -250,8 +250,9 @@ LOCKSTEP_BLOCK = 8  # timed decoding steps per turn
 
 def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_BLOCK):
     """Each candidate's decoding steps (seconds each, the prefill excluded; `new_tokens` of them, rounded up to whole
-    turns) from `generate` calls that take turns in the order of `candidates` (name -> a function that readies the
-    model and returns it, called at each of its turns): each turn continues the candidate's sequence, and its cache,
+    turns) from `generate` calls that take turns in the order of `candidates` (name -> a function that returns a
+    context manager that readies the model and gives it, entered for each of its turns): each turn continues the
+    candidate's sequence, and its cache,
     by `block` + 1 tokens and times the last `block` steps. A candidate's k-th step runs next to the others' k-th
     steps, a fraction of a second apart where whole calls in turn are seconds apart: the step-by-step ratios leave out
     the host's drift, which moved LLaVA's eager step over 25-37 ms within one H200 run (docs/performance.md).
@@ -265,13 +266,14 @@ def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_
     steps = {name: [] for name in candidates}
     cpu_steps = {name: [] for name in candidates}
     for _ in range(-(-new_tokens // block)):
-        for name, ready in candidates.items():
+        for name, enter in candidates.items():
             if steps[name] is None:
                 continue
             try:
-                output, wall, cpu = timed_generate(
-                    ready(), inputs[name], block + 1, device, return_dict_in_generate=True
-                )
+                with enter() as model:
+                    output, wall, cpu = timed_generate(
+                        model, inputs[name], block + 1, device, return_dict_in_generate=True
+                    )
             except Exception:  # any failure: logged in full, "failed" in the report
                 traceback.print_exc()
                 steps[name] = None
@@ -312,16 +314,21 @@ def lockstep_rounds(candidates, batch, new_tokens, device, repeats, warmup=1):
     return rounds
 
 
-def lockstep_cell(rounds, base):
-    """A table cell for a candidate's lockstep rounds against LLaVA's: its median warm step, the median and quartiles
-    of the step-by-step ratios (each warm step, every one but the first decoding step, over LLaVA's step of the same
-    round and index), and the ratio of the rounds' median first decoding steps (where per-sequence work shows)."""
-    ratios = [
+def lockstep_ratios(rounds, base):
+    """A candidate's step-by-step ratios from its lockstep rounds and LLaVA's: each warm step (every one but the first
+    decoding step) over LLaVA's step of the same round and index."""
+    return [
         step / llava
         for steps, llava_steps in zip(rounds, base, strict=True)
         for step, llava in zip(steps[1:], llava_steps[1:], strict=True)
     ]
-    low, middle, high = statistics.quantiles(ratios, n=4)
+
+
+def lockstep_cell(rounds, base):
+    """A table cell for a candidate's lockstep rounds against LLaVA's: its median warm step, the median and quartiles
+    of the step-by-step ratios (`lockstep_ratios`), and the ratio of the rounds' median first decoding steps (where
+    per-sequence work shows)."""
+    low, middle, high = statistics.quantiles(lockstep_ratios(rounds, base), n=4)
     median_step = statistics.median(step for steps in rounds for step in steps[1:])
     first = statistics.median(steps[0] for steps in rounds) / statistics.median(steps[0] for steps in base)
     return f"{median_step * 1e3:.3f} ms ({middle:.3f}x; steps {low:.3f}-{high:.3f}x; first step {first:.3f}x)"
@@ -863,7 +870,8 @@ def main(argv=None):
                 record(f"decode, batch {batch_size}, eager, host CPU time per token", cpu_rounds)
             name = f"decode, batch {batch_size}, eager, per token, steps in lockstep"
             with section(report, name):
-                steps = lockstep_rounds(candidates, decode, settings["new_tokens"], device, rounds["decode lockstep"])
+                turns = {name: lambda get=get: contextlib.nullcontext(get()) for name, get in candidates.items()}
+                steps = lockstep_rounds(turns, decode, settings["new_tokens"], device, rounds["decode lockstep"])
                 if steps["llava"] is None:
                     raise RuntimeError("LLaVA's run failed (see the log): no ratios")
                 llava_steps = [step for round_ in steps["llava"] for step in round_[1:]]

@@ -5,6 +5,7 @@ and HyperLLaVA's adapters.
     python benchmarks/probe_launches.py --size 7b     # CUDA: about 5 minutes
     python benchmarks/probe_launches.py --size tiny   # CPU: the probes that need no GPU (7B's depth, toy widths)
     python benchmarks/probe_launches.py --size 7b --adapters-only --repeats 24 --new-tokens 16   # about 3.5 minutes
+    python benchmarks/probe_launches.py --size 7b --adapters-only --lockstep   # in turns every 8 steps: about 3 minutes
 
 Why: on the H200 machine a launch through Triton (the fused op, eager decoding's one launch a layer, and before them the
 CUDA graphs' replays) seemed to cost eager decoding several times what its calls take alone, while the eager adapter's
@@ -44,6 +45,9 @@ from bench_overhead import (  # noqa: E402
     build_models,
     decode_step_times,
     interleaved,
+    lockstep_cell,
+    lockstep_ratios,
+    lockstep_rounds,
     make_batch,
     ratio_cell,
 )
@@ -204,6 +208,12 @@ def main(argv=None):
         action="store_true",
         help="LLaVA and HyperLLaVA's variants alone, no probes: fewer candidates a round, so more rounds in the time",
     )
+    parser.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="the candidates take turns every 8 decoding steps, as in bench_overhead.py's lockstep rows: each step is "
+        "compared with LLaVA's step of the same index, a fraction of a second away",
+    )
     args = parser.parse_args(argv)
     settings = dict(SIZES[args.size])
     device = torch.device(settings["device"])
@@ -242,9 +252,14 @@ def main(argv=None):
             with enter() as model:
                 return statistics.median(decode_step_times(model, batch, args.new_tokens, device)[0])
 
-        rounds = interleaved(candidates, step, args.repeats)
+        if args.lockstep:
+            rounds = lockstep_rounds(candidates, batch, args.new_tokens, device, args.repeats)
+            what = f"steps in lockstep ({args.new_tokens} a round)"
+        else:
+            rounds = interleaved(candidates, step, args.repeats)
+            what = f"median step ({args.new_tokens} new tokens)"
         base = rounds["llava"]
-        print(f"\n## Batch {batch_size}, eager decoding, median step ({args.new_tokens} new tokens)\n")
+        print(f"\n## Batch {batch_size}, eager decoding, {what}\n")
         print(
             f"| candidate | step (ratio to LLaVA) | over LLaVA's step, per layer of {len(layers)} | host time in the "
             "probe, per call (median) |"
@@ -254,10 +269,16 @@ def main(argv=None):
             if values is None:
                 print(f"| {candidate} | failed | | |")
                 continue
-            per_layer = (statistics.median(values) - statistics.median(base)) / len(layers) * 1e6
+            if args.lockstep:  # (the median step-by-step ratio's share of LLaVA's median warm step)
+                llava_step = statistics.median(step for steps in base for step in steps[1:])
+                over = (statistics.median(lockstep_ratios(values, base)) - 1) * llava_step
+                cell = lockstep_cell(values, base)
+            else:
+                over, cell = statistics.median(values) - statistics.median(base), ratio_cell(values, base)
+            per_layer = over / len(layers) * 1e6
             inside = probe_seconds.get(candidate)
             inside = f"{statistics.median(inside) * 1e6:.1f} us" if inside else ""
-            print(f"| {candidate} | {ratio_cell(values, base)} | {per_layer:+.1f} us | {inside} |")
+            print(f"| {candidate} | {cell} | {per_layer:+.1f} us | {inside} |")
             if inside:
                 probe_seconds[candidate].clear()  # (the next batch size's calls apart)
 

@@ -1,5 +1,6 @@
 """What the benchmark scripts do with their measurements (their numbers come from `.ci/run` and GPU runs, not tests)."""
 
+import contextlib
 import statistics
 import sys
 import time
@@ -206,10 +207,12 @@ def test_lockstep_turns_continue_each_candidates_sequence_and_time_a_block_of_st
             self.turn += 1
             return SimpleNamespace(sequences=sequences, **{cache_arg: object()})
 
-    def ready(model):  # (readying a model is no part of its step)
+    @contextlib.contextmanager
+    def ready(model):  # (readying a model, and putting it back, is no part of its steps)
         readied.append(model.name)
         clock.now += 100.0
-        return model
+        yield model
+        clock.now += 100.0
 
     models = {
         "llava": StandIn("llava", 1.0),
@@ -266,7 +269,8 @@ def test_lockstep_turns_decode_what_one_generate_call_decodes():
         return outputs[-1]
 
     model.generate = generate
-    steps = bench_overhead.lockstep_decode_steps({"hyper": lambda: model}, prompt, turns * block, "cpu", block=block)
+    candidates = {"hyper": lambda: contextlib.nullcontext(model)}
+    steps = bench_overhead.lockstep_decode_steps(candidates, prompt, turns * block, "cpu", block=block)
     assert len(outputs) == turns and len(steps["hyper"]) == turns * block
     sequences = outputs[-1].sequences
     with torch.no_grad():
@@ -425,23 +429,31 @@ def test_a_probe_runs_after_each_probed_layers_ffn_and_changes_no_output():
     assert len(calls) == len(seconds) == 2
 
 
-@pytest.mark.parametrize("adapters_only", [False, True], ids=["with-probes", "adapters-only"])
-def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_probes_own_time(adapters_only, capsys):
+@pytest.mark.parametrize(
+    "flags", [[], ["--adapters-only"], ["--lockstep"]], ids=["with-probes", "adapters-only", "lockstep"]
+)
+def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_probes_own_time(flags, capsys):
     """On a CPU: LLaVA alone, the probes that need no GPU (none with `--adapters-only`) and HyperLLaVA's variants,
-    each with its step over LLaVA's per probed layer, and the probes with their calls' own host time (the candidates'
-    cells read off the table)."""
-    flags = ["--adapters-only"] if adapters_only else []
+    each with its step over LLaVA's per probed layer (in lockstep: its median step-by-step ratio's share of LLaVA's
+    median warm step), and the probes with their calls' own host time (the candidates' cells read off the table)."""
     probe_launches.main(["--size", "tiny", "--batch", "1", "--repeats", "1", "--new-tokens", "3", *flags])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     table = {row[0].removeprefix("| "): row[1:] for row in rows[1:]}  # (after the header)
-    probes = [] if adapters_only else ["LLaVA + hook alone", "LLaVA + PyTorch op"]
+    probes = [] if "--adapters-only" in flags else ["LLaVA + hook alone", "LLaVA + PyTorch op"]
     hyper = ["HyperLLaVA, experts detached", "HyperLLaVA, eager adapter"]
     assert list(table) == ["llava", *probes, *hyper]
     assert table["llava"][1] == "+0.0 us"
+    llava_ms = float(table["llava"][0].split(" ms")[0])
     for name in probes + hyper:
-        step_ms = float(table[name][0].split(" ms")[0])
-        llava_ms = float(table["llava"][0].split(" ms")[0])
-        assert float(table[name][1].removesuffix(" us")) == pytest.approx((step_ms - llava_ms) / 16 * 1e3, abs=0.1)
+        step_ms, ratio = table[name][0].split(" ms (")
+        if "--lockstep" in flags:  # (the ratio as printed, to 3 decimals)
+            over_ms, within = (float(ratio.split("x;")[0]) - 1) * llava_ms, 0.0005 * llava_ms
+            assert "; steps " in ratio
+        else:
+            over_ms, within = float(step_ms) - llava_ms, 0.0
+        assert float(table[name][1].removesuffix(" us")) == pytest.approx(
+            over_ms / 16 * 1e3, abs=within / 16 * 1e3 + 0.1
+        )
     for name in probes:
         assert float(table[name][2].removesuffix(" us |")) > 0
     assert all(table[name][2] == " |" for name in hyper)
