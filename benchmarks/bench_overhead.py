@@ -252,10 +252,10 @@ def lockstep_decode_steps(candidates, batch, new_tokens, device, block=LOCKSTEP_
     """Each candidate's decoding steps (seconds each, the prefill excluded; `new_tokens` of them, rounded up to whole
     turns) from `generate` calls that take turns in the order of `candidates` (name -> a function that returns a
     context manager that readies the model and gives it, entered for each of its turns): each turn continues the
-    candidate's sequence, and its cache,
-    by `block` + 1 tokens and times the last `block` steps. A candidate's k-th step runs next to the others' k-th
-    steps, a fraction of a second apart where whole calls in turn are seconds apart: the step-by-step ratios leave out
-    the host's drift, which moved LLaVA's eager step over 25-37 ms within one H200 run (docs/performance.md).
+    candidate's sequence, and its cache, by `block` + 1 tokens and times the last `block` steps. A candidate's k-th
+    step runs next to the others' k-th steps, a fraction of a second apart where whole calls in turn are seconds apart:
+    the step-by-step ratios leave out the host's drift, which moved LLaVA's eager step over 25-37 ms within one H200
+    run (docs/performance.md).
 
     A turn's first token is made untimed (the first turn's is the prefill's): that step runs on a host whose caches the
     others' steps filled (24% longer for LLaVA's tiny model on a CPU when every step passed the turn, while the variants
