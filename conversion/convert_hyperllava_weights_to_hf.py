@@ -475,6 +475,8 @@ def load_tokenizer(folders, layout, args):
     token added when missing."""
     candidates = [Path(args.tokenizer)] if args.tokenizer else [f for f in folders if f is not None]
     folder = next((f for f in candidates if any((f / name).is_file() for name in TOKENIZER_FILES)), None)
+    if folder is None and args.tokenizer:
+        raise ConversionError(f"--tokenizer {args.tokenizer} holds no tokenizer (none of {list(TOKENIZER_FILES)})")
     if folder is None:
         raise ConversionError(f"no tokenizer in {[str(f) for f in candidates]}; pass --tokenizer")
     # LLaVA-1.5's releases ship Llama's tokenizer as a SentencePiece model only, which Transformers converts to a

@@ -869,6 +869,13 @@ def _no_tokenizer(tmp_path, checkpoint, clip):
     return [], [f"no tokenizer in [{str(checkpoint)!r}]; pass --tokenizer"]
 
 
+def _tokenizer_folder_without_one(tmp_path, checkpoint, clip):
+    images = tmp_path / "images"  # (a wrong folder given)
+    images.mkdir()
+    names = list(convert.TOKENIZER_FILES)
+    return ["--tokenizer", images], [f"--tokenizer {images} holds no tokenizer (none of {names})"]
+
+
 def _peft_adapter_checkpoint(tmp_path, checkpoint, clip):
     (checkpoint / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     return [], [f"{checkpoint} is a PEFT adapter checkpoint", "merge_and_unload()"]
@@ -890,6 +897,7 @@ def _bad_expert_field(tmp_path, checkpoint, clip):
             ({}, _index_lists_a_missing_shard),
             ({}, _base_model_without_config),
             ({}, _no_tokenizer),
+            ({}, _tokenizer_folder_without_one),
             ({}, _peft_adapter_checkpoint),
             ({"expert_bottleneck_dim": 0}, _bad_expert_field),
         ]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import pipeline, set_seed
+from transformers import LlavaProcessor, pipeline, set_seed
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.generate import main
@@ -207,6 +207,18 @@ def test_single_question_errors(saved, capsys, argv, message):
     code, out, err = run(["--model", str(folder), *[a.format(images=images) for a in argv]], capsys)
     assert code == 1 and out == ""
     assert re.search("hyperllava-generate: error: " + message, err), err
+
+
+def test_a_processor_without_a_chat_template_is_named(saved, capsys, tmp_path):
+    """A LLaVA folder whose processor has no chat template (HyperLLaVA's has vicuna_v1's): the prompts cannot be
+    written, which is said before the model is loaded."""
+    _, model, processor, images = saved
+    llava = LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    llava.save_pretrained(tmp_path)
+    model.config.to_llava_config().save_pretrained(tmp_path)
+    code, out, err = run(["--model", str(tmp_path), "--image", f"{images}/wide.png", "--prompt", "What?"], capsys)
+    assert code == 1 and out == ""
+    assert f"hyperllava-generate: error: --model {tmp_path}: its processor has no chat template" in err
 
 
 @pytest.mark.parametrize(

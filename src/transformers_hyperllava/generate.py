@@ -313,6 +313,13 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         print(f"hyperllava-generate: error: --model {args.model}: {error}", file=sys.stderr)
         return 1
+    if processor.chat_template is None:  # (HyperLLaVA's processor has vicuna_v1's; a LLaVA folder may have none)
+        print(
+            f"hyperllava-generate: error: --model {args.model}: its processor has no chat template to write the "
+            "prompts with",
+            file=sys.stderr,
+        )
+        return 1
     if args.system is not None and processor.image_token in args.system:  # (every prompt would miscount its images)
         print(
             f"hyperllava-generate: error: --system holds {processor.image_token}: images go in the prompt",
