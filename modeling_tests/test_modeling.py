@@ -1343,6 +1343,48 @@ def test_a_compiled_decoding_loop_continues_the_cache_with_its_weights(kind):
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_an_exported_decoding_step_takes_the_weights_as_an_input():
+    """An exported program keeps neither the weights riding on the cache nor a guard on them: exporting a call that
+    continues a cache without the weights is refused (Transformers' ExecuTorch wrapper with its static cache, a filled
+    DynamicCache); exported with them as an input, the step decodes another prompt's sequence as the eager model does."""
+    from transformers import DynamicCache
+    from transformers.integrations.executorch import (
+        TorchExportableModuleForDecoderOnlyLM,
+        register_dynamic_cache_export_support,
+    )
+
+    register_dynamic_cache_export_support()
+    model = make_model()
+    ids = torch.tensor([prompt_ids(10, 11, 12, 13)])
+    model.generation_config.cache_implementation = "static"
+    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16)
+    with pytest.raises(ValueError, match=r"torch.export of a call that continues a cache \(StaticCache\)"):
+        wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1]), strict=False)
+
+    def prefill(ids, seed):
+        cache = DynamicCache(config=model.config.text_config)
+        with torch.no_grad():
+            out = model(
+                input_ids=torch.tensor([ids]), pixel_values=images(1, seed), use_cache=True, **{CACHE_ARG: cache}
+            )
+        return out.language_expert_weights, cache
+
+    (weights, cache), (other_weights, other_cache) = (
+        prefill(prompt_ids("img", 10, 11), 0),
+        prefill(prompt_ids("img", 14, 15), 1),
+    )
+    step = {"input_ids": torch.tensor([[12]]), "use_cache": True}
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"torch.export of a call that continues a cache \(DynamicCache\)"):
+            torch.export.export(model, (), {**step, CACHE_ARG: copy.deepcopy(cache)}, strict=False)
+        exported = torch.export.export(
+            model, (), {**step, CACHE_ARG: copy.deepcopy(cache), "language_expert_weights": weights}, strict=False
+        ).module()
+        got = exported(**step, **{CACHE_ARG: copy.deepcopy(other_cache)}, language_expert_weights=other_weights)
+        expected = model(**step, **{CACHE_ARG: other_cache})
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_a_compiled_forward_on_an_emptied_dynamic_cache_starts_anew():
     """Inside a graph a DynamicCache's length is still known (a Python int): emptied, it must not hand its stale
     weights to a new prompt."""

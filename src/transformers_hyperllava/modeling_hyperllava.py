@@ -490,6 +490,21 @@ class HyperLlamaModel(LlamaModel):
             # sequence the cache held before.
             setattr(cache, CACHED_WEIGHTS, language_expert_weights)
         if not given and self.language_expert is not None:
+            if (
+                self.pools_guidance
+                and torch.compiler.is_exporting()
+                and cache is not None
+                and _known_length(cache) != 0
+            ):
+                # An exported program keeps no Python state, and unlike a compiled graph it has no guard on the cache's:
+                # it would generate the weights from every call's own tokens, or keep one sequence's for all.
+                raise ValueError(
+                    f"torch.export of a call that continues a cache ({type(cache).__name__}) cannot carry the language "
+                    "expert's weights from the prefill to the decoding steps: they ride on the cache as a Python "
+                    "attribute, which an exported program does not keep. Export the decoding step with "
+                    "language_expert_weights (the prefill's output.language_expert_weights) as an input, or export the "
+                    "prefill alone with an empty DynamicCache"
+                )
             # A call that continues a cache (a later turn of a chat, a decoding loop of one's own, an assistant model)
             # continues with the weights that the cache's tokens were computed with.
             language_expert_weights = _weights_of(cache)
