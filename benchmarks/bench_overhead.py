@@ -2,7 +2,7 @@
 training peak-memory ratio, and a microbenchmark of the expert adapter (fused Triton kernel vs eager PyTorch vs
 the memory-bandwidth floor).
 
-    python benchmarks/bench_overhead.py --size tiny              # fp32 on CPU, 7B's depth at toy widths, 1-2 min
+    python benchmarks/bench_overhead.py --size tiny              # fp32 on CPU, 7B's depth at toy widths, ~5 min on 2 cores
     python benchmarks/bench_overhead.py --size 7b --out 7b.md    # bf16 on CUDA: Vicuna-7B + CLIP ViT-L/14-336
 
 Both models get random weights at the same shapes (the HyperLLaVA experts too, so that they really run). HyperLLaVA

@@ -120,6 +120,7 @@ def test_shortened_demo_learns_every_question_type(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)  # the demo sets it for the whole process
     assert reloaded_answers == answers["dynamic"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "model"]  # (no checkpoints, as --help says)
     # The demo's own reload answered its sample questions as the trained model did.
     out = capsys.readouterr().out
     assert f"Saved the HyperLLaVA model and processor in Hub format to {tmp_path / 'model'}" in out

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,11 +167,16 @@ def run(args) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     heldout = json.loads(data.heldout.read_text())
 
     results, models, answers = {}, {}, {}
-    for name in VARIANTS if args.compare else ("dynamic",):
-        config = demo_config(len(tokenizer), **VARIANTS[name])
-        models[name] = train_variant(name, config, processor, data, args, workdir / "checkpoints")
-        answers[name] = answer(models[name], processor, heldout, data.image_folder, progress=f"[{name}] evaluating")
-        results[name] = accuracy_by_type(heldout, answers[name])
+    # The Trainer makes its output folder even when it saves nothing: a scratch one, so that the demo leaves data/
+    # and model/ only.
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in VARIANTS if args.compare else ("dynamic",):
+            config = demo_config(len(tokenizer), **VARIANTS[name])
+            models[name] = train_variant(name, config, processor, data, args, Path(scratch))
+            answers[name] = answer(
+                models[name], processor, heldout, data.image_folder, progress=f"[{name}] evaluating"
+            )
+            results[name] = accuracy_by_type(heldout, answers[name])
     print_table(results)
 
     model_dir = workdir / "model"
