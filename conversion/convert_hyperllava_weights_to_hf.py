@@ -41,6 +41,7 @@ import signal
 import sys
 import tempfile
 import threading
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,11 +173,15 @@ def open_weights(path: Path):
         if path.suffix == ".safetensors":
             weights = _SafetensorsView(safe_open(path, framework="pt"))
         else:
-            # weights_only: never unpickle arbitrary objects; mmap: tensors are paged in on access, not at load.
-            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # weights_only: never unpickle arbitrary objects; mmap: tensors are paged in on access, not at load (only
+            # in torch's zip format: the older one, before torch 1.6, is read whole).
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:  # what weights_only=True raises for anything but tensors and containers
+        # (torch's message goes on to advise weights_only=False: only the line that names the object is kept.)
+        lines = str(error).splitlines()
+        reason = next((line.strip() for line in lines if "unsupported" in line.lower()), "weights-only load failed")
         raise ConversionError(
-            f"{path} holds objects other than tensors, which are never unpickled: {error}"
+            f"{path} holds objects other than tensors, which are never unpickled: {reason}"
         ) from error
     except Exception as error:  # safetensors and zip errors mean "this file is damaged"
         raise ConversionError(f"cannot read {path}: the file is truncated or corrupted ({error})") from error
@@ -263,13 +268,17 @@ def text_config_from(config: dict) -> dict:
     """The Llama fields of a LLaVA-codebase config (itself a LlamaConfig plus `mm_*` fields)."""
     llama_fields = set(LlamaConfig().to_dict()) - {"architectures", "_name_or_path", "transformers_version", "dtype"}
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
-    return {k: v for k, v in LlamaConfig(**kwargs).to_dict().items() if k in llama_fields}
+    try:
+        llama = LlamaConfig(**kwargs)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:
+        raise ConversionError(f"cannot read the LLM's settings in the input config: {error}") from error
+    return {k: v for k, v in llama.to_dict().items() if k in llama_fields}
 
 
 def vision_config_from(folder: Path) -> dict:
     try:
         config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as error:
         raise ConversionError(f"cannot read the vision tower's config in {folder}: {error}") from error
     if config.model_type == "clip":
         config = config.vision_config
@@ -425,8 +434,12 @@ def map_inputs(sources, expected, tied, allow_unused):
     Tied copies (lm_head) are not saved."""
     entries, unexpected, taken = [], [], set()
     for source in sources:
+        found_in = {}  # input key -> the file of this source that holds it
         for path in source.files:
             for key, shape in read_shapes(path).items():
+                if key in found_in:  # (which copy the checkpoint meant, its index may say, but a stale one is likely)
+                    raise ConversionError(f"{key} is in two files of one input: {found_in[key]} and {path}")
+                found_in[key] = path
                 matched, target = map_key(key, source.table)
                 if target in tied:
                     continue
@@ -514,6 +527,15 @@ def build_config(source: dict, layout: str, vision_folder, tokenizer, source_voc
     if layout == "llava_codebase":
         text = text_config_from(source)
         vision = vision_config_from(vision_folder)
+        # CLIP's names end in the image size when it is not 224 ("clip-vit-large-patch14-336"): another tower of the
+        # same widths (the 224 px one) would pass every shape check and give another number of visual tokens.
+        named = re.search(r"patch\d+(?:-(\d+))?$", str(source.get("mm_vision_tower", "")))
+        if named and int(named[1] or 224) != vision["image_size"]:
+            raise ConversionError(
+                f"the input was trained with mm_vision_tower={source['mm_vision_tower']!r}, {named[1] or 224} px "
+                f"images, but the vision tower in {vision_folder} takes {vision['image_size']} px images: pass the "
+                "tower it was trained with (--vision-tower)"
+            )
         if source.get("mm_hidden_size", vision["hidden_size"]) != vision["hidden_size"]:
             raise ConversionError(
                 f"mm_hidden_size={source['mm_hidden_size']} does not match the vision tower's hidden_size "
@@ -581,8 +603,15 @@ def convert_tensor(tensor, target, expected_shape, dtype):
     if target in VOCAB_KEYS and tensor.shape[0] < expected_shape[0]:
         # New tokens (<image>, <pad>, rounding) start as an average token; <image>'s row is never read.
         mean = tensor.mean(dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
-        return torch.cat([tensor, mean.expand(expected_shape[0] - tensor.shape[0], -1)]).to(dtype)
-    return tensor.to(dtype=dtype, copy=True).contiguous()
+        out = torch.cat([tensor, mean.expand(expected_shape[0] - tensor.shape[0], -1)]).to(dtype)
+    else:
+        out = tensor.to(dtype=dtype, copy=True).contiguous()
+    if dtype == torch.float16 != tensor.dtype and not torch.isfinite(out).all() and torch.isfinite(tensor).all():
+        raise ConversionError(
+            f"{target}: values up to {tensor.abs().max().item():.4g} do not fit float16 (at most 65504): convert to "
+            "--dtype bf16 or fp32"
+        )
+    return out
 
 
 def write_weights(folder: Path, entries, fresh, expected, dtype, max_shard_size):
@@ -905,14 +934,35 @@ def upload_flags(args):
 
 
 def interrupted(signum, frame):
-    raise KeyboardInterrupt  # a job's time limit (SIGTERM) leaves no partial output either, as Ctrl-C does
+    # A job's time limit (SIGTERM) or a closed terminal (SIGHUP) leaves no partial output either, as Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+STOP_SIGNALS = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]  # (Windows has no SIGHUP)
+
+
+def check_output_holds_no_input(output: Path, args, plan):
+    """--overwrite replaces the whole --output folder: refused where that folder holds an input."""
+    inputs = {
+        "--input": Path(args.input),
+        "--base-model": plan.base_folder,
+        "--vision-tower": plan.vision_folder,
+        "--tokenizer": Path(args.tokenizer) if args.tokenizer else None,
+    }
+    for flag, path in inputs.items():
+        if path is not None and path.exists() and output in path.resolve().parents:
+            raise ConversionError(
+                f"--output {output} holds {flag} {path}: replacing it would delete that input; write elsewhere"
+            )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # (Only the main thread may set a signal handler: run from another, the converter leaves SIGTERM as it is.)
+    # (Only the main thread may set a signal handler: run from another, the converter leaves the signals as they are.)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, interrupted) if in_main_thread else None
+    previous_handlers = (
+        {number: signal.signal(number, interrupted) for number in STOP_SIGNALS} if in_main_thread else {}
+    )
     output = Path(args.output).resolve()  # (`.` has no name to stage beside)
     try:
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
@@ -923,6 +973,7 @@ def main(argv=None) -> int:
             except HFValidationError as error:
                 raise ConversionError(f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id: {error}") from None
         plan = prepare(args)
+        check_output_holds_no_input(output, args, plan)
         try:
             with staging_folder(output) as staging:
                 write_output(staging, args, plan)
@@ -945,8 +996,8 @@ def main(argv=None) -> int:
         print("interrupted; no partial output was left", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
     return 0
 
 

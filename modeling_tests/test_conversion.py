@@ -64,6 +64,10 @@ def codebase_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+# The tiny CLIP's name, in LLaVA-1.5's "openai/clip-vit-large-patch14-336" form: its 28 px images at the end.
+TOWER = "openai/clip-vit-tiny-patch14-28"
+
+
 def reference_llava(vocab_size, image_token_id, pad_token_id, seed=0):
     """A stock LLaVA with every weight random (norms too, so that swapped names cannot go unnoticed)."""
     config = tiny_config(
@@ -102,7 +106,7 @@ def codebase_config(llava, **overrides):
         **{k: v for k, v in text.items() if k not in ("model_type", "architectures", "dtype")},
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava_llama",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_vision_tower": TOWER,
         "mm_hidden_size": llava.config.vision_config.hidden_size,
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
@@ -126,15 +130,15 @@ def write_shards(folder, tensors, num_shards, fmt):
         chunk = {k: tensors[k].contiguous() for k in keys[i::num_shards]}
         name = (
             f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
-            if fmt == "bin"
+            if fmt != "safetensors"
             else f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
         )
-        if fmt == "bin":
-            torch.save(chunk, folder / name)
-        else:
+        if fmt == "safetensors":
             save_file(chunk, folder / name, {"format": "pt"})
+        else:  # (torch's format before 1.6 for "legacy-bin")
+            torch.save(chunk, folder / name, _use_new_zipfile_serialization=fmt == "bin")
         weight_map.update(dict.fromkeys(chunk, name))
-    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    index = "pytorch_model.bin.index.json" if fmt != "safetensors" else "model.safetensors.index.json"
     (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
@@ -239,7 +243,10 @@ def reference_logits(reference, batch):
 
 
 # The LLaVA codebase's model type: "llava" before its 1.2 release (liuhaotian/llava-v1.5-7b), then "llava_llama".
-@pytest.mark.parametrize("fmt, model_type", [("bin", "llava_llama"), ("safetensors", "llava_llama"), ("bin", "llava")])
+@pytest.mark.parametrize(
+    "fmt, model_type",
+    [("bin", "llava_llama"), ("safetensors", "llava_llama"), ("bin", "llava"), ("legacy-bin", "llava_llama")],
+)
 def test_codebase_checkpoint_with_new_experts_equals_stock_llava(tmp_path, fmt, model_type):
     checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt=fmt, config_overrides={"model_type": model_type})
     out = tmp_path / "out"
@@ -578,9 +585,10 @@ def test_expert_options_none_and_layer_list_override_the_input_config(tmp_path, 
 
 
 def test_vision_tower_named_by_mm_vision_tower_comes_from_the_hub_cache(tmp_path, monkeypatch):
-    # The usual stage-2 run: the config names "openai/clip-vit-large-patch14-336", the checkpoint holds the weights.
+    # The usual stage-2 run: the config names the tower (LLaVA-1.5's "openai/clip-vit-large-patch14-336"), the checkpoint
+    # holds the weights.
     checkpoint, clip, reference = codebase_checkpoint(tmp_path)
-    add_to_hub_cache(tmp_path / "hub", "openai/clip-vit-large-patch14-336", clip)
+    add_to_hub_cache(tmp_path / "hub", TOWER, clip)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out"
     assert run("--input", checkpoint, "--output", out) == 0
@@ -957,15 +965,71 @@ class Payload:
         return (os.system, ("echo pwned > payload-ran",))
 
 
-def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path, capsys, monkeypatch, zip_format):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path)
     shard = min(checkpoint.glob("*.bin"))
     state = torch.load(shard, weights_only=True)
-    torch.save({**state, "payload": Payload()}, shard)
+    torch.save({**state, "payload": Payload()}, shard, _use_new_zipfile_serialization=zip_format)
     monkeypatch.chdir(tmp_path)
     err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
-    assert shard.name in err and "never unpickled" in err
+    assert shard.name in err and "never unpickled" in err and re.search("unsupported.* GLOBAL posix.system", err, re.I)
+    assert "weights_only" not in err  # (torch's advice to unpickle it all the same is left out)
     assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.parametrize(
+    "name, size", [("openai/clip-vit-large-patch14-336", 336), ("openai/clip-vit-large-patch14", 224)]
+)
+def test_a_vision_tower_of_another_resolution_than_the_trained_one_is_refused(tmp_path, capsys, name, size):
+    """Same widths, so no shape check would notice; another number of visual tokens per image."""
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={"mm_vision_tower": name})
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert (
+        f"trained with mm_vision_tower={name!r}, {size} px images, but the vision tower in {clip} takes 28 px" in err
+    )
+
+
+def test_an_output_folder_that_holds_an_input_is_refused_even_with_overwrite(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", tmp_path, "--overwrite") == 1
+    assert (
+        f"--output {tmp_path} holds --input {checkpoint}: replacing it would delete that input"
+        in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_weights_that_overflow_float16_are_named(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
+    shard = sorted(checkpoint.glob("*.safetensors"))[1]
+    with safe_open(shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    key = next(k for k in tensors if k.endswith("norm.weight"))
+    tensors[key][0] = 1e5
+    save_file(tensors, shard, {"format": "pt"})
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip, "--dtype", "fp16")
+    assert "values up to 1e+05 do not fit float16" in err and key.split(".")[-2] in err
+
+
+def test_a_key_in_two_files_of_one_input_is_named(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
+    first, second = sorted(checkpoint.glob("*.safetensors"))[:2]
+    with safe_open(first, "pt") as f:
+        key = next(iter(f.keys()))
+        stale = torch.zeros_like(f.get_tensor(key))
+    with safe_open(second, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    save_file({**tensors, key: stale}, second, {"format": "pt"})
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert f"{key} is in two files of one input: {first} and {second}" in err
+
+
+def test_an_llm_config_that_transformers_refuses_is_named(tmp_path, capsys):
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={"num_attention_heads": 5})
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert err.startswith("error: cannot read the LLM's settings in the input config: ") and "Traceback" not in err
 
 
 def test_republishing_keeps_the_folders_preprocessing_template_and_generation_settings(tmp_path):
@@ -1047,9 +1111,14 @@ def disk_full():
     [
         (lambda: os.kill(os.getpid(), signal.SIGINT), 130, "interrupted; no partial output was left"),  # Ctrl-C
         (lambda: os.kill(os.getpid(), signal.SIGTERM), 130, "interrupted; no partial output was left"),  # a time limit
+        (
+            lambda: os.kill(os.getpid(), signal.SIGHUP),
+            130,
+            "interrupted; no partial output was left",
+        ),  # terminal closed
         (disk_full, 1, r"error: writing .*/out failed: \[Errno 28\] No space left on device"),
     ],
-    ids=["ctrl-c", "sigterm", "disk-full"],
+    ids=["ctrl-c", "sigterm", "sighup", "disk-full"],
 )
 def test_a_stop_while_writing_leaves_nothing_and_is_named(tmp_path, monkeypatch, capsys, stop, code, message):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path)
@@ -1061,19 +1130,23 @@ def test_a_stop_while_writing_leaves_nothing_and_is_named(tmp_path, monkeypatch,
         if len(written) == 2:
             stop()
 
-    def unhandled(signum, frame):  # (rather than SIGTERM's default, which would end the test run)
-        raise AssertionError("the converter let SIGTERM through")
+    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
+        raise AssertionError(f"the converter let {signal.Signals(signum).name} through")
 
     monkeypatch.setattr(convert, "save_file", stopped_save)
-    out, outer = tmp_path / "out", signal.signal(signal.SIGTERM, unhandled)
+    out, outer = (
+        tmp_path / "out",
+        {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)},
+    )
     # Ctrl-C as in a terminal: a test run started in the background by a shell without job control inherits SIGINT
     # ignored (and no Ctrl-C reaches such a process).
     outer_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--max-shard-size", "40KB") == code
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # the converter's handler is gone with it
+        assert all(signal.getsignal(number) is unhandled for number in outer)  # the converter's handlers are gone
     finally:
-        signal.signal(signal.SIGTERM, outer)
+        for number, handler in outer.items():
+            signal.signal(number, handler)
         signal.signal(signal.SIGINT, outer_interrupt)
     assert len(written) == 2 and re.search(message, capsys.readouterr().err)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

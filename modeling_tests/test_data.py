@@ -383,7 +383,7 @@ def test_the_record_of_dropped_samples_is_shared_with_the_dataloaders_workers(pr
             # x.png exists (the test writes random bytes to it) but is no image: found when the sample is read.
             (
                 {"id": "corrupt", "image": "x.png", "conversations": conversation(SINGLE)},
-                r"cannot read image .*x\.png: ",
+                r"Cannot read image file .*x\.png: ",
             ),
             (
                 {
@@ -391,6 +391,21 @@ def test_the_record_of_dropped_samples_is_shared_with_the_dataloaders_workers(pr
                     "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}],
                 },
                 r"turn 1 \(gpt\): 'value' must be a string, got None",
+            ),
+            (
+                {
+                    "id": "blank-answer",
+                    "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}],
+                },
+                r"turn 1 \(gpt\) is an empty answer",
+            ),
+            (
+                {"id": "chat-format", "conversations": [{"role": "user", "content": "q"}]},
+                r"got from=None \(LLaVA's format: 'from' and 'value', not 'role' and 'content'\)",
+            ),
+            (
+                {"id": "folder-image", "image": "", "conversations": conversation(SINGLE)},
+                r"image '' \(.*images\) names a folder, not an image file",
             ),
             (
                 {"id": "int-image", "image": 5, "conversations": conversation(SINGLE)},
@@ -416,7 +431,7 @@ def test_an_image_over_pillows_pixel_limit_names_the_sample(processor, image_fol
     OSError; the limit is lowered here so that the 28 x 28 test image is one."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
     data = write_json(tmp_path / "d.json", [GOOD])
-    with pytest.raises(ValueError, match=r"sample 'good': cannot read image .*a\.png: .*exceeds limit"):
+    with pytest.raises(ValueError, match=r"sample 'good': Cannot read image file .*a\.png: .*exceeds limit"):
         LlavaJsonDataset(data, processor, image_folder)[0]
 
 
@@ -457,6 +472,45 @@ def test_bad_files_name_the_file(processor, image_folder, tmp_path, name, text, 
     with pytest.raises((ValueError, TypeError), match=message) as error:
         LlavaJsonDataset(tmp_path / name, processor, image_folder)
     assert str(tmp_path / name) in str(error.value)
+
+
+def test_samples_without_an_id_are_named_by_their_place(processor, image_folder, tmp_path):
+    no_id = {"image": "a.png", "conversations": conversation(SINGLE, image_tag=False)}
+    with pytest.raises(ValueError, match=re.escape("sample '#1': 0 <image> tag(s)")):
+        LlavaJsonDataset(write_json(tmp_path / "d.json", [GOOD, no_id]), processor, image_folder)
+    missing = {"image": "nope.png", "conversations": conversation(SINGLE)}
+    with pytest.raises(FileNotFoundError, match=re.escape("sample '#2': image 'nope.png'")):
+        LlavaJsonDataset(write_json(tmp_path / "d.json", [GOOD, GOOD, missing]), processor, image_folder)
+
+
+def test_a_missing_image_folder_is_named(processor, tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=f"^the image folder {re.escape(str(tmp_path / 'nope'))} does not exist"
+    ):
+        LlavaJsonDataset(write_json(tmp_path / "d.json", [GOOD]), processor, tmp_path / "nope")
+
+
+def test_data_files_must_be_utf8_and_may_start_with_a_byte_order_mark(processor, image_folder, tmp_path):
+    text = json.dumps([{**GOOD, "id": "café"}], ensure_ascii=False)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert LlavaJsonDataset(tmp_path / "bom.json", processor, image_folder).samples[0]["id"] == "café"
+    (tmp_path / "latin1.json").write_bytes(text.encode("latin-1"))
+    position = text.encode("latin-1").index("é".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"latin1.json: not UTF-8 text (byte {position})")):
+        LlavaJsonDataset(tmp_path / "latin1.json", processor, image_folder)
+
+
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits(processor, tmp_path):
+    """Pillow's own conversion to RGB clips a 16-bit image's values to 255 (it comes out almost white)."""
+    ramp = np.linspace(0, 65535, 28 * 28).reshape(28, 28).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as opened:
+        assert opened.mode == "I;16"  # (what the test is about)
+    sample = {"id": "s", "image": "deep.png", "conversations": conversation([("what is it ?", "a square")])}
+    item = LlavaJsonDataset(write_json(tmp_path / "d.json", [sample]), processor, tmp_path)[0]
+    eight_bits = Image.fromarray((ramp.astype(np.float64) * 255 / 65535).round().astype(np.uint8)).convert("RGB")
+    expected = processor.image_processor(eight_bits, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(item["pixel_values"], expected)
 
 
 @pytest.mark.parametrize("name, text", [("d.json", "[]"), ("d.jsonl", "\n\n")], ids=["json", "jsonl"])

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import LlavaProcessor, pipeline, set_seed
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
-from transformers_hyperllava.generate import main
+from transformers_hyperllava.generate import load_image, main
 from transformers_hyperllava.tiny import tiny_config
 from transformers_hyperllava.tiny_tokenizer import DEFAULT_TEXTS, tiny_processor, train_tokenizer
 
@@ -187,6 +187,18 @@ def test_non_rgb_images_are_converted_like_llava(saved, capsys, name):
     )
     assert code == 0, err
     assert out.strip() == reference_answer(model, processor, "Describe the picture.", [images / name])
+
+
+def test_32_bit_and_float_grayscale_images_are_taken_only_with_8_bit_values(tmp_path):
+    """Their range is not fixed by the mode (Pillow's conversion to RGB clips it to 255): a 32-bit image whose values
+    pass 255 is refused by name; a float one with 8-bit values reads as those values."""
+    values = np.arange(28 * 28, dtype=np.float64).reshape(28, 28) % 256
+    Image.fromarray((values * 4).astype(np.int32), mode="I").save(tmp_path / "wide_range.tif")
+    with pytest.raises(ValueError, match=r"wide_range\.tif: a 32-bit integer grayscale image \(mode I\) with values "):
+        load_image(tmp_path / "wide_range.tif")
+    Image.fromarray(values.astype(np.float32), mode="F").save(tmp_path / "eight_bit_range.tif")
+    loaded = np.asarray(load_image(tmp_path / "eight_bit_range.tif"))
+    np.testing.assert_array_equal(loaded, np.repeat(values.astype(np.uint8)[..., None], 3, axis=-1))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import collections
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -931,6 +932,23 @@ def test_wrong_pixel_shape_is_a_clear_error():
 def test_invalid_config_fields_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("inside, outside", [(-4, -5), (3, 4), ([-4, 3], [-2, 4])])
+def test_a_vision_feature_layer_outside_the_vision_towers_hidden_states_is_refused(inside, outside):
+    """The bounds are those of stock LLaVA's forward, which the 3-layer tiny tower's hidden states (4: the
+    embeddings' and one per layer) fail past them with an IndexError."""
+    ids, pixel_values = torch.tensor([prompt_ids("img", 10)]), images(1)
+    llava_config = tiny_config(vision_feature_layer=inside).to_llava_config()
+    LlavaForConditionalGeneration(llava_config)(input_ids=ids, pixel_values=pixel_values)
+    llava_config.vision_feature_layer = outside
+    with pytest.raises(IndexError):
+        LlavaForConditionalGeneration(llava_config)(input_ids=ids, pixel_values=pixel_values)
+    make_model(vision_feature_layer=inside)(input_ids=ids, pixel_values=pixel_values)
+    out_of_range = [outside[-1]] if isinstance(outside, list) else [outside]
+    with pytest.raises(ValueError, match=re.escape(f"vision_feature_layer {out_of_range} is out of range: the vision "
+                                                   "tower has 3 layers, so its hidden states are indexed -4..3")):  # fmt: skip
+        tiny_config(vision_feature_layer=outside)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from conftest import images, prompt_ids, randomize_experts
-from transformers_hyperllava import HyperLlavaForConditionalGeneration
+from transformers_hyperllava import HyperLlavaForConditionalGeneration, training
 from transformers_hyperllava.data import LlavaDataCollator, LlavaJsonDataset
 from transformers_hyperllava.demo_data import make_demo_dataset
 from transformers_hyperllava.tiny import tiny_config
@@ -744,13 +744,43 @@ def test_a_yaml_file_gives_numbers_in_exponent_notation_as_numbers(tmp_path):
         parse_arguments([str(tmp_path / "bad.yaml")])
 
 
-def test_bad_sample_stops_before_training(setup, tmp_path):
+def test_an_arguments_file_gives_whole_numbers_as_ints_and_is_refused_by_name_when_it_is_no_mapping(tmp_path):
+    required = "output_dir: out\ndata_path: d.json\nmodel_name_or_path: m\n"
+    (tmp_path / "args.yaml").write_text(required + "max_steps: 2e3\nmax_length: 64.0\n")
+    _, data_args, args = parse_arguments([str(tmp_path / "args.yaml")])
+    assert (args.max_steps, data_args.max_length) == (2000, 64)
+    assert isinstance(args.max_steps, int) and isinstance(data_args.max_length, int)
+    (tmp_path / "half.yaml").write_text(required + "max_length: 1.5\n")
+    with pytest.raises(ValueError, match=r"half\.yaml: max_length must be a whole number, got 1\.5"):
+        parse_arguments([str(tmp_path / "half.yaml")])
+    for name, text, holds in [
+        ("data.json", json.dumps([{"id": "a"}]), r"a list \(a data file\? pass it as --data_path\)"),
+        ("empty.yaml", "", "nothing"),
+        ("scalar.yml", "align", "a str"),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: an arguments file maps argument names to values; "
+                           rf"this one holds {holds}"):  # fmt: skip
+            parse_arguments([str(tmp_path / name)])
+    (tmp_path / "broken.yaml").write_text(required + "stage: [align\n")
+    with pytest.raises(yaml.YAMLError, match=r'in "\S*broken\.yaml", line'):
+        parse_arguments([str(tmp_path / "broken.yaml")])
+
+
+@pytest.mark.parametrize("which", ["data_path", "eval_data_path"])
+def test_bad_sample_stops_before_the_model_loads(setup, tmp_path, monkeypatch, which):
     samples = json.loads(setup["qa"].read_text())
     samples[3]["conversations"][0]["value"] = samples[3]["conversations"][0]["value"].replace("<image>\n", "")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(samples))
+
+    def load_model(_):
+        raise AssertionError("the model loads before the data is checked")
+
+    monkeypatch.setattr(training, "load_model", load_model)
+    eval_args = {"eval_strategy": "steps", "eval_steps": 1} if which == "eval_data_path" else {}
     with pytest.raises(ValueError, match=repr(samples[3]["id"])):
-        main(cli_args(setup, tmp_path / "out", data_path=bad))
+        main(cli_args(setup, tmp_path / "out", **{which: bad}, **eval_args))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

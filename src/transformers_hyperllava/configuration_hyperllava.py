@@ -116,14 +116,22 @@ class HyperLlavaConfig(LlavaConfig):
                     f"{name}.model_type={sub_config.model_type!r} is not supported by HyperLLaVA yet; "
                     f"supported: {list(supported)}"
                 )
+        feature_layers = self.vision_feature_layer
+        feature_layers = feature_layers if isinstance(feature_layers, list) else [feature_layers]
+        # (Else the first forward with images fails on an index into the vision tower's hidden states: one per layer
+        # and the embeddings'.)
+        depth = self.vision_config.num_hidden_layers
+        outside = [layer for layer in feature_layers if not -(depth + 1) <= layer <= depth]
+        if outside:
+            raise ValueError(
+                f"vision_feature_layer {outside} is out of range: the vision tower has {depth} layers, so its hidden "
+                f"states are indexed {-(depth + 1)}..{depth}"
+            )
         # r is a bottleneck: no wider than what an expert adapts, the LLM's width, and for the first visual expert also
         # its input, the vision features (one vision width per layer of a vision_feature_layer list).
         widths = [text.hidden_size]
         if self.visual_expert in ("first", "both"):
-            feature_layers = self.vision_feature_layer
-            widths.append(
-                self.vision_config.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
-            )
+            widths.append(self.vision_config.hidden_size * len(feature_layers))
         smallest_width = min(widths)
         if self.expert_bottleneck_dim > smallest_width:
             raise ValueError(

@@ -15,9 +15,9 @@ import random
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from .generate import load_image
 from .modeling_hyperllava import prompt_mask
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,12 @@ ROLES = {"human": "user", "gpt": "assistant"}
 def load_samples(path) -> list[dict]:
     """The samples of a LLaVA JSON file (a list of objects) or a JSON Lines file (one object a line)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark, as some editors write one, is dropped)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.start}): LLaVA's data files are UTF-8 JSON; re-encode it"
+        ) from error
     if path.suffix == ".jsonl":
         samples = []
         # Split on "\n" alone: str.splitlines also splits on U+2028 and U+0085, which JSON strings may hold raw.
@@ -62,24 +67,25 @@ def load_samples(path) -> list[dict]:
     return samples
 
 
-def sample_images(sample) -> list[str]:
+def sample_images(sample, sample_id=None) -> list[str]:
     image = sample.get("image")
     if image is None:
         return []
     if isinstance(image, str):
         return [image]
     if not isinstance(image, list) or not all(isinstance(name, str) for name in image):
-        sample_id = sample.get("id", "<no id>")
+        sample_id = sample.get("id", "<no id>") if sample_id is None else sample_id
         raise ValueError(f"sample {sample_id!r}: 'image' must be a file name or a list of file names, got {image!r}")
     return image
 
 
-def to_messages(sample, image_token="<image>") -> list[dict]:
+def to_messages(sample, image_token="<image>", sample_id=None) -> list[dict]:
     """LLaVA's conversation as chat messages: `<image>` tags become image items (one per tag) of their turn.
 
-    Checks the things that would otherwise train on a corrupted sample, and names the sample in the error.
+    Checks the things that would otherwise train on a corrupted sample, and names the sample in the error (`sample_id`,
+    by default its "id").
     """
-    sample_id = sample.get("id", "<no id>")
+    sample_id = sample.get("id", "<no id>") if sample_id is None else sample_id
     conversations = sample.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise ValueError(f"sample {sample_id!r}: 'conversations' must be a non-empty list of turns")
@@ -88,9 +94,14 @@ def to_messages(sample, image_token="<image>") -> list[dict]:
         expected = "human" if turn_index % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != expected:
             got = turn.get("from") if isinstance(turn, dict) else turn
+            hint = (
+                " (LLaVA's format: 'from' and 'value', not 'role' and 'content')"
+                if isinstance(turn, dict) and "role" in turn
+                else ""
+            )
             raise ValueError(
                 f"sample {sample_id!r}: turn {turn_index} must be {{'from': {expected!r}, 'value': <text>}} "
-                f"(turns alternate human, gpt), got from={got!r}"
+                f"(turns alternate human, gpt), got from={got!r}{hint}"
             )
         if not isinstance(turn.get("value"), str):
             raise ValueError(
@@ -98,6 +109,9 @@ def to_messages(sample, image_token="<image>") -> list[dict]:
                 f"got {turn.get('value')!r}"
             )
         value = turn["value"]
+        if expected == "gpt" and not value.strip():
+            # (It would train the model to answer with "</s>" alone.)
+            raise ValueError(f"sample {sample_id!r}: turn {turn_index} (gpt) is an empty answer")
         tags = value.count(image_token)
         if tags and expected == "gpt":
             raise ValueError(f"sample {sample_id!r}: turn {turn_index} (gpt) contains {image_token}")
@@ -109,7 +123,7 @@ def to_messages(sample, image_token="<image>") -> list[dict]:
         messages.append({"role": ROLES[expected], "content": content})
     if len(conversations) % 2:
         raise ValueError(f"sample {sample_id!r}: the last turn must be an answer (from 'gpt'), got 'human'")
-    num_images = len(sample_images(sample))
+    num_images = len(sample_images(sample, sample_id))
     if num_tags != num_images:
         raise ValueError(
             f"sample {sample_id!r}: {num_tags} {image_token} tag(s) in the conversation but {num_images} image(s); "
@@ -138,25 +152,32 @@ class LlavaJsonDataset(Dataset):
         self.samples = load_samples(data_path)
         if not self.samples:
             raise ValueError(f"{data_path}: the dataset is empty")
-        self.messages = [to_messages(sample, processor.image_token) for sample in self.samples]
-        for sample in self.samples:
+        self.messages = [
+            to_messages(sample, processor.image_token, self.sample_id(index))
+            for index, sample in enumerate(self.samples)
+        ]
+        for index, sample in enumerate(self.samples):
             for name in sample_images(sample):
                 if self.image_folder is None:
-                    raise ValueError(f"sample {sample.get('id')!r} has an image but no image folder was given")
-                if not (self.image_folder / name).is_file():
-                    raise FileNotFoundError(
-                        f"sample {sample.get('id')!r}: image file {self.image_folder / name} not found"
-                    )
+                    raise ValueError(f"sample {self.sample_id(index)!r} has an image but no image folder was given")
+                if not self.image_folder.is_dir():
+                    raise FileNotFoundError(f"the image folder {self.image_folder} does not exist")
+                path = self.image_folder / name
+                if not path.is_file():
+                    problem = "names a folder, not an image file" if path.is_dir() else "not found"
+                    raise FileNotFoundError(f"sample {self.sample_id(index)!r}: image {name!r} ({path}) {problem}")
         # Which samples were dropped: each logged once and not read again. In shared memory, so that the dataloader's
         # workers (forked or spawned, new ones every epoch) and the main process keep one record.
         self.dropped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         # A batch of these leaves the projector and the visual expert without a gradient (`build_trainer` reads this).
-        self.text_only_ids = [
-            sample.get("id", i) for i, sample in enumerate(self.samples) if not sample_images(sample)
-        ]
+        self.text_only_ids = [self.sample_id(i) for i, sample in enumerate(self.samples) if not sample_images(sample)]
 
     def __len__(self):
         return len(self.samples)
+
+    def sample_id(self, index):
+        """What errors and warnings call sample `index`: its "id", or its place in the file where it has none."""
+        return self.samples[index].get("id", f"#{index}")
 
     @property
     def num_dropped(self) -> int:
@@ -164,10 +185,9 @@ class LlavaJsonDataset(Dataset):
 
     def _open_image(self, sample_id, name):
         try:
-            with Image.open(self.image_folder / name) as image:
-                return image.convert("RGB")
-        except (OSError, Image.DecompressionBombError) as error:  # (the latter: an image over Pillow's pixel limit)
-            raise ValueError(f"sample {sample_id!r}: cannot read image {self.image_folder / name}: {error}") from error
+            return load_image(self.image_folder / name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"sample {sample_id!r}: {error}") from error
 
     def __getitem__(self, index) -> dict:
         index = range(len(self))[index]  # (an IndexError past the end is what ends iterating over the dataset)
@@ -191,7 +211,7 @@ class LlavaJsonDataset(Dataset):
         """Sample `index` tokenised, truncated to `max_length`; None when it is dropped: it cannot be cut, or it
         supervises no token."""
         sample = self.samples[index]
-        sample_id = sample.get("id", index)
+        sample_id = self.sample_id(index)
         images = iter([self._open_image(sample_id, name) for name in sample_images(sample)])
         # The images travel inside the messages, in tag order, as the processor's chat template expects.
         messages = [

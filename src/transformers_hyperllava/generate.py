@@ -18,6 +18,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image, UnidentifiedImageError
@@ -31,12 +32,29 @@ def load_image(path) -> Image.Image:
     """An image file as RGB, like LLaVA-1.5 (grayscale, palette and RGBA images are converted)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image, path)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
     # (Pillow refuses an image over its pixel limit, a possible decompression bomb, with an error of its own.)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"Cannot read image file {path}: {error}") from error
+
+
+def to_rgb(image, path) -> Image.Image:
+    """`image.convert("RGB")`, as LLaVA-1.5 reads an image, but for single-channel images of more than 8 bits, whose
+    values that conversion clips to 255 (a 16-bit scan comes out almost white): 16-bit ones are scaled to 8 bits;
+    32-bit integer and float ones, whose range no mode fixes, are taken only where their values are 8-bit already."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray(np.round(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Cannot read image file {path}: a {'32-bit integer' if image.mode == 'I' else 'float'} grayscale "
+                f"image (mode {image.mode}) with values from {low} to {high}, whose range is not 8-bit: convert it to "
+                "an 8-bit image"
+            )
+    return image.convert("RGB")
 
 
 def build_prompt(processor, question: str, num_images: int, system: str | None = None) -> str:

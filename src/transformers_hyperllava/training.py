@@ -432,21 +432,31 @@ def save_stage(trainer: Trainer, processor, output_dir):
 def parse_arguments(argv):
     """The command line, or a single .json / .yaml file of the same arguments."""
     parser = HfArgumentParser((ModelArguments, DataArguments, HyperLlavaTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        settings = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8"))
-        # PyYAML reads YAML 1.1, where `2e-5` (no dot) is a string, which HfArgumentParser would pass on as, say, the
-        # learning rate: a float argument's string is read as the command line reads it.
-        floats = {action.dest for action in parser._actions if action.type is float}
-        for key, value in settings.items():
-            if key in floats and isinstance(value, str):
-                try:
-                    settings[key] = float(value)
-                except ValueError:
-                    raise ValueError(f"{argv[0]}: {key} must be a number, got {value!r}") from None
-        return parser.parse_dict(settings)
-    return parser.parse_args_into_dataclasses(argv)
+    if not (len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))):
+        return parser.parse_args_into_dataclasses(argv)
+    path = argv[0]
+    with open(path, encoding="utf-8") as file:  # (a file, not its text: PyYAML's errors then name it)
+        settings = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    if not isinstance(settings, dict):
+        got = "nothing" if settings is None else f"a {type(settings).__name__}"
+        hint = " (a data file? pass it as --data_path)" if isinstance(settings, list) else ""
+        raise ValueError(f"{path}: an arguments file maps argument names to values; this one holds {got}{hint}")
+    # The values go to the dataclasses as they are, unchecked. PyYAML reads YAML 1.1, where `2e-5` and `2e3` (no dot)
+    # are strings, which would reach, say, the learning rate as one: a number argument's string is read as a number,
+    # and a whole-number argument's value must be whole.
+    numbers = {action.dest: action.type for action in parser._actions if action.type in (float, int)}
+    for key, value in settings.items():
+        kind = numbers.get(key)
+        if kind is None or isinstance(value, bool) or not isinstance(value, (str, float)):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{path}: {key} must be a number, got {value!r}") from None
+        if kind is int and not number.is_integer():
+            raise ValueError(f"{path}: {key} must be a whole number, got {value!r}")
+        settings[key] = int(number) if kind is int else number
+    return parser.parse_dict(settings)
 
 
 def main(argv=None):
@@ -461,16 +471,17 @@ def main(argv=None):
     check_resume(args.resume_from_checkpoint, args.output_dir, lora)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     check_processor_fits(processor, AutoConfig.from_pretrained(model_args.model_name_or_path), model_args)
-    # Seeded before anything random is drawn, as Transformers' example scripts do: the experts added to a LLaVA
-    # checkpoint and LoRA's matrices are drawn before the Trainer seeds (with --seed alone, each run would differ).
-    set_seed(args.seed)
-    model = load_model(model_args)
+    # The data is checked before the model loads (minutes at 7B), so that a bad sample is named at once.
     dataset = LlavaJsonDataset(data_args.data_path, processor, data_args.image_folder, data_args.max_length)
     eval_dataset = None
     if data_args.eval_data_path:
         eval_dataset = LlavaJsonDataset(
             data_args.eval_data_path, processor, data_args.image_folder, data_args.max_length
         )
+    # Seeded before anything random is drawn, as Transformers' example scripts do: the experts added to a LLaVA
+    # checkpoint and LoRA's matrices are drawn before the Trainer seeds (with --seed alone, each run would differ).
+    set_seed(args.seed)
+    model = load_model(model_args)
     trainer = build_trainer(model, processor, dataset, args, lora, eval_dataset)
     # A checkpoint folder, or "true" for the last one in --output_dir (what the Trainer does with True).
     resume = args.resume_from_checkpoint
