@@ -67,16 +67,10 @@ def load_samples(path) -> list[dict]:
     return samples
 
 
-def sample_images(sample, sample_id=None) -> list[str]:
+def sample_images(sample) -> list[str]:
+    """The image file names of a sample that `to_messages` checked."""
     image = sample.get("image")
-    if image is None:
-        return []
-    if isinstance(image, str):
-        return [image]
-    if not isinstance(image, list) or not all(isinstance(name, str) for name in image):
-        sample_id = sample.get("id", "<no id>") if sample_id is None else sample_id
-        raise ValueError(f"sample {sample_id!r}: 'image' must be a file name or a list of file names, got {image!r}")
-    return image
+    return [] if image is None else [image] if isinstance(image, str) else image
 
 
 def to_messages(sample, image_token="<image>", sample_id=None) -> list[dict]:
@@ -123,7 +117,12 @@ def to_messages(sample, image_token="<image>", sample_id=None) -> list[dict]:
         messages.append({"role": ROLES[expected], "content": content})
     if len(conversations) % 2:
         raise ValueError(f"sample {sample_id!r}: the last turn must be an answer (from 'gpt'), got 'human'")
-    num_images = len(sample_images(sample, sample_id))
+    image = sample.get("image")
+    if not (
+        image is None or isinstance(image, str) or (isinstance(image, list) and all(isinstance(n, str) for n in image))
+    ):
+        raise ValueError(f"sample {sample_id!r}: 'image' must be a file name or a list of file names, got {image!r}")
+    num_images = len(sample_images(sample))
     if num_tags != num_images:
         raise ValueError(
             f"sample {sample_id!r}: {num_tags} {image_token} tag(s) in the conversation but {num_images} image(s); "
@@ -156,16 +155,16 @@ class LlavaJsonDataset(Dataset):
             to_messages(sample, processor.image_token, self.sample_id(index))
             for index, sample in enumerate(self.samples)
         ]
-        for index, sample in enumerate(self.samples):
-            for name in sample_images(sample):
-                if self.image_folder is None:
-                    raise ValueError(f"sample {self.sample_id(index)!r} has an image but no image folder was given")
-                if not self.image_folder.is_dir():
-                    raise FileNotFoundError(f"the image folder {self.image_folder} does not exist")
-                path = self.image_folder / name
-                if not path.is_file():
-                    problem = "names a folder, not an image file" if path.is_dir() else "not found"
-                    raise FileNotFoundError(f"sample {self.sample_id(index)!r}: image {name!r} ({path}) {problem}")
+        named = [(index, name) for index, sample in enumerate(self.samples) for name in sample_images(sample)]
+        if named and self.image_folder is None:
+            raise ValueError(f"sample {self.sample_id(named[0][0])!r} has an image but no image folder was given")
+        if named and not self.image_folder.is_dir():
+            raise FileNotFoundError(f"the image folder {self.image_folder} does not exist")
+        for index, name in named:
+            path = self.image_folder / name
+            if not path.is_file():
+                problem = "names a folder, not an image file" if path.is_dir() else "not found"
+                raise FileNotFoundError(f"sample {self.sample_id(index)!r}: image {name!r} ({path}) {problem}")
         # Which samples were dropped: each logged once and not read again. In shared memory, so that the dataloader's
         # workers (forked or spawned, new ones every epoch) and the main process keep one record.
         self.dropped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()

@@ -32,15 +32,15 @@ def load_image(path) -> Image.Image:
     """An image file as RGB, like LLaVA-1.5 (grayscale, palette and RGBA images are converted)."""
     try:
         with Image.open(path) as image:
-            return to_rgb(image, path)
+            return to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
     # (Pillow refuses an image over its pixel limit, a possible decompression bomb, with an error of its own.)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as error:
         raise ValueError(f"Cannot read image file {path}: {error}") from error
 
 
-def to_rgb(image, path) -> Image.Image:
+def to_rgb(image) -> Image.Image:
     """`image.convert("RGB")`, as LLaVA-1.5 reads an image, but for single-channel images of more than 8 bits, whose
     values that conversion clips to 255 (a 16-bit scan comes out almost white): 16-bit ones are scaled to 8 bits;
     32-bit integer and float ones, whose range no mode fixes, are taken only where their values are 8-bit already."""
@@ -50,7 +50,7 @@ def to_rgb(image, path) -> Image.Image:
         low, high = image.getextrema()
         if low < 0 or high > 255:
             raise ValueError(
-                f"Cannot read image file {path}: a {'32-bit integer' if image.mode == 'I' else 'float'} grayscale "
+                f"a {'32-bit integer' if image.mode == 'I' else 'float'} grayscale "
                 f"image (mode {image.mode}) with values from {low} to {high}, whose range is not 8-bit: convert it to "
                 "an 8-bit image"
             )
