@@ -715,6 +715,7 @@ LOAD_AND_GENERATE = textwrap.dedent(
     """
     import sys, json
     sys.modules["transformers_hyperllava"] = None  # the package is absent: the shipped code must do
+    sys.modules["triton"] = None  # and so is Triton, as on a CPU build of torch, macOS or Windows
     import numpy as np, torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -2,17 +2,19 @@
 `model.generate` called directly."""
 
 import copy
+import io
 import json
 import os
 import re
 import shutil
 import stat
+import struct
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaProcessor, pipeline, set_seed
+from transformers import LlamaConfig, LlavaProcessor, pipeline, set_seed
 
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.generate import load_image, main
@@ -45,7 +47,23 @@ def saved(tmp_path_factory):
     Image.fromarray(rng.randint(0, 256, (32, 32), dtype=np.uint8)).save(images / "gray.png")
     Image.fromarray(rng.randint(0, 256, (20, 36, 4), dtype=np.uint8), mode="RGBA").save(images / "alpha.png")
     (images / "broken.png").write_bytes(b"this is not an image")
+    (images / "damaged.png").write_bytes(damaged_png(rng))
     return folder, model, processor, images
+
+
+def damaged_png(rng):
+    """A PNG whose second data chunk has a corrupted type: Pillow opens it, and decoding it raises a SyntaxError."""
+    buffer = io.BytesIO()
+    Image.fromarray(rng.randint(0, 256, (160, 160, 3), dtype=np.uint8)).save(buffer, "PNG")  # (64 KiB a chunk)
+    data = bytearray(buffer.getvalue())
+    position, chunks = 8, []
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"IDAT":
+            chunks.append(position)
+        position += 12 + length
+    data[chunks[1] + 4 : chunks[1] + 8] = b"\xd4\xc3\xb4\xb3"
+    return bytes(data)
 
 
 def reference_answer(model, processor, question, image_files, system=None, seed=0, **generate_kwargs):
@@ -205,6 +223,7 @@ def test_32_bit_and_float_grayscale_images_are_taken_only_with_8_bit_values(tmp_
     "argv, message",
     [
         (["--image", "{images}/broken.png", "--prompt", "What?"], "Cannot read image file .*broken.png"),
+        (["--image", "{images}/damaged.png", "--prompt", "What?"], "Cannot read image file .*damaged.png: broken"),
         (["--image", "{images}/missing.png", "--prompt", "What?"], "Image file not found: .*missing.png"),
         (["--image", "{images}/wide.png", "--prompt", "  "], "The prompt is empty"),
         (
@@ -364,6 +383,7 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
         [
             {"question_id": "ok1", "image": "wide.png", "text": "What is in the image?"},
             {"question_id": "broken", "image": "broken.png", "text": "What is in the image?"},
+            {"question_id": "damaged", "image": "damaged.png", "text": "What is in the image?"},
             {"question_id": "missing", "image": "nowhere.png", "text": "What is in the image?"},
             {"question_id": "empty", "image": "wide.png", "text": " "},
             {"question_id": "no-image-key", "text": "What?"},
@@ -396,20 +416,21 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
     )
     for label, reason in [
         ("'broken'", "Cannot read image file"),
+        ("'damaged'", "Cannot read image file .*damaged.png: broken"),
         ("'missing'", "Image file not found"),
         ("'empty'", "The prompt is empty"),
         ("'no-image-key'", "missing key\\(s\\) \\['image'\\]"),
-        ("'line 6'", "invalid JSON"),
-        ("'line 7'", "missing key 'question_id'"),
+        ("'line 7'", "invalid JSON"),
+        ("'line 8'", "missing key 'question_id'"),
         ("'null-image'", "key 'image' must be a string, got null"),
         ("'list-image'", "key 'image' must be a string, got \\[\"wide.png\"\\]"),
         ("'number-text'", "key 'text' must be a string, got 5"),
-        ("'line 12'", "expected a JSON object, got \\[1, 2\\]"),
-        ("'line 13'", "an unpaired .* escape \\(half a character\\): not text"),
+        ("'line 13'", "expected a JSON object, got \\[1, 2\\]"),
+        ("'line 14'", "an unpaired .* escape \\(half a character\\): not text"),
         ("'half-text'", "an unpaired .* escape \\(half a character\\): not text"),
     ]:
         assert re.search(f"question {label} failed: {reason}", err), (label, err)
-    assert "12 of 14 questions failed" in err
+    assert "13 of 15 questions failed" in err
 
 
 def test_a_batch_whose_generation_fails_reports_each_of_its_questions(saved, capsys, tmp_path, monkeypatch):
@@ -457,16 +478,54 @@ def test_batch_mode_replaces_the_answers_file_only_at_the_end(saved, capsys, tmp
     assert other_partial.read_text() == "another run's answers\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == files  # nothing left behind
 
+    # The permissions are those open(..., "w") leaves: an existing file's own, a new one's by the umask.
+    answers_file.chmod(0o600)
     umask = os.umask(0o002)
     try:
         code, _, err = run(argv, capsys)
+        assert code == 0, err
+        assert [json.loads(line)["question_id"] for line in answers_file.read_text().splitlines()] == ["q1"]
+        assert stat.S_IMODE(answers_file.stat().st_mode) == 0o600
+        answers_file.unlink()
+        assert run(argv, capsys)[0] == 0
+        assert stat.S_IMODE(answers_file.stat().st_mode) == 0o664
     finally:
         os.umask(umask)
-    assert code == 0, err
-    assert [json.loads(line)["question_id"] for line in answers_file.read_text().splitlines()] == ["q1"]
-    assert stat.S_IMODE(answers_file.stat().st_mode) == 0o664  # what open(..., "w") gives under that umask
     assert other_partial.read_text() == "another run's answers\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_an_answers_file_behind_a_link_or_a_pipe_is_written_through_it(saved, capsys, tmp_path):
+    """As `open(..., "w")` writes: through a link (which stays a link), and into a pipe (/dev/stdout, say), which
+    cannot be replaced."""
+    folder, _, _, images = saved
+    write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
+    argv = [
+        "--model",
+        str(folder),
+        "--question-file",
+        str(tmp_path / "questions.jsonl"),
+        "--image-folder",
+        str(images),
+    ]
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "answers.jsonl"
+    target.write_text("old answers\n")
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    assert run([*argv, "--answers-file", str(link)], capsys)[0] == 0
+    assert link.is_symlink() and json.loads(target.read_text())["question_id"] == "q1"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["answers.jsonl", "latest.jsonl", "questions.jsonl", "runs"]
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # (open at once: the answers wait in the pipe's buffer)
+    try:
+        assert run([*argv, "--answers-file", str(pipe)], capsys)[0] == 0
+        assert stat.S_ISFIFO(pipe.stat().st_mode)
+        assert json.loads(os.read(reader, 1 << 16))["question_id"] == "q1"
+    finally:
+        os.close(reader)
 
 
 def test_an_image_over_pillows_pixel_limit_is_reported_and_the_others_answered(saved, capsys, tmp_path, monkeypatch):
@@ -539,6 +598,41 @@ def test_batch_mode_refuses_a_question_file_that_is_not_text(saved, capsys, tmp_
     assert code == 1 and out == ""
     assert re.search("error: question file .*wide.png is not UTF-8 text: 'utf-8' codec can't decode", err), err
     assert not answers_file.exists()
+
+
+def test_a_question_file_without_questions_is_refused_and_the_answers_kept(saved, capsys, tmp_path, monkeypatch):
+    """Answered, it would replace the previous answers with none."""
+    folder = saved[0]
+    monkeypatch.setattr("transformers_hyperllava.generate.load_model", lambda args: pytest.fail("the model loaded"))
+    (tmp_path / "questions.jsonl").write_text("\n  \n")
+    (tmp_path / "answers.jsonl").write_text("old answers\n")
+    code, out, err = run(
+        ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
+        + ["--answers-file", str(tmp_path / "answers.jsonl")],
+        capsys,
+    )
+    assert code == 1 and out == ""
+    assert re.search("error: question file .*questions.jsonl holds no question", err), err
+    assert (tmp_path / "answers.jsonl").read_text() == "old answers\n"
+
+
+def test_a_folder_that_holds_no_image_text_model_is_named(saved, capsys, tmp_path):
+    """A processor beside no weights, and a text model's folder (a tokenizer, no image processor): a message naming
+    the folder, not a traceback."""
+    folder, _, processor, images = saved
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(folder, no_weights, ignore=shutil.ignore_patterns("*.safetensors*"))
+    text_model = tmp_path / "text-model"
+    tokenizer = train_tokenizer(DEFAULT_TEXTS)
+    tokenizer.chat_template = processor.chat_template  # (without one, AutoProcessor refuses the folder itself)
+    tokenizer.save_pretrained(text_model)
+    LlamaConfig(vocab_size=len(tokenizer)).save_pretrained(text_model)
+    for model_folder, message in [(no_weights, "no file named model.safetensors"), (text_model, "no image processor")]:
+        code, out, err = run(
+            ["--model", str(model_folder), "--image", f"{images}/wide.png", "--prompt", "What?"], capsys
+        )
+        assert code == 1 and out == "" and "Traceback" not in err
+        assert re.search(f"^hyperllava-generate: error: --model {model_folder}: .*{message}", err, re.MULTILINE), err
 
 
 def test_pipeline_on_a_saved_folder(saved):

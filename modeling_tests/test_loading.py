@@ -132,8 +132,9 @@ def test_a_language_expert_added_at_load_time_gets_the_default_guidance_layer(tm
 
 
 def run_without_package(script, cwd):
-    """Runs `script` in a fresh interpreter where `import transformers_hyperllava` fails."""
-    blocker = "import sys; sys.modules['transformers_hyperllava'] = None\n"
+    """Runs `script` in a fresh interpreter where `import transformers_hyperllava` fails, and `import triton` too: the
+    remote code must load where Triton is not installed (a CPU build of torch, macOS, Windows)."""
+    blocker = "import sys; sys.modules['transformers_hyperllava'] = sys.modules['triton'] = None\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
     result = subprocess.run(
         [sys.executable, "-c", blocker + textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True

@@ -652,6 +652,9 @@ def test_assisted_decoding_gives_the_greedy_tokens(tiny_llava, with_mask):
     # A HyperLLaVA assistant (other experts, so that some candidates are rejected) continues its own cache each round.
     hyper_assistant = randomize_experts(make_model(), seed=1)
     assert torch.equal(model.generate(**kwargs, assistant_model=hyper_assistant), greedy)
+    # Weights passed in for the prefill are this model's: the assistant (LLaVA has no experts) does without them.
+    weights = model(input_ids=ids, pixel_values=images(1)).language_expert_weights
+    assert torch.equal(model.generate(**kwargs, assistant_model=assistant, language_expert_weights=weights), greedy)
 
 
 def test_generation_from_inputs_embeds_matches_generation_from_input_ids():

@@ -297,6 +297,20 @@ def test_lora_counts_its_trained_copies_in_their_own_groups(setup):
     assert counts == expected
 
 
+def test_a_model_already_wrapped_by_peft_is_refused_by_the_stages(setup, tmp_path):
+    """A stage sets requires_grad by group: applied to a PEFT model it would freeze LoRA's matrices and train the
+    weights they wrap, a full fine-tune where LoRA was asked for."""
+    peft = pytest.importorskip("peft", reason="LoRA needs the optional `peft` package (pip install peft)")
+    model = HyperLlavaForConditionalGeneration.from_pretrained(setup["base"])
+    config = peft.LoraConfig(r=4, target_modules=training.LORA_TARGETS, modules_to_save=["language_expert"])
+    wrapped = peft.get_peft_model(model, config)
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    dataset = LlavaJsonDataset(setup["qa"], setup["processor"], setup["data"].image_folder)
+    with pytest.raises(ValueError, match=r"has PEFT adapters \(default\).*lora=\(r, alpha, dropout\)"):
+        build_trainer(wrapped, setup["processor"], dataset, train_args(tmp_path, "instruct"))
+    assert {name for name, p in wrapped.named_parameters() if p.requires_grad} == trainable  # (nothing half-done)
+
+
 def test_parameter_counts_count_each_expert_once_under_lora(setup):
     """Under LoRA the experts train as PEFT's `modules_to_save`, a trained copy beside each frozen original: the
     experts' counts stay those of the model without LoRA."""

@@ -647,8 +647,12 @@ def _dependent_launch(device) -> bool:
     (docs/performance.md)."""
     if device.type != "cuda" or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
         return False  # (an AMD GPU is a "cuda" device under ROCm, and the wait is NVIDIA's PTX)
-    from triton.backends.nvidia.compiler import CUDAOptions  # (the launch option and the wait came in together)
-
+    # In a `try`: Transformers refuses a Hub repo's remote code that imports, outside one, a package not installed
+    # (Triton, on a machine without it), even here where the import never runs.
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions  # (the launch option and the wait came in together)
+    except ImportError:  # (a Triton without NVIDIA's backend)
+        return False
     triton_has_it = "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
     return triton_has_it and torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -35,8 +35,9 @@ def load_image(path) -> Image.Image:
             return to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
-    # (Pillow refuses an image over its pixel limit, a possible decompression bomb, with an error of its own.)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as error:
+    # (Pillow refuses an image over its pixel limit, a possible decompression bomb, with an error of its own, and some
+    # damaged files, a PNG with a broken chunk say, with a SyntaxError.)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as error:
         raise ValueError(f"Cannot read image file {path}: {error}") from error
 
 
@@ -177,7 +178,7 @@ def answer_file(args, questions, model, processor) -> int:
     try:
         with (
             replaced_when_done(answers_file) as partial,
-            open(partial, "x", encoding="utf-8") as out,
+            open(partial, "w", encoding="utf-8") as out,
             tqdm(total=len(questions), desc="questions") as progress,
         ):
             for start in range(0, len(questions), args.batch_size):
@@ -331,6 +332,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         print(f"hyperllava-generate: error: --model {args.model}: {error}", file=sys.stderr)
         return 1
+    if not hasattr(processor, "image_processor"):  # (a text model's folder gives a tokenizer alone)
+        print(f"hyperllava-generate: error: --model {args.model}: it has no image processor", file=sys.stderr)
+        return 1
     if processor.chat_template is None:  # (HyperLLaVA's processor has vicuna_v1's; a LLaVA folder may have none)
         print(
             f"hyperllava-generate: error: --model {args.model}: its processor has no chat template to write the "
@@ -354,19 +358,30 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
             return 1
-        return 1 if answer_file(args, questions, load_model(args), processor) else 0
+        if not questions:  # (answered, it would replace the previous answers file with an empty one)
+            print(f"hyperllava-generate: error: question file {args.question_file} holds no question", file=sys.stderr)
+            return 1
+    else:
+        try:
+            images = [load_image(path) for path in args.image]
+            prompt = build_prompt(processor, args.prompt, len(images), args.system)
+        except (OSError, ValueError) as error:
+            print(f"hyperllava-generate: error: {error}", file=sys.stderr)
+            return 1
     try:
-        images = [load_image(path) for path in args.image]
-        prompt = build_prompt(processor, args.prompt, len(images), args.system)
+        model = load_model(args)
+    # No weights, a config without a model_type, a model that is no image-text model: say which folder.
     except (OSError, ValueError) as error:
-        print(f"hyperllava-generate: error: {error}", file=sys.stderr)
+        print(f"hyperllava-generate: error: --model {args.model}: {error}", file=sys.stderr)
         return 1
+    if args.question_file is not None:
+        return 1 if answer_file(args, questions, model, processor) else 0
     kwargs = generation_kwargs(args, processor)
     if args.num_beams > 1:  # beam search cannot stream: its best sequence is known only at the end
-        print(generate_answers(load_model(args), processor, [prompt], images, **kwargs)[0])
+        print(generate_answers(model, processor, [prompt], images, **kwargs)[0])
     else:
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generate_answers(load_model(args), processor, [prompt], images, streamer=streamer, **kwargs)
+        generate_answers(model, processor, [prompt], images, streamer=streamer, **kwargs)
     return 0
 
 

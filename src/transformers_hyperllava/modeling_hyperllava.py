@@ -951,8 +951,13 @@ class HyperLlavaForConditionalGeneration(HyperLlavaPreTrainedModel, LlavaForCond
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def _get_candidate_generator(self, *args, model_kwargs, **kwargs):
-        # An assistant model gets a copy of the model kwargs, and it has no use for (nor accepts) this model's guidance.
-        model_kwargs = {key: value for key, value in model_kwargs.items() if key != "language_guidance_mask"}
+        # An assistant model gets a copy of the model kwargs, and it has no use for (nor accepts) this model's guidance
+        # or the weights passed in for this model: a HyperLLaVA assistant generates its own.
+        model_kwargs = {
+            key: value
+            for key, value in model_kwargs.items()
+            if key not in ("language_guidance_mask", "language_expert_weights")
+        }
         return super()._get_candidate_generator(*args, model_kwargs=model_kwargs, **kwargs)
 
     # `inputs_embeds` by name: `generate` accepts them only from models whose signature here shows it.

@@ -84,6 +84,14 @@ def apply_stage(model, stage: str) -> dict[str, int]:
     """Set `requires_grad` for `stage` (before `add_lora`, which sets its own); returns trainable counts."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not valid; allowed values: {list(STAGES)}")
+    if getattr(model, "peft_config", None):  # a PeftModel, or adapters added with Transformers' `add_adapter`
+        # The stage's groups would overrule PEFT's own choice: LoRA's matrices frozen, the weights they wrap trained.
+        raise ValueError(
+            "the stages set requires_grad on a model before PEFT wraps it, but this one has PEFT adapters "
+            f"({', '.join(model.peft_config)}), whose choice of trained parameters the stage would undo: pass the "
+            "unwrapped model with lora=(r, alpha, dropout), or train a model with a LoraConfig of your own in a "
+            "Trainer of your own (docs/training.md)"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(parameter_group(name) in STAGES[stage])
     return trainable_counts(model)
