@@ -207,8 +207,10 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
             save_stage(trainer, setup["processor"], out)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == saved
 
-    # A shard an earlier, larger save left is removed: the new index would not name it, a stale one would be read.
+    # A shard an earlier, larger save left is removed: the new index would not name it, a stale one would be read. So is
+    # another processor's chat template in the format Transformers reads before the one saved now.
     (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'stale' }}"}))
     save_stage(trainer, setup["processor"], out)
     assert sorted(path.name for path in out.iterdir()) == sorted(saved)
     reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float64)
@@ -994,6 +996,23 @@ def test_mistakes_are_named(setup, tmp_path, case):
     call, message = mistake(case, setup, tmp_path)
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("stage", ["align", "instruct"])
+def test_an_output_dir_with_an_earlier_runs_checkpoints_or_a_model_for_stage_align_is_refused(setup, tmp_path, stage):
+    """The Trainer would save this run's checkpoints into the earlier run's folders, beside their files; and beside
+    stage align's projector file a model would be loaded instead of it."""
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"out holds checkpoints of an earlier run \(checkpoint-2\): resume it"):
+        main(cli_args(setup, tmp_path / "out", stage=stage))
+    (tmp_path / "out" / "checkpoint-2").rmdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    if stage == "align":
+        with pytest.raises(ValueError, match=r"out holds a model \(config.json\): stage align saves only"):
+            main(cli_args(setup, tmp_path / "out", stage=stage, max_steps=1))
+    else:  # the model the stage saves replaces it
+        main(cli_args(setup, tmp_path / "out", stage=stage, max_steps=1))
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "hyperllava"
 
 
 def test_a_processor_of_another_model_is_refused(setup, tmp_path):

@@ -44,11 +44,27 @@ STAGES = {
 LEARNING_RATES = {"align": 1e-3, "instruct": 2e-5, "experts": 2e-4}
 # The file stage 1 writes: the projector and visual-expert weights it trained, with the model's names.
 PROJECTOR_FILE = "mm_projector.safetensors"
-# What a loader reads from a model folder. With --push_to_hub the Trainer's push at each checkpoint copies the
-# checkpoint's such files into --output_dir (and uploads them); those that the stage's own save does not write are
-# removed, there and on the Hub: left, they would be read with it (LoRA's adapter on top of the merged weights) or
-# instead of it (stage align's whole model beside its projector file).
-MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*", "adapter_*")
+# What a loader reads from a model folder, the processor's files too. A save replaces those of an earlier one in the
+# same folder (left, they would be read with the new ones: another run's chat_template.json, which Transformers prefers
+# to the chat_template.jinja saved now, or LoRA's adapter on top of merged weights). With --push_to_hub the Trainer's
+# push at each checkpoint copies the checkpoint's such files into --output_dir (and uploads them); those that the
+# stage's own save does not write are removed, there and on the Hub (stage align's whole model beside its projector).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors*",
+    "pytorch_model*.bin*",
+    "adapter_*",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -257,6 +273,23 @@ def check_model_folder(model_args: ModelArguments):
         raise ValueError(
             f"--model_name_or_path {folder} holds stage 1's {PROJECTOR_FILE} only: pass it as --pretrained_projector "
             f"{folder / PROJECTOR_FILE}, with the model stage 1 started from as --model_name_or_path"
+        )
+
+
+def check_output_dir(args: TrainingArguments):
+    """Refuses an --output_dir where this run's files would mix with an earlier run's (unless it resumes that run)."""
+    if args.resume_from_checkpoint or not os.path.isdir(args.output_dir):
+        return
+    checkpoint = get_last_checkpoint(args.output_dir)
+    if checkpoint is not None:  # the Trainer would save this run's checkpoints into those folders, beside their files
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({Path(checkpoint).name}): resume "
+            "it with --resume_from_checkpoint true, or give another --output_dir"
+        )
+    if args.stage == "align" and (Path(args.output_dir) / "config.json").is_file():
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds a model (config.json): stage align saves only {PROJECTOR_FILE}, "
+            "and whoever loads the folder would read that model instead; give another --output_dir"
         )
 
 
@@ -476,6 +509,7 @@ def main(argv=None):
         # The LoRA weights are merged into the LLM on save, on one process: sharded parameters would save partial.
         raise ValueError("--lora_r is not supported with --fsdp or --deepspeed; use DDP, or train without LoRA")
     check_model_folder(model_args)
+    check_output_dir(args)
     check_resume(args.resume_from_checkpoint, args.output_dir, lora)
     processor = load_processor(model_args.processor_name_or_path or model_args.model_name_or_path)
     check_processor_fits(processor, AutoConfig.from_pretrained(model_args.model_name_or_path), model_args)
