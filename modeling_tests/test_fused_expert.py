@@ -657,6 +657,22 @@ def test_with_autograd_auto_keeps_the_adapter_after_the_ffn(monkeypatch):
     assert_close(w_down.grad, reference.grad, TOLERANCE[torch.float32], "grad w_down")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["decoding", "training"])
+def test_auto_keeps_the_eager_adapter_for_a_dtype_the_kernels_do_not_take(grad, monkeypatch):
+    """A float64 model (a reference run, say) on a GPU: inside a compiled graph "auto" keeps the eager adapter rather
+    than pick the fused kernels, which refuse float64."""
+    monkeypatch.setattr(modeling_hyperllava, "fused_kernel_available", lambda device: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # (as inside a compiled graph)
+    x, w_down, w_up, residual = make_inputs(*SHAPES["decode-batch"], torch.float32)
+    x, w_down, w_up, residual = (t.double() for t in (x, w_down, w_up, residual))
+    ffn_weight = torch.randn(x.shape[-1], residual.shape[-1], device=DEVICE, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        got = modeling_hyperllava.expert_adapter(
+            x, w_down, w_up, residual, kernel="auto", ffn=lambda t: t @ ffn_weight
+        )
+    assert_close(got, expert_adapter_reference(x, w_down, w_up, residual, x @ ffn_weight), 1e-12, "float64")
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="streams need CUDA")
 def test_beside_the_ffn_the_adapter_kernels_run_on_another_stream_than_the_ffn(tmp_path):
     x, w_down, w_up, residual = make_inputs(1, 1, 4096, 4096, 16, 1, torch.bfloat16)
@@ -1010,6 +1026,10 @@ def test_the_decode_adapter_serves_only_calls_like_its_first_single_token_step(c
     for adapter, inputs_ in [
         (fused.DecodeAdapter(w_down.bfloat16(), w_up.bfloat16()), inputs(2)),
         (fused.DecodeAdapter(w_down, w_up), (x, residual, ffn_out.bfloat16())),
+        (
+            fused.DecodeAdapter(w_down.double(), w_up.double()),
+            tuple(t.double() for t in inputs(2)),
+        ),  # (not a kernel's)
         (fused.DecodeAdapter(w_down, w_up), (x, residual, wide)),  # an FFN output of another width
         (fused.DecodeAdapter(w_down, w_up), (x, residual.to("meta"), ffn_out)),  # a residual elsewhere
         (fused.DecodeAdapter(w_down, w_up), inputs(17)),  # 17 rows of one weight set

@@ -453,8 +453,8 @@ def _problem(x, w_up):
 def beats_eager(x, w_up) -> bool:
     """Whether the fused op is the faster choice for this call. Measured on an H200 (docs/performance.md): the decode
     path (few rows per weight set) takes about half the eager adapter's GPU time, the tiled path (prefill, training)
-    about 1.2x its time, so "auto" uses the fused op for decoding only."""
-    return _problem(x, w_up)[1] <= _DECODE_MAX_ROWS
+    about 1.2x its time, so "auto" uses the fused op for decoding only, in the dtypes it takes (float64 stays eager)."""
+    return x.dtype in _DTYPES and _problem(x, w_up)[1] <= _DECODE_MAX_ROWS
 
 
 @functools.cache
@@ -742,6 +742,7 @@ class DecodeAdapter:
         groups, rows, d_in, r, d_out = _problem(x, w_up)
         if not (
             x.dtype == residual.dtype == ffn_out.dtype == w_down.dtype == w_up.dtype
+            and x.dtype in _DTYPES
             and groups in (1, x.shape[0])
             and 0 < rows <= _DECODE_MAX_ROWS
             and w_down.shape == (groups, d_in, 2 * r)
