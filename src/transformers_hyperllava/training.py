@@ -276,7 +276,7 @@ def check_model_folder(model_args: ModelArguments):
         )
 
 
-def check_output_dir(args: TrainingArguments):
+def check_output_dir(args: HyperLlavaTrainingArguments):
     """Refuses an --output_dir where this run's files would mix with an earlier run's (unless it resumes that run)."""
     if args.resume_from_checkpoint or not os.path.isdir(args.output_dir):
         return
