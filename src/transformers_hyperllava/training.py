@@ -23,8 +23,17 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.tokenization_utils_base import ADDED_TOKENS_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import (
+    CHAT_TEMPLATE_FILE,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    IMAGE_PROCESSOR_NAME,
+    LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+    PROCESSOR_NAME,
+)
 
 from .data import LlavaDataCollator, LlavaJsonDataset
 from .files import replaced_when_done
@@ -50,20 +59,20 @@ PROJECTOR_FILE = "mm_projector.safetensors"
 # push at each checkpoint copies the checkpoint's such files into --output_dir (and uploads them); those that the
 # stage's own save does not write are removed, there and on the Hub (stage align's whole model beside its projector).
 MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
     "model*.safetensors*",
     "pytorch_model*.bin*",
     "adapter_*",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "tokenizer.json",
-    "tokenizer_config.json",
+    PROCESSOR_NAME,
+    IMAGE_PROCESSOR_NAME,
+    CHAT_TEMPLATE_FILE,
+    LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+    TOKENIZER_CONFIG_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    ADDED_TOKENS_FILE,
+    "tokenizer.json",  # (the fast and the SentencePiece tokenizers' own files, which Transformers names per class)
     "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
 )
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -286,7 +295,7 @@ def check_output_dir(args: HyperLlavaTrainingArguments):
             f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({Path(checkpoint).name}): resume "
             "it with --resume_from_checkpoint true, or give another --output_dir"
         )
-    if args.stage == "align" and (Path(args.output_dir) / "config.json").is_file():
+    if args.stage == "align" and (Path(args.output_dir) / CONFIG_NAME).is_file():
         raise ValueError(
             f"--output_dir {args.output_dir} holds a model (config.json): stage align saves only {PROJECTOR_FILE}, "
             "and whoever loads the folder would read that model instead; give another --output_dir"
