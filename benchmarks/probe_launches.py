@@ -22,6 +22,9 @@ whose later launches go through Triton's compiled kernel's launcher (as before c
 "auto", whose later launches go through PyTorch's launcher (if that launch writes what Triton's does). A probe's cost
 per layer is its step's median over LLaVA's, divided by the probed layers, beside the host time of its calls themselves:
 more in the step than in the calls means the launch slows what follows it.
+
+On CUDA the report starts with whether a call waits for the GPU: each adapter's and probe's host time on an idle GPU
+and queued behind a GPU sleep, and a whole decoding step's, with the Python and C functions each calls (counted).
 """
 
 import argparse
@@ -31,6 +34,7 @@ import functools
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,11 +43,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from bench_overhead import (  # noqa: E402
+    CACHE_ARG,
     SIZES,
     HyperVariants,
     TritonLaunchedDecodeAdapter,
     build_models,
     decode_step_times,
+    gpu_sleep_cycles_per_ms,
     interleaved,
     lockstep_cell,
     lockstep_ratios,
@@ -53,7 +59,7 @@ from bench_overhead import (  # noqa: E402
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
 from transformers_hyperllava import modeling_hyperllava  # noqa: E402
-from transformers_hyperllava.modeling_hyperllava import decode_adapters_available  # noqa: E402
+from transformers_hyperllava.modeling_hyperllava import decode_adapters_available, expert_adapter  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -197,6 +203,93 @@ def torch_launch_matches_tritons(d, r, batch, device, dtype):
     return served and isinstance(adapters[1].launch, fused._TorchLaunch) and all(map(torch.equal, *outputs))
 
 
+sleep_cycles_per_ms = functools.cache(gpu_sleep_cycles_per_ms)
+
+
+def host_us_behind_a_sleep(fn, sleep_ms, repeats=5):
+    """Host time of a call of `fn`, in us (median of `repeats`), made while the GPU runs a sleep of `sleep_ms` queued
+    just before it. A call that queues its work returns as fast as on an idle GPU; one that waits for the GPU (a
+    synchronization, or a launch that blocks) takes about the sleep. In a host-bound decoding step such a call would
+    make the host wait for the work queued before it (the FFN's GEMMs, at 7B some 75 us a layer at batch 1): a cost
+    that the host time of calls back to back does not show when the call's own kernel takes about as long as its
+    launch (the one launch: 21 us a call, its kernel 19 us, run 15)."""
+    cycles = int(sleep_cycles_per_ms() * sleep_ms)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda._sleep(cycles)
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def functions_called(fn):
+    """How many Python and C functions one call of `fn` calls (`sys.setprofile`'s events, which do not depend on the
+    host's speed): what a step does beyond LLaVA's, counted rather than timed."""
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+@torch.no_grad()
+def report_waits_for_the_gpu(config, settings, llava, variants, batches, device):
+    """`host_us_behind_a_sleep` of each adapter and probe at decoding shapes (behind a 20 ms sleep), and of whole
+    decoding steps of LLaVA and HyperLLaVA's variants (behind a 200 ms sleep: longer than a 7B eager step)."""
+    d, r, dtype = config.text_config.hidden_size, config.expert_bottleneck_dim, settings["dtype"]
+    print("\n## Does a call wait for the GPU? Host time, us: on an idle GPU, and behind a GPU sleep\n")
+    print("| call | batch | idle GPU | behind the sleep | sleep | Python and C functions it calls |")
+    print("|---|---|---|---|---|---|")
+
+    def row(name, batch, fn, sleep_ms):
+        cells = [f"{host_us_behind_a_sleep(fn, ms):.1f}" for ms in (0, sleep_ms)]
+        print(f"| {name} | {batch} | {cells[0]} | {cells[1]} | {sleep_ms} ms | {functions_called(fn)} |", flush=True)
+
+    for batch in batches:
+        x, residual, ffn_out = (torch.randn(batch, 1, d, device=device, dtype=dtype) for _ in range(3))
+        w_down = torch.randn(batch, d, 2 * r, device=device, dtype=dtype) * d**-0.5
+        w_up = torch.randn(batch, r, d, device=device, dtype=dtype) * r**-0.5
+        calls = {
+            "LLaVA's add": lambda: residual + ffn_out,
+            "eager adapter": lambda: expert_adapter(x, w_down, w_up, residual, "eager", ffn=lambda _: ffn_out),
+        }
+        if fused.is_available(device):
+            calls["fused op"] = lambda: expert_adapter(x, w_down, w_up, residual, "triton", ffn=lambda _: ffn_out)
+        for name, one_launch in (("PyTorch's", fused.DecodeAdapter), ("Triton's", TritonLaunchedDecodeAdapter)):
+            decode = one_launch(w_down, w_up)
+            if decode(x, residual, ffn_out) is not None:  # (the first call compiles and loads the kernel)
+                calls[f"one launch, by {name} launcher"] = functools.partial(decode, x, residual, ffn_out)
+        calls.update({f"probe: {name}": probe for name, probe in make_probes(device).items()})
+        for name, fn in calls.items():
+            row(name, batch, fn, 20)
+
+        inputs = make_batch(config, settings, batch, settings["text_tokens"])
+        models = {"LLaVA": lambda: llava, "HyperLLaVA, experts detached": lambda: variants.use(None)}
+        models.update(
+            {f"HyperLLaVA, {kernel}": lambda kernel=kernel: variants.use(kernel) for kernel in ("eager", "auto")}
+        )
+        for name, get in models.items():
+            model = get()
+            cache = getattr(model(**inputs, use_cache=True, logits_to_keep=1), CACHE_ARG)
+            token = inputs["input_ids"][:, -1:]
+
+            def decoding_step(model=model, cache=cache, token=token):
+                model(input_ids=token, logits_to_keep=1, **{CACHE_ARG: cache})
+
+            row(f"decoding step: {name}", batch, decoding_step, 200)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -225,6 +318,8 @@ def main(argv=None):
     print(f"# Probes after the FFN of layers {list(layers)}: {name}, {settings['dtype']}, torch {torch.__version__}")
 
     variants = HyperVariants(hyper)
+    if device.type == "cuda":
+        report_waits_for_the_gpu(config, settings, llava, variants, args.batch, device)
     candidates, probe_seconds = {"llava": lambda: contextlib.nullcontext(llava)}, {}
     for probe_name, probe in ({} if args.adapters_only else make_probes(device)).items():
         name = f"LLaVA + {probe_name}"

@@ -486,3 +486,33 @@ def test_the_launch_check_runs_in_a_process_of_its_own_and_fails_where_nothing_w
     from transformers_hyperllava.tiny import tiny_config
 
     assert probe_launches.launch_checked_apart(tiny_config(), [1, 2], torch.device("cpu"), torch.float32) is False
+
+
+def test_a_call_that_waits_for_the_gpu_takes_the_sleep_queued_before_it_and_its_functions_are_counted(monkeypatch):
+    """`host_us_behind_a_sleep` must queue the GPU sleep before its clock starts and wait for the GPU only after it
+    stops: a call that waits for the GPU then takes the sleep, one that only queues work takes its own time. Here the
+    GPU is a clock (the sleep ends `ms` after it is queued; a synchronization waits for that), the calls are a wait
+    and a no-op. `functions_called` counts each Python and C function a call makes, the call itself among them."""
+    sleep_ends = [0.0]
+
+    def sleep(cycles):  # (one cycle a microsecond, below)
+        sleep_ends[0] = time.perf_counter() + cycles * 1e-6
+
+    def synchronize():
+        while time.perf_counter() < sleep_ends[0]:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(probe_launches, "sleep_cycles_per_ms", lambda: 1000.0)
+    assert probe_launches.host_us_behind_a_sleep(synchronize, 30) >= 30_000
+    assert probe_launches.host_us_behind_a_sleep(lambda: None, 30) < 3_000
+    assert probe_launches.host_us_behind_a_sleep(synchronize, 0) < 3_000
+
+    def twice():
+        return len(str(once())), once()
+
+    def once():
+        return 1
+
+    assert probe_launches.functions_called(twice) == 5  # twice, once, str, len, once
