@@ -1036,6 +1036,29 @@ def test_a_config_whose_fields_were_changed_apart_is_not_saved_if_it_would_not_l
         model.push_to_hub("me/hyperllava")
 
 
+@pytest.mark.parametrize(
+    "change, k",
+    [
+        (lambda c: c.update({"language_expert_layers": "anterior"}), 0),
+        (lambda c: setattr(c.text_config, "num_hidden_layers", 2), 1),
+    ],
+    ids=["layers", "depth"],
+)
+def test_a_guidance_layer_refused_after_a_change_names_the_way_to_its_default_which_then_fits(change, k):
+    """The guidance layer filled in for a 4-layer config (2) is kept when the layers or the depth change; the refusal
+    says that `language_guidance_layer=None` takes the default again, and that default is a fresh config's."""
+    config = tiny_config()
+    change(config)
+    with pytest.raises(ValueError, match="language_guidance_layer=None takes the default"):
+        config.validate_expert_fields()
+    config.language_guidance_layer = None
+    config.validate_expert_fields()
+    fresh = tiny_config(
+        num_hidden_layers=config.text_config.num_hidden_layers, language_expert_layers=config.language_expert_layers
+    )
+    assert config.language_guidance_layer == fresh.language_guidance_layer == k
+
+
 def test_from_llava_config_takes_llavas_own_attributes():
     """`image_token_id` (LlavaConfig's alias of image_token_index) and what LLaVA's config carries, `pad_token_id`."""
     llava = tiny_config().to_llava_config()
@@ -1326,6 +1349,35 @@ def test_rows_rearranged_on_a_cache_continue_with_their_weights_once_indexed_too
                 language_guidance_mask=F.pad(mask[rows], (0, 1)),  # the prompt, as the prefill pooled it
             )
             torch.testing.assert_close(continued.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_weights_from_outside_the_call_that_do_not_fit_the_models_expert_layers_are_refused():
+    """Weights passed in, or carried by a cache another model filled, are split per expert layer: a tensor covering
+    fewer layers would leave the later ones without an adapter, and other sizes would make another model's adapters.
+    Each is refused with the shape this model needs; the model's own weights, for every sequence or one for all, run."""
+    model = make_model()
+    ids = torch.tensor([prompt_ids("img", 10, 11)])
+    with torch.no_grad():
+        own = model(input_ids=ids, pixel_values=images(1)).language_expert_weights
+        layers, values = own.shape[1:]
+        assert values == 3 * model.config.expert_bottleneck_dim * model.config.text_config.hidden_size
+        for wrong in (own[:, :1], own[:, :, :-1], torch.cat([own, own], dim=1), own[0], own.repeat(3, 1, 1)):
+            with pytest.raises(
+                ValueError,
+                match=re.escape(f"shape {tuple(wrong.shape)}, but this model takes (1, {layers}, {values})"),
+            ):
+                model(input_ids=ids, pixel_values=images(1), language_expert_weights=wrong)
+        torch.testing.assert_close(
+            model(
+                input_ids=ids.repeat(2, 1), pixel_values=images(1).repeat(2, 1, 1, 1), language_expert_weights=own
+            ).logits[1],
+            model(input_ids=ids, pixel_values=images(1), language_expert_weights=own).logits[0],
+        )
+        # A cache that a model of another rank filled, continued by this one.
+        other = make_model(expert_bottleneck_dim=2 * model.config.expert_bottleneck_dim)
+        cache = getattr(other(input_ids=ids, pixel_values=images(1), use_cache=True), CACHE_ARG)
+        with pytest.raises(ValueError, match="the language expert weights the cache carries have shape"):
+            model(input_ids=torch.tensor([[12]]), **{CACHE_ARG: cache})
 
 
 def test_a_decoding_loop_of_ones_own_continues_the_cache():

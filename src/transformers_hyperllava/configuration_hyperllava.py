@@ -145,14 +145,19 @@ class HyperLlavaConfig(LlavaConfig):
             self.language_guidance_layer = min(num_layers // 2, layers[0])
         k = self.language_guidance_layer
         if k is not None:
+            # (The config holds k once filled in, and a checkpoint saves it: its experts were trained with it. A
+            # depth or expert layers changed later keep it, so the errors say how to take the default again.)
+            default = "; language_guidance_layer=None takes the default for these layers and this depth"
             if not 0 <= k < num_layers:
-                raise ValueError(f"language_guidance_layer must be an integer in 0..{num_layers - 1}, got {k!r}")
+                raise ValueError(
+                    f"language_guidance_layer must be an integer in 0..{num_layers - 1}, got {k!r}{default}"
+                )
             early = [i for i in layers if i < k]
             if early:
                 raise ValueError(
                     f"language_expert_layers {early} come before language_guidance_layer={k}: a layer cannot "
                     f"use weights generated from a later hidden state. Use layers >= {k} or a smaller "
-                    f"language_guidance_layer."
+                    f"language_guidance_layer{default}, min(num_hidden_layers // 2, the first expert layer)."
                 )
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -480,6 +480,8 @@ class HyperLlamaModel(LlamaModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         given = language_expert_weights is not None
+        if given and self.language_expert is not None:
+            self._check_weights(language_expert_weights, len(inputs_embeds), "the language_expert_weights passed")
         if (
             given
             and cache is not None
@@ -514,6 +516,10 @@ class HyperLlamaModel(LlamaModel):
                     f"but the input has {len(inputs_embeds)}: rows selected or repeated on the cache "
                     "(batch_select_indices, batch_repeat_interleave) move its keys and values, not the weights it "
                     "carries; index cache.language_expert_weights the same way (docs/model.md)"
+                )
+            if language_expert_weights is not None:
+                self._check_weights(
+                    language_expert_weights, len(inputs_embeds), "the language expert weights the cache carries"
                 )
             if language_expert_weights is None and self.pools_guidance:
                 if language_guidance_mask is None and attention_mask is not None and attention_mask.dim() == 2:
@@ -582,6 +588,20 @@ class HyperLlamaModel(LlamaModel):
                 layer_weights = {idx: (*pair, DecodeAdapter(*pair)) for idx, pair in layer_weights.items()}
             setattr(cache, LAYER_WEIGHTS, (weights, layer_weights))
         return layer_weights
+
+    def _check_weights(self, weights, batch, source):
+        """Refuse weights from outside this call (passed in, or carried by a cache) that are not one weight set per
+        sequence (or one for all) of this model's expert layers: split per layer, too few layers would leave the later
+        ones without an adapter, and other sizes would make another model's adapters."""
+        expected = (len(self.expert_layers), 3 * self.expert_rank * self.config.hidden_size)  # W_d and W_u, Eq. 4
+        if weights.dim() != 3 or weights.shape[0] not in (1, batch) or tuple(weights.shape[1:]) != expected:
+            shapes = " or ".join(str((rows, *expected)) for rows in dict.fromkeys((batch, 1)))
+            raise ValueError(
+                f"{source} have shape {tuple(weights.shape)}, but this model takes {shapes}: a weight set per "
+                f"sequence (or one for all) for each of its {expected[0]} expert layers, of 3 * expert_bottleneck_dim "
+                "* hidden_size values. Pass the weights that this model generated for these sequences "
+                "(output.language_expert_weights)"
+            )
 
     @staticmethod
     def _check_guidance_inputs(guidance_mask, attention_mask, length, cache, position_ids, kwargs):
