@@ -25,6 +25,7 @@ more in the step than in the calls means the launch slows what follows it.
 
 On CUDA the report starts with whether a call waits for the GPU: each adapter's and probe's host time on an idle GPU
 and queued behind a GPU sleep, and a whole decoding step's, with the Python and C functions each calls (counted).
+Then where an eager decoding step's host time goes: in the expert layers, in the others, or outside the layers.
 """
 
 import argparse
@@ -56,6 +57,7 @@ from bench_overhead import (  # noqa: E402
     lockstep_rounds,
     make_batch,
     ratio_cell,
+    timed_generate,
 )
 from transformers_hyperllava import fused_expert_hyperllava as fused  # noqa: E402
 from transformers_hyperllava import modeling_hyperllava  # noqa: E402
@@ -290,6 +292,73 @@ def report_waits_for_the_gpu(config, settings, llava, variants, batches, device)
             row(f"decoding step: {name}", batch, decoding_step, 200)
 
 
+@contextlib.contextmanager
+def layer_clock(model, forwards):
+    """`model` with the host time of each of its decoder layers noted at each forward (seconds from the layer's forward
+    pre-hook to its forward hook: its ops launched, not waited for), one list a forward appended to `forwards`."""
+    layers = model.model.language_model.layers
+    started = [0.0]
+
+    def before(module, args):
+        if module is layers[0]:
+            forwards.append([])
+        started[0] = time.perf_counter()
+
+    def after(module, args, output):
+        forwards[-1].append(time.perf_counter() - started[0])
+
+    handles = [layer.register_forward_pre_hook(before) for layer in layers]
+    handles += [layer.register_forward_hook(after) for layer in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def step_parts(model, batch, new_tokens, device, expert_layers):
+    """Where an eager decoding step's time goes (medians over a `generate` call's steps after the first, seconds): the
+    whole step, the expert layers, the other layers, and the rest (embedding, the final norm and head, `generate`'s
+    loop)."""
+    forwards = []
+    with layer_clock(model, forwards):
+        _, wall, _ = timed_generate(model, batch, new_tokens, device)
+    # forwards[0] is the prefill's; the k-th step (wall[k]) ran forwards[k + 1]. The first step is left out.
+    pairs = list(zip(wall[1:], forwards[2:], strict=True))
+    expert = [sum(times[i] for i in expert_layers) for _, times in pairs]
+    layers = [sum(times) for _, times in pairs]
+    return [statistics.median(values) for values in (wall[1:], expert, [a - b for a, b in zip(layers, expert)],
+                                                     [step - inside for (step, _), inside in zip(pairs, layers)])]  # fmt: skip
+
+
+def report_step_parts(config, settings, llava, variants, batches, device, new_tokens=24, repeats=3):
+    """`step_parts` of LLaVA and HyperLLaVA's variants, in turns over `repeats` rounds after a warm-up (medians of the
+    rounds), each part's difference from LLaVA's beside it: whether the experts' cost is in their layers, and in the
+    calls there, or spills over the rest of the step."""
+    expert_layers = variants.model.model.language_model.expert_layers
+    models = {"LLaVA": lambda: llava, "HyperLLaVA, experts detached": lambda: variants.use(None)}
+    kernels = ("eager", "auto") if decode_adapters_available(device) else ("eager",)
+    models.update({f"HyperLLaVA, {kernel}": lambda kernel=kernel: variants.use(kernel) for kernel in kernels})
+    print(
+        f"\n## Where an eager decoding step's host time goes, us (medians of {repeats} rounds of {new_tokens} tokens; "
+        f"each layer timed from its pre-hook to its hook; over LLaVA's in brackets)\n"
+    )
+    print(f"| model | batch | step | the {len(expert_layers)} expert layers | the other layers | outside the layers |")
+    print("|---|---|---|---|---|---|")
+    for batch_size in batches:
+        batch = make_batch(config, settings, batch_size, settings["text_tokens"])
+        rounds = {name: [] for name in models}
+        for round_ in range(repeats + 1):
+            for name, get in models.items():
+                parts = step_parts(get(), batch, new_tokens, device, expert_layers)
+                if round_:  # (the first round warms up)
+                    rounds[name].append(parts)
+        medians = {name: [statistics.median(column) for column in zip(*values)] for name, values in rounds.items()}
+        for name, parts in medians.items():
+            cells = [f"{us * 1e6:.1f} ({(us - base) * 1e6:+.1f})" for us, base in zip(parts, medians["LLaVA"])]
+            print(f"| {name} | {batch_size} | {' | '.join(cells)} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -320,6 +389,10 @@ def main(argv=None):
     variants = HyperVariants(hyper)
     if device.type == "cuda":
         report_waits_for_the_gpu(config, settings, llava, variants, args.batch, device)
+    # (Fewer tokens and rounds than the probes': at 7B, 4 models a round.)
+    report_step_parts(
+        config, settings, llava, variants, args.batch, device, min(args.new_tokens, 24), min(args.repeats, 3)
+    )
     candidates, probe_seconds = {"llava": lambda: contextlib.nullcontext(llava)}, {}
     for probe_name, probe in ({} if args.adapters_only else make_probes(device)).items():
         name = f"LLaVA + {probe_name}"

@@ -1,6 +1,7 @@
 """What the benchmark scripts do with their measurements (their numbers come from `.ci/run` and GPU runs, not tests)."""
 
 import contextlib
+import re
 import statistics
 import sys
 import time
@@ -437,7 +438,18 @@ def test_the_probe_report_gives_each_candidates_step_cost_per_layer_and_each_pro
     each with its step over LLaVA's per probed layer (in lockstep: its median step-by-step ratio's share of LLaVA's
     median warm step), and the probes with their calls' own host time (the candidates' cells read off the table)."""
     probe_launches.main(["--size", "tiny", "--batch", "1", "--repeats", "1", "--new-tokens", "3", *flags])
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    lines = capsys.readouterr().out.splitlines()
+    candidates = next(i for i, line in enumerate(lines) if line.startswith("| candidate |"))
+    # First where a step's time goes (`step_parts`): each model's parts, each beside its difference from LLaVA's.
+    parts = [line.split(" | ") for line in lines[:candidates] if line.startswith(("| LLaVA | 1 |", "| HyperLLaVA, "))]
+    assert [row[0] for row in parts] == ["| LLaVA", "| HyperLLaVA, experts detached", "| HyperLLaVA, eager"]
+    for row in parts:
+        values = [re.fullmatch(r"([\d.]+) \(([+-][\d.]+)\)", cell.removesuffix(" |")).groups() for cell in row[2:]]
+        assert len(values) == 4 and all(float(us) > 0 for us, _ in values)
+        if row[0] == "| LLaVA":
+            assert all(over == "+0.0" for _, over in values)
+    lines = lines[candidates:]
+    rows = [line.split(" | ") for line in lines if line.startswith("| ")]
     table = {row[0].removeprefix("| "): row[1:] for row in rows[1:]}  # (after the header)
     probes = [] if "--adapters-only" in flags else ["LLaVA + hook alone", "LLaVA + PyTorch op"]
     hyper = ["HyperLLaVA, experts detached", "HyperLLaVA, eager adapter"]
@@ -516,3 +528,34 @@ def test_a_call_that_waits_for_the_gpu_takes_the_sleep_queued_before_it_and_its_
         return 1
 
     assert probe_launches.functions_called(twice) == 5  # twice, once, str, len, once
+
+
+def test_a_steps_parts_put_each_layers_time_with_the_expert_layers_or_the_others_and_the_rest_outside(monkeypatch):
+    """`step_parts` splits an eager decoding step's time into the expert layers', the other layers' and the rest: a
+    layer made 40 ms slower must add at least 30 ms to its own part and less than 20 to the others (the tiny model's
+    step, some 15 ms on a busy 2-core host, moves by a few), and the hooks must be gone afterwards."""
+    settings = dict(bench_overhead.SIZES["tiny"])
+    config, llava, _ = bench_overhead.build_models("tiny", settings)
+    batch = bench_overhead.make_batch(config, settings, 1, 8)
+    layers = llava.model.language_model.layers
+    expert_layers = list(range(16, 32))
+
+    def slowed(layer):
+        forward = layer.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(0.04)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(layer, "forward", slow_forward)
+
+    base = probe_launches.step_parts(llava, batch, 5, "cpu", expert_layers)
+    slowed(layers[20])
+    expert_slow = probe_launches.step_parts(llava, batch, 5, "cpu", expert_layers)
+    slowed(layers[3])
+    both_slow = probe_launches.step_parts(llava, batch, 5, "cpu", expert_layers)
+    step, expert, other, outside = (later - earlier for later, earlier in zip(expert_slow, base))
+    assert step > 0.03 and expert > 0.03 and other < 0.02 and outside < 0.02
+    step, expert, other, outside = (later - earlier for later, earlier in zip(both_slow, expert_slow))
+    assert step > 0.03 and other > 0.03 and expert < 0.02 and outside < 0.02
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
