@@ -1433,6 +1433,13 @@ def test_an_exported_decoding_step_takes_the_weights_as_an_input():
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16)
     with pytest.raises(ValueError, match=r"torch.export of a call that continues a cache \(StaticCache\)"):
         wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1]), strict=False)
+    # Strict (the wrapper's default), Dynamo reports the refusal as an unsupported exception, caused by it.
+    with pytest.raises(Exception) as refused:
+        wrapper.export(input_ids=ids, cache_position=torch.arange(ids.shape[1]), strict=True)
+    causes = [refused.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    assert any("torch.export of a call that continues a cache (StaticCache)" in str(cause) for cause in causes)
 
     def prefill(ids, seed):
         cache = DynamicCache(config=model.config.text_config)
@@ -1456,6 +1463,27 @@ def test_an_exported_decoding_step_takes_the_weights_as_an_input():
         got = exported(**step, **{CACHE_ARG: copy.deepcopy(other_cache)}, language_expert_weights=other_weights)
         expected = model(**step, **{CACHE_ARG: other_cache})
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["static", "latent"])
+def test_an_export_leaves_no_tracers_tensor_on_the_cache_its_wrapper_holds(mode):
+    """Where the weights do not depend on the input, the static cache of Transformers' ExecuTorch wrapper exports. The
+    wrapper keeps that cache: the weights that the traced prefill generated must not stay on it, or a later eager call
+    that continues the cache would compute with the tracer's tensor. Afterwards the wrapper computes as one never
+    exported."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    model = make_model(expert_mode=mode)
+    model.generation_config.cache_implementation = "static"
+    ids = torch.tensor([prompt_ids(10, 11, 12, 13)])
+    exported, fresh = (TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16) for _ in range(2))
+    with torch.no_grad():
+        exported.export(input_ids=ids[:, :1], cache_position=torch.tensor([0]), strict=False)
+        assert getattr(exported.model.static_cache, CACHED_WEIGHTS, None) is None
+        got, expected = (
+            wrapper.model(input_ids=ids[:, 3:4], cache_position=torch.tensor([3])) for wrapper in (exported, fresh)
+        )
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 def test_a_compiled_forward_on_an_emptied_dynamic_cache_starts_anew():

@@ -555,7 +555,9 @@ class HyperLlamaModel(LlamaModel):
                     # g_L: the input of layer k, pooled over the prompt
                     g_L = mean_pool(hidden_states, language_guidance_mask) if self.pools_guidance else None
                     language_expert_weights = self.language_expert(g_L)
-                    if cache is not None:
+                    # (Not while exporting: an exported program keeps no Python state, and the tracer's tensor would
+                    # stay on the cache, which Transformers' export wrappers hold, for a later eager call to read.)
+                    if cache is not None and not torch.compiler.is_exporting():
                         setattr(cache, CACHED_WEIGHTS, language_expert_weights)
                 layer_weights = self._layer_weights(language_expert_weights, cache)
             hidden_states = decoder_layer(hidden_states, *layer_weights.get(idx, ()), **layer_kwargs)
