@@ -17,8 +17,9 @@ Inputs (`--input`), detected from `config.json`:
    by default the checkpoint's `mm_vision_tower` (a local folder or a Hub id, resolved through the Hub cache).
 4. A Transformers LLaVA checkpoint (`llava-hf` layout, old or new key names) or a HyperLLaVA one.
 
-Experts absent from the input are created the way the model initialises them (the parts producing W_u are zero, so
-the converted model computes what its LLaVA base computes). The tokenizer gets `<image>` and a pad token when it
+Experts the input never had (a LLaVA input's, or those the expert flags add) are created the way the model
+initialises them (the parts producing W_u are zero, so the converted model computes what its LLaVA base computes); an
+expert that the input's config declares must be in its weights. The tokenizer gets `<image>` and a pad token when it
 lacks them; the new embedding rows start at the mean of the old ones.
 
 The work streams: one input shard is open at a time and one output shard is buffered, so a 7B/13B checkpoint
@@ -47,7 +48,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download, split_torch_state_dict_into_shards
+import yaml
+from huggingface_hub import (
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    metadata_load,
+    snapshot_download,
+    split_torch_state_dict_into_shards,
+)
 from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
@@ -100,7 +109,7 @@ KEY_MAPPINGS = {
     ],
 }
 
-# The modules a fresh expert is created for when the input has none of their weights.
+# The expert modules: each that the input never had is created fresh (see `prepare`).
 EXPERT_MODULES = (
     "model.multi_modal_projector.visual_expert_first",
     "model.multi_modal_projector.visual_expert_second",
@@ -296,13 +305,12 @@ def check_llava_settings(config: dict, source: Path):
             )
 
 
-def expert_settings(source: dict, args) -> dict:
-    """The expert hyperparameters: the command line over the input config over HyperLlavaConfig's defaults."""
+def expert_settings(source: dict, args=None) -> dict:
+    """The expert hyperparameters: the command line (unless `args` is None) over the input config over
+    HyperLlavaConfig's defaults."""
     settings = {field: source[field] for field in EXPERT_FIELDS if field in source}
-    for field in EXPERT_FIELDS:
-        value = getattr(args, field)
-        if value is not None:
-            settings[field] = value
+    if args is not None:
+        settings.update({field: getattr(args, field) for field in EXPERT_FIELDS if getattr(args, field) is not None})
     for field in ("visual_expert", "language_expert_layers"):
         if settings.get(field) == "none":
             settings[field] = None
@@ -336,7 +344,8 @@ class Plan:
     config: HyperLlavaConfig
     tokenizer: object
     entries: list  # (output key, input file, input key), in input-file order
-    fresh_experts: list[str]  # expert modules the input has no weights for
+    fresh_experts: list[str]  # expert modules the input never had, created anew
+    card_metadata: dict  # of the input's model card (README.md), for the output's
     expected: dict  # output key -> shape
     dtype: torch.dtype  # of the output's floating-point weights
     source_config: dict
@@ -363,6 +372,12 @@ def prepare(args):
         )
     if (input_folder / "config.json").is_file():
         source_config = read_json(input_folder / "config.json")
+        if source_config.get("model_type") == "llama" and not any(key.startswith("mm_") for key in source_config):
+            architectures = ", ".join(source_config.get("architectures") or ["LlamaForCausalLM"])
+            raise ConversionError(
+                f"--input {input_path} is a language model without a projector ({architectures}): pass it as "
+                "--base-model, with the stage-1 mm_projector file (mm_projector.bin or .safetensors) as --input"
+            )
     elif base_folder is not None:
         # A stage-1 projector file alone: the base LLM's config, and LLaVA-1.5's projector (its weights' names check
         # that it is one).
@@ -394,7 +409,7 @@ def prepare(args):
 
     tokenizer, tokenizer_folder, trained_tokens = load_tokenizer([input_folder, base_folder], layout, args)
     source_vocab = (source_config.get("text_config") or source_config).get("vocab_size")
-    config = build_config(source_config, layout, vision_folder, tokenizer, source_vocab, args)
+    config = build_config(source_config, layout, vision_folder, tokenizer, source_vocab, trained_tokens, args)
 
     with torch.device("meta"):
         model = HyperLlavaForConditionalGeneration(config)
@@ -403,10 +418,13 @@ def prepare(args):
 
     entries = map_inputs(sources, expected, tied, args.allow_unused)
     shapes = {target: shape for target, _, _, shape in entries}
+    # A fresh expert only where the input never had one: an expert that the input's config declares was trained, so
+    # its weights missing is an error (listed below), never a silent reset to the identity.
+    declared = input_expert_modules(source_config, config, input_folder)
     fresh_experts = [
         name
         for name in EXPERT_MODULES
-        if any(k.startswith(name + ".") for k in expected) and not any(k.startswith(name + ".") for k in shapes)
+        if name not in declared and holds_module(expected, name) and not holds_module(shapes, name)
     ]
     missing = [k for k in expected if k not in shapes and not k.startswith(tuple(f"{n}." for n in fresh_experts))]
     if missing:
@@ -419,6 +437,7 @@ def prepare(args):
         tokenizer,
         entries,
         fresh_experts,
+        read_card_metadata(input_folder),
         expected,
         dtype,
         source_config,
@@ -426,6 +445,40 @@ def prepare(args):
         base_folder,
         vision_folder,
     )
+
+
+def holds_module(keys, module: str) -> bool:
+    return any(key.startswith(module + ".") for key in keys)
+
+
+def input_expert_modules(source: dict, config: HyperLlavaConfig, input_folder: Path) -> set[str]:
+    """The expert modules of the input's own config (a HyperLLaVA config, or any carrying the expert fields), whatever
+    the command line changes: those of the model that its expert settings build, on the meta device."""
+    if source.get("model_type") != "hyperllava" and not any(field in source for field in EXPERT_FIELDS):
+        return set()  # a LLaVA input: it has no experts
+    # The converted model's settings but the experts', which are the input's or HyperLlavaConfig's defaults.
+    fields = {key: value for key, value in config.to_dict().items() if key not in (*NOT_MODEL_FIELDS, *EXPERT_FIELDS)}
+    try:
+        own = HyperLlavaConfig(**fields, **expert_settings(source))
+    except (ValueError, TypeError, StrictDataclassError) as error:  # (one the command line replaced, say)
+        raise ConversionError(
+            f"the expert settings of the config in {input_folder} are invalid, and they say which experts the input "
+            f"holds (the flags do not change that): {error}"
+        ) from error
+    with torch.device("meta"):
+        keys = HyperLlavaForConditionalGeneration(own).state_dict()
+    return {name for name in EXPERT_MODULES if holds_module(keys, name)}
+
+
+def read_card_metadata(folder: Path) -> dict:
+    """The metadata of the model card in `folder` (a converted folder converted again), {} without one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        return metadata_load(readme) or {}
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not UTF-8, or not a mapping
+        raise ConversionError(f"cannot read the model card metadata in {readme}: {error}") from error
 
 
 def map_inputs(sources, expected, tied, allow_unused):
@@ -522,7 +575,9 @@ def load_tokenizer(folders, layout, args):
     return tokenizer, folder, trained_tokens
 
 
-def build_config(source: dict, layout: str, vision_folder, tokenizer, source_vocab, args) -> HyperLlavaConfig:
+def build_config(
+    source: dict, layout: str, vision_folder, tokenizer, source_vocab, trained_tokens, args
+) -> HyperLlavaConfig:
     experts = expert_settings(source, args)
     if layout == "llava_codebase":
         text = text_config_from(source)
@@ -556,7 +611,12 @@ def build_config(source: dict, layout: str, vision_folder, tokenizer, source_voc
         vision = {k: v for k, v in vision.items() if k not in ("dtype", "torch_dtype")}
         if vision_folder is not None:
             vision = vision_config_from(vision_folder)
-    vocab = max(source_vocab or 0, round_up(len(tokenizer), args.pad_vocab_to_multiple_of))
+    if layout == "llava_hf" and len(tokenizer) == trained_tokens:
+        # A Transformers folder whose tokenizer has every token already: its vocabulary is kept. Rounding it up would
+        # add lm_head rows that no token has, which sampling then picks.
+        vocab = max(source_vocab or 0, len(tokenizer))
+    else:
+        vocab = max(source_vocab or 0, round_up(len(tokenizer), args.pad_vocab_to_multiple_of))
     text = {**text, "vocab_size": vocab, "pad_token_id": tokenizer.pad_token_id}
     image_size, patch_size = vision["image_size"], vision["patch_size"]
     llava.update(
@@ -692,17 +752,23 @@ def build_processor(config, tokenizer, folders, image_aspect_ratio, chat_templat
     )
 
 
-def write_model_card(folder: Path, config, counts, args):
+def write_model_card(folder: Path, config, counts, args, input_metadata: dict):
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        license=args.license,
-        base_model=args.base_model_id,
+        # An input converted before keeps what its card says, unless the command line says otherwise.
+        license=args.license or input_metadata.get("license"),
+        base_model=args.base_model_id or input_metadata.get("base_model"),
         tags=["hyperllava", "llava", "multimodal", "hypernetwork"],
     )
     text = config.text_config
     layers = config.language_expert_layer_indices
-    repo = args.push_to_hub or Path(args.output).name  # without a Hub id, the folder (loads from its parent)
+    # Without a Hub id, the folder (loads from its parent); resolved, as `.` has no name.
+    repo = args.push_to_hub or Path(args.output).resolve().name
+    # The snippets load what this upload wrote: on a branch, from that branch.
+    revision = (
+        f", revision={json.dumps(args.revision)}" if args.push_to_hub and args.revision not in (None, "main") else ""
+    )
     card = f"""---
 {data.to_yaml()}
 ---
@@ -739,8 +805,8 @@ With the `transformers-hyperllava` package installed:
 import transformers_hyperllava  # registers HyperLLaVA with the Auto classes
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-model = AutoModelForImageTextToText.from_pretrained("{repo}", dtype="auto", device_map="auto")
-processor = AutoProcessor.from_pretrained("{repo}")
+model = AutoModelForImageTextToText.from_pretrained("{repo}"{revision}, dtype="auto", device_map="auto")
+processor = AutoProcessor.from_pretrained("{repo}"{revision})
 ```
 
 Without the package, the model code shipped in this repository is used:
@@ -749,8 +815,8 @@ Without the package, the model code shipped in this repository is used:
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True, dtype="auto")
-processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained("{repo}"{revision}, trust_remote_code=True, dtype="auto")
+processor = AutoProcessor.from_pretrained("{repo}"{revision}, trust_remote_code=True)
 
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown here?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -774,7 +840,7 @@ As in the paper (§4.1), following LLaVA-1.5:
 | learning rate | 1e-3 | 2e-5 |
 | optimiser | AdamW, cosine schedule, 3% warm-up, no weight decay | same |
 
-This folder was produced by `hyperllava-convert` from `{Path(args.input).name}`.
+This folder was produced by `hyperllava-convert` from `{Path(args.input).resolve().name}`.
 
 ## Citation
 
@@ -833,7 +899,7 @@ def write_output(folder: Path, args, plan: Plan):
     processor = build_processor(config, tokenizer, folders, aspect_ratio, template)
     processor.save_pretrained(folder)
 
-    write_model_card(folder, config, model.parameter_counts(), args)
+    write_model_card(folder, config, model.parameter_counts(), args, plan.card_metadata)
 
 
 @contextmanager
@@ -864,12 +930,26 @@ def staging_folder(output: Path):
             shutil.rmtree(old, ignore_errors=True)
 
 
+# The files of the repo that a conversion writes or replaces: weights (either format, sharded or not), their index,
+# configs, tokenizer files, model code, chat template. An upload deletes those that it does not hold, so that a
+# previous push's files (`model.safetensors` beside new shards, which Transformers would load) do not outlive it.
+# Other files (.gitattributes, which huggingface_hub never deletes, a LICENSE, images) are kept; README.md is always
+# uploaded.
+HUB_DELETE_PATTERNS = ["*.safetensors", "pytorch_model*.bin", "*.json", "*.py", "*.jinja", "tokenizer.model"]
+
+
 def push_to_hub(folder: Path, repo_id: str, private: bool, revision, commit_message: str):
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        revision=revision,
+        commit_message=commit_message,
+        delete_patterns=HUB_DELETE_PATTERNS,  # (not the files this upload holds: those are replaced)
+    )
 
 
 def shard_size(value: str):
@@ -916,8 +996,10 @@ def parse_args(argv=None):
     hub.add_argument("--private", action="store_true", help="create the repository as private")
     hub.add_argument("--revision", help="branch to push to (created if missing)")
     hub.add_argument("--commit-message", default="Upload HyperLLaVA converted with hyperllava-convert")
-    hub.add_argument("--license", default=None, help="license for the model card metadata, e.g. llama2")
-    hub.add_argument("--base-model-id", help="Hub id of the base model, for the model card metadata")
+    hub.add_argument("--license", help="license for the model card metadata, e.g. llama2 (default: the input card's)")
+    hub.add_argument(
+        "--base-model-id", help="Hub id of the base model, for the model card (default: the input card's)"
+    )
     return parser.parse_args(argv)
 
 
@@ -930,7 +1012,9 @@ def positive_int(text):
 
 def upload_flags(args):
     """The `hf upload` options that repeat this run's push."""
-    return (f" --revision {args.revision}" if args.revision else "") + (" --private" if args.private else "")
+    revision = f" --revision {shlex.quote(args.revision)}" if args.revision else ""
+    deletions = "".join(f" --delete {shlex.quote(pattern)}" for pattern in HUB_DELETE_PATTERNS)
+    return revision + (" --private" if args.private else "") + deletions
 
 
 def interrupted(signum, frame):
@@ -965,6 +1049,12 @@ def main(argv=None) -> int:
     )
     output = Path(args.output).resolve()  # (`.` has no name to stage beside)
     try:
+        cwd = Path.cwd().resolve()
+        if output == cwd or output in cwd.parents:  # (`--output .`: the shell would be left in a deleted folder)
+            raise ConversionError(
+                f"--output {args.output} ({output}) is the current directory or holds it: converting would replace "
+                "the folder you are in; write elsewhere"
+            )
         if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
             raise ConversionError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
         if args.push_to_hub:
@@ -981,13 +1071,18 @@ def main(argv=None) -> int:
             raise ConversionError(f"writing {output} failed: {error}") from error
         print(f"Wrote {output}")
         if args.push_to_hub:
+            # Whatever stops the upload, the conversion itself is complete and in place.
+            kept = (
+                f"the converted folder is kept at {output}: retry with "
+                f"`hf upload {args.push_to_hub} {shlex.quote(str(output))}{upload_flags(args)}`"
+            )
             try:
                 commit = push_to_hub(output, args.push_to_hub, args.private, args.revision, args.commit_message)
-            except Exception as error:  # network, authentication, permissions: the conversion itself is kept
-                raise ConversionError(
-                    f"the upload to {args.push_to_hub} failed ({error}); the converted folder is kept at {output}: "
-                    f"retry with `hf upload {args.push_to_hub} {shlex.quote(str(output))}{upload_flags(args)}`"
-                ) from error
+            except KeyboardInterrupt:
+                print(f"interrupted during the upload to {args.push_to_hub}; {kept}", file=sys.stderr)
+                return 130
+            except Exception as error:  # network, authentication, permissions
+                raise ConversionError(f"the upload to {args.push_to_hub} failed ({error}); {kept}") from error
             print(f"Pushed to {commit}")
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 import transformers
 import yaml
 from huggingface_hub import HfApi, constants
+from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoProcessor,
@@ -37,7 +38,7 @@ from transformers import (
 from transformers.testing_utils import CaptureLogger, LoggingLevel
 from transformers.utils import logging
 
-from conftest import sentencepiece_vocab_size, train_sentencepiece, write_sentencepiece_tokenizer
+from conftest import randomize_experts, sentencepiece_vocab_size, train_sentencepiece, write_sentencepiece_tokenizer
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.conversion import convert_hyperllava_weights_to_hf as convert
 from transformers_hyperllava.modeling_hyperllava import split_weights
@@ -215,6 +216,17 @@ def codebase_checkpoint(
     return checkpoint, clip, reference
 
 
+def hyperllava_folder(folder, **config_fields):
+    """A HyperLLaVA folder as `hyperllava-train` writes it: trained (random) experts, the tokenizer (with <image> and
+    <pad>, 56 tokens: not a multiple of 64) and the processor."""
+    tokenizer = train_tokenizer(DEFAULT_TEXTS)
+    config = tiny_config(vocab_size=len(tokenizer), **config_fields)
+    torch.manual_seed(0)
+    randomize_experts(HyperLlavaForConditionalGeneration(config)).save_pretrained(folder)
+    tiny_processor(tokenizer, config).save_pretrained(folder)
+    return folder
+
+
 def run(*argv):
     return convert.main([str(a) for a in argv])
 
@@ -385,11 +397,40 @@ def test_this_packages_stage1_output_with_the_model_it_started_from(tmp_path):
     load_trained_weights(expected, tmp_path / "align" / PROJECTOR_FILE)  # as stage 2 loads --pretrained_projector
     batch = inputs(len(tokenizer), image_token_id=config.image_token_id)
     logits, _ = converted_logits(out, batch)
-    logits = logits[..., : config.text_config.vocab_size]  # (the converter pads the vocabulary to a multiple of 64)
     torch.testing.assert_close(logits, reference_logits(expected, batch), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits, reference_logits(base, batch), atol=1e-3)  # (stage 1's weights matter)
     image_processor = AutoProcessor.from_pretrained(out).image_processor
     assert list(image_processor.image_mean) == [0.1, 0.2, 0.3] and image_processor.do_pad is False
+
+
+def test_a_hyperllava_folder_keeps_its_vocabulary_and_trained_experts_and_gets_the_new_ones_fresh(tmp_path):
+    """Converted again (to add an expert here), a HyperLLaVA folder whose tokenizer gains no token keeps its vocabulary
+    size: rows added by rounding it up would have no token, and sampling would pick them. Its trained experts are
+    carried over; the one the command line adds (it had none) starts as the identity."""
+    source = hyperllava_folder(tmp_path / "hyperllava", visual_expert="first")
+    out = tmp_path / "out"
+    assert run("--input", source, "--output", out, "--visual-expert", "both") == 0
+    vocab = len(train_tokenizer(DEFAULT_TEXTS))
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == vocab
+    assert "model.multi_modal_projector.visual_expert_second" in expert_modules(out)
+    batch = inputs(vocab, image_token_id=4)
+    logits, _ = converted_logits(out, batch)
+    expected = HyperLlavaForConditionalGeneration.from_pretrained(source).eval()
+    torch.testing.assert_close(logits, reference_logits(expected, batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "module", ["model.language_model.language_expert", "model.multi_modal_projector.visual_expert_second"]
+)
+def test_trained_experts_missing_from_a_hyperllava_folder_are_named_not_replaced(tmp_path, capsys, module):
+    """Its config says the folder holds this expert: without its weights, a fresh one would silently stand in for the
+    trained one."""
+    source = hyperllava_folder(tmp_path / "hyperllava", visual_expert="both")
+    weights = load_file(source / "model.safetensors")
+    removed = [key for key in weights if key.startswith(module + ".")]
+    save_file({k: v for k, v in weights.items() if k not in removed}, source / "model.safetensors", {"format": "pt"})
+    err = convert_failing(tmp_path, capsys, "--input", source)
+    assert f"{len(removed)} weights are missing from the inputs" in err and all(key in err for key in removed)
 
 
 # Expert parameters by the shapes docs/model.md gives (L layers, m = embedding, g = guidance, h = hypernetwork hidden,
@@ -539,14 +580,16 @@ def expert_modules(folder):
 
 
 @pytest.mark.parametrize(
-    "cli, expected, experts",
+    "settings, cli, expected, experts",
     [
         (
+            {"visual_expert": "both", "language_expert_layers": None, "language_guidance_layer": 0},
             ["--visual-expert", "none", "--language-expert-layers", "1,3", "--language-guidance-layer", "1"],
             {"visual_expert": None, "language_expert_layers": [1, 3], "language_guidance_layer": 1},
             {"model.language_model.language_expert": 2},
         ),
         (
+            {"visual_expert": None, "language_expert_layers": "all", "language_guidance_layer": 0},
             ["--visual-expert", "first", "--language-expert-layers", "none"],
             # (the guidance layer, not given here, is the input config's)
             {"visual_expert": "first", "language_expert_layers": None, "language_guidance_layer": 0},
@@ -555,9 +598,9 @@ def expert_modules(folder):
     ],
     ids=["no-visual-expert-layer-list", "no-language-expert"],
 )
-def test_expert_options_none_and_layer_list_override_the_input_config(tmp_path, cli, expected, experts):
-    # The input config asks for other experts (both visual ones, every layer, guidance 0): the command line wins.
-    settings = {"visual_expert": "both", "language_expert_layers": "all", "language_guidance_layer": 0}
+def test_expert_options_none_and_layer_list_override_the_input_config(tmp_path, settings, cli, expected, experts):
+    # The input config asks for other experts (`settings`): the command line wins. It removes the input's experts
+    # (whose weights are absent: none is left unused) and adds those the input lacks, new.
     checkpoint, clip, reference = codebase_checkpoint(tmp_path, fmt="safetensors", config_overrides=settings)
     out = tmp_path / "out"
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, *cli) == 0
@@ -890,6 +933,31 @@ def _peft_adapter_checkpoint(tmp_path, checkpoint, clip):
     return [], [f"{checkpoint} is a PEFT adapter checkpoint", "merge_and_unload()"]
 
 
+def _plain_llama_folder(tmp_path, checkpoint, clip):
+    # The LLM that stage 1 trains on, given as --input: its config has no mm_* field.
+    config = json.loads((checkpoint / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("mm_") and k != "image_aspect_ratio"}
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    return [], [
+        f"--input {checkpoint} is a language model without a projector (LlamaForCausalLM): pass it as --base-model",
+        "stage-1 mm_projector file",
+    ]
+
+
+def _declared_expert_without_weights(tmp_path, checkpoint, clip):
+    # A HyperLLaVA-codebase config (the expert fields) says the run trained a second visual expert; none is saved.
+    keys = [f"model.multi_modal_projector.visual_expert_second.{name}" for name in ("encoder_weight", "hyper_in.bias")]
+    return [], ["7 weights are missing from the inputs", *keys]
+
+
+def _bad_expert_field_replaced_by_a_flag(tmp_path, checkpoint, clip):
+    # The flag makes the converted model's settings valid, but the input's own say which experts it holds.
+    return ["--language-guidance-layer", "1"], [
+        f"the expert settings of the config in {checkpoint} are invalid",
+        "language_guidance_layer must be an integer in 0..3, got 9",
+    ]
+
+
 def _bad_expert_field(tmp_path, checkpoint, clip):
     # A field the input's config carries (a HyperLLaVA-codebase checkpoint): refused by HyperLlavaConfig's own check.
     return [], [f"cannot build a HyperLLaVA config from {checkpoint}", "'expert_bottleneck_dim'", "got 0"]
@@ -908,7 +976,10 @@ def _bad_expert_field(tmp_path, checkpoint, clip):
             ({}, _no_tokenizer),
             ({}, _tokenizer_folder_without_one),
             ({}, _peft_adapter_checkpoint),
+            ({"architectures": ["LlamaForCausalLM"]}, _plain_llama_folder),
+            ({"visual_expert": "second", "language_expert_layers": None}, _declared_expert_without_weights),
             ({"expert_bottleneck_dim": 0}, _bad_expert_field),
+            ({"language_guidance_layer": 9}, _bad_expert_field_replaced_by_a_flag),
         ]
     ],
 )
@@ -1002,6 +1073,27 @@ def test_an_output_folder_that_holds_an_input_is_refused_even_with_overwrite(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_an_output_that_holds_the_current_directory_is_refused_and_dot_is_named_by_its_folder(
+    tmp_path, capsys, monkeypatch
+):
+    """`--output .` (or a folder above) would replace the folder the shell is in; `--input .` is named by its folder in
+    the model card."""
+    source = hyperllava_folder(tmp_path / "hyperllava")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for output in (".", ".."):  # (`.` is empty: no --overwrite would be needed)
+        assert run("--input", source, "--output", output, "--overwrite") == 1
+        err = capsys.readouterr().err
+        assert f"--output {output} ({Path(output).resolve()}) is the current directory or holds it" in err
+    assert {p.name for p in tmp_path.iterdir()} == {"hyperllava", "here"} and not any(here.iterdir())
+
+    monkeypatch.chdir(source)
+    assert run("--input", ".", "--output", "../out") == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "by `hyperllava-convert` from `hyperllava`." in card and card.count('from_pretrained("out"') == 4
+
+
 def test_weights_that_overflow_float16_are_named(tmp_path, capsys):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, fmt="safetensors")
     shard = sorted(checkpoint.glob("*.safetensors"))[1]
@@ -1033,19 +1125,21 @@ def test_an_llm_config_that_transformers_refuses_is_named(tmp_path, capsys):
     assert err.startswith("error: cannot read the LLM's settings in the input config: ") and "Traceback" not in err
 
 
-def test_republishing_keeps_the_folders_preprocessing_template_and_generation_settings(tmp_path):
+def test_republishing_keeps_the_folders_preprocessing_template_generation_settings_and_card_metadata(tmp_path):
     """A HyperLLaVA folder converted again (re-shard, change the dtype) keeps its image processor's settings, which
     Transformers 5 saves in processor_config.json (here the CLIP folder's normalisation, unpadded: "square"), its
-    chat template and its generation settings; every level of its config names the new dtype."""
+    chat template, its generation settings and its model card's license and base model (unless the command line
+    gives others); every level of its config names the new dtype."""
     checkpoint, clip, _ = codebase_checkpoint(tmp_path, config_overrides={"image_aspect_ratio": "square"})
     first, again = tmp_path / "first", tmp_path / "again"
-    assert run("--input", checkpoint, "--vision-tower", clip, "--output", first) == 0
+    card = ["--license", "llama2", "--base-model-id", "org/base"]
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", first, *card) == 0
     template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     (first / "chat_template.jinja").write_text(template)
     generation = GenerationConfig.from_pretrained(first)
     generation.update(eos_token_id=[2, 7], do_sample=True, temperature=0.2, max_new_tokens=512)
     generation.save_pretrained(first)
-    assert run("--input", first, "--output", again, "--dtype", "bf16") == 0
+    assert run("--input", first, "--output", again, "--dtype", "bf16", "--license", "apache-2.0") == 0
     for folder in (first, again):
         images = json.loads((folder / "processor_config.json").read_text())["image_processor"]
         assert (images["image_mean"], images["image_std"], images["do_pad"]) == (CLIP_MEAN, CLIP_STD, False)
@@ -1053,6 +1147,8 @@ def test_republishing_keeps_the_folders_preprocessing_template_and_generation_se
     assert GenerationConfig.from_pretrained(again).to_diff_dict() == generation.to_diff_dict()
     config = json.loads((again / "config.json").read_text())
     assert [config["dtype"], config["text_config"]["dtype"], config["vision_config"]["dtype"]] == ["bfloat16"] * 3
+    metadata = yaml.safe_load((again / "README.md").read_text().split("---")[1])
+    assert (metadata["license"], metadata["base_model"]) == ("apache-2.0", "org/base")
 
 
 def test_a_broken_shard_index_and_zero_sizes_are_named(tmp_path, capsys):
@@ -1206,7 +1302,11 @@ def test_push_to_hub_uploads_the_folder_in_one_commit(tmp_path, monkeypatch):
     assert calls["create_branch"] == ("org/hyperllava-7b", {"branch": "v1", "exist_ok": True})
     repo_id, folder, files, kwargs = calls["upload_folder"]
     assert repo_id == "org/hyperllava-7b" and folder == out
-    assert kwargs == {"commit_message": "HyperLLaVA 7B", "revision": "v1"}
+    assert kwargs == {
+        "commit_message": "HyperLLaVA 7B",
+        "revision": "v1",
+        "delete_patterns": convert.HUB_DELETE_PATTERNS,  # (what they delete: the next test)
+    }
     expected = [
         "README.md",
         "chat_template.jinja",
@@ -1227,8 +1327,38 @@ def test_push_to_hub_uploads_the_folder_in_one_commit(tmp_path, monkeypatch):
     card = (out / "README.md").read_text()
     for needle in ("trust_remote_code=True", "import transformers_hyperllava", "arXiv:2403.13447", "Training recipe"):
         assert needle in card
+    # The usage snippets (model and processor, with and without the package) load the branch pushed to.
+    assert card.count('from_pretrained("org/hyperllava-7b", revision="v1"') == 4
     k = json.loads((out / "config.json").read_text())["language_guidance_layer"]  # (the input of layer k: after k-1)
     assert f"guidance from the hidden state entering layer {k} |" in card
+
+
+def test_republishing_deletes_what_the_previous_push_left(tmp_path, monkeypatch):
+    """A repo pushed with one model.safetensors, then sharded: the old file would stay beside the new shards (and be
+    what Transformers loads). The push deletes the files of the repo that a conversion writes and that it does not
+    upload; the repo's other files stay."""
+    source = hyperllava_folder(tmp_path / "hyperllava")
+    # The repo's files: some of its own, and those of an older upload (a processor file of Transformers 4, weights in
+    # torch's format, a SentencePiece tokenizer).
+    repo = {".gitattributes", "LICENSE", "preprocessor_config.json", "pytorch_model.bin", "tokenizer.model"}
+
+    def upload_folder(self, repo_id, folder_path, delete_patterns=None, **kwargs):
+        # One commit, as huggingface_hub makes it: the repo's files that match delete_patterns are deleted, but for
+        # .gitattributes and those that the upload holds, which are replaced.
+        uploaded = {p.name for p in Path(folder_path).iterdir()}
+        if delete_patterns is not None:
+            repo.difference_update(set(filter_repo_objects(repo, allow_patterns=delete_patterns)) - {".gitattributes"})
+        repo.update(uploaded)
+        return f"https://huggingface.co/{repo_id}/commit/1234"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert run("--input", source, "--output", tmp_path / "single", "--push-to-hub", "org/x") == 0
+    sharded = tmp_path / "sharded"
+    assert run("--input", source, "--output", sharded, "--push-to-hub", "org/x", "--max-shard-size", "100KB") == 0
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    assert repo == {p.name for p in sharded.iterdir()} | {".gitattributes", "LICENSE"}
+    assert "revision=" not in (sharded / "README.md").read_text()  # (pushed to main)
 
 
 def test_a_malformed_hub_id_is_refused_before_converting(tmp_path, capsys):
@@ -1237,17 +1367,30 @@ def test_a_malformed_hub_id_is_refused_before_converting(tmp_path, capsys):
     assert "--push-to-hub 'bad id!' is not a Hub repo id" in err
 
 
-def test_failed_upload_keeps_the_converted_folder_and_says_how_to_retry(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "stop, code, message",
+    [
+        (ConnectionError("no route to the Hub"), 1, "error: the upload to org/x failed (no route to the Hub)"),
+        (KeyboardInterrupt(), 130, "interrupted during the upload to org/x"),  # Ctrl-C
+    ],
+    ids=["network", "ctrl-c"],
+)
+def test_a_stopped_upload_keeps_the_converted_folder_and_says_how_to_retry(
+    tmp_path, monkeypatch, capsys, stop, code, message
+):
     checkpoint, clip, _ = codebase_checkpoint(tmp_path)
 
-    def create_repo(self, repo_id, **kwargs):
-        raise ConnectionError("no route to the Hub")
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        raise stop
 
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     out = tmp_path / "converted model's folder"  # a path that a shell needs quoted
-    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--push-to-hub", "org/x") == 1
+    assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--push-to-hub", "org/x") == code
     err = capsys.readouterr().err
-    assert "no route to the Hub" in err
-    command = err.split("retry with `", 1)[1].split("`", 1)[0]
-    assert shlex.split(command)[:4] == ["hf", "upload", "org/x", str(out)]
+    assert message in err and f"the converted folder is kept at {out}" in err
+    command = shlex.split(err.split("retry with `", 1)[1].split("`", 1)[0])
+    assert command[:4] == ["hf", "upload", "org/x", str(out)]
+    # (The retry deletes what the converter's upload would have deleted.)
+    assert [value for flag, value in zip(command, command[1:]) if flag == "--delete"] == convert.HUB_DELETE_PATTERNS
     assert (out / "config.json").is_file()
