@@ -38,10 +38,8 @@ import pickle
 import re
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +73,7 @@ from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration
 from transformers_hyperllava.configuration_hyperllava import NOT_MODEL_FIELDS
+from transformers_hyperllava.files import stop_signals_interrupt
 from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
 
 # Input key -> output key, per input layout: the first rule whose pattern matches the whole key wins; a `None` target
@@ -1017,14 +1016,6 @@ def upload_flags(args):
     return revision + (" --private" if args.private else "") + deletions
 
 
-def interrupted(signum, frame):
-    # A job's time limit (SIGTERM) or a closed terminal (SIGHUP) leaves no partial output either, as Ctrl-C does.
-    raise KeyboardInterrupt
-
-
-STOP_SIGNALS = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]  # (Windows has no SIGHUP)
-
-
 def check_output_holds_no_input(output: Path, args, plan):
     """--overwrite replaces the whole --output folder: refused where that folder holds an input."""
     inputs = {
@@ -1040,13 +1031,10 @@ def check_output_holds_no_input(output: Path, args, plan):
             )
 
 
+# A job's time limit (SIGTERM) or a closed terminal (SIGHUP) leaves no partial output either, as Ctrl-C does.
+@stop_signals_interrupt()
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # (Only the main thread may set a signal handler: run from another, the converter leaves the signals as they are.)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handlers = (
-        {number: signal.signal(number, interrupted) for number in STOP_SIGNALS} if in_main_thread else {}
-    )
     output = Path(args.output).resolve()  # (`.` has no name to stage beside)
     try:
         cwd = Path.cwd().resolve()
@@ -1090,9 +1078,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial output was left", file=sys.stderr)
         return 130
-    finally:
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The built-in demo: the rendered data says what its answers say, and a shortened demo run learns it."""
 
 import json
+import os
 import re
+import signal
 from collections import defaultdict, deque
 
 import numpy as np
@@ -153,6 +155,33 @@ def test_a_demo_with_fewer_than_five_heldout_questions_shows_them_all(tmp_path, 
     heldout = json.loads((tmp_path / "data" / "heldout.json").read_text())
     printed = [line for line in capsys.readouterr().out.splitlines() if "(expected" in line]
     assert len(heldout) == 4 and len(printed) == 4
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_time_limit_or_a_closed_terminal_leaves_no_partial_file(tmp_path, monkeypatch, stop):
+    """SIGTERM (a job's time limit) and SIGHUP while the demo writes its data leave what Ctrl-C leaves."""
+    written = []
+    save = Image.Image.save
+
+    def stopped_save(image, path, *args, **kwargs):
+        save(image, path, *args, **kwargs)
+        written.append(path)
+        if len(written) == 3:
+            os.kill(os.getpid(), stop)
+
+    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
+        raise AssertionError(f"hyperllava-demo let {signal.Signals(signum).name} through")
+
+    monkeypatch.setattr(Image.Image, "save", stopped_save)
+    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.main(["--output_dir", str(tmp_path), "--train_images", "8", "--heldout_images", "1"])
+        assert {number: signal.getsignal(number) for number in outer} == dict.fromkeys(outer, unhandled)
+    finally:
+        for number, handler in outer.items():
+            signal.signal(number, handler)
+    assert [path.name for path in tmp_path.rglob("*") if path.name.endswith(".partial")] == []
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 
@@ -493,6 +494,37 @@ def test_batch_mode_replaces_the_answers_file_only_at_the_end(saved, capsys, tmp
         os.umask(umask)
     assert other_partial.read_text() == "another run's answers\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_time_limit_or_a_closed_terminal_leaves_what_ctrl_c_leaves(saved, capsys, tmp_path, monkeypatch, stop):
+    """SIGTERM (a job's time limit) and SIGHUP mid-run: the previous answers file is kept, and neither the partial
+    file nor the folders made for a new one are left."""
+    folder, _, _, images = saved
+    write_questions(tmp_path / "questions.jsonl", [{"question_id": "q1", "image": "wide.png", "text": "What?"}])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "answers.jsonl").write_text("old answers\n")
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), stop)
+
+    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
+        raise AssertionError(f"hyperllava-generate let {signal.Signals(signum).name} through")
+
+    monkeypatch.setattr("transformers_hyperllava.generate.generate_answers", stopped)
+    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for answers_file in (tmp_path / "out" / "answers.jsonl", tmp_path / "new" / "sub" / "answers.jsonl"):
+            argv = ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
+            with pytest.raises(KeyboardInterrupt):
+                run([*argv, "--image-folder", str(images), "--answers-file", str(answers_file)], capsys)
+        assert {number: signal.getsignal(number) for number in outer} == dict.fromkeys(outer, unhandled)
+    finally:
+        for number, handler in outer.items():
+            signal.signal(number, handler)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["answers.jsonl"]
+    assert (tmp_path / "out" / "answers.jsonl").read_text() == "old answers\n"
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_answers_file_behind_a_link_or_a_pipe_is_written_through_it(saved, capsys, tmp_path):

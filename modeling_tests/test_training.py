@@ -217,6 +217,33 @@ def test_an_interrupted_save_keeps_the_previous_model(setup, tmp_path, monkeypat
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_time_limit_or_a_closed_terminal_while_saving_keeps_the_previous_model(setup, tmp_path, monkeypatch, stop):
+    """SIGTERM (a job's time limit) and SIGHUP leave what Ctrl-C leaves: the staging folder is taken away."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier run's model
+
+    def stopped_save(self, output_dir, _internal_call=False):
+        Path(output_dir).mkdir()
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), stop)
+
+    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
+        raise AssertionError(f"hyperllava-train let {signal.Signals(signum).name} through")
+
+    monkeypatch.setattr(training.Trainer, "save_model", stopped_save)
+    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(cli_args(setup, out, max_steps=1))
+        assert {number: signal.getsignal(number) for number in outer} == dict.fromkeys(outer, unhandled)
+    finally:
+        for number, handler in outer.items():
+            signal.signal(number, handler)
+    assert {path.name: path.read_text() for path in out.iterdir()} == {"config.json": "{}"}
+
+
 def test_dora_on_all_linear_layers_but_the_hypernetworks_starts_as_the_model():
     """docs/training.md's advice: DoRA divides by each output row's norm, which is zero for the hypernetworks' rows that
     produce W_u on a new model; without them, DoRA starts as the model itself."""

@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .data import LlavaJsonDataset
 from .demo_data import CHANCE, QUESTION_TYPES, make_demo_dataset
+from .files import stop_signals_interrupt
 from .generate import build_prompt, generate_answers, load_image
 from .modeling_hyperllava import HyperLlavaForConditionalGeneration
 from .tiny import tiny_config
@@ -193,6 +194,8 @@ def run(args) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     return results, answers
 
 
+# A job's time limit (SIGTERM) or a closed terminal (SIGHUP) leaves no partial output either, as Ctrl-C does.
+@stop_signals_interrupt()
 def main(argv=None):
     run(parse_args(argv))
 

@@ -3,8 +3,33 @@
 import contextlib
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
+
+STOP_SIGNALS = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]  # (Windows has no SIGHUP)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """Within the block (or the decorated function), SIGTERM (a job's time limit) and SIGHUP (a closed terminal) raise
+    KeyboardInterrupt, as Ctrl-C does: the cleanups that run on an exception then take away partial output. Python's
+    default for them ends the process at once, running none. The previous handlers are restored afterwards. Only the
+    main thread may set a signal handler: run from another, the signals are left as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _interrupted) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextlib.contextmanager

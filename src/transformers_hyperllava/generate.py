@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer, set_seed
 
-from .files import replaced_when_done
+from .files import replaced_when_done, stop_signals_interrupt
 
 
 def load_image(path) -> Image.Image:
@@ -323,6 +323,8 @@ def load_model(args):
     return model.eval()
 
 
+# A job's time limit (SIGTERM) or a closed terminal (SIGHUP) leaves no partial output either, as Ctrl-C does.
+@stop_signals_interrupt()
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_seed(args.seed)

@@ -36,7 +36,7 @@ from transformers.utils import (
 )
 
 from .data import LlavaDataCollator, LlavaJsonDataset
-from .files import replaced_when_done
+from .files import replaced_when_done, stop_signals_interrupt
 from .modeling_hyperllava import HyperLlavaForConditionalGeneration
 from .processing_hyperllava import CHAT_TEMPLATE, HyperLlavaProcessor
 
@@ -509,6 +509,8 @@ def parse_arguments(argv):
     return parser.parse_dict(settings)
 
 
+# A job's time limit (SIGTERM) or a closed terminal (SIGHUP) leaves no partial output either, as Ctrl-C does.
+@stop_signals_interrupt()
 def main(argv=None):
     model_args, data_args, args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.get_process_log_level())
