@@ -435,6 +435,14 @@ def test_an_image_over_pillows_pixel_limit_names_the_sample(processor, image_fol
         LlavaJsonDataset(data, processor, image_folder)[0]
 
 
+def test_an_image_up_to_twice_the_pixel_limit_names_the_sample(processor, image_folder, tmp_path, monkeypatch):
+    """Pillow only warns below twice its limit: the 28 x 28 test image (784 px) over a limit of 500 is refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    data = write_json(tmp_path / "d.json", [GOOD])
+    with pytest.raises(ValueError, match=r"sample 'good': Cannot read image file .*a\.png: 28x28 = 784 pixels, over"):
+        LlavaJsonDataset(data, processor, image_folder)[0]
+
+
 def test_image_without_image_folder_names_the_sample(processor, tmp_path):
     text_only = {"id": "text", "conversations": conversation(SINGLE, image_tag=False)}
     # Text-only samples need no image folder...

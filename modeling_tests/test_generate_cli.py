@@ -560,18 +560,34 @@ def test_an_answers_file_behind_a_link_or_a_pipe_is_written_through_it(saved, ca
         os.close(reader)
 
 
+def test_an_image_up_to_twice_the_pixel_limit_is_refused_before_it_is_decoded(saved, capsys, monkeypatch):
+    """Pillow only warns below twice its limit: wide.png (50 x 30 = 1500 px) over a limit of 1000 is refused all the
+    same, naming the file and the limit; tall.jpg (24 x 40 = 960 px) at a limit of 960 is read."""
+    folder, _, _, images = saved
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(Image.Image, "load", lambda image: pytest.fail("decoded"))
+    message = r"Cannot read image file .*wide\.png: 50x30 = 1500 pixels, over Pillow's pixel limit .*= 1000\)"
+    with pytest.raises(ValueError, match=message):
+        load_image(images / "wide.png")
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 960)
+    assert load_image(images / "tall.jpg").size == (24, 40)
+    code, out, err = run(["--model", str(folder), "--image", str(images / "wide.png"), "--prompt", "What?"], capsys)
+    assert code == 1 and out == "" and "wide.png: 50x30 = 1500 pixels, over Pillow's pixel limit" in err
+
+
 def test_an_image_over_pillows_pixel_limit_is_reported_and_the_others_answered(saved, capsys, tmp_path, monkeypatch):
     """Pillow refuses an image over twice its pixel limit (a possible decompression bomb) with an error that is not an
-    OSError; lowered here so that wide.png (1500 px) is one and tall.jpg (960 px) is not."""
+    OSError; lowered here so that wide.png (1500 px) is one and alpha.png (720 px) is not."""
     folder, model, processor, images = saved
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 720)
     code, out, err = run(["--model", str(folder), "--image", str(images / "wide.png"), "--prompt", "What?"], capsys)
     assert code == 1 and out == ""
     assert re.search(r"hyperllava-generate: error: Cannot read image file .*wide\.png: .*exceeds limit", err), err
 
     questions = [
         {"question_id": "bomb", "image": "wide.png", "text": "What?"},
-        {"question_id": "fine", "image": "tall.jpg", "text": "What?"},
+        {"question_id": "fine", "image": "alpha.png", "text": "What?"},
     ]
     code, err, answers_file = run_batch(folder, questions, images, tmp_path, capsys)
     assert code == 1 and "question 'bomb' failed: Cannot read image file" in err

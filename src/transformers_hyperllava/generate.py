@@ -32,11 +32,18 @@ def load_image(path) -> Image.Image:
     """An image file as RGB, like LLaVA-1.5 (grayscale, palette and RGBA images are converted)."""
     try:
         with Image.open(path) as image:
+            # Pillow only warns up to twice its limit (a possible decompression bomb) and refuses above: refused from
+            # the limit on, before the pixels are decoded. (None turns the limit off, as it does for Pillow.)
+            if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{image.width}x{image.height} = {image.width * image.height} pixels, over Pillow's pixel limit "
+                    f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})"
+                )
             return to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
-    # (Pillow refuses an image over its pixel limit, a possible decompression bomb, with an error of its own, and some
-    # damaged files, a PNG with a broken chunk say, with a SyntaxError.)
+    # (Pillow refuses an image over twice its pixel limit with an error of its own, and some damaged files, a PNG with
+    # a broken chunk say, with a SyntaxError.)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as error:
         raise ValueError(f"Cannot read image file {path}: {error}") from error
 
