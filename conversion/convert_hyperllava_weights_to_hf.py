@@ -236,6 +236,8 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise ConversionError(f"cannot read {path}: {error}") from error
+    except RecursionError as error:  # (a damaged or hostile file: Python's JSON reader recurses per level)
+        raise ConversionError(f"cannot read {path}: JSON nested too deeply ({error})") from error
     if not isinstance(data, dict):
         raise ConversionError(f"cannot read {path}: a JSON object was expected, got a {type(data).__name__}")
     return data

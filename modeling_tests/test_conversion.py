@@ -1125,6 +1125,16 @@ def test_an_llm_config_that_transformers_refuses_is_named(tmp_path, capsys):
     assert err.startswith("error: cannot read the LLM's settings in the input config: ") and "Traceback" not in err
 
 
+def test_a_config_nested_too_deeply_to_read_is_named(tmp_path, capsys):
+    """A damaged or hostile config.json: Python's JSON reader recurses per level, and gives up."""
+    checkpoint, clip, _ = codebase_checkpoint(tmp_path)
+    (checkpoint / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    err = convert_failing(tmp_path, capsys, "--input", checkpoint, "--vision-tower", clip)
+    assert err.startswith(
+        f"error: cannot read {checkpoint / 'config.json'}: JSON nested too deeply (maximum recursion"
+    )
+
+
 def test_republishing_keeps_the_folders_preprocessing_template_generation_settings_and_card_metadata(tmp_path):
     """A HyperLLaVA folder converted again (re-shard, change the dtype) keeps its image processor's settings, which
     Transformers 5 saves in processor_config.json (here the CLIP folder's normalisation, unpadded: "square"), its

@@ -98,6 +98,7 @@ def conversation(turns, image_tag=True):
 SINGLE = [("what colour is the square ?", "red")]
 MULTI = [("what colour is the square ?", "red"), ("how many shapes are there ?", "two"), ("tell me a joke", "no .")]
 GOOD = {"id": "good", "image": "a.png", "conversations": conversation(SINGLE)}
+DEEP = "[" * 100_000 + "]" * 100_000  # nested deeper than Python's JSON reader, which recurses per level, reads
 
 
 @pytest.mark.parametrize("turns", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
@@ -472,8 +473,20 @@ def test_image_without_image_folder_names_the_sample(processor, tmp_path):
         ("d.json", json.dumps([GOOD, [1, 2]]), r"d\.json: sample 1 must be a JSON object, got list"),
         ("d.json", '["abc"]', r"d\.json: sample 0 must be a JSON object, got str"),
         ("d.json", json.dumps(GOOD), r"d\.json: expected a JSON list of samples, got dict"),
+        ("d.json", DEEP, r"d\.json: JSON nested too deeply to read \(maximum recursion depth"),
+        ("d.jsonl", f"{json.dumps(GOOD)}\n{DEEP}\n", r"d\.jsonl, line 2: JSON nested too deeply to read"),
     ],
-    ids=["jsonl-syntax", "jsonl-list", "jsonl-as-json", "empty", "list-sample", "str-sample", "object-not-list"],
+    ids=[
+        "jsonl-syntax",
+        "jsonl-list",
+        "jsonl-as-json",
+        "empty",
+        "list-sample",
+        "str-sample",
+        "object-not-list",
+        "deep-json",
+        "deep-jsonl",
+    ],
 )
 def test_bad_files_name_the_file(processor, image_folder, tmp_path, name, text, message):
     (tmp_path / name).write_text(text, encoding="utf-8")

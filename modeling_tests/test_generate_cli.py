@@ -398,6 +398,7 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
             # JSON escapes of half a character (json.dumps writes them as such): no UTF-8 text has them.
             {"question_id": "half\ud83d", "image": "wide.png", "text": "What?"},
             {"question_id": "half-text", "image": "wide.png", "text": "What?\ud83d"},
+            "[" * 100_000 + "]" * 100_000,  # deeper than Python's JSON reader, which recurses per level, reads
             {"question_id": "ok2", "image": "tall.jpg", "text": "Describe the picture in detail."},
         ],
     )
@@ -429,9 +430,10 @@ def test_batch_mode_reports_every_failed_line(saved, capsys, tmp_path):
         ("'line 13'", "expected a JSON object, got \\[1, 2\\]"),
         ("'line 14'", "an unpaired .* escape \\(half a character\\): not text"),
         ("'half-text'", "an unpaired .* escape \\(half a character\\): not text"),
+        ("'line 16'", "JSON nested too deeply to read \\(maximum recursion depth"),
     ]:
         assert re.search(f"question {label} failed: {reason}", err), (label, err)
-    assert "13 of 15 questions failed" in err
+    assert "14 of 16 questions failed" in err
 
 
 def test_a_batch_whose_generation_fails_reports_each_of_its_questions(saved, capsys, tmp_path, monkeypatch):

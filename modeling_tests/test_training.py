@@ -808,6 +808,35 @@ def test_an_arguments_file_gives_whole_numbers_as_ints_and_is_refused_by_name_wh
     (tmp_path / "broken.yaml").write_text(required + "stage: [align\n")
     with pytest.raises(yaml.YAMLError, match=r'in "\S*broken\.yaml", line'):
         parse_arguments([str(tmp_path / "broken.yaml")])
+    deep = "[" * 100_000 + "]" * 100_000  # deeper than the JSON and YAML readers, which recurse per level, read
+    for name, content, message in [
+        (
+            "broken.json",
+            b'{"stage": "align",\n "output_dir": }\n',
+            r"broken\.json: invalid JSON: Expecting value: line 2",
+        ),
+        ("latin1.yaml", required.encode() + b"stage: \xe9\n", r"latin1\.yaml: not UTF-8 text \(byte 63\)"),
+        ("deep.json", deep.encode(), r"deep\.json: nested too deeply to read \(maximum recursion depth"),
+        ("deep.yaml", deep.encode(), r"deep\.yaml: nested too deeply to read \(maximum recursion depth"),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            parse_arguments([str(tmp_path / name)])
+
+
+def test_a_damaged_adapter_config_in_the_checkpoint_to_resume_is_named(tmp_path):
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    adapter = checkpoint / "adapter_config.json"
+    lora = (8, 16, 0.05)
+    adapter.write_text('{"r": 8, "lora_alpha": ')  # truncated (a full disk, say)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(adapter))}: Expecting value"):
+        training.check_resume("true", tmp_path / "out", lora)
+    adapter.write_text("[8, 16]")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(adapter))} must hold a JSON object, got list"):
+        training.check_resume(str(checkpoint), tmp_path / "out", lora)
+    adapter.write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    training.check_resume(str(checkpoint), tmp_path / "out", lora)
 
 
 @pytest.mark.parametrize("which", ["data_path", "eval_data_path"])

@@ -45,6 +45,8 @@ def load_samples(path) -> list[dict]:
                 sample = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}, column {error.colno}: invalid JSON: {error.msg}") from error
+            except RecursionError as error:  # (a damaged or hostile file: Python's JSON reader recurses per level)
+                raise ValueError(f"{path}, line {number}: JSON nested too deeply to read ({error})") from error
             if not isinstance(sample, dict):
                 got = type(sample).__name__
                 raise TypeError(f"{path}, line {number}: a sample must be a JSON object, got {got}")
@@ -59,6 +61,8 @@ def load_samples(path) -> list[dict]:
         if error.msg == "Extra data":
             hint = f" (if it holds one sample a line, JSON Lines, name it {path.stem}.jsonl)"
         raise ValueError(f"{path}: invalid JSON: {error}{hint}") from error
+    except RecursionError as error:  # (a damaged or hostile file: Python's JSON reader recurses per level)
+        raise ValueError(f"{path}: JSON nested too deeply to read ({error})") from error
     if not isinstance(samples, list):
         raise TypeError(f"{path}: expected a JSON list of samples, got {type(samples).__name__}")
     for index, sample in enumerate(samples):

@@ -126,6 +126,9 @@ def read_questions(path):
             except json.JSONDecodeError as error:
                 yield f"line {number}", ValueError(f"invalid JSON: {error}")
                 continue
+            except RecursionError as error:  # (a damaged or hostile line: Python's JSON reader recurses per level)
+                yield f"line {number}", ValueError(f"JSON nested too deeply to read ({error})")
+                continue
             if not isinstance(question, dict):
                 yield f"line {number}", ValueError(f"expected a JSON object, got {json.dumps(question):.80}")
                 continue

@@ -317,7 +317,14 @@ def check_resume(resume, output_dir, lora):
             f"--resume_from_checkpoint {resume} was saved {saved}: resume it as it was trained, not {given}"
         )
     if lora:
-        saved = json.loads(adapter.read_text())
+        try:
+            saved = json.loads(adapter.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:  # (not JSON or not UTF-8; nested too deeply)
+            raise ValueError(f"--resume_from_checkpoint {resume}: cannot read {adapter}: {error}") from error
+        if not isinstance(saved, dict):
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: {adapter} must hold a JSON object, got {type(saved).__name__}"
+            )
         if (saved.get("r"), saved.get("lora_alpha")) != lora[:2]:
             raise ValueError(
                 f"--resume_from_checkpoint {resume} was saved with --lora_r {saved.get('r')} --lora_alpha "
@@ -485,8 +492,15 @@ def parse_arguments(argv):
     if not (len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))):
         return parser.parse_args_into_dataclasses(argv)
     path = argv[0]
-    with open(path, encoding="utf-8") as file:  # (a file, not its text: PyYAML's errors then name it)
-        settings = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    try:
+        with open(path, encoding="utf-8") as file:  # (a file, not its text: PyYAML's syntax errors then name it)
+            settings = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}): re-encode it") from error
+    except RecursionError as error:  # (a damaged or hostile file: the JSON and YAML readers recurse per level)
+        raise ValueError(f"{path}: nested too deeply to read ({error})") from error
     if not isinstance(settings, dict):
         got = "nothing" if settings is None else f"a {type(settings).__name__}"
         hint = " (a data file? pass it as --data_path)" if isinstance(settings, list) else ""
