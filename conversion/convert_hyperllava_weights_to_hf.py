@@ -162,6 +162,13 @@ def find_weight_files(path: Path) -> list[Path]:
             weight_map = read_json(path / name).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{path / name} has no weight_map (tensor name -> shard file)")
+            wrong = [(key, value) for key, value in weight_map.items() if not isinstance(value, str)]
+            if wrong:
+                key, value = wrong[0]
+                raise ConversionError(
+                    f"{path / name}: weight_map maps tensor names to shard file names; {key!r} maps to "
+                    f"{json.dumps(value)} ({len(wrong)} tensor(s) without a file name)"
+                )
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:

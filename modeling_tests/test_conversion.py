@@ -1175,6 +1175,11 @@ def test_a_broken_shard_index_and_zero_sizes_are_named(tmp_path, capsys):
     index.write_text("{}")
     assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
     assert f"{index} has no weight_map" in capsys.readouterr().err
+    for weight_map, value in [({"a": 5}, "5"), ({"a": ["x.safetensors"], "b": None}, '["x.safetensors"]')]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) == 1
+        message = f"{index}: weight_map maps tensor names to shard file names; 'a' maps to {value} ("
+        assert message in capsys.readouterr().err
     for content, message in [(b"\xff{}", "can't decode byte 0xff"), (b"[]", "a JSON object was expected, got a list")]:
         index.write_bytes(content)
         assert run("--input", checkpoint, "--vision-tower", clip, "--output", out) != 0
