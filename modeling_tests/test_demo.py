@@ -5,6 +5,7 @@ import os
 import re
 import signal
 from collections import defaultdict, deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,35 @@ def test_deterministic_and_heldout_images_are_new(data, tmp_path):
     train = {Image.open(p).tobytes() for p in data.image_folder.glob("train_*.png")}
     heldout = [Image.open(p).tobytes() for p in data.image_folder.glob("heldout_*.png")]
     assert heldout and not any(image in train for image in heldout)
+
+
+def test_an_interrupted_rewrite_leaves_the_previous_dataset_whole(tmp_path, monkeypatch):
+    """Rewritten in place, the images would be the new seed's and the captions the old one's."""
+    folder = tmp_path / "data"
+    make_demo_dataset(folder, num_train_images=6, num_heldout_images=2, seed=0)
+    before = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    saved = []
+
+    def stopped_save(image, path):
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # Ctrl-C
+        saved.append(path)
+        image.save(path, format="PNG")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("transformers_hyperllava.demo_data._save_image", stopped_save)
+        with pytest.raises(KeyboardInterrupt):
+            make_demo_dataset(folder, num_train_images=6, num_heldout_images=2, seed=1)
+    assert {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["data"]
+    make_demo_dataset(folder, num_train_images=6, num_heldout_images=2, seed=1)
+    assert (folder / "captions.json").read_bytes() != before[Path("captions.json")]
+    assert [path.name for path in tmp_path.iterdir()] == ["data"]
+
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"data holds files that are not the demo dataset's \(notes\.txt\)"):
+        make_demo_dataset(folder, num_train_images=6, num_heldout_images=2, seed=1)
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_shortened_demo_learns_every_question_type(tmp_path, capsys):
@@ -181,7 +211,7 @@ def test_a_time_limit_or_a_closed_terminal_leaves_no_partial_file(tmp_path, monk
     finally:
         for number, handler in outer.items():
             signal.signal(number, handler)
-    assert [path.name for path in tmp_path.rglob("*") if path.name.endswith(".partial")] == []
+    assert list(tmp_path.iterdir()) == []  # the dataset's temporary folder is gone
 
 
 @pytest.mark.parametrize(

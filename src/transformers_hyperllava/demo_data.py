@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .files import replaced_when_done
+from .files import folder_replaced_when_done
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -150,14 +150,15 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return qa
 
 
+DATASET_FILES = ("images", "captions.json", "instruct.json", "heldout.json")
+
+
 def _write_json(path: Path, data):
-    with replaced_when_done(path) as partial:
-        partial.write_text(json.dumps(data, indent=1))
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _save_image(image: Image.Image, path: Path):
-    with replaced_when_done(path) as partial:
-        image.save(partial, format="PNG")
+    image.save(path, format="PNG")
 
 
 def make_demo_dataset(
@@ -172,10 +173,32 @@ def make_demo_dataset(
     Stage 2 gets every applicable question type for each training image, as one multi-turn conversation for half
     the images and as separate single-turn samples for the other half. The held-out split draws from a random stream
     of its own (`seed` + 1) and only from the reserved layouts (`Scene.heldout`), which training never shows.
+
+    The dataset is written in a folder beside `output_dir` that replaces it when complete: an interrupted run leaves
+    the previous dataset whole (rewritten in place, its images could be the new run's and its questions the old's).
+    So `output_dir` must hold nothing but a dataset.
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"{output_dir} is not a folder: the demo dataset is a folder")
+    foreign = (
+        sorted(p.name for p in output_dir.iterdir() if p.name not in DATASET_FILES) if output_dir.exists() else []
+    )
+    if foreign:
+        raise ValueError(
+            f"{output_dir} holds files that are not the demo dataset's ({', '.join(foreign[:5])}): writing the dataset "
+            "replaces the whole folder; give another one"
+        )
+    with folder_replaced_when_done(output_dir) as staging:
+        _write_dataset(staging, num_train_images, num_heldout_images, seed, image_size)
+    return DemoDataset(
+        output_dir / "images", output_dir / "captions.json", output_dir / "instruct.json", output_dir / "heldout.json"
+    )
+
+
+def _write_dataset(output_dir: Path, num_train_images, num_heldout_images, seed, image_size):
     image_folder = output_dir / "images"
-    image_folder.mkdir(parents=True, exist_ok=True)
+    image_folder.mkdir()
 
     captions, instruct, heldout = [], [], []
     for split, num_images, split_seed in (
@@ -225,13 +248,9 @@ def make_demo_dataset(
                     for kind, q, a in qa
                 ]
 
-    paths = DemoDataset(
-        image_folder, output_dir / "captions.json", output_dir / "instruct.json", output_dir / "heldout.json"
-    )
-    _write_json(paths.captions, captions)
-    _write_json(paths.instruct, instruct)
-    _write_json(paths.heldout, heldout)
-    return paths
+    _write_json(output_dir / "captions.json", captions)
+    _write_json(output_dir / "instruct.json", instruct)
+    _write_json(output_dir / "heldout.json", heldout)
 
 
 __all__ = ["CHANCE", "QUESTION_TYPES", "DemoDataset", "caption", "make_demo_dataset", "questions", "render_scene"]

@@ -53,3 +53,30 @@ def replaced_when_done(path):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def folder_replaced_when_done(path):
+    """Yields a new temporary folder beside the folder `path` to fill; it replaces `path` (made if missing) when the
+    block succeeds, and is removed on any error or Ctrl-C (`path` is then kept as it was). A link to a folder is
+    followed, as by `replaced_when_done`."""
+    path = Path(os.path.realpath(path))
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if not path.exists():
+            os.replace(staging, path)
+            return
+        # A folder cannot replace a folder that is not empty: the old one is moved aside, and back on any error.
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+        os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
