@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,6 +243,48 @@ def test_a_time_limit_or_a_closed_terminal_while_saving_keeps_the_previous_model
         for number, handler in outer.items():
             signal.signal(number, handler)
     assert {path.name: path.read_text() for path in out.iterdir()} == {"config.json": "{}"}
+
+
+def test_a_save_stopped_between_two_moves_leaves_the_previous_save_whole(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) between any two of staged_save's final moves: the folder holds the previous save, not a
+    mix; uninterrupted, it holds the new one. The checkpoints beside them are left alone."""
+    folder = tmp_path / "out"
+    previous = {"config.json": "run 1", "model-00001-of-00002.safetensors": "run 1", "tokenizer.json": "run 1"}
+    previous |= {"model-00002-of-00002.safetensors": "run 1", "model.safetensors.index.json": "run 1"}
+    saved = {"config.json": "run 2", "model.safetensors": "run 2", "tokenizer.json": "run 2"}
+
+    def save(stop_at):
+        moves = []
+
+        def replace(source, target):
+            moves.append(target)
+            if len(moves) == stop_at:
+                raise KeyboardInterrupt
+            os.rename(source, target)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(training.os, "replace", replace)
+            with training.staged_save(folder) as staging:
+                staging.mkdir()
+                for name, text in saved.items():
+                    (staging / name).write_text(text)
+        return len(moves)
+
+    (folder / "checkpoint-2").mkdir(parents=True)
+    for name, text in previous.items():
+        (folder / name).write_text(text)
+    for stop_at in range(1, save(stop_at=0) + 1):  # (each move of an uninterrupted save)
+        shutil.rmtree(folder)
+        (folder / "checkpoint-2").mkdir(parents=True)
+        for name, text in previous.items():
+            (folder / name).write_text(text)
+        with pytest.raises(KeyboardInterrupt):
+            save(stop_at)
+        assert {path.name: path.read_text() for path in folder.iterdir() if path.is_file()} == previous, stop_at
+        assert sorted(path.name for path in folder.iterdir() if path.is_dir()) == ["checkpoint-2"]
+    save(stop_at=0)
+    assert {path.name: path.read_text() for path in folder.iterdir() if path.is_file()} == saved
+    assert sorted(path.name for path in folder.iterdir() if path.is_dir()) == ["checkpoint-2"]
 
 
 def test_dora_on_all_linear_layers_but_the_hypernetworks_starts_as_the_model():

@@ -33,6 +33,7 @@ from transformers.utils import (
     IMAGE_PROCESSOR_NAME,
     LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
     PROCESSOR_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
 )
 
 from .data import LlavaDataCollator, LlavaJsonDataset
@@ -423,13 +424,14 @@ def build_trainer(
 
 @contextmanager
 def staged_save(folder: Path, writer=True):
-    """Yields a staging folder inside `folder` for `save_pretrained` calls; their files replace `folder`'s when the
-    block completes. Saved in place, an interrupted save could leave a folder that loads a mix of two runs: Transformers
-    writes the config first and removes the old shards before the new ones exist. The staging path is the same on
-    every process (all take part in gathering sharded weights); those that write (`writer`) also move."""
-    staging = folder / ".saving"
+    """Yields a staging folder inside `folder` for `save_pretrained` calls; their files replace `folder`'s model files
+    when the block completes. Saved in place, an interrupted save could leave a folder that loads a mix of two runs:
+    Transformers writes the config first and removes the old shards before the new ones exist. The staging path is the
+    same on every process (all take part in gathering sharded weights); those that write (`writer`) also move."""
+    staging, aside = folder / ".saving", folder / ".previous"
     if writer:
-        shutil.rmtree(staging, ignore_errors=True)  # an earlier interrupted save's
+        for leftover in (staging, aside):  # an earlier save's, stopped outright (SIGKILL, a power cut)
+            shutil.rmtree(leftover, ignore_errors=True)
     try:
         yield staging
     except BaseException:
@@ -438,17 +440,37 @@ def staged_save(folder: Path, writer=True):
         raise
     if not writer:
         return
-    last = ("model.safetensors.index.json", "config.json")  # what `from_pretrained` reads first: moved in last
-    names = {path.name for path in staging.iterdir()}
-    for name in sorted(names - set(last)):
-        if (folder / name).is_dir():
-            shutil.rmtree(folder / name)  # (os.replace cannot replace a folder that is not empty)
-        os.replace(staging / name, folder / name)
-    remove_model_files(folder, keep=names)  # (an earlier save's shards, say, would be read with the new index)
-    for name in last:
-        if name in names:
+    # The previous save's files (an earlier, larger save's extra shards included: the new index would not name them)
+    # are moved aside, then the new ones in; on any error or Ctrl-C between two moves, the new ones are moved out and
+    # the old ones back, so that the folder holds one save or the other. What `from_pretrained` reads first leaves
+    # first and comes in last: a save stopped outright half-way leaves a folder that does not load, rather than a mix.
+    new = sorted((path.name for path in staging.iterdir()), key=read_first_last)
+    old = {path.name for pattern in MODEL_FILES for path in folder.glob(pattern)}
+    old = sorted(old | {name for name in new if (folder / name).exists()}, key=read_first_last, reverse=True)
+    aside.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for name in old:
+            os.replace(folder / name, aside / name)
+            moved_aside.append(name)
+        for name in new:
             os.replace(staging / name, folder / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(folder / name, staging / name)
+        for name in reversed(moved_aside):
+            os.replace(aside / name, folder / name)
+        shutil.rmtree(staging)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
     staging.rmdir()
+
+
+def read_first_last(name):
+    """Sorts what `from_pretrained` reads first, the config and then the weights' index, last."""
+    return name == CONFIG_NAME, name == SAFE_WEIGHTS_INDEX_NAME
 
 
 def remove_model_files(folder: Path, keep):
