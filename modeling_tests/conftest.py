@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import signal
 
 # Nothing downloads at test time: every model, tokenizer and image is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,3 +217,22 @@ __all__ = [
     "compile_for", "ptx_parameters", "LAUNCHER_KINDS", "compiled_generation", "recorded_compilation", "IMAGE_TOKEN",
     "train_sentencepiece", "sentencepiece_vocab_size", "write_sentencepiece_tokenizer",
 ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def stop_signals_must_be_caught(program):
+    """Within the block, SIGTERM and SIGHUP fail the test if `program` lets them through (their default would end the
+    test run); after it, `program`'s handlers must be gone and these back. Also Ctrl-C as in a terminal: a test run
+    started in the background by a shell without job control inherits SIGINT ignored."""
+
+    def unhandled(signum, frame):
+        raise AssertionError(f"{program} let {signal.Signals(signum).name} through")
+
+    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
+    outer[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+        assert [signal.getsignal(number) for number in outer] == [unhandled, unhandled, signal.default_int_handler]
+    finally:
+        for number, handler in outer.items():
+            signal.signal(number, handler)

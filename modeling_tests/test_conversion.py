@@ -38,7 +38,13 @@ from transformers import (
 from transformers.testing_utils import CaptureLogger, LoggingLevel
 from transformers.utils import logging
 
-from conftest import randomize_experts, sentencepiece_vocab_size, train_sentencepiece, write_sentencepiece_tokenizer
+from conftest import (
+    randomize_experts,
+    sentencepiece_vocab_size,
+    stop_signals_must_be_caught,
+    train_sentencepiece,
+    write_sentencepiece_tokenizer,
+)
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.conversion import convert_hyperllava_weights_to_hf as convert
 from transformers_hyperllava.modeling_hyperllava import split_weights
@@ -1242,24 +1248,10 @@ def test_a_stop_while_writing_leaves_nothing_and_is_named(tmp_path, monkeypatch,
         if len(written) == 2:
             stop()
 
-    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
-        raise AssertionError(f"the converter let {signal.Signals(signum).name} through")
-
     monkeypatch.setattr(convert, "save_file", stopped_save)
-    out, outer = (
-        tmp_path / "out",
-        {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)},
-    )
-    # Ctrl-C as in a terminal: a test run started in the background by a shell without job control inherits SIGINT
-    # ignored (and no Ctrl-C reaches such a process).
-    outer_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    out = tmp_path / "out"
+    with stop_signals_must_be_caught("the converter"):
         assert run("--input", checkpoint, "--vision-tower", clip, "--output", out, "--max-shard-size", "40KB") == code
-        assert all(signal.getsignal(number) is unhandled for number in outer)  # the converter's handlers are gone
-    finally:
-        for number, handler in outer.items():
-            signal.signal(number, handler)
-        signal.signal(signal.SIGINT, outer_interrupt)
     assert len(written) == 2 and re.search(message, capsys.readouterr().err)
     assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from conftest import stop_signals_must_be_caught
 from transformers_hyperllava import demo
 from transformers_hyperllava.demo_data import CHANCE, COLOURS, COUNTS, make_demo_dataset
 
@@ -199,18 +200,9 @@ def test_a_time_limit_or_a_closed_terminal_leaves_no_partial_file(tmp_path, monk
         if len(written) == 3:
             os.kill(os.getpid(), stop)
 
-    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
-        raise AssertionError(f"hyperllava-demo let {signal.Signals(signum).name} through")
-
     monkeypatch.setattr(Image.Image, "save", stopped_save)
-    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            demo.main(["--output_dir", str(tmp_path), "--train_images", "8", "--heldout_images", "1"])
-        assert {number: signal.getsignal(number) for number in outer} == dict.fromkeys(outer, unhandled)
-    finally:
-        for number, handler in outer.items():
-            signal.signal(number, handler)
+    with stop_signals_must_be_caught("hyperllava-demo"), pytest.raises(KeyboardInterrupt):
+        demo.main(["--output_dir", str(tmp_path), "--train_images", "8", "--heldout_images", "1"])
     assert list(tmp_path.iterdir()) == []  # the dataset's temporary folder is gone
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import LlamaConfig, LlavaProcessor, pipeline, set_seed
 
+from conftest import stop_signals_must_be_caught
 from transformers_hyperllava import HyperLlavaForConditionalGeneration
 from transformers_hyperllava.generate import load_image, main
 from transformers_hyperllava.tiny import tiny_config
@@ -510,20 +511,12 @@ def test_a_time_limit_or_a_closed_terminal_leaves_what_ctrl_c_leaves(saved, caps
     def stopped(*args, **kwargs):
         os.kill(os.getpid(), stop)
 
-    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
-        raise AssertionError(f"hyperllava-generate let {signal.Signals(signum).name} through")
-
     monkeypatch.setattr("transformers_hyperllava.generate.generate_answers", stopped)
-    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with stop_signals_must_be_caught("hyperllava-generate"):
         for answers_file in (tmp_path / "out" / "answers.jsonl", tmp_path / "new" / "sub" / "answers.jsonl"):
             argv = ["--model", str(folder), "--question-file", str(tmp_path / "questions.jsonl")]
             with pytest.raises(KeyboardInterrupt):
                 run([*argv, "--image-folder", str(images), "--answers-file", str(answers_file)], capsys)
-        assert {number: signal.getsignal(number) for number in outer} == dict.fromkeys(outer, unhandled)
-    finally:
-        for number, handler in outer.items():
-            signal.signal(number, handler)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["answers.jsonl"]
     assert (tmp_path / "out" / "answers.jsonl").read_text() == "old answers\n"
     assert not (tmp_path / "new").exists()

@@ -26,7 +26,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from conftest import images, prompt_ids, randomize_experts
+from conftest import images, prompt_ids, randomize_experts, stop_signals_must_be_caught
 from transformers_hyperllava import HyperLlavaForConditionalGeneration, training
 from transformers_hyperllava.data import LlavaDataCollator, LlavaJsonDataset
 from transformers_hyperllava.demo_data import make_demo_dataset
@@ -230,18 +230,9 @@ def test_a_time_limit_or_a_closed_terminal_while_saving_keeps_the_previous_model
         (Path(output_dir) / "model.safetensors").write_bytes(b"half")
         os.kill(os.getpid(), stop)
 
-    def unhandled(signum, frame):  # (rather than the signals' default, which would end the test run)
-        raise AssertionError(f"hyperllava-train let {signal.Signals(signum).name} through")
-
     monkeypatch.setattr(training.Trainer, "save_model", stopped_save)
-    outer = {number: signal.signal(number, unhandled) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(cli_args(setup, out, max_steps=1))
-        assert {number: signal.getsignal(number) for number in outer} == dict.fromkeys(outer, unhandled)
-    finally:
-        for number, handler in outer.items():
-            signal.signal(number, handler)
+    with stop_signals_must_be_caught("hyperllava-train"), pytest.raises(KeyboardInterrupt):
+        main(cli_args(setup, out, max_steps=1))
     assert {path.name: path.read_text() for path in out.iterdir()} == {"config.json": "{}"}
 
 
