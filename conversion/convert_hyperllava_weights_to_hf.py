@@ -37,9 +37,7 @@ import os
 import pickle
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,7 +71,7 @@ from transformers.utils import is_protobuf_available, is_sentencepiece_available
 
 from transformers_hyperllava import HyperLlavaConfig, HyperLlavaForConditionalGeneration
 from transformers_hyperllava.configuration_hyperllava import NOT_MODEL_FIELDS
-from transformers_hyperllava.files import stop_signals_interrupt
+from transformers_hyperllava.files import folder_replaced_when_done, stop_signals_interrupt
 from transformers_hyperllava.processing_hyperllava import HyperLlavaProcessor
 
 # Input key -> output key, per input layout: the first rule whose pattern matches the whole key wins; a `None` target
@@ -910,34 +908,6 @@ def write_output(folder: Path, args, plan: Plan):
     write_model_card(folder, config, model.parameter_counts(), args, plan.card_metadata)
 
 
-@contextmanager
-def staging_folder(output: Path):
-    """A temporary folder beside `output`, renamed onto it when the block succeeds and removed when it fails."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    old = None  # where the previous output waits while the new one is moved in
-    try:
-        yield staging
-        # mkdtemp's folder (and safetensors' files) are private to the user; the output gets the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        for path in staging.iterdir():
-            path.chmod(0o666 & ~umask)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-        os.replace(staging, output)
-    except BaseException:  # also Ctrl-C: never leave a half-written folder behind, nor lose the previous output
-        if old is not None and not output.exists():
-            os.replace(old / output.name, output)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if old is not None and output.exists():  # (if putting the previous output back failed, it stays in `old`)
-            shutil.rmtree(old, ignore_errors=True)
-
-
 # The files of the repo that a conversion writes or replaces: weights (either format, sharded or not), their index,
 # configs, tokenizer files, model code, chat template. An upload deletes those that it does not hold, so that a
 # previous push's files (`model.safetensors` beside new shards, which Transformers would load) do not outlive it.
@@ -1062,8 +1032,13 @@ def main(argv=None) -> int:
         plan = prepare(args)
         check_output_holds_no_input(output, args, plan)
         try:
-            with staging_folder(output) as staging:
+            with folder_replaced_when_done(output) as staging:
                 write_output(staging, args, plan)
+                # safetensors writes its files private to the user; the output's get the usual permissions.
+                umask = os.umask(0)
+                os.umask(umask)
+                for path in staging.iterdir():
+                    path.chmod(0o666 & ~umask)
         except OSError as error:  # a full disk, say: named as the other errors are (the staging folder is gone)
             raise ConversionError(f"writing {output} failed: {error}") from error
         print(f"Wrote {output}")

@@ -1209,7 +1209,7 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys, monkeypatch)
     replace = os.replace
 
     def interrupted_replace(source, target):
-        if Path(source).name.startswith(".out.partial-"):
+        if Path(source).name.startswith(".out.") and Path(source).name.endswith(".partial"):  # (the staging folder)
             raise KeyboardInterrupt
         replace(source, target)
 

@@ -57,8 +57,8 @@ def replaced_when_done(path):
 
 @contextlib.contextmanager
 def folder_replaced_when_done(path):
-    """Yields a new temporary folder beside the folder `path` to fill; it replaces `path` (made if missing) when the
-    block succeeds, and is removed on any error or Ctrl-C (`path` is then kept as it was). A link to a folder is
+    """Yields a new temporary folder beside `path` to fill; it replaces `path` (a folder or a file; made if missing)
+    when the block succeeds, and is removed on any error or Ctrl-C (`path` is then kept as it was). A link to a folder is
     followed, as by `replaced_when_done`."""
     path = Path(os.path.realpath(path))
     staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
@@ -76,7 +76,7 @@ def folder_replaced_when_done(path):
         except BaseException:
             os.replace(old, path)
             raise
-        shutil.rmtree(old)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()  # (what was replaced may have been a file)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
